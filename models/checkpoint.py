@@ -1,0 +1,125 @@
+"""Reading model weights: our checkpoints (which carry dims) and foreign timm/DeiT state dicts.
+
+timm and the DeiT repository store one fused `qkv` projection per block; our model keeps
+Q, K and V apart (their widths may differ), so a foreign state dict is split on the way in.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+
+from errors import UserError
+
+from .dims import Dims
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint file or URL into a dict, with one clear message for every failure."""
+    path = str(path)
+    if path.startswith(("http://", "https://")):
+        try:
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False)
+        except Exception as e:
+            raise UserError(f"could not fetch checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise UserError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0]}") from None
+        ckpt = {"model": state}
+        if "dims" in meta:
+            ckpt["dims"] = json.loads(meta["dims"])
+        return ckpt
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {first}") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} does not hold a state dict or checkpoint dict")
+    return ckpt
+
+
+def state_dict_of(ckpt: dict, source: str) -> dict[str, torch.Tensor]:
+    """The model weights inside a checkpoint dict, with DDP's `module.` prefix removed."""
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(ckpt.get(key), dict):
+            sd = ckpt[key]
+            break
+    else:
+        sd = ckpt
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{source} holds no model weights (expected a state dict of tensors)")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def is_fused_qkv(sd: dict) -> bool:
+    return any(k.endswith("attn.qkv.weight") for k in sd)
+
+
+def split_fused_qkv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm/DeiT `attn.qkv` -> our `attn.q`, `attn.k`, `attn.v` (rows are [q; k; v])."""
+    out = {}
+    for key, value in sd.items():
+        if ".attn.qkv." in key:
+            prefix, suffix = key.split(".attn.qkv.")
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{prefix}.attn.{name}.{suffix}"] = part.clone()
+        else:
+            out[key] = value
+    return out
+
+
+def infer_uniform_dims(sd: dict[str, torch.Tensor], num_heads: int, source: str) -> Dims:
+    """Dims of a plain DeiT state dict (heads cannot be read from shapes: taken from the name)."""
+    try:
+        embed = sd["cls_token"].shape[-1]
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k)))
+        w = sd["patch_embed.proj.weight"]
+        qkv_out = sd["blocks.0.attn.qkv.weight"].shape[0] // 3
+        mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
+        num_classes = sd["head.weight"].shape[0]
+        tokens = sd["pos_embed"].shape[1]
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{source} is not a DeiT/ViT state dict (missing {e})") from None
+    distilled = "dist_token" in sd
+    prefix = 2 if distilled else 1
+    side = math.isqrt(tokens - prefix)
+    if side * side != tokens - prefix:
+        raise UserError(f"{source}: position embedding of {tokens} tokens is not a square grid")
+    if qkv_out % num_heads:
+        raise UserError(f"{source}: QKV width {qkv_out} is not divisible by {num_heads} heads "
+                        f"(does --model match the checkpoint?)")
+    return Dims.uniform(embed, depth, num_heads, mlp, qk_dim=qkv_out // num_heads,
+                        img_size=side * w.shape[-1], patch_size=w.shape[-1], in_chans=w.shape[1],
+                        num_classes=num_classes, distilled=distilled)
+
+
+def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strict loading with one readable message instead of PyTorch's multi-line error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [k for k in own.keys() & sd.keys() if own[k].shape != sd[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k = sorted(wrong)[0]
+        problems.append(f"{len(wrong)} of another shape (e.g. {k}: "
+                        f"{tuple(sd[k].shape)} in file, {tuple(own[k].shape)} in model)")
+    if problems:
+        raise UserError(f"{source} does not fit the model: " + "; ".join(problems))

@@ -1,0 +1,201 @@
+"""The dims spec: everything needed to rebuild a per-block-dims DeiT without editing code.
+
+A spec has the shared embedding width, per-block lists of heads, QK width per head, V width
+per head and MLP width, a per-block attention scale, and the "frame" (image size, patch
+size, channels, classes, distilled). Frame fields may be left as None in a spec written by
+hand or by the ReViT rule; `with_frame` fills them from a model name and the user's flags.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from errors import UserError
+
+BLOCK_LISTS = ("num_heads", "qk_dim", "v_dim", "mlp_dim")
+FRAME_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "distilled")
+
+
+@dataclass
+class Dims:
+    embed_dim: int
+    num_heads: list[int]
+    qk_dim: list[int]  # per head
+    v_dim: list[int]  # per head
+    mlp_dim: list[int]
+    depth: int | None = None
+    attn_scale: list[float] | None = None  # None: 1/sqrt(qk_dim) per block
+    img_size: int | None = None
+    patch_size: int | None = None
+    in_chans: int | None = None
+    num_classes: int | None = None
+    distilled: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in BLOCK_LISTS:
+            value = getattr(self, name)
+            if isinstance(value, int):  # a single number means "the same in every block"
+                if self.depth is None:
+                    raise UserError(f"dims: {name} is a single number, so depth must be given")
+                setattr(self, name, [value] * self.depth)
+            else:
+                setattr(self, name, [int(v) for v in value])
+        if self.depth is None:
+            self.depth = len(self.num_heads)
+        if self.attn_scale is None:
+            self.attn_scale = [1.0 / math.sqrt(q) if q > 0 else 1.0 for q in self.qk_dim]
+        else:
+            self.attn_scale = [float(s) for s in self.attn_scale]
+        self.validate()
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Refuse specs that cannot be built, naming the offending field."""
+        if not isinstance(self.embed_dim, int) or self.embed_dim <= 0:
+            raise UserError(f"dims: embed_dim must be a positive integer, got {self.embed_dim!r}")
+        if self.depth <= 0:
+            raise UserError(f"dims: depth must be positive, got {self.depth}")
+        for name in (*BLOCK_LISTS, "attn_scale"):
+            value = getattr(self, name)
+            if len(value) != self.depth:
+                raise UserError(
+                    f"dims: {name} has {len(value)} entries but depth is {self.depth}")
+            bad = [i for i, v in enumerate(value) if not v > 0]
+            if bad:
+                raise UserError(
+                    f"dims: {name} must be positive in every block; block {bad[0]} has {value[bad[0]]}")
+        for name in ("img_size", "patch_size", "in_chans", "num_classes"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value <= 0):
+                raise UserError(f"dims: {name} must be a positive integer, got {value!r}")
+        if self.img_size is not None and self.patch_size is not None:
+            if self.img_size % self.patch_size:
+                raise UserError(
+                    f"dims: image size {self.img_size} is not divisible by patch size {self.patch_size}")
+
+    # ------------------------------------------------------------ properties
+    @property
+    def complete(self) -> bool:
+        return all(getattr(self, f) is not None for f in FRAME_FIELDS)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 2 if self.distilled else 1
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def is_uniform(self) -> bool:
+        return all(len(set(getattr(self, n))) == 1 for n in (*BLOCK_LISTS, "attn_scale"))
+
+    def block(self, i: int) -> dict:
+        """Widths of block i as keyword arguments for the block constructor."""
+        return {n: getattr(self, n)[i] for n in (*BLOCK_LISTS, "attn_scale")}
+
+    # ----------------------------------------------------------- derivations
+    def with_frame(self, **frame) -> "Dims":
+        """Fill frame fields: given non-None values win over what the spec already holds."""
+        unknown = set(frame) - set(FRAME_FIELDS)
+        if unknown:
+            raise TypeError(f"not frame fields: {sorted(unknown)}")
+        updates = {k: v for k, v in frame.items() if v is not None}
+        return replace(self, **updates)
+
+    @classmethod
+    def uniform(cls, embed_dim: int, depth: int, num_heads: int, mlp_dim: int,
+                qk_dim: int | None = None, **frame) -> "Dims":
+        """A plain DeiT/ViT: every block the same; QK and V width per head = embed/heads."""
+        if embed_dim % num_heads and qk_dim is None:
+            raise UserError(f"dims: embed_dim {embed_dim} is not divisible by {num_heads} heads")
+        head_dim = qk_dim or embed_dim // num_heads
+        return cls(embed_dim, [num_heads] * depth, [head_dim] * depth, [head_dim] * depth,
+                   [mlp_dim] * depth, **frame)
+
+    # ------------------------------------------------------------------- I/O
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "dims") -> "Dims":
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: expected a mapping of dims fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{source}: unknown dims field(s) {unknown}; known: {sorted(known)}")
+        missing = [n for n in ("embed_dim", *BLOCK_LISTS) if n not in data]
+        if missing:
+            raise UserError(f"{source}: missing dims field(s) {missing}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{source}: {e}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write YAML (.yaml/.yml) or JSON (anything else), atomically."""
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        else:
+            text = json.dumps(self.to_dict(), indent=1)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Dims":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"dims file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # yaml and json raise different types; both mean "malformed"
+            raise UserError(f"dims file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
+                            f"{str(e).splitlines()[0]}") from None
+        return cls.from_dict(data, source=f"dims file {path}")
+
+
+def _revit_factors(emb: int) -> tuple[int, int]:
+    return round(0.005 * emb), round(0.05 * emb / 8)
+
+
+def smallest_valid_emb() -> int:
+    """Smallest EMB for which the ReViT rule gives at least one head and QK dim."""
+    emb = 1
+    while min(_revit_factors(emb)) < 1:
+        emb += 1
+    return emb
+
+
+def revit_dims(emb: int, **frame) -> Dims:
+    """The NViT paper's redistributed 12-block shape for embedding width `emb`.
+
+    heads [10, 2k, 2k, 4k x6, 2k, 2k, 10], QK per head [16q, 8q, 8q, 16q x6, 8q, 8q, 16q],
+    V per head 64, MLP [3E x3, 6E x6, 3E x3] with k = round(0.005 E), q = round(0.05 E / 8).
+    """
+    if not isinstance(emb, int) or isinstance(emb, bool):
+        raise UserError(f"--EMB must be an integer, got {emb!r}")
+    k, q = _revit_factors(emb)
+    if k < 1 or q < 1:
+        raise UserError(
+            f"--EMB {emb} gives {k * 2} heads and QK width {q * 8} in some blocks; "
+            f"the ReViT rule needs EMB >= {smallest_valid_emb()} (e.g. 176 or 384)")
+    heads = [10, 2 * k, 2 * k] + [4 * k] * 6 + [2 * k, 2 * k, 10]
+    qk = [16 * q, 8 * q, 8 * q] + [16 * q] * 6 + [8 * q, 8 * q, 16 * q]
+    mlp = [3 * emb] * 3 + [6 * emb] * 6 + [3 * emb] * 3
+    return Dims(emb, heads, qk, [64] * 12, mlp, **frame)

@@ -1,0 +1,152 @@
+"""Building models: from a timm DeiT name, a dims spec, a foreign or our own checkpoint.
+
+Precedence for the frame (image size, patch, classes, ...): explicit keyword arguments, then
+the dims spec or checkpoint, then the timm model name.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import timm
+from timm.layers import resample_abs_pos_embed
+
+from errors import UserError
+
+from .checkpoint import (check_fits, infer_uniform_dims, is_fused_qkv, read_checkpoint,
+                         split_fused_qkv, state_dict_of)
+from .dims import FRAME_FIELDS, Dims
+from .revit import ReViT
+
+MODEL_KWARGS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+_FRAME_FLAGS = {"img_size": "--input-size", "num_classes": "the data set's class count",
+                "patch_size": "--patch-size", "in_chans": "in_chans", "distilled": "--model"}
+
+
+@functools.lru_cache(maxsize=None)
+def _name_dims(name: str) -> Dims:
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(name, pretrained=False)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise UserError(f"--model {name} is not a timm model name "
+                            f"(e.g. deit_base_distilled_patch16_224)") from None
+        raise
+    if isinstance(m, ReViT):
+        return m.dims
+    blocks = getattr(m, "blocks", None)
+    attn = getattr(blocks[0], "attn", None) if blocks is not None else None
+    if (attn is None or not hasattr(attn, "qkv") or getattr(m, "global_pool", "token") != "token"
+            or getattr(m, "num_reg_tokens", 0) or getattr(m, "no_embed_class", False)
+            or not isinstance(getattr(blocks[0], "ls1", torch.nn.Identity()), torch.nn.Identity)):
+        raise UserError(f"--model {name} is not a DeiT-style ViT (class token, fused qkv, "
+                        f"no layer scale or register tokens)")
+    return Dims.uniform(
+        m.embed_dim, len(blocks), attn.num_heads, blocks[0].mlp.fc1.out_features,
+        qk_dim=attn.head_dim, img_size=m.patch_embed.img_size[0],
+        patch_size=m.patch_embed.patch_size[0], in_chans=m.patch_embed.proj.in_channels,
+        num_classes=m.num_classes, distilled=hasattr(m, "head_dist"))
+
+
+def name_dims(name: str) -> Dims:
+    """Uniform dims (and frame) of a timm DeiT/ViT name, read without allocating weights."""
+    return _name_dims(name)
+
+
+def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
+    frame = {k: kwargs.pop(k) for k in FRAME_FIELDS if k in kwargs}
+    unknown = set(kwargs) - set(MODEL_KWARGS)
+    if unknown:
+        raise TypeError(f"build_model got unknown arguments {sorted(unknown)}")
+    return frame, kwargs
+
+
+def _adapt_state_dict(sd: dict, model: ReViT, source: str) -> dict:
+    """For finetuning at another size or label set: resample pos_embed, drop mismatched heads."""
+    sd = dict(sd)
+    own = model.state_dict()
+    if sd["pos_embed"].shape != own["pos_embed"].shape:
+        grid = model.dims.img_size // model.dims.patch_size
+        sd["pos_embed"] = resample_abs_pos_embed(
+            sd["pos_embed"], (grid, grid), num_prefix_tokens=model.num_prefix_tokens)
+    for key in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+        if key in sd and key in own and sd[key].shape != own[key].shape:
+            sd[key] = own[key]  # fresh classifier for the new label set
+    return sd
+
+
+def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLike | None = None,
+                pretrained: bool = False, adapt: bool = False, **kwargs) -> ReViT:
+    """Build a ReViT.
+
+    name: a timm DeiT name; fixes patch, image size, depth (for uniform dims) and
+        distillation unless `dims`, the checkpoint or keyword arguments say otherwise.
+    dims: per-block widths (and optionally frame) to use instead of the name's uniform ones.
+    checkpoint: a timm/DeiT state dict file or URL (qkv split, dims inferred, strict) or one
+        of our checkpoints (dims read from it).
+    pretrained: take timm's pretrained weights for `name` (needs the hub or its cache).
+    adapt: allow the checkpoint's image size and classes to differ from the keyword
+        arguments (position embedding resampled, classifier re-initialised), as finetuning
+        on another data set needs; otherwise a mismatch is an error.
+    kwargs: frame fields (img_size, num_classes, patch_size, in_chans, distilled) and
+        drop_rate, attn_drop_rate, drop_path_rate.
+    """
+    frame, model_kwargs = _split_kwargs(dict(kwargs))
+    base = name_dims(name)
+    state = None
+    source = None
+    if checkpoint is not None or pretrained:
+        if checkpoint is not None:
+            source = str(checkpoint)
+            ckpt = read_checkpoint(checkpoint)
+        else:
+            source = f"timm's pretrained {name}"
+            ckpt = _timm_pretrained_state(name)
+        state = state_dict_of(ckpt, source)
+        if "dims" in ckpt:
+            ck_dims = Dims.from_dict(ckpt["dims"], source=f"dims in {source}")
+        elif is_fused_qkv(state):
+            ck_dims = infer_uniform_dims(state, base.num_heads[0], source)
+            state = split_fused_qkv(state)
+        else:
+            raise UserError(f"{source} is neither a timm/DeiT state dict nor an nvit checkpoint "
+                            f"(no fused qkv and no dims)")
+        if dims is not None and _widths(dims) != _widths(ck_dims):
+            raise UserError(f"{source} holds a model of other dims than the ones given "
+                            f"(drop --dims/--EMB, the checkpoint's dims are used)")
+        if not adapt:
+            for key, value in frame.items():
+                if value is not None and getattr(ck_dims, key) != value:
+                    raise UserError(
+                        f"{source} was made with {key}={getattr(ck_dims, key)}, but {key}={value} "
+                        f"was asked for (via {_FRAME_FLAGS[key]})")
+        dims = ck_dims
+    if dims is None:
+        dims = base
+    elif not dims.complete:
+        dims = dims.with_frame(**{f: getattr(base, f) for f in FRAME_FIELDS
+                                  if getattr(dims, f) is None})
+    dims = dims.with_frame(**frame)
+    dims.validate()
+    model = ReViT(dims, **model_kwargs)
+    if state is not None:
+        if adapt:
+            state = _adapt_state_dict(state, model, source)
+        check_fits(model, state, source)
+        model.load_state_dict(state)
+    return model
+
+
+def _widths(d: Dims) -> tuple:
+    return (d.embed_dim, d.num_heads, d.qk_dim, d.v_dim, d.mlp_dim)
+
+
+def _timm_pretrained_state(name: str) -> dict:
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--pretrained: timm could not get weights for {name} ({first[:120]}); "
+                        f"without network access pass a local file with --pretrained-path") from None

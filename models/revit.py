@@ -1,0 +1,232 @@
+"""One DeiT model class for every case: dense DeiT, ReViT, a model being pruned, its compact result.
+
+Each block has its own heads, QK width per head, V width per head and MLP width around a
+shared embedding width. Q, K and V are separate projections because QK and V widths differ.
+
+Pruning attaches multiplicative gates (value 1 = kept, 0 = removed) through `set_gates`:
+one embedding gate for the whole residual stream and per block head, QK, V and MLP gates.
+Each gate multiplies the output of the weights that produce its unit, so its gradient is
+`sum(theta * dL/dtheta)` over those weights. While an embedding gate is set, LayerNorm
+statistics are taken over live channels only, so the gated model computes exactly the
+function of its compact version. With no gates set the forward pass is the plain one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.layers import DropPath, PatchEmbed, trunc_normal_
+
+from .dims import Dims
+
+LN_EPS = 1e-6  # DeiT/timm ViT value
+
+
+class StreamNorm(nn.LayerNorm):
+    """LayerNorm of the residual stream that can ignore pruned embedding channels.
+
+    `gate` (E,) zeroes channels; statistics use the live ones (gate != 0) only, so the
+    result equals a LayerNorm over the compacted stream. The gate is also applied to the
+    output, which makes its gradient include this norm's weight and bias.
+    """
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        if gate is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        live = (gate.detach() != 0).to(x.dtype)
+        n_live = live.sum().clamp_min(1)
+        mean = (x * live).sum(-1, keepdim=True) / n_live
+        centred = (x - mean) * live
+        var = centred.pow(2).sum(-1, keepdim=True) / n_live
+        y = centred * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return y * gate
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate QK and V widths and a fixed per-block scale."""
+
+    def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
+                 attn_scale: float, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
+        self.scale = attn_scale  # kept when QK width is pruned: it is part of the function
+        self.q = nn.Linear(embed_dim, num_heads * qk_dim)
+        self.k = nn.Linear(embed_dim, num_heads * qk_dim)
+        self.v = nn.Linear(embed_dim, num_heads * v_dim)
+        self.proj = nn.Linear(num_heads * v_dim, embed_dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.head_gate: torch.Tensor | None = None  # (H,)
+        self.qk_gate: torch.Tensor | None = None  # (H, qk_dim)
+        self.v_gate: torch.Tensor | None = None  # (H, v_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        H = self.num_heads
+        q = self.q(x).view(B, N, H, self.qk_dim)
+        k = self.k(x).view(B, N, H, self.qk_dim)
+        v = self.v(x).view(B, N, H, self.v_dim)
+        if self.head_gate is not None:
+            head = self.head_gate[:, None]
+            qk_gate = self.qk_gate * head
+            q, k, v = q * qk_gate, k * qk_gate, v * (self.v_gate * head)
+        x = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, embed_dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, embed_dim)
+        self.drop2 = nn.Dropout(drop)
+        self.gate: torch.Tensor | None = None  # (hidden,), on fc1's output (GELU(0) = 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        if self.gate is not None:
+            x = x * self.gate
+        return self.drop2(self.fc2(self.drop1(self.act(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int, mlp_dim: int,
+                 attn_scale: float, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = StreamNorm(embed_dim, eps=LN_EPS)
+        self.attn = Attention(embed_dim, num_heads, qk_dim, v_dim, attn_scale, attn_drop, drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = StreamNorm(embed_dim, eps=LN_EPS)
+        self.mlp = Mlp(embed_dim, mlp_dim, drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        if emb is None:
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.attn(self.norm1(x, emb)) * emb)
+        return x + self.drop_path2(self.mlp(self.norm2(x, emb)) * emb)
+
+
+class ReViT(nn.Module):
+    """DeiT with per-block dims; cls (+ dist) token, two heads as DeiT when distilled.
+
+    In training a distilled model returns (cls_logits, dist_logits); in eval their mean.
+    """
+
+    def __init__(self, dims: Dims, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        if not dims.complete:
+            raise ValueError("ReViT needs a dims spec with its frame filled (use Dims.with_frame)")
+        self.dims = dims
+        E = self.embed_dim = self.num_features = dims.embed_dim
+        self.num_classes = dims.num_classes
+        self.distilled = bool(dims.distilled)
+        self.num_prefix_tokens = dims.num_prefix_tokens
+        self.patch_embed = PatchEmbed(dims.img_size, dims.patch_size, dims.in_chans, E)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, E)) if self.distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, dims.num_tokens, E))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, dims.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(E, **dims.block(i), drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i])
+            for i in range(dims.depth))
+        self.norm = StreamNorm(E, eps=LN_EPS)
+        self.head = nn.Linear(E, dims.num_classes)
+        self.head_dist = nn.Linear(E, dims.num_classes) if self.distilled else None
+        self.emb_gate: torch.Tensor | None = None
+        self.pretrained_cfg = {
+            "input_size": (dims.in_chans, dims.img_size, dims.img_size), "crop_pct": 0.875,
+            "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225), "num_classes": dims.num_classes,
+            "classifier": ("head", "head_dist") if self.distilled else "head",
+        }
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DeiT/timm initialisation; also what `--scratch` uses to re-initialise."""
+        for p in (self.pos_embed, self.cls_token, self.dist_token):
+            if p is not None:
+                trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, PatchEmbed):
+                m.proj.reset_parameters()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "dist_token"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New classifier head(s) for another label set (used by --finetune on new data)."""
+        device = self.head.weight.device
+        self.num_classes = num_classes
+        self.dims = self.dims.with_frame(num_classes=num_classes)
+        self.head = nn.Linear(self.embed_dim, num_classes).to(device)
+        heads = [self.head]
+        if self.distilled:
+            self.head_dist = nn.Linear(self.embed_dim, num_classes).to(device)
+            heads.append(self.head_dist)
+        for h in heads:
+            trunc_normal_(h.weight, std=0.02)
+            nn.init.zeros_(h.bias)
+
+    # ---------------------------------------------------------------- gates
+    def set_gates(self, emb: torch.Tensor | None, blocks: list[dict] | None) -> None:
+        """Attach gates (or remove them with `None, None`).
+
+        `blocks[i]` holds tensors `head` (H,), `qk` (H, qk_dim), `v` (H, v_dim), `mlp` (M,).
+        Either all block gates are set or none; the embedding gate is independent.
+        """
+        self.emb_gate = emb
+        for i, blk in enumerate(self.blocks):
+            g = blocks[i] if blocks is not None else {}
+            blk.attn.head_gate = g.get("head")
+            blk.attn.qk_gate = g.get("qk")
+            blk.attn.v_gate = g.get("v")
+            blk.mlp.gate = g.get("mlp")
+
+    # -------------------------------------------------------------- forward
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        tokens = [self.cls_token.expand(x.shape[0], -1, -1)]
+        if self.dist_token is not None:
+            tokens.append(self.dist_token.expand(x.shape[0], -1, -1))
+        x = torch.cat([*tokens, x], dim=1) + self.pos_embed
+        emb = self.emb_gate
+        if emb is not None:
+            x = x * emb
+        x = self.pos_drop(x)
+        for blk in self.blocks:
+            x = blk(x, emb)
+        return self.norm(x, emb)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        if pre_logits:
+            return x[:, 0]
+        cls = self.head(x[:, 0])
+        if not self.distilled:
+            return cls
+        dist = self.head_dist(x[:, 1])
+        if self.training:
+            return cls, dist
+        return (cls + dist) / 2
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))

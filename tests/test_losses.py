@@ -1,0 +1,321 @@
+"""Checks of losses.py against hand-written formulas (softmax/log/sum), not against F.kl_div."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from errors import UserError
+from losses import DistillationLoss, FullModelKLLoss, kl_divergence
+
+B, C, D = 4, 5, 6
+
+
+def hand_kl_batchmean(student: Tensor, target: Tensor, tau: float) -> Tensor:
+    """sum_c p_t (log p_t - log p_s), averaged over the batch, times tau^2."""
+    p_t = torch.softmax(target / tau, dim=-1)
+    p_s = torch.softmax(student / tau, dim=-1)
+    per_sample = (p_t * (torch.log(p_t) - torch.log(p_s))).sum(dim=-1)
+    return per_sample.mean() * tau * tau
+
+
+def hand_soft_deit(dist: Tensor, teacher: Tensor, tau: float) -> Tensor:
+    """DeiT's soft term: summed KL times tau^2 divided by the number of logits."""
+    p_t = torch.softmax(teacher / tau, dim=1)
+    p_s = torch.softmax(dist / tau, dim=1)
+    total = (p_t * (torch.log(p_t) - torch.log(p_s))).sum()
+    return total * tau * tau / dist.numel()
+
+
+def hand_ce(logits: Tensor, target: Tensor) -> Tensor:
+    return -torch.log(torch.softmax(logits, dim=1)).gather(1, target[:, None]).mean()
+
+
+class CountingModel(nn.Module):
+    """Wraps a model and counts forward calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x: Tensor):
+        self.calls += 1
+        return self.inner(x)
+
+
+class TupleTeacher(nn.Module):
+    """A two-head teacher, like a distilled DeiT in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(D, C)
+        self.b = nn.Linear(D, C)
+
+    def forward(self, x: Tensor):
+        return self.a(x), self.b(x)
+
+
+class MeanOfTuple(nn.Module):
+    def __init__(self, inner: TupleTeacher) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.inner(x)
+        return (a + b) / 2
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def make_batch():
+    x = torch.randn(B, D)
+    cls = torch.randn(B, C, requires_grad=True)
+    dist = torch.randn(B, C, requires_grad=True)
+    y = torch.randint(0, C, (B,))
+    return x, cls, dist, y
+
+
+# ---------------------------------------------------------------- DistillationLoss
+
+
+def test_hard_distillation_matches_hand_computation() -> None:
+    x, cls, dist, y = make_batch()
+    teacher = nn.Linear(D, C)
+    alpha = 0.3
+    crit = DistillationLoss(nn.CrossEntropyLoss(), teacher, "hard", alpha, tau=1.0)
+    loss = crit(x, (cls, dist), y)
+    t_labels = teacher(x).argmax(1)
+    expected = hand_ce(cls, y) * (1 - alpha) + hand_ce(dist, t_labels) * alpha
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_soft_distillation_matches_hand_computation(tau: float) -> None:
+    x, cls, dist, y = make_batch()
+    teacher = nn.Linear(D, C)
+    alpha = 0.5
+    crit = DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", alpha, tau=tau)
+    loss = crit(x, (cls, dist), y)
+    with torch.no_grad():
+        t = teacher(x)
+    expected = hand_ce(cls, y) * (1 - alpha) + hand_soft_deit(dist, t, tau) * alpha
+    torch.testing.assert_close(loss, expected)
+
+
+def test_soft_distillation_tau_squared_scaling() -> None:
+    """At T=2 the term is 4 * (summed KL of the T-softened distributions) / numel."""
+    x, cls, dist, y = make_batch()
+    teacher = nn.Linear(D, C)
+    crit2 = DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 1.0, tau=2.0)
+    with torch.no_grad():
+        t = teacher(x)
+    p_t = torch.softmax(t / 2, 1)
+    p_s = torch.softmax(dist / 2, 1)
+    raw = (p_t * (torch.log(p_t) - torch.log(p_s))).sum() / dist.numel()
+    torch.testing.assert_close(crit2(x, (cls, dist), y), 4.0 * raw)
+    crit1 = DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 1.0, tau=1.0)
+    p_t1, p_s1 = torch.softmax(t, 1), torch.softmax(dist, 1)
+    raw1 = (p_t1 * (torch.log(p_t1) - torch.log(p_s1))).sum() / dist.numel()
+    torch.testing.assert_close(crit1(x, (cls, dist), y), raw1)
+
+
+def test_none_with_tuple_averages_both_heads() -> None:
+    x, cls, dist, y = make_batch()
+    crit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    expected = (hand_ce(cls, y) + hand_ce(dist, y)) / 2
+    torch.testing.assert_close(crit(x, (cls, dist), y), expected)
+
+
+def test_none_with_single_tensor() -> None:
+    x, cls, _, y = make_batch()
+    crit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    torch.testing.assert_close(crit(x, cls, y), hand_ce(cls, y))
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_alpha_zero_is_base_loss_exactly(kind: str) -> None:
+    x, cls, dist, y = make_batch()
+    crit = DistillationLoss(nn.CrossEntropyLoss(), nn.Linear(D, C), kind, 0.0, 2.0)
+    assert torch.equal(crit(x, (cls, dist), y), nn.CrossEntropyLoss()(cls, y))
+
+
+def test_alpha_one_is_only_distill_term() -> None:
+    x, cls, dist, y = make_batch()
+    teacher = nn.Linear(D, C)
+    hard = DistillationLoss(nn.CrossEntropyLoss(), teacher, "hard", 1.0, 1.0)
+    loss = hard(x, (cls, dist), y)
+    torch.testing.assert_close(loss, hand_ce(dist, teacher(x).argmax(1)))
+    loss.backward()
+    assert cls.grad is None or torch.count_nonzero(cls.grad) == 0
+    assert dist.grad is not None and torch.count_nonzero(dist.grad) > 0
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_tuple_teacher_equals_mean_teacher(kind: str) -> None:
+    x, cls, dist, y = make_batch()
+    tt = TupleTeacher()
+    a = DistillationLoss(nn.CrossEntropyLoss(), tt, kind, 0.7, 2.0)(x, (cls, dist), y)
+    b = DistillationLoss(nn.CrossEntropyLoss(), MeanOfTuple(tt), kind, 0.7, 2.0)(
+        x, (cls, dist), y
+    )
+    torch.testing.assert_close(a, b)
+
+
+def test_teacher_gets_no_gradient_and_student_does() -> None:
+    x, cls, dist, y = make_batch()
+    teacher = nn.Linear(D, C)
+    crit = DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 2.0)
+    crit(x, (cls, dist), y).backward()
+    assert teacher.weight.grad is None and teacher.bias.grad is None
+    assert cls.grad is not None and dist.grad is not None
+
+
+def test_mixup_soft_targets_with_soft_target_ce() -> None:
+    imgs = torch.randn(B, 3, 2, 2)
+    y = torch.randint(0, C, (B,))
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.1, num_classes=C)
+    imgs, soft = mixup(imgs, y)
+    assert soft.shape == (B, C)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, C))
+    cls = torch.randn(B, C, requires_grad=True)
+    dist = torch.randn(B, C, requires_grad=True)
+    alpha = 0.5
+    crit = DistillationLoss(SoftTargetCrossEntropy(), teacher, "hard", alpha, 1.0)
+    loss = crit(imgs, (cls, dist), soft)
+    base = (-soft * torch.log(torch.softmax(cls, 1))).sum(1).mean()
+    expected = base * (1 - alpha) + hand_ce(dist, teacher(imgs).argmax(1)) * alpha
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert torch.isfinite(cls.grad).all()
+
+
+def test_label_smoothing_base_criterion_with_tuple_none() -> None:
+    x, cls, dist, y = make_batch()
+    base = LabelSmoothingCrossEntropy(0.1)
+    crit = DistillationLoss(base, None, "none", 0.5, 1.0)
+    torch.testing.assert_close(crit(x, (cls, dist), y), (base(cls, y) + base(dist, y)) / 2)
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_distillation_without_teacher_is_user_error(kind: str) -> None:
+    with pytest.raises(UserError, match="--teacher-model"):
+        DistillationLoss(nn.CrossEntropyLoss(), None, kind, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+def test_distillation_with_single_output_student_is_user_error(kind: str) -> None:
+    x, cls, _, y = make_batch()
+    crit = DistillationLoss(nn.CrossEntropyLoss(), nn.Linear(D, C), kind, 0.5, 1.0)
+    with pytest.raises(UserError, match="--distillation-type"):
+        crit(x, cls, y)
+
+
+def test_unknown_distillation_type_is_user_error() -> None:
+    with pytest.raises(UserError, match="--distillation-type"):
+        DistillationLoss(nn.CrossEntropyLoss(), None, "medium", 0.5, 1.0)
+
+
+# ---------------------------------------------------------------- kl_divergence
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
+def test_kl_divergence_matches_hand_formula(tau: float) -> None:
+    s, t = torch.randn(B, C), torch.randn(B, C)
+    torch.testing.assert_close(kl_divergence(s, t, tau), hand_kl_batchmean(s, t, tau))
+
+
+def test_kl_divergence_zero_for_identical_logits() -> None:
+    s = torch.randn(B, C)
+    torch.testing.assert_close(kl_divergence(s, s.clone(), 2.0), torch.tensor(0.0))
+
+
+# ---------------------------------------------------------------- FullModelKLLoss
+
+
+def test_full_model_kl_total_matches_hand_computation() -> None:
+    x, cls, dist, y = make_batch()
+    full = nn.Linear(D, C)
+    deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    crit = FullModelKLLoss(deit, full, kl_loss_coeff=0.7, original_loss_coeff=0.2, tau=2.0)
+    loss = crit(x, (cls, dist), y)
+    with torch.no_grad():
+        f = full(x)
+    student = (cls + dist) / 2
+    kl = hand_kl_batchmean(student, f, 2.0)
+    deit_val = (hand_ce(cls, y) + hand_ce(dist, y)) / 2
+    torch.testing.assert_close(loss, 0.7 * kl + 0.2 * deit_val)
+    torch.testing.assert_close(crit.last_parts["kl"], kl.detach())
+    torch.testing.assert_close(crit.last_parts["deit"], deit_val.detach())
+    assert not crit.last_parts["kl"].requires_grad
+
+
+def test_full_model_kl_single_tensor_student_and_tuple_full_model() -> None:
+    x, cls, _, y = make_batch()
+    full = TupleTeacher()
+    deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    crit = FullModelKLLoss(deit, full, 1.0, 0.0, tau=1.0)
+    with torch.no_grad():
+        f = MeanOfTuple(full)(x)
+    torch.testing.assert_close(crit(x, cls, y), hand_kl_batchmean(cls, f, 1.0))
+
+
+def test_full_model_not_called_when_kl_coeff_zero() -> None:
+    x, cls, dist, y = make_batch()
+    full = CountingModel(nn.Linear(D, C))
+    deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    crit = FullModelKLLoss(deit, full, kl_loss_coeff=0.0, original_loss_coeff=1.0, tau=1.0)
+    loss = crit(x, (cls, dist), y)
+    assert full.calls == 0
+    torch.testing.assert_close(loss, (hand_ce(cls, y) + hand_ce(dist, y)) / 2)
+    assert float(crit.last_parts["kl"]) == 0.0
+
+
+def test_full_model_kl_coeff_zero_allows_no_full_model() -> None:
+    x, cls, dist, y = make_batch()
+    deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    crit = FullModelKLLoss(deit, None, 0.0, 1.0, 1.0)
+    assert torch.isfinite(crit(x, (cls, dist), y))
+
+
+def test_full_model_called_once_and_frozen() -> None:
+    x, cls, dist, y = make_batch()
+    inner = nn.Sequential(nn.Linear(D, C), nn.Dropout(0.5))
+    full = CountingModel(inner)
+    full.train()
+    deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    crit = FullModelKLLoss(deit, full, 1.0, 1.0, 1.0)
+    assert not full.training and not inner[1].training
+    assert all(not p.requires_grad for p in full.parameters())
+    crit.train()
+    assert not full.training, "train() on the loss must not unfreeze the full model"
+    crit(x, (cls, dist), y).backward()
+    assert full.calls == 1
+    assert all(p.grad is None for p in full.parameters())
+
+
+def test_gradients_flow_to_student_only() -> None:
+    x = torch.randn(B, D)
+    y = torch.randint(0, C, (B,))
+    student = TupleTeacher()
+    full = nn.Linear(D, C)
+    teacher = nn.Linear(D, C)
+    deit = DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 2.0)
+    crit = FullModelKLLoss(deit, full, 1.0, 1.0, 2.0)
+    crit(x, student(x), y).backward()
+    for p in student.parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0
+    assert all(p.grad is None for p in full.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_kl_coeff_without_full_model_is_user_error() -> None:
+    deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    with pytest.raises(UserError, match="--kl_loss_coeff"):
+        FullModelKLLoss(deit, None, 0.5, 1.0, 1.0)
