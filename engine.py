@@ -1,0 +1,123 @@
+"""The training and evaluation loops shared by revit_scratch.py and nvit_prune.py."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Iterable
+
+import torch
+from timm.utils import accuracy
+
+import utils
+from errors import UserError
+
+
+def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
+    """--amp means fp16 autocast (with a grad scaler) on CUDA and bf16 autocast on the CPU."""
+    if not amp:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device: torch.device, dtype: torch.dtype | None):
+    """Only fp16 needs loss scaling; bf16 has fp32's range."""
+    if dtype == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
+def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+                    grad_scaler=None, amp_dtype: torch.dtype | None = None,
+                    clip_grad: float | None = None, clip_mode: str = "norm", model_ema=None,
+                    mixup_fn=None, print_freq: int = 50, header: str | None = None,
+                    after_backward: Callable[[float], None] | None = None,
+                    after_step: Callable[[int], bool] | None = None,
+                    max_iters: int | None = None) -> dict[str, float]:
+    """One pass over the loader; returns the epoch's mean loss and last lr.
+
+    after_backward(grad_scale) runs between backward and the optimizer step (the pruning
+    loop reads gate gradients there); after_step(i) may return True to end the epoch early.
+    """
+    model.train()
+    total = len(data_loader) if max_iters is None else min(max_iters, len(data_loader))
+    batch_size = getattr(data_loader, "batch_size", None) or 1
+    log = utils.ProgressLogger(header or f"Epoch [{epoch}]", total, print_freq, batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for i, (samples, targets) in enumerate(data_loader):
+        if i >= total:
+            break
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        with autocast(device, amp_dtype):
+            outputs = model(samples)
+            loss = criterion(samples, outputs, targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise UserError(f"loss is {loss_value} at epoch {epoch}, iteration {i}; "
+                            f"training diverged (lower --lr, or set --clip-grad)")
+        optimizer.zero_grad(set_to_none=True)
+        if grad_scaler is not None:
+            grad_scaler.scale(loss).backward()
+            scale = grad_scaler.get_scale()
+        else:
+            loss.backward()
+            scale = 1.0
+        if after_backward is not None:
+            after_backward(scale)
+        if grad_scaler is not None:
+            grad_scaler.unscale_(optimizer)
+        if clip_grad:
+            if clip_mode == "value":
+                torch.nn.utils.clip_grad_value_(params, clip_grad)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        if grad_scaler is not None:
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        else:
+            optimizer.step()
+        if model_ema is not None:
+            model_ema.update(model)
+        log.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"])
+        log.step(i)
+        if after_step is not None and after_step(i):
+            break
+    stats = log.averages()
+    stats["epoch_time"] = log.elapsed()
+    return stats
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
+             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Top-1/top-5 and loss over the whole loader, summed exactly over ranks for --dist-eval."""
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    for images, target in data_loader:
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        k = min(5, output.shape[1])
+        acc1, acc5 = accuracy(output, target, topk=(1, k))
+        n = images.shape[0]
+        correct1 += acc1.item() * n / 100
+        correct5 += acc5.item() * n / 100
+        loss_sum += criterion(output, target).item()
+        count += n
+    correct1, correct5, loss_sum, count = utils.all_reduce_sum(
+        [correct1, correct5, loss_sum, count], device)
+    count = max(count, 1)
+    return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count,
+            "loss": loss_sum / count, "n": int(count)}

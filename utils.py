@@ -1,0 +1,221 @@
+"""Distributed set-up, seeding, progress logging and atomic checkpoint files for the entry scripts."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from errors import UserError
+
+
+# --------------------------------------------------------------------------- distributed
+def init_distributed_mode(args) -> None:
+    """Join the process group described by torchrun / `launch --use_env` variables.
+
+    Sets args.distributed, args.rank, args.world_size, args.gpu. Plain `python` runs one
+    process. The backend is nccl on CUDA and gloo on the CPU.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        return
+    args.distributed = args.world_size > 1
+    if not args.distributed:
+        return
+    use_cuda = str(args.device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend=backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=30))
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence print() on non-master ranks unless called with force=True."""
+    import builtins
+    builtin_print = builtins.print
+
+    def print(*a, **kw):  # noqa: A001
+        if kw.pop("force", False) or is_master:
+            builtin_print(*a, **kw)
+
+    builtins.print = print
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few numbers over ranks (exact counts for --dist-eval)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device name (cpu, cuda, cuda:1)") from None
+
+
+# ------------------------------------------------------------------------------ seeding
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of one (epoch, rank): reseeding each epoch makes a resumed run replay exactly."""
+    return seed + 100_003 * epoch + 1_009 * rank
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file, then rename: a killed run never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_on_master(obj, path) -> None:
+    if is_main_process():
+        save_atomic(obj, path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plain(value):
+    """Reduce argparse values to types torch.load(weights_only=True) accepts."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def prepare_output_dir(path: str | None) -> Path | None:
+    if not path:
+        return None
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output_dir {path} is not writable: {e.strerror}") from None
+    return out
+
+
+# ------------------------------------------------------------------------------ logging
+class ProgressLogger:
+    """Running means of scalar metrics and a rank-0 progress line every `print_freq` steps."""
+
+    def __init__(self, header: str, total: int, print_freq: int, batch_size: int) -> None:
+        self.header, self.total, self.print_freq = header, total, max(1, print_freq)
+        self.batch_size = batch_size
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.last: dict[str, float] = {}
+        self.start = self.tick = time.perf_counter()
+        self.step_count = 0
+
+    def update(self, n: int = 1, **values: float) -> None:
+        for k, v in values.items():
+            v = float(v)
+            self.sums[k] += v * n
+            self.counts[k] += n
+            self.last[k] = v
+
+    def step(self, i: int) -> None:
+        """Call after iteration i (0-based); prints at the print frequency and at the end."""
+        self.step_count += 1
+        if (i + 1) % self.print_freq and i + 1 != self.total:
+            return
+        now = time.perf_counter()
+        elapsed = now - self.start
+        per_iter = elapsed / (i + 1)
+        eta = per_iter * (self.total - i - 1)
+        imgs = self.batch_size * get_world_size() * (i + 1) / max(elapsed, 1e-9)
+        parts = [f"{k} {self.last[k]:.4g} ({self.sums[k] / self.counts[k]:.4g})" for k in self.last]
+        print(f"{self.header} [{i + 1}/{self.total}] " + "  ".join(parts)
+              + f"  img/s {imgs:.1f}  eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+
+    def averages(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def append_json_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_main(main, args) -> None:
+    """Run an entry script's main(); user mistakes end with one line on stderr and exit 2."""
+    try:
+        main(args)
+    except UserError as e:
+        where = f"[rank {get_rank()}] " if is_dist() else ""
+        sys.stderr.write(f"error: {where}{e}\n")
+        sys.stderr.flush()
+        if is_dist():
+            dist.destroy_process_group()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    if is_dist():
+        dist.destroy_process_group()
