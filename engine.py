@@ -39,20 +39,24 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                     mixup_fn=None, print_freq: int = 50, header: str | None = None,
                     after_backward: Callable[[float], None] | None = None,
                     after_step: Callable[[int], bool] | None = None,
-                    max_iters: int | None = None) -> dict[str, float]:
+                    start_iter: int = 0, seed_fn: Callable[[int], None] | None = None
+                    ) -> dict[str, float]:
     """One pass over the loader; returns the epoch's mean loss and last lr.
 
+    start_iter: iterations of this epoch already done (the loader then yields the rest).
+    seed_fn(i) reseeds the RNGs before iteration i, so dropout and mixup replay exactly.
     after_backward(grad_scale) runs between backward and the optimizer step (the pruning
     loop reads gate gradients there); after_step(i) may return True to end the epoch early.
     """
     model.train()
-    total = len(data_loader) if max_iters is None else min(max_iters, len(data_loader))
+    total = start_iter + len(data_loader)
     batch_size = getattr(data_loader, "batch_size", None) or 1
-    log = utils.ProgressLogger(header or f"Epoch [{epoch}]", total, print_freq, batch_size)
+    log = utils.ProgressLogger(header or f"Epoch [{epoch}]", total, print_freq, batch_size,
+                               first=start_iter)
     params = [p for p in model.parameters() if p.requires_grad]
-    for i, (samples, targets) in enumerate(data_loader):
-        if i >= total:
-            break
+    for i, (samples, targets) in enumerate(data_loader, start=start_iter):
+        if seed_fn is not None:
+            seed_fn(i)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:

@@ -105,3 +105,56 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """A distinct, reproducible seed per (epoch, rank, position in the epoch)."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729 + position * 2_654_435_761) % 2**63
+
+
+class SeededSampler(Sampler):
+    """Wraps a sampler to yield (index, seed) pairs, optionally starting mid-epoch.
+
+    Paired with `SeededDataset`, each sample's augmentation is a function of its position in
+    the epoch only, not of which worker loads it or what ran before: a run resumed at
+    iteration k sees exactly the images and augmentations an uninterrupted run saw.
+    """
+
+    def __init__(self, base: Sampler, seed: int, rank: int = 0) -> None:
+        self.base, self.seed, self.rank = base, seed, rank
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch; `skip` drops the epoch's first items (resuming mid-epoch)."""
+        self.epoch, self.skip = epoch, skip
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        for position, index in enumerate(self.base):
+            if position >= self.skip:
+                yield index, sample_seed(self.seed, self.epoch, self.rank, position)
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Seeds torch, numpy and random from the sampler's seed before loading one sample."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        import random
+
+        import numpy as np
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.dataset[index]

@@ -102,9 +102,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of one (epoch, rank): reseeding each epoch makes a resumed run replay exactly."""
-    return seed + 100_003 * epoch + 1_009 * rank
+def iteration_seed(seed: int, epoch: int, iteration: int, rank: int) -> int:
+    """Seed of one training step: reseeding every step makes a resumed run replay exactly."""
+    return (seed * 1_000_003 + epoch * 100_003 + iteration * 7_919 + rank * 104_729) % 2**62
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -161,14 +161,15 @@ def prepare_output_dir(path: str | None) -> Path | None:
 class ProgressLogger:
     """Running means of scalar metrics and a rank-0 progress line every `print_freq` steps."""
 
-    def __init__(self, header: str, total: int, print_freq: int, batch_size: int) -> None:
+    def __init__(self, header: str, total: int, print_freq: int, batch_size: int,
+                 first: int = 0) -> None:
         self.header, self.total, self.print_freq = header, total, max(1, print_freq)
         self.batch_size = batch_size
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.last: dict[str, float] = {}
-        self.start = self.tick = time.perf_counter()
-        self.step_count = 0
+        self.start = time.perf_counter()
+        self.first = first  # iterations done before this logger started (resumed epoch)
 
     def update(self, n: int = 1, **values: float) -> None:
         for k, v in values.items():
@@ -179,14 +180,12 @@ class ProgressLogger:
 
     def step(self, i: int) -> None:
         """Call after iteration i (0-based); prints at the print frequency and at the end."""
-        self.step_count += 1
         if (i + 1) % self.print_freq and i + 1 != self.total:
             return
-        now = time.perf_counter()
-        elapsed = now - self.start
-        per_iter = elapsed / (i + 1)
-        eta = per_iter * (self.total - i - 1)
-        imgs = self.batch_size * get_world_size() * (i + 1) / max(elapsed, 1e-9)
+        elapsed = time.perf_counter() - self.start
+        done = i + 1 - self.first
+        eta = elapsed / done * (self.total - i - 1)
+        imgs = self.batch_size * get_world_size() * done / max(elapsed, 1e-9)
         parts = [f"{k} {self.last[k]:.4g} ({self.sums[k] / self.counts[k]:.4g})" for k in self.last]
         print(f"{self.header} [{i + 1}/{self.total}] " + "  ".join(parts)
               + f"  img/s {imgs:.1f}  eta {datetime.timedelta(seconds=int(eta))}", flush=True)
@@ -219,3 +218,16 @@ def run_main(main, args) -> None:
         sys.exit(130)
     if is_dist():
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def replicas_identical(model: torch.nn.Module) -> bool:
+    """True when every rank holds bit-identical parameters (a cheap end-of-run DDP check)."""
+    if not is_dist():
+        return True
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    same = torch.tensor([float(torch.equal(flat, ref))], device=flat.device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item())

@@ -135,7 +135,7 @@ class ReViT(nn.Module):
         self.dist_token = nn.Parameter(torch.zeros(1, 1, E)) if self.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, dims.num_tokens, E))
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, dims.depth).tolist()
+        rates = [drop_path_rate * i / max(dims.depth - 1, 1) for i in range(dims.depth)]
         self.blocks = nn.ModuleList(
             Block(E, **dims.block(i), drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i])
             for i in range(dims.depth))

@@ -1,0 +1,178 @@
+"""Turn parsed flags into the pieces of a run: loaders, teacher, full model, criterion, optimizer.
+
+Shared by revit_scratch.py and nvit_prune.py so both scripts read the same flags the same way.
+"""
+from __future__ import annotations
+
+import os
+
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+import models
+import utils
+from datasets import build_dataset
+from errors import UserError
+from losses import DistillationLoss, FullModelKLLoss
+from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
+
+
+def build_loaders(args, need_train: bool = True):
+    """(train_loader or None, val_loader, nb_classes, train_sampler or None).
+
+    The train sampler is a SeededSampler: call its set_epoch(epoch, skip) every epoch.
+    """
+    dataset_val, nb_classes = build_dataset(False, args)
+    train_loader = sampler_train = None
+    world, rank = utils.get_world_size(), utils.get_rank()
+    if need_train:
+        dataset_train, nb_train = build_dataset(True, args)
+        if nb_train != nb_classes:
+            raise UserError(f"--data-path: train has {nb_train} classes but val has {nb_classes}")
+        if args.distributed and args.repeated_aug:
+            base = RASampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
+        else:  # one process is world size 1: an explicit per-epoch shuffle, no global RNG
+            base = DistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
+        sampler_train = SeededSampler(base, args.seed, rank)
+        dataset_train = SeededDataset(dataset_train)
+        if len(dataset_train) // world < args.batch_size:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the "
+                            f"{len(dataset_train) // world} training images each process gets")
+        train_loader = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
+                                  drop_last=True)
+    if args.distributed and args.dist_eval:
+        sampler_val = ShardSampler(dataset_val, world, rank)
+    else:
+        sampler_val = SequentialSampler(dataset_val)
+    val_loader = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
+                            num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=False)
+    return train_loader, val_loader, nb_classes, sampler_train
+
+
+def build_mixup(args, nb_classes: int):
+    active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
+    if not active:
+        return None
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=nb_classes)
+
+
+def build_base_criterion(args, mixup_fn) -> torch.nn.Module:
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=args.smoothing if mixup_fn is None else 0.0)
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
+    if args.smoothing:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def build_teacher(args, nb_classes: int, device) -> torch.nn.Module | None:
+    """The CNN (or any timm) teacher of DeiT's distillation, weights from a file or URL."""
+    if args.distillation_type == "none":
+        return None
+    path = args.teacher_path
+    if path and not path.startswith(("http://", "https://")) and not os.path.isfile(path):
+        raise UserError(f"--teacher-path {path} does not exist")
+    if path:
+        ckpt = models.read_checkpoint(path)
+        if "dims" in ckpt:  # one of our own models as teacher
+            teacher = models.build_model(args.model, checkpoint=path, num_classes=nb_classes)
+        else:
+            try:
+                teacher = timm.create_model(args.teacher_model, pretrained=False,
+                                            num_classes=nb_classes, global_pool="avg")
+            except RuntimeError as e:
+                raise UserError(f"--teacher-model {args.teacher_model}: {e}") from None
+            state = models.checkpoint.state_dict_of(ckpt, f"--teacher-path {path}")
+            try:
+                teacher.load_state_dict(state)
+            except RuntimeError:
+                raise UserError(f"--teacher-path {path} does not hold weights of "
+                                f"{args.teacher_model} with {nb_classes} classes") from None
+    else:
+        try:
+            teacher = timm.create_model(args.teacher_model, pretrained=True, num_classes=nb_classes)
+        except Exception as e:
+            raise UserError(f"--teacher-model {args.teacher_model}: no --teacher-path given and "
+                            f"timm could not get its weights ({str(e).splitlines()[0][:100]})") from None
+    return teacher.to(device).eval()
+
+
+def build_full_model(args, nb_classes: int, device) -> torch.nn.Module | None:
+    """The frozen pretrained model of the KL term; loaded only when --kl_loss_coeff > 0."""
+    if args.kl_loss_coeff <= 0:
+        return None
+    if args.pretrained_path:
+        full = models.build_model(args.model, checkpoint=args.pretrained_path,
+                                  img_size=args.input_size, num_classes=nb_classes)
+    elif args.pretrained:
+        full = models.build_model(args.model, pretrained=True, img_size=args.input_size,
+                                  num_classes=nb_classes)
+    else:
+        raise UserError("--kl_loss_coeff > 0 needs the full model: pass --pretrained "
+                        "(timm weights of --model) or --pretrained-path FILE")
+    return full.to(device).eval()
+
+
+def build_criterion(args, nb_classes: int, mixup_fn, device,
+                    full_model: torch.nn.Module | None = None) -> FullModelKLLoss:
+    """DeiT loss (with the CNN teacher) plus the KL term; `full_model` if already at hand."""
+    base = build_base_criterion(args, mixup_fn)
+    teacher = build_teacher(args, nb_classes, device)
+    deit = DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,
+                            args.distillation_tau)
+    if full_model is None:
+        full_model = build_full_model(args, nb_classes, device)
+    return FullModelKLLoss(deit, full_model, args.kl_loss_coeff, args.original_loss_coeff,
+                           args.distillation_tau)
+
+
+def scaled_lr(args) -> float:
+    """DeiT: the learning rate is given for a total batch of 512."""
+    if args.unscale_lr:
+        return args.lr
+    return args.lr * args.batch_size * utils.get_world_size() / 512.0
+
+
+def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:
+    kwargs = {}
+    if args.opt_eps is not None:
+        kwargs["eps"] = args.opt_eps
+    if args.opt_betas is not None:
+        kwargs["betas"] = tuple(args.opt_betas)
+    try:
+        return create_optimizer_v2(model, opt=args.opt, lr=scaled_lr(args),
+                                   weight_decay=args.weight_decay, momentum=args.momentum, **kwargs)
+    except (AssertionError, ValueError) as e:
+        raise UserError(f"--opt {args.opt}: {e}") from None
+
+
+def build_scheduler(args, optimizer):
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+            cooldown_epochs=args.cooldown_epochs, patience_epochs=args.patience_epochs,
+            decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+            warmup_epochs=args.warmup_epochs, noise=args.lr_noise, noise_pct=args.lr_noise_pct,
+            noise_std=args.lr_noise_std, noise_seed=args.seed)
+    except (AssertionError, ValueError) as e:
+        raise UserError(f"--sched {args.sched}: {e}") from None
+    if scheduler is None:
+        raise UserError(f"--sched {args.sched} is not a timm scheduler (cosine, step, plateau, ...)")
+    return scheduler
+
+
+def init_model_ema(args, model: torch.nn.Module):
+    if not args.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+    return ModelEmaV3(model, decay=args.model_ema_decay,
+                      device="cpu" if args.model_ema_force_cpu else None)

@@ -1,0 +1,418 @@
+"""Cost models: the whole model's cost (MACs, parameters or latency) as a function of its dims.
+
+The pruner asks two questions: what a block of given widths costs (`block`) and what the
+whole model costs (`total`). It compares costs before and after removing units, so every
+model here is deterministic and non-decreasing in each width.
+
+- `MacsCost`: multiply-accumulates per image, exactly `FlopCounterMode` flops / 2.
+- `ParamsCost`: exact parameter count of the built `ReViT`.
+- `LatencyTable`: milliseconds, interpolated in a table measured on the user's device
+  (written by tools/build_latency_table.py, or the NViT reference repository's table).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from errors import UserError
+from models.dims import BLOCK_LISTS, Dims
+
+KINDS = ("macs", "params", "latency")
+TABLE_FLAG = "--latency_look_up_table"
+TABLE_FORMAT = "nvit-latency-table"
+ATTENTION_AXES = ("embed_dim", "num_heads", "qk_dim", "v_dim")
+MLP_AXES = ("embed_dim", "mlp_dim")
+STEM_AXES = ("embed_dim",)
+_UNITS_TO_MS = {"ms": 1.0, "s": 1000.0, "us": 1e-3}
+
+
+class CostModel:
+    """Cost of a ReViT from its widths: `total(dims)` = stem + sum of blocks."""
+
+    name: str = ""
+
+    def block(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
+              mlp_dim: int) -> float:
+        raise NotImplementedError
+
+    def stem(self, dims: Dims, embed_dim: int) -> float:
+        """Everything outside the blocks (patch embedding, tokens, final norm, heads)."""
+        raise NotImplementedError
+
+    def total(self, dims: Dims) -> float:
+        E = dims.embed_dim
+        return self.stem(dims, E) + sum(
+            self.block(E, *(getattr(dims, n)[i] for n in BLOCK_LISTS)) for i in range(dims.depth))
+
+
+def _need_frame(dims: Dims, what: str) -> None:
+    if not dims.complete:
+        raise ValueError(f"{what} needs dims with the frame filled (use Dims.with_frame)")
+
+
+class MacsCost(CostModel):
+    """Multiply-accumulates per image of a batch-1 eval forward pass.
+
+    Counts what `torch.utils.flop_counter.FlopCounterMode` counts, halved: the matrix
+    products of the linear layers (biases are not counted), the patch-embedding
+    convolution, and attention's Q.K^T and attn.V (SDPA's CPU math path is counted as two
+    bmm; the fused kernels are registered with the same formula). LayerNorm, softmax,
+    GELU, residual adds and the mean of the two heads are not counted by flop_counter and
+    not here. Only the class (and distillation) token reaches the heads.
+    """
+
+    name = "macs"
+
+    def __init__(self, dims: Dims) -> None:
+        _need_frame(dims, "MacsCost")
+        self.num_tokens = dims.num_tokens
+
+    def block(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
+              mlp_dim: int) -> float:
+        N, E, H = self.num_tokens, embed_dim, num_heads
+        qk, v = H * qk_dim, H * v_dim
+        linear = N * E * (2 * qk + v) + N * v * E + 2 * N * E * mlp_dim
+        attention = N * N * (qk + v)
+        return float(linear + attention)
+
+    def stem(self, dims: Dims, embed_dim: int) -> float:
+        _need_frame(dims, "MacsCost")
+        patch = dims.num_patches * embed_dim * dims.in_chans * dims.patch_size ** 2
+        heads = dims.num_prefix_tokens * embed_dim * dims.num_classes
+        return float(patch + heads)
+
+
+class ParamsCost(CostModel):
+    """Exact parameter count: equals `sum(p.numel() for p in ReViT(dims).parameters())`."""
+
+    name = "params"
+
+    def __init__(self, dims: Dims) -> None:
+        _need_frame(dims, "ParamsCost")
+
+    def block(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
+              mlp_dim: int) -> float:
+        E, qk, v, M = embed_dim, num_heads * qk_dim, num_heads * v_dim, mlp_dim
+        norms = 2 * 2 * E
+        attention = 2 * (E * qk + qk) + (E * v + v) + (v * E + E)
+        mlp = (E * M + M) + (M * E + E)
+        return float(norms + attention + mlp)
+
+    def stem(self, dims: Dims, embed_dim: int) -> float:
+        _need_frame(dims, "ParamsCost")
+        E = embed_dim
+        patch = E * dims.in_chans * dims.patch_size ** 2 + E
+        tokens = dims.num_prefix_tokens * E + dims.num_tokens * E  # cls (+ dist), pos_embed
+        norm = 2 * E
+        heads = dims.num_prefix_tokens * (E * dims.num_classes + dims.num_classes)
+        return float(patch + tokens + norm + heads)
+
+
+# ------------------------------------------------------------------------- latency
+class _Grid:
+    """A table on a rectilinear grid, read by multilinear interpolation.
+
+    Made non-decreasing along every axis at construction, because timing noise must not
+    make removing a unit look like a slowdown: a running minimum from the large end of each
+    axis in turn gives the largest monotone table below the measured one. Timing noise is
+    mostly upward (other load), and this way a slow outlier changes only its own point,
+    where a running maximum would lift every wider point. `lowered` counts the points
+    changed. Multilinear interpolation of a monotone grid is monotone. Outside the grid: below the smallest point of an axis the
+    value is held (clamped); above the largest it grows in proportion to the width
+    (value at the edge * x / x_max), a linear extrapolation through zero, which keeps the
+    result monotone and non-negative even when several axes are beyond the grid.
+    """
+
+    def __init__(self, axes: Sequence[str], points: Sequence[Sequence[float]],
+                 values: np.ndarray) -> None:
+        self.axes = tuple(axes)
+        self.points = [np.asarray(p, dtype=float) for p in points]
+        measured = np.asarray(values, dtype=float)
+        values = measured
+        for d in range(values.ndim):
+            flipped = np.flip(values, axis=d)
+            values = np.flip(np.minimum.accumulate(flipped, axis=d), axis=d)
+        self.values = values
+        self.lowered = int((values < measured).sum())
+
+    def __call__(self, *x: float) -> float:
+        brackets = []
+        factor = 1.0
+        for pts, xi in zip(self.points, x):
+            n = len(pts)
+            if xi <= pts[0] or n == 1:
+                brackets.append(((0, 1.0),))
+                if n == 1 and xi > pts[0] > 0:
+                    factor *= xi / pts[0]
+            elif xi >= pts[-1]:
+                brackets.append(((n - 1, 1.0),))
+                factor *= xi / pts[-1]
+            else:
+                i = int(np.searchsorted(pts, xi, side="right")) - 1
+                w = (xi - pts[i]) / (pts[i + 1] - pts[i])
+                brackets.append(((i, 1.0 - w), (i + 1, w)))
+        total = 0.0
+        for corner in itertools.product(*brackets):
+            weight = math.prod(w for _, w in corner)
+            if weight:
+                total += weight * float(self.values[tuple(i for i, _ in corner)])
+        return max(total, 0.0) * factor
+
+
+class LatencyTable(CostModel):
+    """Latency in milliseconds, interpolated in a table measured on the user's device.
+
+    Built with `LatencyTable.from_dict(json_content)`, which reads two formats.
+
+    nvit format (written by tools/build_latency_table.py, made by `LatencyTable.make_dict`)::
+
+        {"format": "nvit-latency-table", "version": 1, "unit": "ms",
+         "meta": {"device": ..., "batch_size": 1, "num_tokens": 198, "torch": ...,
+                  "dtype": "float32", "date": ..., ...},          # informative only
+         "attention": {"axes": {"embed_dim": [E...], "num_heads": [H...],
+                                "qk_dim": [q...], "v_dim": [v...]},  # per-head widths
+                       "latency": nested list [E][H][q][v]},
+         "mlp": {"axes": {"embed_dim": [E...], "mlp_dim": [M...]},
+                 "latency": nested list [E][M]},
+         "stem": {"axes": {"embed_dim": [E...]}, "latency": [E]}}  # optional
+
+    Axis values are positive and increasing; the nesting follows the axis order above
+    whatever the order of keys in "axes". "unit" may be "ms" (default), "s" or "us"; values
+    are converted to ms. A block costs attention + mlp (each part as timed: LayerNorm, the
+    sublayer and its residual add); without "stem" the stem costs 0.
+
+    Reference format (the NViT repository's nvit/latency_head.json, read by
+    nvit/pruning_core/pruning_engine_general.py)::
+
+        {"EMB_768": {"QK_12_64": {"V_64": {"MLP_3072": 0.0808, ...}, ...}, ...}, ...}
+
+    i.e. EMB_{embed} -> QK_{heads}_{qk per head} -> V_{v per head} -> MLP_{mlp} -> the
+    latency of one whole block, on a full 5-D grid. Its values are seconds (for a large
+    batch: 0.08 for a DeiT-B block) and are converted to ms. As the reference does, an
+    all-zero slice at embed 0 is added below the smallest EMB, so narrower embeddings
+    interpolate towards 0 instead of being held.
+
+    Interpolation is multilinear; see `_Grid` for monotonicity and the extrapolation rule.
+    """
+
+    name = "latency"
+    unit = "ms"
+
+    def __init__(self, parts: dict[str, _Grid], stem: _Grid | None, meta: dict,
+                 source_format: str) -> None:
+        self.parts = parts  # {"attention", "mlp"} or {"block"}
+        self.stem_grid = stem
+        self.meta = meta
+        self.source_format = source_format
+        self._memo: dict[tuple, float] = {}
+
+    # --------------------------------------------------------------- queries
+    def attention(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int) -> float:
+        if "attention" not in self.parts:
+            raise ValueError("this table (reference format) has whole-block latencies only")
+        return self.parts["attention"](embed_dim, num_heads, qk_dim, v_dim)
+
+    def mlp(self, embed_dim: int, mlp_dim: int) -> float:
+        if "mlp" not in self.parts:
+            raise ValueError("this table (reference format) has whole-block latencies only")
+        return self.parts["mlp"](embed_dim, mlp_dim)
+
+    def block(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
+              mlp_dim: int) -> float:
+        key = (embed_dim, num_heads, qk_dim, v_dim, mlp_dim)
+        hit = self._memo.get(key)
+        if hit is None:
+            if "block" in self.parts:
+                hit = self.parts["block"](*key)
+            else:
+                hit = self.attention(*key[:4]) + self.mlp(embed_dim, mlp_dim)
+            if len(self._memo) < 1_000_000:
+                self._memo[key] = hit
+        return hit
+
+    def stem(self, dims: Dims, embed_dim: int) -> float:
+        return self.stem_grid(embed_dim) if self.stem_grid is not None else 0.0
+
+    @property
+    def num_tokens(self) -> int | None:
+        n = self.meta.get("num_tokens")
+        return n if isinstance(n, int) else None
+
+    def frame_note(self, dims: Dims) -> str | None:
+        """A warning for callers to print when the table was timed at another token count."""
+        n = self.num_tokens
+        if n is not None and dims.complete and n != dims.num_tokens:
+            return (f"{TABLE_FLAG}: the table was measured with {n} tokens but the model has "
+                    f"{dims.num_tokens}; latencies are estimates for the table's token count")
+        return None
+
+    # ------------------------------------------------------------- building
+    @staticmethod
+    def make_dict(meta: dict, attention_axes: dict[str, list], attention: list,
+                  mlp_axes: dict[str, list], mlp: list, stem_axes: dict[str, list] | None = None,
+                  stem: list | None = None, unit: str = "ms") -> dict:
+        """The nvit-format JSON content (see the class docstring)."""
+        data = {"format": TABLE_FORMAT, "version": 1, "unit": unit, "meta": dict(meta),
+                "attention": {"axes": {a: list(attention_axes[a]) for a in ATTENTION_AXES},
+                              "latency": attention},
+                "mlp": {"axes": {a: list(mlp_axes[a]) for a in MLP_AXES}, "latency": mlp}}
+        if stem is not None:
+            data["stem"] = {"axes": {a: list(stem_axes[a]) for a in STEM_AXES}, "latency": stem}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = TABLE_FLAG) -> "LatencyTable":
+        """Read either format; `source` names the flag/file in error messages."""
+        if not isinstance(data, dict) or not data:
+            raise UserError(f"{source}: expected a JSON object holding a latency table, got "
+                            f"{'an empty object' if isinstance(data, dict) else type(data).__name__}")
+        if "format" in data or "attention" in data or "mlp" in data:
+            return cls._from_nvit(data, source)
+        if any(isinstance(k, str) and k.startswith("EMB_") for k in data):
+            return cls._from_reference(data, source)
+        raise UserError(f"{source}: not a latency table: expected the nvit format (keys "
+                        f"'format', 'attention', 'mlp') or NViT's nested EMB_*/QK_*_*/V_*/MLP_* "
+                        f"keys; found keys {sorted(map(str, data))[:5]}")
+
+    @classmethod
+    def _from_nvit(cls, data: dict, source: str) -> "LatencyTable":
+        fmt = data.get("format", TABLE_FORMAT)
+        if fmt != TABLE_FORMAT:
+            raise UserError(f"{source}: unknown table format {fmt!r} (expected {TABLE_FORMAT!r})")
+        version = data.get("version", 1)
+        if version != 1:
+            raise UserError(f"{source}: table version {version!r} is not supported (expected 1)")
+        unit = data.get("unit", "ms")
+        if unit not in _UNITS_TO_MS:
+            raise UserError(f"{source}: unit {unit!r} is not one of {sorted(_UNITS_TO_MS)}")
+        scale = _UNITS_TO_MS[unit]
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise UserError(f"{source}: 'meta' must be an object, got {type(meta).__name__}")
+        unknown = set(data) - {"format", "version", "unit", "meta", "attention", "mlp", "stem"}
+        if unknown:
+            raise UserError(f"{source}: unknown key(s) {sorted(unknown)}")
+        parts = {}
+        for part, axes in (("attention", ATTENTION_AXES), ("mlp", MLP_AXES)):
+            if part not in data:
+                raise UserError(f"{source}: the '{part}' grid is missing")
+            parts[part] = _read_grid(data[part], part, axes, scale, source)
+        stem = None
+        if data.get("stem") is not None:
+            stem = _read_grid(data["stem"], "stem", STEM_AXES, scale, source)
+        return cls(parts, stem, dict(meta), "nvit")
+
+    @classmethod
+    def _from_reference(cls, data: dict, source: str) -> "LatencyTable":
+        entries: dict[tuple, float] = {}
+        for ek, by_qk in data.items():
+            e = _key_ints(ek, "EMB", 1, source)
+            for qk_key, by_v in _items(by_qk, ek, source):
+                h, q = _key_ints(qk_key, "QK", 2, source, ek)
+                for vk, by_m in _items(by_v, f"{ek}/{qk_key}", source):
+                    v = _key_ints(vk, "V", 1, source, f"{ek}/{qk_key}")
+                    for mk, value in _items(by_m, f"{ek}/{qk_key}/{vk}", source):
+                        m = _key_ints(mk, "MLP", 1, source, f"{ek}/{qk_key}/{vk}")
+                        where = f"{ek}/{qk_key}/{vk}/{mk}"
+                        entries[(e, h, q, v, m)] = _number(value, where, source)
+        axes = [sorted({k[d] for k in entries}) for d in range(5)]
+        values = np.empty([len(a) for a in axes])
+        index = [{p: i for i, p in enumerate(a)} for a in axes]
+        for combo in itertools.product(*axes):
+            if combo not in entries:
+                e, h, q, v, m = combo
+                raise UserError(f"{source}: the NViT-format table is not a full grid: "
+                                f"EMB_{e}/QK_{h}_{q}/V_{v}/MLP_{m} is missing")
+            values[tuple(index[d][c] for d, c in enumerate(combo))] = entries[combo] * 1000.0
+        # as the reference's RegularGridInterpolator: zero latency at embed width 0
+        axes[0] = [0] + axes[0]
+        values = np.concatenate([np.zeros((1, *values.shape[1:])), values], axis=0)
+        grid = _Grid(("embed_dim", *ATTENTION_AXES[1:], "mlp_dim"), axes, values)
+        meta = {"source_format": "NViT reference (EMB_*/QK_*_*/V_*/MLP_*)", "source_unit": "s"}
+        return cls({"block": grid}, None, meta, "reference")
+
+
+# ------------------------------------------------------------- table parsing helpers
+def _number(value, where: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{source}: {where} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"{source}: {where} must be a finite non-negative latency, got {value!r}")
+    return float(value)
+
+
+def _items(node, where: str, source: str):
+    if not isinstance(node, dict) or not node:
+        raise UserError(f"{source}: {where} must map to a non-empty object, got {node!r:.60}")
+    return node.items()
+
+
+def _key_ints(key, prefix: str, count: int, source: str, where: str = "") -> int | tuple:
+    pattern = prefix + "".join(r"_(\d+)" for _ in range(count))
+    match = re.fullmatch(pattern, str(key))
+    if not match or any(int(g) <= 0 for g in match.groups()):
+        shape = "QK_<heads>_<qk per head>" if count == 2 else f"{prefix}_<n>"
+        inside = f" inside {where}" if where else ""
+        raise UserError(f"{source}: key {key!r}{inside} is not of the form {shape} "
+                        f"(positive integers)")
+    ints = tuple(int(g) for g in match.groups())
+    return ints[0] if count == 1 else ints
+
+
+def _read_grid(node, part: str, axes: tuple[str, ...], scale: float, source: str) -> _Grid:
+    if not isinstance(node, dict):
+        raise UserError(f"{source}: '{part}' must be an object with 'axes' and 'latency'")
+    missing = [k for k in ("axes", "latency") if k not in node]
+    if missing:
+        raise UserError(f"{source}: '{part}' lacks {missing}")
+    given = node["axes"]
+    if not isinstance(given, dict) or set(given) != set(axes):
+        got = sorted(given) if isinstance(given, dict) else type(given).__name__
+        raise UserError(f"{source}: '{part}' axes must be exactly {list(axes)}, got {got}")
+    points = []
+    for a in axes:
+        p = given[a]
+        if (not isinstance(p, list) or not p
+                or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in p)):
+            raise UserError(f"{source}: '{part}' axis {a} must be a non-empty list of numbers")
+        if any(not math.isfinite(x) or x <= 0 for x in p) or any(
+                b <= a_ for a_, b in zip(p, p[1:])):
+            raise UserError(f"{source}: '{part}' axis {a} must be positive and strictly "
+                            f"increasing, got {p}")
+        points.append(p)
+    shape = tuple(len(p) for p in points)
+    values = np.empty(shape)
+
+    def fill(sub, idx: tuple) -> None:
+        depth = len(idx)
+        if depth == len(shape):
+            values[idx] = _number(sub, f"'{part}' latency{list(idx)}", source) * scale
+            return
+        if not isinstance(sub, list) or len(sub) != shape[depth]:
+            n = len(sub) if isinstance(sub, list) else type(sub).__name__
+            raise UserError(f"{source}: '{part}' latency{list(idx)} should be a list of "
+                            f"{shape[depth]} (axis {axes[depth]}), got {n}")
+        for i, s in enumerate(sub):
+            fill(s, (*idx, i))
+
+    fill(node["latency"], ())
+    return _Grid(axes, points, values)
+
+
+# ---------------------------------------------------------------------- factory
+def build_cost_model(kind: str, dims: Dims, table: dict | None = None) -> CostModel:
+    """The cost model for `--cost KIND`; "latency" needs the table's JSON content."""
+    if kind == "macs":
+        return MacsCost(dims)
+    if kind == "params":
+        return ParamsCost(dims)
+    if kind == "latency":
+        if table is None:
+            raise UserError(f"--cost latency needs a table: pass {TABLE_FLAG} FILE.json "
+                            f"(make one with tools/build_latency_table.py)")
+        return LatencyTable.from_dict(table)
+    raise UserError(f"--cost {kind!r} is not one of {', '.join(KINDS)}")

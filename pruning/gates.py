@@ -1,0 +1,178 @@
+"""Multiplicative pruning gates attached to a ReViT.
+
+One gate per prunable unit: embedding channels (the whole residual stream), and per block
+heads, QK dims, V dims and MLP neurons. At value 1 a gate leaves the model unchanged and
+its gradient times its value is the summed `theta * dL/dtheta` of the unit's producing
+weights, which is what the saliency criteria need; at value 0 it removes the unit.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from models.dims import Dims
+from models.revit import ReViT
+
+KINDS = ("emb", "head", "qk", "v", "mlp")
+BLOCK_KINDS = ("head", "qk", "v", "mlp")
+WIDTH_KEYS = ("embed_dim", "num_heads", "qk_dim", "v_dim", "mlp_dim")
+
+
+def head_widths(head: torch.Tensor, qk: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int]:
+    """(live heads, QK width per live head, V width per live head) of one block.
+
+    A compact block has one QK and one V width for all its heads, so the live counts must
+    agree across live heads; otherwise the gates cannot be compacted and this raises.
+    Widths are 0 when no head is live.
+    """
+    live = head != 0
+    n_heads = int(live.sum())
+    if n_heads == 0:
+        return 0, 0, 0
+    widths = []
+    for name, g in (("QK", qk), ("V", v)):
+        counts = (g[live] != 0).sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(f"{name} widths differ across live heads of a block: "
+                             f"{counts.tolist()}; a compact block needs one width")
+        widths.append(int(counts[0]))
+    return n_heads, widths[0], widths[1]
+
+
+def live_widths(emb: torch.Tensor | None, blocks: list[dict] | None, dims: Dims) -> dict:
+    """Widths of the compact model as Dims field names; a missing gate counts as all ones."""
+    out = {"embed_dim": dims.embed_dim if emb is None else int((emb != 0).sum()),
+           "num_heads": [], "qk_dim": [], "v_dim": [], "mlp_dim": []}
+    for i in range(dims.depth):
+        g = blocks[i] if blocks is not None else {}
+        H, qk_w, v_w = dims.num_heads[i], dims.qk_dim[i], dims.v_dim[i]
+        if g.get("head") is not None or g.get("qk") is not None or g.get("v") is not None:
+            head = g.get("head")
+            head = torch.ones(H) if head is None else head.detach()
+            qk = g.get("qk")
+            qk = torch.ones(H, qk_w) if qk is None else qk.detach()
+            v = g.get("v")
+            v = torch.ones(H, v_w) if v is None else v.detach()
+            H, qk_w, v_w = head_widths(head.cpu(), qk.cpu(), v.cpu())
+        mlp = g.get("mlp")
+        out["num_heads"].append(H)
+        out["qk_dim"].append(qk_w)
+        out["v_dim"].append(v_w)
+        out["mlp_dim"].append(dims.mlp_dim[i] if mlp is None else int((mlp != 0).sum()))
+    return out
+
+
+def widths_to_dims(widths: dict, dims: Dims) -> Dims:
+    """A buildable Dims from live widths: frame and attention scales kept from `dims`.
+
+    ReViT cannot hold a zero width, so a width that was pruned to 0 becomes a single
+    placeholder unit whose producing weights are zero (compaction then keeps the function).
+    """
+    clamp = {k: (max(1, v) if isinstance(v, int) else [max(1, x) for x in v])
+             for k, v in widths.items()}
+    return replace(dims, **clamp, attn_scale=list(dims.attn_scale))
+
+
+class Gates:
+    """All gate tensors of one model, with mask, width and distributed helpers."""
+
+    def __init__(self, emb: torch.Tensor, blocks: list[dict], dims: Dims) -> None:
+        self.emb = emb
+        self.blocks = blocks
+        self.dims = dims
+
+    @classmethod
+    def attach(cls, model: ReViT, dtype: torch.dtype = torch.float32) -> "Gates":
+        """All-ones leaf gates on the model's device, set on the model."""
+        device = model.pos_embed.device
+        d = model.dims
+
+        def ones(*shape: int) -> torch.Tensor:
+            return torch.ones(*shape, dtype=dtype, device=device, requires_grad=True)
+
+        blocks = [{"head": ones(d.num_heads[i]), "qk": ones(d.num_heads[i], d.qk_dim[i]),
+                   "v": ones(d.num_heads[i], d.v_dim[i]), "mlp": ones(d.mlp_dim[i])}
+                  for i in range(d.depth)]
+        gates = cls(ones(d.embed_dim), blocks, d)
+        model.set_gates(gates.emb, gates.blocks)
+        return gates
+
+    @staticmethod
+    def detach_from(model: ReViT) -> None:
+        model.set_gates(None, None)
+
+    # ------------------------------------------------------------- iteration
+    def units(self, kind: str) -> Iterator[tuple[int | None, torch.Tensor]]:
+        """(block index, gate) pairs of one kind; the block index is None for "emb"."""
+        if kind == "emb":
+            yield None, self.emb
+        elif kind in BLOCK_KINDS:
+            for i, g in enumerate(self.blocks):
+                yield i, g[kind]
+        else:
+            raise KeyError(f"unknown gate kind {kind!r}; known: {KINDS}")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every gate in a fixed order (emb, then per block head, qk, v, mlp)."""
+        return [self.emb] + [g[k] for g in self.blocks for k in BLOCK_KINDS]
+
+    # ------------------------------------------------------------- gradients
+    def zero_grad(self) -> None:
+        for t in self.tensors():
+            t.grad = None
+
+    def all_reduce_grads(self) -> None:
+        """Average gate gradients over ranks so every rank ranks units identically."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        ts = self.tensors()
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in ts]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+        offset = 0
+        for t in ts:
+            n = t.numel()
+            t.grad = flat[offset:offset + n].view_as(t).clone()
+            offset += n
+
+    # ----------------------------------------------------------------- masks
+    def masks(self) -> dict:
+        """Which units are alive (gate != 0), nested like the gates."""
+        return {"emb": (self.emb.detach() != 0),
+                "blocks": [{k: (g[k].detach() != 0) for k in BLOCK_KINDS} for g in self.blocks]}
+
+    @torch.no_grad()
+    def load_masks(self, masks: dict) -> None:
+        """Set gate values to 1 (alive) or 0 (removed) in place, keeping the gate tensors."""
+        if len(masks["blocks"]) != len(self.blocks):
+            raise ValueError(f"masks have {len(masks['blocks'])} blocks, gates {len(self.blocks)}")
+        pairs = [(self.emb, masks["emb"])] + [(g[k], m[k]) for g, m in zip(self.blocks, masks["blocks"])
+                                               for k in BLOCK_KINDS]
+        for gate, mask in pairs:
+            if tuple(mask.shape) != tuple(gate.shape):
+                raise ValueError(f"mask shape {tuple(mask.shape)} != gate shape {tuple(gate.shape)}")
+        for gate, mask in pairs:
+            gate.copy_(mask.to(device=gate.device, dtype=torch.bool).to(gate.dtype))
+
+    # ---------------------------------------------------------------- widths
+    def widths(self) -> dict:
+        """Widths a compact model would have, keyed like Dims fields (0 if fully pruned)."""
+        return live_widths(self.emb, self.blocks, self.dims)
+
+    def kept(self, dims: Dims | None = None) -> Dims:
+        """The compact model's Dims (frame and attention scales of `dims` or the model's)."""
+        return widths_to_dims(self.widths(), dims if dims is not None else self.dims)
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """Masks on the CPU: all that a resumed run needs to restore its gates."""
+        m = self.masks()
+        return {"emb": m["emb"].cpu().clone(),
+                "blocks": [{k: v.cpu().clone() for k, v in b.items()} for b in m["blocks"]]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_masks(state)

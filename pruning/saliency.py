@@ -1,0 +1,164 @@
+"""Per-unit importance scores for global structural pruning.
+
+"hessian" (NViT's criterion) scores a unit by `(gate * dL/dgate / scale)^2`, a Taylor /
+Fisher estimate of the loss increase when the unit is removed: at gate 1 this equals the
+squared sum of `theta * dL/dtheta` over the unit's producing weights. The per-kind scales
+put units of different sizes on one global ranking. "taylor" is the first-order |.|
+version; "magnitude" and "random" are baselines. Batch scores are averaged between pruning
+steps and smoothed across steps by an EMA, so a ranking does not hinge on one batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from models.revit import ReViT
+
+from .gates import BLOCK_KINDS, KINDS, Gates
+
+CRITERIA = ("hessian", "taylor", "magnitude", "random")
+DEFAULT_SCALES = {"emb": 12.0, "head": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0}
+_ACCUMULATING = ("hessian", "taylor")
+
+
+def _kinds_in_order(gates: Gates) -> list[str]:
+    """The kind of each tensor in `gates.tensors()` order."""
+    return ["emb"] + [k for _ in gates.blocks for k in BLOCK_KINDS]
+
+
+def nest(gates: Gates, flat: list[torch.Tensor]) -> dict:
+    """Flat per-tensor list (gates.tensors() order) -> {"emb", "blocks": [{...}]}."""
+    it = iter(flat)
+    emb = next(it)
+    return {"emb": emb, "blocks": [{k: next(it) for k in BLOCK_KINDS} for _ in gates.blocks]}
+
+
+def magnitude_scores(model: ReViT) -> dict:
+    """L2 norm of each unit's producing parameters (weight rows and biases), per unit."""
+    sq = lambda t: t.detach().double().pow(2)  # noqa: E731
+    pe = model.patch_embed.proj
+    emb = sq(pe.weight).flatten(1).sum(1) + sq(pe.bias)
+    emb = emb + sq(model.pos_embed).flatten(0, 1).sum(0) + sq(model.cls_token).flatten(0, 1).sum(0)
+    if model.dist_token is not None:
+        emb = emb + sq(model.dist_token).flatten(0, 1).sum(0)
+    emb = emb + sq(model.norm.weight) + sq(model.norm.bias)
+    blocks = []
+    for blk in model.blocks:
+        a, m = blk.attn, blk.mlp
+        for lin in (a.proj, m.fc2):
+            emb = emb + sq(lin.weight).sum(1) + sq(lin.bias)
+        for n in (blk.norm1, blk.norm2):
+            emb = emb + sq(n.weight) + sq(n.bias)
+        H = a.num_heads
+
+        def rows(lin: torch.nn.Linear, width: int) -> torch.Tensor:
+            return (sq(lin.weight).sum(1) + sq(lin.bias)).view(H, width)
+
+        qk = rows(a.q, a.qk_dim) + rows(a.k, a.qk_dim)
+        v = rows(a.v, a.v_dim)
+        mlp = sq(m.fc1.weight).sum(1) + sq(m.fc1.bias)
+        blocks.append({"head": (qk.sum(1) + v.sum(1)).sqrt(), "qk": qk.sqrt(), "v": v.sqrt(),
+                       "mlp": mlp.sqrt()})
+    return {"emb": emb.sqrt(), "blocks": blocks}
+
+
+class Saliency:
+    """Running per-unit scores of one criterion over the gates of one model."""
+
+    def __init__(self, gates: Gates, criterion: str = "hessian",
+                 scales: dict[str, float] | None = None, momentum: float = 0.9,
+                 seed: int = 0) -> None:
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown saliency criterion {criterion!r}; known: {CRITERIA}")
+        unknown = set(scales or {}) - set(KINDS)
+        if unknown:
+            raise ValueError(f"scales for unknown kinds {sorted(unknown)}; known: {KINDS}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.gates = gates
+        self.criterion = criterion
+        self.scales = {**DEFAULT_SCALES, **(scales or {})}
+        self.momentum = float(momentum)
+        self.seed = int(seed)
+        self.step_index = 0
+        self.count = 0
+        self.sums: list[torch.Tensor] = [self._zeros(t) for t in gates.tensors()]
+        self.ema: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def _zeros(t: torch.Tensor) -> torch.Tensor:
+        # float64: squared small gradients summed over many batches stay exact enough
+        return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+
+    # ------------------------------------------------------------ per batch
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Add this batch's scores from the gates' current .grad (after all_reduce_grads)."""
+        if self.criterion not in _ACCUMULATING:
+            return
+        kinds = _kinds_in_order(self.gates)
+        for s, t, kind in zip(self.sums, self.gates.tensors(), kinds):
+            if t.grad is None:
+                raise RuntimeError("Saliency.accumulate: a gate has no gradient; call it after "
+                                   "loss.backward()")
+            score = t.detach().double() * t.grad.double() / self.scales[kind]
+            s += score.pow(2) if self.criterion == "hessian" else score.abs()
+        self.count += 1
+
+    # ------------------------------------------------------------ per step
+    @torch.no_grad()
+    def step(self, model: ReViT | None = None) -> dict:
+        """Scores for one pruning decision, nested like `Gates.masks()`; removed units get 0.
+
+        hessian/taylor: batch average since the last step, smoothed by the EMA (the first
+        step takes the average as is). magnitude/random: fresh scores, no EMA.
+        """
+        alive = [t.detach() != 0 for t in self.gates.tensors()]
+        if self.criterion in _ACCUMULATING:
+            if self.count == 0:
+                raise RuntimeError("Saliency.step: no batch was accumulated since the last step")
+            avg = [s / self.count for s in self.sums]
+            if self.ema is None:
+                ema = avg
+            else:
+                m = self.momentum
+                ema = [m * e + (1.0 - m) * a for e, a in zip(self.ema, avg)]
+            self.ema = [torch.where(a, e, torch.zeros_like(e)) for e, a in zip(ema, alive)]
+            self.sums = [torch.zeros_like(s) for s in self.sums]
+            self.count = 0
+            flat = [e.clone() for e in self.ema]
+        elif self.criterion == "magnitude":
+            if model is None:
+                raise ValueError("Saliency.step: the magnitude criterion needs the model")
+            mag = magnitude_scores(model)
+            raw = [mag["emb"]] + [b[k] for b in mag["blocks"] for k in BLOCK_KINDS]
+            flat = [torch.where(a, r.to(a.device), torch.zeros_like(r, device=a.device))
+                    for r, a in zip(raw, alive)]
+        else:  # random: the same draw on every rank, a new one at every step
+            gen = torch.Generator().manual_seed(self.seed + self.step_index)
+            flat = []
+            for t, a in zip(self.gates.tensors(), alive):
+                r = torch.rand(t.shape, generator=gen, dtype=torch.float64).to(t.device)
+                flat.append(torch.where(a, r, torch.zeros_like(r)))
+        self.step_index += 1
+        return nest(self.gates, flat)
+
+    # ------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        return {"criterion": self.criterion, "step_index": self.step_index, "count": self.count,
+                "sums": [s.cpu().clone() for s in self.sums],
+                "ema": None if self.ema is None else [e.cpu().clone() for e in self.ema]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["criterion"] != self.criterion:
+            raise ValueError(f"saliency state is for criterion {state['criterion']!r}, "
+                             f"not {self.criterion!r}")
+        ts = self.gates.tensors()
+        if len(state["sums"]) != len(ts) or any(
+                tuple(s.shape) != tuple(t.shape) for s, t in zip(state["sums"], ts)):
+            raise ValueError("saliency state does not match the gates' shapes")
+        self.step_index = int(state["step_index"])
+        self.count = int(state["count"])
+        self.sums = [s.to(device=t.device, dtype=torch.float64).clone()
+                     for s, t in zip(state["sums"], ts)]
+        self.ema = None if state["ema"] is None else [
+            e.to(device=t.device, dtype=torch.float64).clone() for e, t in zip(state["ema"], ts)]

@@ -1,0 +1,52 @@
+"""Shared helpers for the end-to-end tests: run the entry scripts as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_DIMS = {"embed_dim": 32, "num_heads": [2, 2], "qk_dim": [8, 8], "v_dim": [8, 8],
+             "mlp_dim": [48, 48]}
+
+# a fast, deterministic DIGITS recipe shared by the script tests
+FAST = ["--model", "deit_tiny_distilled_patch16_224", "--patch-size", "8", "--input-size", "32",
+        "--data-set", "DIGITS", "--batch-size", "64", "--num_workers", "0", "--device", "cpu",
+        "--warmup-epochs", "0", "--cooldown-epochs", "0", "--lr", "1e-3", "--unscale-lr",
+        "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0", "--no-model-ema",
+        "--drop-path", "0", "--print-freq", "1000"]
+
+
+def write_dims(path: Path, dims: dict = TINY_DIMS) -> Path:
+    path.write_text(yaml.safe_dump(dims))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT)
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def run(script: str, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """Non-zero exit, no traceback, one 'error:' line naming the cause."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for w in words:
+        assert w in lines[0], lines[0]

@@ -1,0 +1,273 @@
+"""Cost models against the built model (flop_counter, numel), latency tables and their tool."""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from errors import UserError
+from models.dims import Dims
+from models.revit import ReViT
+from pruning.cost import LatencyTable, MacsCost, ParamsCost, build_cost_model
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "tools" / "build_latency_table.py"
+FLAG = "--latency_look_up_table"
+
+
+def odd_dims(patch: int, distilled: bool) -> Dims:
+    """Non-uniform widths, QK != V, odd sizes: nothing cancels by accident."""
+    return Dims(24, [2, 3, 1], [4, 8, 5], [8, 4, 3], [32, 24, 7], img_size=32,
+                patch_size=patch, in_chans=3, num_classes=10, distilled=distilled)
+
+
+FRAMES = list(itertools.product((4, 8), (False, True)))
+
+
+@pytest.mark.parametrize("patch,distilled", FRAMES)
+def test_macs_equal_flop_counter(patch: int, distilled: bool) -> None:
+    dims = odd_dims(patch, distilled)
+    model = ReViT(dims).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert MacsCost(dims).total(dims) == counter.get_total_flops() / 2
+
+
+@pytest.mark.parametrize("patch,distilled", FRAMES)
+def test_params_equal_numel(patch: int, distilled: bool) -> None:
+    dims = odd_dims(patch, distilled)
+    model = ReViT(dims)
+    assert ParamsCost(dims).total(dims) == sum(p.numel() for p in model.parameters())
+
+
+def test_total_is_stem_plus_blocks() -> None:
+    dims = odd_dims(8, True)
+    cost = MacsCost(dims)
+    blocks = sum(cost.block(24, dims.num_heads[i], dims.qk_dim[i], dims.v_dim[i],
+                            dims.mlp_dim[i]) for i in range(dims.depth))
+    assert cost.total(dims) == cost.stem(dims, 24) + blocks
+
+
+# ------------------------------------------------------------------ latency table
+AXES_ATT = {"embed_dim": [16, 32], "num_heads": [1, 2], "qk_dim": [4, 8], "v_dim": [4, 8]}
+AXES_MLP = {"embed_dim": [16, 32], "mlp_dim": [8, 32]}
+
+
+def f_att(e: float, h: float, q: float, v: float) -> float:
+    """Multilinear in each argument, so interpolation must reproduce it exactly."""
+    return 1.0 + e * h * (q + v) / 100.0
+
+
+def f_mlp(e: float, m: float) -> float:
+    return 0.5 + e * m / 100.0
+
+
+def hand_table(**overrides) -> dict:
+    att = [[[[f_att(e, h, q, v) for v in AXES_ATT["v_dim"]] for q in AXES_ATT["qk_dim"]]
+            for h in AXES_ATT["num_heads"]] for e in AXES_ATT["embed_dim"]]
+    mlp = [[f_mlp(e, m) for m in AXES_MLP["mlp_dim"]] for e in AXES_MLP["embed_dim"]]
+    data = LatencyTable.make_dict({"device": "cpu", "num_tokens": 10}, AXES_ATT, att,
+                                  AXES_MLP, mlp, {"embed_dim": [16, 32]}, [2.0, 3.0])
+    data.update(overrides)
+    return data
+
+
+def test_grid_points_exact_and_json_roundtrip() -> None:
+    table = LatencyTable.from_dict(json.loads(json.dumps(hand_table())))
+    for e, h, q, v, m in itertools.product(*AXES_ATT.values(), AXES_MLP["mlp_dim"]):
+        assert table.block(e, h, q, v, m) == pytest.approx(f_att(e, h, q, v) + f_mlp(e, m))
+    assert table.name == "latency" and table.unit == "ms"
+    assert table.stem(odd_dims(8, True), 16) == 2.0
+
+
+def test_interpolation_is_multilinear() -> None:
+    table = LatencyTable.from_dict(hand_table())
+    mid = table.attention(24, 1.5, 6, 6)
+    corners = [f_att(*c) for c in itertools.product(*AXES_ATT.values())]
+    assert mid == pytest.approx(sum(corners) / len(corners))
+    assert table.attention(20, 1.25, 5, 7) == pytest.approx(f_att(20, 1.25, 5, 7))
+    assert table.mlp(24, 20) == pytest.approx(f_mlp(24, 20))
+    assert table.stem(odd_dims(8, True), 24) == pytest.approx(2.5)
+    dims = Dims(24, [2, 1], [6, 4], [5, 8], [20, 8])
+    expected = 2.5 + f_att(24, 2, 6, 5) + f_mlp(24, 20) + f_att(24, 1, 4, 8) + f_mlp(24, 8)
+    assert table.total(dims) == pytest.approx(expected)
+
+
+def test_outside_grid_clamped_below_proportional_above() -> None:
+    table = LatencyTable.from_dict(hand_table())
+    assert table.mlp(4, 2) == pytest.approx(f_mlp(16, 8))  # held below the grid
+    assert table.mlp(64, 32) == pytest.approx(f_mlp(32, 32) * 2)  # grows with width above
+    assert table.attention(64, 4, 8, 8) == pytest.approx(f_att(32, 2, 8, 8) * 4)
+
+
+def test_monotone_and_non_negative_everywhere() -> None:
+    table = LatencyTable.from_dict(hand_table())
+    sweeps = {0: range(1, 80, 3), 1: range(0, 6), 2: range(0, 20), 3: range(0, 20),
+              4: range(0, 70, 3)}
+    base = [24, 2, 6, 6, 16]
+    for axis, values in sweeps.items():
+        for other in ([4, 1, 1, 1, 1], base, [64, 5, 16, 16, 64]):
+            seq = []
+            for x in values:
+                point = list(other)
+                point[axis] = x
+                seq.append(table.block(*point))
+            assert all(c >= 0 for c in seq)
+            assert all(b >= a - 1e-12 for a, b in zip(seq, seq[1:])), (axis, other, seq)
+
+
+def test_noisy_table_is_made_monotone_by_lowering() -> None:
+    data = hand_table()
+    data["mlp"]["latency"][0][0] = 50.0  # a slow outlier at the narrowest point
+    table = LatencyTable.from_dict(data)
+    assert table.parts["mlp"].lowered == 1
+    # read as the largest time that keeps the table monotone: the smaller wider neighbour
+    assert table.mlp(16, 8) == pytest.approx(min(f_mlp(32, 8), f_mlp(16, 32)))
+    assert table.mlp(32, 32) == pytest.approx(f_mlp(32, 32))  # the others are untouched
+
+
+def test_units_converted_to_ms() -> None:
+    data = hand_table(unit="s")
+    assert LatencyTable.from_dict(data).mlp(16, 8) == pytest.approx(1000 * f_mlp(16, 8))
+
+
+def test_frame_note() -> None:
+    table = LatencyTable.from_dict(hand_table())
+    assert table.frame_note(odd_dims(8, True)) is not None  # 18 tokens, table says 10
+    assert table.frame_note(Dims(24, [1], [4], [4], [8], img_size=12, patch_size=4, in_chans=3,
+                                 num_classes=10, distilled=False)) is None
+
+
+# ----------------------------------------------------------- NViT reference format
+def reference_table() -> dict:
+    """EMB_{e} -> QK_{heads}_{qk} -> V_{v} -> MLP_{m} -> seconds for one block."""
+    return {f"EMB_{e}": {f"QK_{h}_{q}": {f"V_{v}": {f"MLP_{m}": (f_att(e, h, q, v) + f_mlp(e, m))
+                                                      / 1000.0 for m in (1, 32)}
+                                           for v in (4, 8)} for h in (1, 2) for q in (4, 8)}
+            for e in (16, 32)}
+
+
+def test_reference_format() -> None:
+    table = LatencyTable.from_dict(reference_table())
+    assert table.source_format == "reference"
+    assert table.block(32, 2, 8, 4, 32) == pytest.approx(f_att(32, 2, 8, 4) + f_mlp(32, 32))
+    assert table.block(16, 1, 6, 6, 1) == pytest.approx(f_att(16, 1, 6, 6) + f_mlp(16, 1))
+    # as in the reference code, embed widths below the table go linearly towards 0 at 0
+    assert table.block(8, 1, 4, 4, 1) == pytest.approx((f_att(16, 1, 4, 4) + f_mlp(16, 1)) / 2)
+    assert table.stem(odd_dims(8, True), 16) == 0.0
+    with pytest.raises(ValueError):
+        table.attention(16, 1, 4, 4)
+
+
+# --------------------------------------------------------------- malformed tables
+def _drop(d: dict, *path) -> dict:
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    del node[path[-1]]
+    return d
+
+
+def _set(d: dict, value, *path) -> dict:
+    node = d
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return d
+
+
+MALFORMED = {
+    "list": [1, 2],
+    "empty": {},
+    "unrelated": {"foo": 1},
+    "wrong format": hand_table(format="other"),
+    "bad unit": hand_table(unit="minutes"),
+    "unknown key": hand_table(extra=1),
+    "no mlp": _drop(hand_table(), "mlp"),
+    "no latency": _drop(hand_table(), "attention", "latency"),
+    "axis renamed": _set(hand_table(), {"embed_dim": [16, 32], "hidden": [8, 32]}, "mlp", "axes"),
+    "decreasing axis": _set(hand_table(), [32, 16], "mlp", "axes", "embed_dim"),
+    "zero axis": _set(hand_table(), [0, 8], "mlp", "axes", "mlp_dim"),
+    "short row": _set(hand_table(), [1.0], "mlp", "latency", 0),
+    "negative": _set(hand_table(), -1.0, "mlp", "latency", 0, 0),
+    "nan": _set(hand_table(), float("nan"), "mlp", "latency", 0, 0),
+    "string value": _set(hand_table(), "1.0", "mlp", "latency", 0, 0),
+    "bool value": _set(hand_table(), True, "mlp", "latency", 0, 0),
+    "ref bad emb key": {"EMB_x": {}},
+    "ref bad qk key": {"EMB_16": {"QK_4": {"V_4": {"MLP_1": 0.1}}}},
+    "ref not full grid": _drop(reference_table(), "EMB_32", "QK_2_8", "V_8", "MLP_32"),
+    "ref leaf not number": _set(reference_table(), [0.1], "EMB_16", "QK_1_4", "V_4", "MLP_1"),
+    "ref empty level": _set(reference_table(), {}, "EMB_16", "QK_1_4"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_tables_raise_user_error(name: str) -> None:
+    with pytest.raises(UserError, match=FLAG):
+        LatencyTable.from_dict(MALFORMED[name])
+
+
+def test_build_cost_model() -> None:
+    dims = odd_dims(8, False)
+    assert isinstance(build_cost_model("macs", dims), MacsCost)
+    assert isinstance(build_cost_model("params", dims), ParamsCost)
+    assert isinstance(build_cost_model("latency", dims, hand_table()), LatencyTable)
+    assert build_cost_model("macs", dims).name == "macs"
+    with pytest.raises(UserError, match=FLAG):
+        build_cost_model("latency", dims)
+    with pytest.raises(UserError, match="--cost"):
+        build_cost_model("flops", dims)
+
+
+# -------------------------------------------------------------------------- the tool
+def test_tool_writes_a_readable_table(tmp_path: Path) -> None:
+    out = tmp_path / "table.json"
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--output", str(out), "--model", "deit_tiny_patch16_224",
+         "--embed-dims", "16,32", "--heads", "1,2", "--qk-dims", "8", "--v-dims", "8,16",
+         "--mlp-dims", "16,64", "--num-tokens", "17", "--warmup", "1", "--repeats", "2"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["num_tokens"] == 17 and data["meta"]["repeats"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["table.json"]  # no temp file left
+    table = LatencyTable.from_dict(data)
+    assert table.block(16, 1, 8, 8, 16) > 0
+    assert table.block(24, 2, 8, 12, 40) > 0
+    assert table.stem(odd_dims(8, True), 16) > 0  # --model also times the stem
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("build_latency_table", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--heads", "1,x"], "--heads"),
+    (["--mlp-dims", "0,8"], "--mlp-dims"),
+    (["--repeats", "0"], "--repeats"),
+    (["--threads", "0"], "--threads"),
+    (["--output-dir-missing"], "does not exist"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA")]))
+def test_tool_user_errors(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    tool = _load_tool()
+    out = tmp_path / "t.json"
+    if extra == ["--output-dir-missing"]:
+        extra, out = [], tmp_path / "missing" / "t.json"
+    code = tool.main(["--output", str(out), "--embed-dims", "16", "--heads", "1",
+                      "--qk-dims", "8", "--v-dims", "8", "--mlp-dims", "16",
+                      "--repeats", "1", "--warmup", "0", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

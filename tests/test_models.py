@@ -1,0 +1,208 @@
+"""The model family: dims spec, ReViT rule, forward/backward, timm equivalence, loading."""
+import json
+
+import pytest
+import timm
+import torch
+
+import models
+from errors import UserError
+from models import Dims, build_model, revit_dims
+from models.dims import smallest_valid_emb
+
+NAME = "deit_tiny_distilled_patch16_224"
+
+
+def small_dims(**frame):
+    return Dims(embed_dim=48, num_heads=[2, 3, 1], qk_dim=[8, 16, 4], v_dim=[16, 8, 12],
+                mlp_dim=[64, 96, 32], **frame)
+
+
+# ------------------------------------------------------------------------- ReViT rule
+def test_revit_rule_reproduces_paper_lists():
+    d = revit_dims(176)
+    assert d.num_heads == [10, 2, 2, 4, 4, 4, 4, 4, 4, 2, 2, 10]
+    assert d.qk_dim == [16, 8, 8, 16, 16, 16, 16, 16, 16, 8, 8, 16]
+    assert d.v_dim == [64] * 12
+    assert d.mlp_dim == [528] * 3 + [1056] * 6 + [528] * 3
+    d = revit_dims(384)
+    assert d.num_heads == [10, 4, 4] + [8] * 6 + [4, 4, 10]
+    assert d.qk_dim == [32, 16, 16] + [32] * 6 + [16, 16, 32]
+
+
+@pytest.mark.parametrize("emb,params", [(176, 5_339_136), (384, 23_123_280)])
+def test_paper_parameter_counts(emb, params):
+    model = build_model("deit_base_distilled_patch16_224", dims=revit_dims(emb))
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+@pytest.mark.parametrize("emb", [0, 50, -3, smallest_valid_emb() - 1])
+def test_revit_rule_refuses_small_emb(emb):
+    with pytest.raises(UserError, match=rf"--EMB {emb}.*EMB >= {smallest_valid_emb()}"):
+        revit_dims(emb)
+
+
+def test_smallest_valid_emb_works():
+    d = revit_dims(smallest_valid_emb())
+    assert min(d.num_heads) >= 1 and min(d.qk_dim) >= 1
+
+
+# -------------------------------------------------------------------- dims validation
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(depth=3, num_heads=[2, 2]), "num_heads has 2 entries but depth is 3"),
+    (dict(qk_dim=[8, 16]), "qk_dim has 2 entries but depth is 3"),
+    (dict(mlp_dim=[64, 0, 32]), "mlp_dim must be positive.*block 1"),
+    (dict(qk_dim=[8, -1, 4]), "qk_dim must be positive"),
+    (dict(embed_dim=0), "embed_dim must be a positive"),
+    (dict(img_size=30, patch_size=8), "not divisible by patch size"),
+    (dict(attn_scale=[0.1, 0.2]), "attn_scale has 2 entries"),
+])
+def test_dims_validation(kwargs, match):
+    base = dict(embed_dim=48, num_heads=[2, 3, 1], qk_dim=[8, 16, 4], v_dim=[16, 8, 12],
+                mlp_dim=[64, 96, 32])
+    base.update(kwargs)
+    with pytest.raises(UserError, match=match):
+        Dims(**base)
+
+
+def test_default_attention_scale_is_inverse_sqrt_qk():
+    d = small_dims()
+    assert d.attn_scale == pytest.approx([8 ** -0.5, 16 ** -0.5, 4 ** -0.5])
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
+def test_dims_round_trip(tmp_path, suffix):
+    d = small_dims(img_size=32, patch_size=8, num_classes=7, in_chans=3, distilled=False)
+    d.attn_scale = [0.3, 0.2, 0.1]
+    path = tmp_path / f"dims{suffix}"
+    d.save(path)
+    assert Dims.load(path) == d
+
+
+def test_dims_file_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        Dims.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="not valid"):
+        Dims.load(bad)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({**small_dims().to_dict(), "heads": [1]}))
+    with pytest.raises(UserError, match="unknown dims field"):
+        Dims.load(unknown)
+
+
+# ------------------------------------------------------------------ forward / backward
+@pytest.mark.parametrize("img,patch,distilled", [(32, 4, True), (32, 8, False), (48, 8, True),
+                                                 (24, 6, True)])
+def test_non_uniform_forward_backward(img, patch, distilled):
+    torch.manual_seed(0)
+    model = build_model(NAME, dims=small_dims(), img_size=img, patch_size=patch, num_classes=5,
+                        distilled=distilled, drop_path_rate=0.1)
+    x = torch.randn(3, 3, img, img)
+    out = model(x)
+    if distilled:
+        assert isinstance(out, tuple) and all(o.shape == (3, 5) for o in out)
+        loss = out[0].sum() + out[1].sum()
+    else:
+        assert out.shape == (3, 5)
+        loss = out.sum()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        ev = model(x)
+    assert ev.shape == (3, 5)
+    if distilled:  # eval output is the mean of the two heads
+        feats = model.forward_features(x)
+        expected = (model.head(feats[:, 0]) + model.head_dist(feats[:, 1])) / 2
+        torch.testing.assert_close(ev, expected)
+
+
+def test_attention_uses_per_block_scale():
+    torch.manual_seed(0)
+    d = small_dims(img_size=32, patch_size=8, num_classes=5, in_chans=3, distilled=True)
+    a = models.ReViT(d).eval()
+    d2 = Dims.from_dict({**d.to_dict(), "attn_scale": [0.5, 0.5, 0.5]})
+    b = models.ReViT(d2).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(a(x), b(x))
+
+
+# -------------------------------------------------------------------- timm equivalence
+@pytest.mark.parametrize("name,kwargs", [
+    ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, num_classes=10)),
+    ("deit_tiny_patch16_224", dict(img_size=48, patch_size=16, num_classes=7)),
+])
+def test_timm_state_dict_gives_timm_logits(tmp_path, name, kwargs):
+    torch.manual_seed(0)
+    ref = timm.create_model(name, **kwargs).eval()
+    path = tmp_path / "timm.pth"
+    torch.save({"model": ref.state_dict()}, path)  # DeiT's own checkpoint layout
+    ours = build_model(name, checkpoint=path, img_size=kwargs["img_size"],
+                       num_classes=kwargs["num_classes"]).eval()
+    assert ours.dims.is_uniform and ours.dims.patch_size == kwargs["patch_size"]
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+    ref.train()
+    ours.train()
+    with torch.no_grad():
+        r, o = ref(x), ours(x)
+    if isinstance(r, tuple):
+        for a, b in zip(o, r):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_timm_registration_and_create_model():
+    m = timm.create_model("revit_tiny_distilled_patch16_224", img_size=32, patch_size=8,
+                          num_classes=10)
+    assert isinstance(m, models.ReViT) and m.dims.num_heads == revit_dims(176).num_heads
+    g = timm.create_model("revit", dims=small_dims().to_dict(), img_size=32, patch_size=8,
+                          num_classes=4)
+    assert g.dims.mlp_dim == [64, 96, 32] and g.num_classes == 4
+    assert models.name_dims("revit_small_distilled_patch16_224").embed_dim == 384
+
+
+def test_own_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = build_model(NAME, dims=small_dims(), img_size=32, patch_size=8, num_classes=5).eval()
+    path = tmp_path / "ck.pth"
+    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
+    # the name does not matter: dims come from the checkpoint
+    n = build_model("deit_base_patch16_224", checkpoint=path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(n(x), m(x))
+
+
+def test_checkpoint_errors(tmp_path):
+    m = build_model(NAME, dims=small_dims(), img_size=32, patch_size=8, num_classes=5)
+    path = tmp_path / "ck.pth"
+    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
+    with pytest.raises(UserError, match="num_classes=5.*num_classes=10"):
+        build_model(NAME, checkpoint=path, num_classes=10)
+    with pytest.raises(UserError, match="other dims"):
+        build_model(NAME, checkpoint=path, dims=revit_dims(176))
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        build_model(NAME, checkpoint=corrupt)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        build_model(NAME, checkpoint=tmp_path / "missing.pth")
+    # a timm state dict whose shapes do not fit the named model's heads / our frame
+    ref = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    torch.save(ref.state_dict(), tmp_path / "timm.pth")
+    with pytest.raises(UserError, match="img_size=32, but img_size=64"):
+        build_model("deit_tiny_patch16_224", checkpoint=tmp_path / "timm.pth", img_size=64)
+    with pytest.raises(UserError, match="not a timm model name"):
+        build_model("no_such_model_xyz")
+
+
+def test_finetune_adapt_resamples_and_resets_head(tmp_path):
+    m = build_model(NAME, dims=small_dims(), img_size=32, patch_size=8, num_classes=5)
+    path = tmp_path / "ck.pth"
+    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
+    n = build_model(NAME, checkpoint=path, img_size=48, num_classes=3, adapt=True)
+    assert n.pos_embed.shape[1] == 2 + 36 and n.head.out_features == 3
+    torch.testing.assert_close(n.blocks[1].attn.q.weight, m.blocks[1].attn.q.weight)

@@ -1,0 +1,158 @@
+"""revit_scratch.py end to end on DIGITS: train, --eval, --resume, torchrun, and bad input."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+
+from helpers import FAST, ROOT, assert_user_error, env, run, write_dims
+
+pytestmark = pytest.mark.slow
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short run shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("run")
+    dims = write_dims(out / "dims.yaml")
+    proc = run("revit_scratch.py", *FAST, "--dims", dims, "--epochs", "2", "--output_dir", out)
+    return out, proc
+
+
+def test_short_run_writes_checkpoints_and_log(trained):
+    out, proc = trained
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert ckpt["dims"]["mlp_dim"] == [48, 48] and ckpt["dims"]["patch_size"] == 8
+    assert ckpt["args"]["data_set"] == "DIGITS"
+    assert {"optimizer", "lr_scheduler", "max_accuracy"} <= set(ckpt)
+    assert (out / "best_checkpoint.pth").is_file()
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert all(0 <= r["test_acc1"] <= 100 for r in log)
+    assert re.search(r"Epoch 1: top-1 [\d.]+%  top-5 [\d.]+%  \(best top-1", proc.stdout)
+    assert "img/s" in proc.stdout and "eta" in proc.stdout
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_eval_of_checkpoint_reports_its_accuracy(trained):
+    out, _ = trained
+    last = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    for flag in ("--resume", "--finetune"):
+        # --model names another shape on purpose: the dims come from the checkpoint
+        proc = run("revit_scratch.py", *FAST, flag, out / "checkpoint.pth", "--eval")
+        m = re.search(r"top-1 ([\d.]+)%  top-5 ([\d.]+)%", proc.stdout)
+        assert m, proc.stdout
+        assert float(m.group(1)) == pytest.approx(last["test_acc1"], abs=0.006)
+        assert "Epoch" not in proc.stdout  # nothing trained
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    dims = write_dims(tmp_path / "dims.yaml")
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = [*FAST, "--dims", dims, "--epochs", "4", "--drop-path", "0.1", "--smoothing", "0.1",
+              "--mixup", "0.5", "--num_workers", "1"]
+    run("revit_scratch.py", *common, "--output_dir", full)
+    # the same run, killed as soon as its first epoch is logged, then resumed
+    proc = subprocess.Popen([sys.executable, str(ROOT / "revit_scratch.py"), *map(str, common),
+                             "--output_dir", str(part)], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = part / "log.txt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count("\n") >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    killed_at = torch.load(part / "checkpoint.pth", map_location="cpu", weights_only=True)["epoch"]
+    assert killed_at < 3, "the run finished before it could be killed"
+    run("revit_scratch.py", *common, "--output_dir", part, "--resume")
+    a, b = weights(full / "checkpoint.pth"), weights(part / "checkpoint.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_two_processes_end_identical(tmp_path):
+    dims = write_dims(tmp_path / "dims.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29731", str(ROOT / "revit_scratch.py"), *FAST, "--dims", str(dims),
+           "--epochs", "1", "--batch-size", "32", "--dist-eval", "--output_dir", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all 2 processes hold identical weights" in proc.stdout
+    assert "total batch of 64" in proc.stdout
+    m = re.search(r"Epoch 0: top-1 [\d.]+%", proc.stdout)
+    assert m and proc.stdout.count("Epoch 0: top-1") == 1  # printed by rank 0 only
+
+
+def test_hard_distillation_with_teacher_file(tmp_path):
+    teacher = timm.create_model("test_resnet", num_classes=10)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
+    dims = write_dims(tmp_path / "dims.yaml")
+    proc = run("revit_scratch.py", *FAST, "--dims", dims, "--epochs", "1",
+               "--distillation-type", "hard", "--teacher-model", "test_resnet",
+               "--teacher-path", tmp_path / "teacher.pth", "--output_dir", tmp_path / "o")
+    assert "Epoch 0: top-1" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.fixture()
+def earlier(tmp_path, trained):
+    """An output dir holding a previous run's files, which no failing run may touch."""
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    return out, before
+
+
+def unchanged(out, before):
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.parametrize("case", ["no_data_path", "bad_data_set", "impossible_dims", "emb0",
+                                  "emb50", "other_shape", "corrupt", "no_teacher"])
+def test_bad_input_fails_cleanly(tmp_path, earlier, case):
+    out, before = earlier
+    base = [*FAST, "--epochs", "1", "--output_dir", out]
+    if case == "no_data_path":
+        args, words = [*base, "--data-set", "IMNET"], ["--data-path"]
+    elif case == "bad_data_set":
+        args, words = [*base, "--data-set", "MNISTX"], ["--data-set", "MNISTX"]
+    elif case == "impossible_dims":
+        dims = write_dims(tmp_path / "bad.yaml", {"embed_dim": 32, "num_heads": [2, 0],
+                                                  "qk_dim": [8, 8], "v_dim": [8, 8],
+                                                  "mlp_dim": [48, 48]})
+        args, words = [*base, "--dims", dims], ["num_heads", "block 1"]
+    elif case == "emb0":
+        args, words = [*base, "--EMB", "0"], ["--EMB 0"]
+    elif case == "emb50":
+        args, words = [*base, "--EMB", "50"], ["--EMB 50", "EMB >="]
+    elif case == "other_shape":
+        other = write_dims(tmp_path / "other.yaml", {"embed_dim": 64, "num_heads": [2],
+                                                     "qk_dim": [8], "v_dim": [8], "mlp_dim": [8]})
+        args = [*base, "--dims", other, "--finetune", out / "checkpoint.pth"]
+        words = ["checkpoint.pth", "other dims"]
+    elif case == "corrupt":
+        bad = tmp_path / "corrupt.pth"
+        bad.write_bytes((out / "checkpoint.pth").read_bytes()[:1000])
+        args, words = [*base, "--resume", bad], ["corrupt.pth", "corrupt or truncated"]
+    else:
+        args = [*base, "--distillation-type", "hard", "--teacher-path", tmp_path / "nope.pth"]
+        words = ["--teacher-path", "nope.pth"]
+    assert_user_error(run("revit_scratch.py", *args, check=False), *words)
+    unchanged(out, before)

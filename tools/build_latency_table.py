@@ -1,0 +1,305 @@
+"""Measure a latency lookup table for `--cost latency` on this machine's CPU or GPU.
+
+Times the attention part (LayerNorm, q/k/v projections, SDPA, output projection, residual
+add; the model's own `Attention`) over a grid of (embed, heads, QK per head, V per head)
+and the MLP part (LayerNorm, fc1, GELU, fc2, residual add; the model's own `Mlp`) over
+(embed, MLP width), in eval mode under torch.inference_mode, as the median of repeated
+runs after warm-up. With --model the stem (patch embedding, tokens, final norm, heads) is
+timed per embed width too. The JSON format is described in pruning/cost.py (LatencyTable).
+
+    python tools/build_latency_table.py --output latency.json
+    python tools/build_latency_table.py --output latency.json --model deit_small_patch16_224
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from timm.layers import PatchEmbed  # noqa: E402
+
+from errors import UserError  # noqa: E402
+from models.dims import Dims  # noqa: E402
+from models.factory import name_dims  # noqa: E402
+from models.revit import LN_EPS, Attention, Mlp, StreamNorm  # noqa: E402
+from pruning.cost import LatencyTable  # noqa: E402
+
+DEFAULTS = {  # small: about a minute on 2 CPU cores at 198 tokens
+    "embed_dims": "192,384,768", "heads": "1,2,4,8,12", "qk_dims": "8,16,32,64",
+    "v_dims": "8,16,32,64", "mlp_dims": "192,768,1536,3072",
+}
+
+
+class _Residual(nn.Module):
+    """x + body(norm(x)): one sublayer of a block as the model runs it."""
+
+    def __init__(self, embed_dim: int, body: nn.Module) -> None:
+        super().__init__()
+        self.norm = StreamNorm(embed_dim, eps=LN_EPS)
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(self.norm(x))
+
+
+class _Stem(nn.Module):
+    """What ReViT runs outside its blocks, for one embed width."""
+
+    def __init__(self, dims: Dims, embed_dim: int) -> None:
+        super().__init__()
+        E = embed_dim
+        self.patch_embed = PatchEmbed(dims.img_size, dims.patch_size, dims.in_chans, E)
+        self.prefix = nn.Parameter(torch.zeros(1, dims.num_prefix_tokens, E))
+        self.pos_embed = nn.Parameter(torch.zeros(1, dims.num_tokens, E))
+        self.norm = StreamNorm(E, eps=LN_EPS)
+        self.heads = nn.ModuleList(nn.Linear(E, dims.num_classes)
+                                   for _ in range(dims.num_prefix_tokens))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(img)
+        x = torch.cat([self.prefix.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.norm(x)
+        return sum(h(x[:, i]) for i, h in enumerate(self.heads)) / len(self.heads)
+
+
+# ------------------------------------------------------------------ arguments
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="JSON file to write")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--num-tokens", type=int, default=None,
+                   help="tokens per image (default: the --model's, else 198 = DeiT at 224 px "
+                        "with class and distillation tokens)")
+    p.add_argument("--model", default=None,
+                   help="timm DeiT/ReViT name: grid around its widths, its token count, and "
+                        "the stem timed too")
+    for flag, key in (("--embed-dims", "embed_dims"), ("--heads", "heads"),
+                      ("--qk-dims", "qk_dims"), ("--v-dims", "v_dims"),
+                      ("--mlp-dims", "mlp_dims")):
+        p.add_argument(flag, default=None,
+                       help=f"comma-separated widths (default {DEFAULTS[key]}, or derived "
+                            f"from --model)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); time with the "
+                        "thread count you will deploy with, on an otherwise idle machine")
+    p.add_argument("--amp", action="store_true",
+                   help="time under autocast (float16 on CUDA, bfloat16 on CPU)")
+    return p.parse_args(argv)
+
+
+def parse_widths(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}") \
+            from None
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+def _fractions(full: int, fracs: tuple[float, ...], floor: int = 1, multiple: int = 1) -> str:
+    vals = {max(floor, int(round(full * f / multiple)) * multiple) for f in fracs}
+    return ",".join(str(v) for v in sorted(vals | {full}))
+
+
+def model_grid(name: str) -> tuple[dict[str, str], Dims]:
+    """Grid strings around a model's widths, each axis reaching the model's own width."""
+    d = name_dims(name)
+    E = d.embed_dim
+    H, QK, V, M = (max(getattr(d, n)) for n in ("num_heads", "qk_dim", "v_dim", "mlp_dim"))
+    grid = {
+        "embed_dims": _fractions(E, (0.25, 0.5, 0.75), floor=8, multiple=8),
+        "heads": _fractions(H, (0.0, 0.25, 0.5, 0.75)),
+        "qk_dims": _fractions(QK, (0.125, 0.25, 0.5), floor=min(8, QK)),
+        "v_dims": _fractions(V, (0.125, 0.25, 0.5), floor=min(8, V)),
+        "mlp_dims": _fractions(M, (1 / 16, 0.25, 0.5, 0.75), floor=8, multiple=8),
+    }
+    return grid, d
+
+
+def resolve_device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UserError(f"--device {text!r} is not a device (use cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {text!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_output(path: Path) -> None:
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"--output {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--output {path}: directory {parent} is not writable")
+    if path.is_dir():
+        raise UserError(f"--output {path} is a directory")
+
+
+# --------------------------------------------------------------------- timing
+class Timer:
+    def __init__(self, device: torch.device, warmup: int, repeats: int, amp: bool) -> None:
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+        cuda = device.type == "cuda"
+        self.sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+        self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if amp else None
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        """Median milliseconds of one forward pass."""
+        module = module.to(self.device).eval()
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
+                    if self.amp_dtype is not None else nullcontext())
+        times = []
+        with torch.inference_mode(), autocast:
+            for _ in range(self.warmup):
+                module(x)
+            self.sync()
+            for _ in range(self.repeats):
+                t0 = time.perf_counter()
+                module(x)
+                self.sync()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000.0
+
+
+def measure(args: argparse.Namespace, grid: dict[str, list[int]], model_dims: Dims | None,
+            device: torch.device, num_tokens: int) -> dict:
+    timer = Timer(device, args.warmup, args.repeats, args.amp)
+    B, N = args.batch_size, num_tokens
+    Es, Hs, Qs, Vs, Ms = (grid[k] for k in ("embed_dims", "heads", "qk_dims", "v_dims",
+                                              "mlp_dims"))
+    attention, mlp, stem = [], [], []
+    for E in Es:
+        t0 = time.perf_counter()
+        x = torch.randn(B, N, E, device=device)
+        attention.append([[[timer(_Residual(E, Attention(E, h, q, v, 1.0 / math.sqrt(q))), x)
+                            for v in Vs] for q in Qs] for h in Hs])
+        mlp.append([timer(_Residual(E, Mlp(E, m)), x) for m in Ms])
+        if model_dims is not None:
+            img = torch.randn(B, model_dims.in_chans, model_dims.img_size, model_dims.img_size,
+                              device=device)
+            stem.append(timer(_Stem(model_dims, E), img))
+        print(f"  embed {E}: {len(Hs) * len(Qs) * len(Vs)} attention + {len(Ms)} MLP points "
+              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    meta = {
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "threads": torch.get_num_threads(),
+        "batch_size": B, "num_tokens": N, "torch": torch.__version__,
+        "dtype": f"autocast {str(timer.amp_dtype).replace('torch.', '')}" if args.amp
+        else "float32",
+        "amp": bool(args.amp),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "warmup": args.warmup, "repeats": args.repeats, "statistic": "median",
+        "model": args.model,
+        "timed": {"attention": "LayerNorm + Attention (q, k, v, SDPA, proj) + residual add",
+                  "mlp": "LayerNorm + Mlp (fc1, GELU, fc2) + residual add",
+                  "stem": "patch embedding, tokens + pos_embed, final LayerNorm, head(s)"},
+    }
+    return LatencyTable.make_dict(
+        meta, {"embed_dim": Es, "num_heads": Hs, "qk_dim": Qs, "v_dim": Vs}, attention,
+        {"embed_dim": Es, "mlp_dim": Ms}, mlp,
+        {"embed_dim": Es} if stem else None, stem or None)
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise UserError(f"--output {path}: cannot write ({e.strerror or e})") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    output = Path(args.output)
+    check_output(output)
+    device = resolve_device(args.device)
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--warmup", args.warmup, 0),
+                             ("--repeats", args.repeats, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low}, got {value}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.num_tokens is not None and args.num_tokens < 1:
+        raise UserError(f"--num-tokens must be positive, got {args.num_tokens}")
+    defaults, model_dims = dict(DEFAULTS), None
+    if args.model is not None:
+        defaults, model_dims = model_grid(args.model)
+    num_tokens = args.num_tokens or (model_dims.num_tokens if model_dims is not None else 198)
+    grid = {}
+    for key in DEFAULTS:
+        given = getattr(args, key)
+        grid[key] = parse_widths(given if given is not None else defaults[key],
+                                 "--" + key.replace("_", "-"))
+
+    n_att = math.prod(len(grid[k]) for k in ("embed_dims", "heads", "qk_dims", "v_dims"))
+    print(f"timing {n_att} attention and {len(grid['embed_dims']) * len(grid['mlp_dims'])} MLP "
+          f"configurations on {device} (batch {args.batch_size}, {num_tokens} tokens, "
+          f"{torch.get_num_threads()} threads)", flush=True)
+    t0 = time.perf_counter()
+    data = measure(args, grid, model_dims, device, num_tokens)
+    table = LatencyTable.from_dict(data)  # the table must read back before it is written
+    write_atomic(output, data)
+
+    E, H, Q, V, M = (grid[k][-1] for k in ("embed_dims", "heads", "qk_dims", "v_dims",
+                                            "mlp_dims"))
+    print(f"wrote {output} in {time.perf_counter() - t0:.1f} s; at the grid's top "
+          f"(embed {E}, {H} heads, qk {Q}, v {V}, mlp {M}) a block takes "
+          f"{table.block(E, H, Q, V, M):.3f} ms (attention {table.attention(E, H, Q, V):.3f}, "
+          f"MLP {table.mlp(E, M):.3f})")
+    lowered = sum(g.lowered for g in table.parts.values())
+    if lowered:
+        print(f"note: {lowered} measured point(s) were slower than a wider configuration and "
+              f"are read as that one's time (timing noise: is the machine busy?)")
+    if model_dims is not None:
+        print(f"{args.model}: estimated {table.total(model_dims):.2f} ms per batch of "
+              f"{args.batch_size} (stem {table.stem(model_dims, model_dims.embed_dim):.3f} ms)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
