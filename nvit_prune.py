@@ -325,6 +325,11 @@ def main(args) -> None:
         if not (state["done"] and args.pruning_exit):
             save_state(epoch + 1, 0)
 
+    if args.distributed:
+        if not utils.replicas_identical_tensors(gates.tensors()):
+            raise RuntimeError("processes ended with different masks: pruning lost synchronisation")
+        print(f"all {utils.get_world_size()} processes hold identical masks after "
+              f"{pruner.steps} prune steps")
     stats = evaluate(val_loader, model, device, amp_dtype)
     ratio = pruner.ratio()
     extra = {"original_dims": original.to_dict(), "cost": args.cost, "cost_ratio": ratio,
@@ -334,8 +339,9 @@ def main(args) -> None:
         if history:
             from tools.plot_widths import plot_widths
             plot_widths(_widths_of(original), history[-1]["dims"], output_dir / "widths.png")
+    dense_note = "" if results["top1_dense"] is None else f" (dense {results['top1_dense']:.2f}%)"
     print(f"pruned model: {args.cost} ratio {ratio:.4f} of the original, top-1 {stats['acc1']:.2f}%"
-          f" (dense {results['top1_dense']}); dims {json.dumps(gates.widths())}")
+          f"{dense_note}; dims {json.dumps(gates.widths())}")
     if output_dir is not None:
         print(f"wrote {output_dir / PRUNED_FILE}")
     if ratio > args.latency_target:

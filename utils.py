@@ -220,12 +220,17 @@ def run_main(main, args) -> None:
         dist.destroy_process_group()
 
 
-@torch.no_grad()
 def replicas_identical(model: torch.nn.Module) -> bool:
     """True when every rank holds bit-identical parameters (a cheap end-of-run DDP check)."""
+    return replicas_identical_tensors(list(model.parameters()))
+
+
+@torch.no_grad()
+def replicas_identical_tensors(tensors: list[torch.Tensor]) -> bool:
+    """True when every rank holds bit-identical copies of these tensors."""
     if not is_dist():
         return True
-    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     ref = flat.clone()
     dist.broadcast(ref, src=0)
     same = torch.tensor([float(torch.equal(flat, ref))], device=flat.device)

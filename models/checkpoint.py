@@ -44,8 +44,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {first}") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?"
+                        f" {type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} does not hold a state dict or checkpoint dict")
     return ckpt

@@ -63,7 +63,7 @@ class GlobalPruner:
         self.latency_lambda = float(latency_lambda)
         self.budget = budget
         self.original = gates.dims
-        self.original_cost = cost.total(self.original)
+        self.original_cost = float(cost.total(self.original))
         self.min_keep = self._min_keep(self.original)
         self.total_removed = 0
         self.steps = 0
@@ -81,7 +81,7 @@ class GlobalPruner:
         return self.gates.widths()
 
     def current_cost(self) -> float:
-        return self.cost.total(widths_to_dims(self.widths(), self.original))
+        return float(self.cost.total(widths_to_dims(self.widths(), self.original)))
 
     def ratio(self) -> float:
         return self.current_cost() / self.original_cost

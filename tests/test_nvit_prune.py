@@ -1,0 +1,176 @@
+"""nvit_prune.py end to end on DIGITS: prune, finetune, --eval, resume, torchrun, bad input."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import models
+from models.flops import count_macs
+from helpers import FAST, ROOT, assert_user_error, env, run
+
+pytestmark = pytest.mark.slow
+
+DENSE_DIMS = models.Dims(embed_dim=64, num_heads=[4, 4, 4], qk_dim=[16, 16, 16],
+                         v_dim=[16, 16, 16], mlp_dim=[128, 128, 128])
+PRUNE = ["--pruning", "--cost", "macs", "--kl_loss_coeff", "1", "--interval_prune", "4",
+         "--prune_per_iter", "48", "--pruning_config", str(ROOT / "configs" / "nvit_reference.json"),
+         "--latency_regularization", "0"]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """A 'pretrained' dense model: random weights are enough for the mechanics."""
+    torch.manual_seed(0)
+    m = models.build_model("deit_tiny_distilled_patch16_224", dims=DENSE_DIMS, img_size=32,
+                           patch_size=8, num_classes=10)
+    path = tmp_path_factory.mktemp("dense") / "dense.pth"
+    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
+    return path
+
+
+def masks_of(out):
+    return json.loads((out / "dims_history.json").read_text())["steps"][-1]["dims"]
+
+
+def test_prune_finetune_eval(tmp_path, dense):
+    out = tmp_path / "p"
+    proc = run("nvit_prune.py", *FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "3",
+               "--latency_target", "0.6", "--pruning_exit", "--output_dir", out)
+    assert re.search(r"prune step 1: macs ratio [\d.]+ \(target 0.6\)  emb \d+  heads", proc.stdout)
+    ckpt = torch.load(out / "pruned_checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ckpt["cost_ratio"] <= 0.6
+    compact = models.build_model("deit_base_patch16_224", checkpoint=out / "pruned_checkpoint.pth")
+    # the cost model's ratio is the compact model's MAC ratio by torch's flop counter
+    original = models.build_model("deit_base_patch16_224", checkpoint=dense)
+    ratio = count_macs(compact)[0] / count_macs(original)[0]
+    assert ratio == pytest.approx(ckpt["cost_ratio"], rel=1e-9)
+    hist = json.loads((out / "dims_history.json").read_text())
+    assert hist["original"]["embed_dim"] == 64 and len(hist["steps"]) >= 1
+    assert hist["steps"][-1]["dims"]["mlp_dim"] == compact.dims.mlp_dim
+    assert (out / "widths.png").stat().st_size > 1000
+    # the compact model scores what the masked student scored
+    top1 = float(re.search(r"pruned model: .* top-1 ([\d.]+)%", proc.stdout).group(1))
+    ev = run("revit_scratch.py", *FAST, "--finetune", out / "pruned_checkpoint.pth", "--eval")
+    assert float(re.search(r"top-1 ([\d.]+)%", ev.stdout).group(1)) == pytest.approx(top1, abs=0.006)
+    # the paper's finetuning stage: KL from the full model plus the DeiT loss
+    ft = run("revit_scratch.py", *FAST, "--finetune", out / "pruned_checkpoint.pth", "--epochs", "1",
+             "--kl_loss_coeff", "1", "--pretrained-path", dense, "--output_dir", tmp_path / "ft")
+    assert "Epoch 0: top-1" in ft.stdout
+    tuned = torch.load(tmp_path / "ft" / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert tuned["dims"] == ckpt["dims"]
+
+
+def test_latency_table_cost(tmp_path, dense):
+    table = tmp_path / "table.json"
+    run("tools/build_latency_table.py", "--output", table, "--num-tokens", "18", "--batch-size", "64",
+        "--embed-dims", "32,64", "--heads", "1,2,4", "--qk-dims", "8,16", "--v-dims", "8,16",
+        "--mlp-dims", "32,128", "--warmup", "1", "--repeats", "3")
+    out = tmp_path / "p"
+    proc = run("nvit_prune.py", *FAST, *PRUNE[:2], "latency", *PRUNE[3:], "--pretrained-path", dense,
+               "--epochs", "3", "--latency_target", "0.9", "--latency_look_up_table", table,
+               "--pruning_exit", "--output_dir", out)
+    assert "latency ratio" in proc.stdout
+    assert torch.load(out / "pruned_checkpoint.pth", weights_only=True)["cost_ratio"] <= 0.9
+
+
+def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
+    common = [*FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "3", "--num_workers", "1",
+              "--latency_target", "0.5", "--prune_per_iter", "16", "--drop-path", "0.1",
+              "--mixup", "0.5", "--pruning_exit", "--student_eval", "false"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run("nvit_prune.py", *common, "--output_dir", full)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "nvit_prune.py"), *map(str, common),
+                             "--output_dir", str(part)], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = part / "pruning_state.pth"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    killed = torch.load(state, map_location="cpu", weights_only=True)
+    assert not killed["done"], "the run finished before it could be killed"
+    run("nvit_prune.py", *common, "--output_dir", part, "--resume")
+    assert masks_of(part) == masks_of(full)
+    a = torch.load(full / "pruning_state.pth", weights_only=True)
+    b = torch.load(part / "pruning_state.pth", weights_only=True)
+    assert a["pruner"] == b["pruner"]
+    for x, y in zip(a["masks"]["blocks"], b["masks"]["blocks"]):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_torchrun_ranks_agree(tmp_path, dense):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29733", str(ROOT / "nvit_prune.py"), *FAST, *PRUNE, "--pretrained-path",
+           str(dense), "--epochs", "3", "--batch-size", "32", "--latency_target", "0.6",
+           "--pruning_exit", "--dist-eval", "--output_dir", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = re.search(r"all 2 processes hold identical masks after (\d+) prune steps", proc.stdout)
+    assert m, proc.stdout[-3000:]
+    assert (tmp_path / "o" / "pruned_checkpoint.pth").is_file()
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_unreachable_target_saves_smallest_model(tmp_path, dense):
+    out = tmp_path / "p"
+    proc = run("nvit_prune.py", *FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "6",
+               "--latency_target", "0.02", "--prune_per_iter", "100000", "--pruning_exit",
+               "--student_eval", "false", "--output_dir", out, check=False)
+    assert_user_error(proc, "--latency_target 0.02", "minimum widths")
+    assert "cannot be reached" in proc.stdout  # said up front too
+    ckpt = torch.load(out / "pruned_checkpoint.pth", weights_only=True)
+    assert ckpt["dims"]["embed_dim"] == 16 and ckpt["dims"]["mlp_dim"] == [16, 16, 16]
+    assert ckpt["dims"]["num_heads"] == [2, 2, 2] and ckpt["dims"]["qk_dim"] == [8, 8, 8]
+
+
+@pytest.mark.parametrize("case", ["target0", "target_big", "no_table", "bad_table", "bad_config",
+                                  "missing_config", "offline_pretrained", "other_model"])
+def test_bad_input_fails_cleanly(tmp_path, dense, case):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pruned_checkpoint.pth").write_bytes(b"earlier result")
+    base = [*FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "1", "--output_dir", out,
+            "--latency_target", "0.5"]
+    if case == "target0":
+        args, words = [*base, "--latency_target", "0"], ["--latency_target"]
+    elif case == "target_big":
+        args, words = [*base, "--latency_target", "1.5"], ["--latency_target"]
+    elif case == "no_table":
+        args, words = [*base, "--cost", "latency", "--latency_look_up_table", tmp_path / "t.json"], \
+            ["--latency_look_up_table", "t.json"]
+    elif case == "bad_table":
+        (tmp_path / "t.json").write_text('{"EMB_64": {"QK_oops": 3}}')
+        args, words = [*base, "--cost", "latency", "--latency_look_up_table", tmp_path / "t.json"], \
+            ["--latency_look_up_table"]
+    elif case == "bad_config":
+        (tmp_path / "c.json").write_text('{"criterion": "hessian", "group_size": {"emb": 16}}')
+        args, words = [*base, "--pruning_config", tmp_path / "c.json"], ["--pruning_config"]
+    elif case == "missing_config":
+        args, words = [*base, "--pruning_config", tmp_path / "c.json"], ["--pruning_config", "c.json"]
+    elif case == "offline_pretrained":
+        args = [a for a in base if a not in ("--pretrained-path", str(dense), dense)] + ["--pretrained"]
+        words = ["--pretrained-path"]
+    else:
+        other = models.build_model("deit_tiny_distilled_patch16_224", dims=DENSE_DIMS, img_size=32,
+                                   patch_size=8, num_classes=7)
+        torch.save({"model": other.state_dict(), "dims": other.dims.to_dict()}, tmp_path / "o.pth")
+        args = [a if a != dense else tmp_path / "o.pth" for a in base]
+        words = ["o.pth", "num_classes=7"]
+    e = env()
+    e["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run([sys.executable, str(ROOT / "nvit_prune.py"), *map(str, args)], cwd=ROOT,
+                          env=e, capture_output=True, text=True, timeout=300)
+    assert_user_error(proc, *words)
+    assert (out / "pruned_checkpoint.pth").read_bytes() == b"earlier result"

@@ -1,0 +1,146 @@
+"""Per-block widths, parameters and MACs of a per-block-dims DeiT (ReViT / a pruned NViT).
+
+    python tools/model_info.py --model deit_base_distilled_patch16_224 --EMB 176
+    python tools/model_info.py --dims my_dims.yaml --input-size 32 --patch-size 8
+    python tools/model_info.py --checkpoint OUT/pruned_checkpoint.pth --json
+
+MACs are measured, not computed by formula: torch.utils.flop_counter.FlopCounterMode counts
+the FLOPs of a batch-1 eval forward per module, and MACs = FLOPs / 2. Parameters of a block
+are the sum of its parameters' sizes; "stem/head" is everything outside the blocks (patch
+embedding, tokens, position embedding, final norm, classifier heads).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+
+from errors import UserError  # noqa: E402
+from models.flops import flop_counter  # noqa: E402
+
+DEFAULT_MODEL = "deit_base_distilled_patch16_224"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Per-block widths, parameters and MACs of a ReViT / NViT model.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"timm DeiT name giving the frame and uniform dims (default {DEFAULT_MODEL})")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--EMB", type=int, default=None,
+                     help="embedding width of the ReViT rule (e.g. 176 or 384)")
+    src.add_argument("--dims", default=None, help="YAML/JSON dims spec file")
+    src.add_argument("--checkpoint", default=None,
+                     help="an nvit checkpoint (dims read from it) or a timm/DeiT state dict")
+    p.add_argument("--input-size", type=int, default=None, help="image size (default: the model's)")
+    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier classes (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def build_from_args(args: argparse.Namespace) -> torch.nn.Module:
+    import models
+
+    frame = {}
+    for flag, key in (("input_size", "img_size"), ("patch_size", "patch_size"),
+                      ("num_classes", "num_classes")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value <= 0:
+                raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+            frame[key] = value
+    if args.EMB is not None:
+        return models.build_model(args.model, dims=models.revit_dims(args.EMB), **frame)
+    if args.dims is not None:
+        return models.build_model(args.model, dims=models.Dims.load(args.dims), **frame)
+    if args.checkpoint is not None:
+        return models.build_model(args.model, checkpoint=args.checkpoint, **frame)
+    return models.build_model(args.model, **frame)
+
+
+@torch.no_grad()
+def model_info(model: torch.nn.Module) -> dict:
+    """Widths, parameters and measured MACs per block, for the stem/head and in total."""
+    model.eval()
+    d = model.dims
+    prefix = type(model).__name__
+    x = torch.randn(1, d.in_chans, d.img_size, d.img_size)
+    counter = flop_counter()  # torch's counter plus the CPU attention kernel it misses
+    with counter:
+        model(x)
+    counts = counter.get_flop_counts()
+
+    def flops(key: str) -> int:
+        return int(sum(counts.get(key, {}).values()))
+
+    total_flops = int(counter.get_total_flops())
+    total_params = sum(p.numel() for p in model.parameters())
+    blocks = []
+    for i, blk in enumerate(model.blocks):
+        blocks.append({
+            "index": i, "num_heads": d.num_heads[i], "qk_dim": d.qk_dim[i], "v_dim": d.v_dim[i],
+            "mlp_dim": d.mlp_dim[i], "attn_scale": d.attn_scale[i],
+            "params": sum(p.numel() for p in blk.parameters()),
+            "macs": flops(f"{prefix}.blocks.{i}") / 2,
+        })
+    block_params = sum(b["params"] for b in blocks)
+    block_macs = sum(b["macs"] for b in blocks)
+    return {
+        "params": total_params,
+        "macs": total_flops / 2,
+        "gmacs": total_flops / 2 / 1e9,
+        "stem_head": {"params": total_params - block_params, "macs": total_flops / 2 - block_macs},
+        "embed_dim": d.embed_dim,
+        "depth": d.depth,
+        "tokens": d.num_tokens,
+        "img_size": d.img_size,
+        "patch_size": d.patch_size,
+        "num_classes": d.num_classes,
+        "distilled": bool(d.distilled),
+        "dims": d.to_dict(),
+        "blocks": blocks,
+    }
+
+
+def format_table(info: dict) -> str:
+    header = f"{'block':>5} {'heads':>5} {'QK/head':>7} {'V/head':>6} {'MLP':>6} {'scale':>8} " \
+             f"{'params':>12} {'MMACs':>10}"
+    lines = [header, "-" * len(header)]
+    for b in info["blocks"]:
+        lines.append(f"{b['index']:>5} {b['num_heads']:>5} {b['qk_dim']:>7} {b['v_dim']:>6} "
+                     f"{b['mlp_dim']:>6} {b['attn_scale']:>8.4f} {b['params']:>12,} "
+                     f"{b['macs'] / 1e6:>10.2f}")
+    sh = info["stem_head"]
+    lines.append(f"{'stem/head':<42} {sh['params']:>12,} {sh['macs'] / 1e6:>10.2f}")
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<42} {info['params']:>12,} {info['macs'] / 1e6:>10.2f}")
+    lines.append("")
+    lines.append(f"params {info['params']:,} ({info['params'] / 1e6:.2f} M)   "
+                 f"MACs {info['gmacs']:.3f} G ({info['macs'] / 1e6:.2f} M)")
+    lines.append(f"embed dim {info['embed_dim']}   depth {info['depth']}   tokens {info['tokens']}   "
+                 f"image size {info['img_size']}   patch size {info['patch_size']}   "
+                 f"classes {info['num_classes']}   distilled {'yes' if info['distilled'] else 'no'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        info = model_info(build_from_args(args))
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    print(json.dumps(info) if args.json else format_table(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
