@@ -36,6 +36,7 @@ _DEFAULTS: dict[str, Any] = {
     "reprob": 0.25,
     "remode": "pixel",
     "recount": 1,
+    "hflip": 0.5,
     "eval_crop_ratio": 224 / 256,
     "inat_category": "name",
 }
@@ -82,13 +83,15 @@ def build_transform(is_train: bool, args: Any) -> Callable:
             re_prob=_arg(args, "reprob"),
             re_mode=_arg(args, "remode"),
             re_count=_arg(args, "recount"),
+            hflip=_arg(args, "hflip"),
         )
         if small:
             # Resize is a no-op on 32x32 CIFAR at size 32 (so this matches DeiT there) but
-            # brings 8x8 DIGITS up to size; RandomCrop(padding=4) then jitters position.
+            # brings 8x8 DIGITS up to size; RandomCrop then jitters position by up to 1/8 of
+            # the image (DeiT's padding 4 at 32 px).
             tf.transforms[0] = transforms.Compose([
                 transforms.Resize(size, interpolation=InterpolationMode.BICUBIC),
-                transforms.RandomCrop(size, padding=4),
+                transforms.RandomCrop(size, padding=max(1, size // 8)),
             ])
         return tf
 

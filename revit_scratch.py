@@ -100,6 +100,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="'none' disables")
     g.add_argument("--smoothing", type=float, default=0.1)
     g.add_argument("--train-interpolation", type=str, default="bicubic")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (timm)")
     g.add_argument("--repeated-aug", action="store_true")
     g.add_argument("--no-repeated-aug", action="store_false", dest="repeated_aug")
     p.set_defaults(repeated_aug=True)

@@ -244,3 +244,20 @@ def test_minimal_namespace_uses_deit_defaults() -> None:
     tf = build_transform(True, Namespace(input_size=64))
     text = repr(tf)
     assert "RandAugment" in text and "RandomErasing(p=0.25, mode=pixel" in text
+
+
+def test_randaugment_posterize_to_zero_bits_works():
+    """DeiT's default --aa (RandAugment 'inc') can ask timm to posterize to 0 bits, which
+    Pillow 13 refuses; requirements.txt pins Pillow below 13 for that reason."""
+    from timm.data.auto_augment import posterize
+
+    img = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+    assert np.asarray(posterize(img, 0)).max() == 0
+
+
+def test_hflip_flag_controls_flipping():
+    def tf(h):
+        return build_transform(True, Namespace(input_size=32, aa="none", reprob=0.0,
+                                               color_jitter=0.0, hflip=h))
+    assert any("HorizontalFlip" in repr(t) for t in tf(0.5).transforms)
+    assert not any("HorizontalFlip" in repr(t) for t in tf(0.0).transforms)
