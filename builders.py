@@ -34,15 +34,17 @@ def build_loaders(args, need_train: bool = True):
         dataset_train, nb_train = build_dataset(True, args)
         if nb_train != nb_classes:
             raise UserError(f"--data-path: train has {nb_train} classes but val has {nb_classes}")
-        if args.distributed and args.repeated_aug:
+        # as DeiT, repeated augmentation also with one process; both samplers shuffle with an
+        # explicit per-epoch seed, never the global RNG
+        if args.repeated_aug:
             base = RASampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
-        else:  # one process is world size 1: an explicit per-epoch shuffle, no global RNG
+        else:
             base = DistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
         sampler_train = SeededSampler(base, args.seed, rank)
         dataset_train = SeededDataset(dataset_train)
-        if len(dataset_train) // world < args.batch_size:
-            raise UserError(f"--batch-size {args.batch_size} is larger than the "
-                            f"{len(dataset_train) // world} training images each process gets")
+        if len(base) < args.batch_size:
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(base)} "
+                            f"training images each process gets per epoch")
         train_loader = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
                                   num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
                                   drop_last=True)

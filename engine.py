@@ -71,12 +71,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
         optimizer.zero_grad(set_to_none=True)
         if grad_scaler is not None:
             grad_scaler.scale(loss).backward()
-            scale = grad_scaler.get_scale()
         else:
             loss.backward()
-            scale = 1.0
         if after_backward is not None:
-            after_backward(scale)
+            after_backward(grad_scaler.get_scale() if grad_scaler is not None else 1.0)
         if grad_scaler is not None:
             grad_scaler.unscale_(optimizer)
         if clip_grad:
@@ -102,8 +100,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
 
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
-             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Top-1/top-5 and loss over the whole loader, summed exactly over ranks for --dist-eval."""
+             amp_dtype: torch.dtype | None = None, sharded: bool = False) -> dict[str, float]:
+    """Top-1/top-5 and loss over the whole loader; `sharded` (--dist-eval) sums exact counts
+    over the ranks' disjoint shards, otherwise every rank scores the whole set itself."""
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
@@ -120,8 +119,9 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
         correct5 += acc5.item() * n / 100
         loss_sum += criterion(output, target).item()
         count += n
-    correct1, correct5, loss_sum, count = utils.all_reduce_sum(
-        [correct1, correct5, loss_sum, count], device)
+    if sharded:
+        correct1, correct5, loss_sum, count = utils.all_reduce_sum(
+            [correct1, correct5, loss_sum, count], device)
     count = max(count, 1)
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count,
             "loss": loss_sum / count, "n": int(count)}

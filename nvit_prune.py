@@ -116,6 +116,13 @@ def prune_budget(args) -> int | None:
 def check_args(args) -> None:
     if not args.pruning:
         raise UserError("nothing to do without --pruning (to train without pruning use revit_scratch.py)")
+    for flag, value in (("--eval", args.eval), ("--finetune", args.finetune), ("--EMB", args.EMB),
+                        ("--dims", args.dims), ("--scratch", args.scratch)):
+        if value:
+            raise UserError(f"{flag} is a revit_scratch.py flag; nvit_prune.py prunes the model "
+                            f"given by --pretrained-path/--pretrained")
+    if not args.output_dir:
+        raise UserError("--output_dir is needed: the pruned model and the resumable state go there")
     if not 0.0 < args.latency_target < 1.0:
         raise UserError(f"--latency_target must be in (0, 1) (a fraction of the original cost), "
                         f"got {args.latency_target}")
@@ -141,12 +148,19 @@ def load_dense_model(args, nb_classes: int):
     return models.build_model(args.model, pretrained=True, **frame)
 
 
+def run_settings(args, config: dict) -> dict:
+    """What a resumed run must share with the original for its replay to be exact."""
+    return {"config": config, "batch_size": args.batch_size, "world_size": utils.get_world_size(),
+            "interval_prune": args.interval_prune, "prune_per_iter": args.prune_per_iter,
+            "prune_dict": args.prune_dict, "cost": args.cost, "latency_target": args.latency_target,
+            "latency_regularization": args.latency_regularization, "seed": args.seed,
+            "data_set": args.data_set, "input_size": args.input_size}
+
+
 # ----------------------------------------------------------------------------- outputs
-def save_pruned(model, gates: Gates, output_dir: Path, args, extra: dict) -> None:
+def save_pruned(model, output_dir: Path, args, extra: dict) -> None:
     """The compact model and its dims: what --finetune, --eval and build_model load."""
-    was_training = model.training
     dense = compact(model)
-    model.train(was_training)
     utils.save_atomic({"model": dense.state_dict(), "dims": dense.dims.to_dict(),
                        "args": utils.plain(vars(args)), **extra}, output_dir / PRUNED_FILE)
 
@@ -159,6 +173,17 @@ def write_history(output_dir: Path, original: dict, steps: list) -> None:
 def width_summary(widths: dict) -> str:
     return (f"emb {widths['embed_dim']}  heads {sum(widths['num_heads'])}  "
             f"qk {widths['qk_dim']}  v {widths['v_dim']}  mlp {sum(widths['mlp_dim'])}")
+
+
+def widths_of(dims) -> dict:
+    return {k: getattr(dims, k) for k in ("embed_dim", "num_heads", "qk_dim", "v_dim", "mlp_dim")}
+
+
+def freeze(gates: Gates) -> None:
+    """No more gate gradients: pruning is over, or the criterion does not use them."""
+    for t in gates.tensors():
+        t.requires_grad_(False)
+        t.grad = None
 
 
 # -------------------------------------------------------------------------------- main
@@ -179,14 +204,19 @@ def main(args) -> None:
 
     utils.init_distributed_mode(args)
     device = utils.resolve_device(args.device)
+    sharded = args.distributed and args.dist_eval  # eval shards summed over ranks
     rank = utils.get_rank()
     utils.seed_everything(args.seed + rank)
-    output_dir = utils.prepare_output_dir(args.output_dir) if utils.is_main_process() else None
+    output_dir = utils.prepare_output_dir(args.output_dir)  # every rank checks it is writable
+    is_main = utils.is_main_process()
 
     train_loader, val_loader, nb_classes, train_sampler = builders.build_loaders(args)
     model = load_dense_model(args, nb_classes).to(device)
     original = model.dims
     cost = build_cost_model(args.cost, original, table)
+    note = getattr(cost, "frame_note", lambda d: None)(original)
+    if note:
+        print(f"warning: {note}")
     full_model = None
     if args.kl_loss_coeff > 0:
         full_model = copy.deepcopy(model).eval()
@@ -195,6 +225,9 @@ def main(args) -> None:
 
     gates = Gates.attach(model)
     saliency = Saliency(gates, config["criterion"], config["scales"], config["momentum"], args.seed)
+    uses_gradients = config["criterion"] in ("hessian", "taylor")
+    if not uses_gradients:
+        freeze(gates)
     try:
         pruner = GlobalPruner(gates, saliency, cost, args.latency_target, args.prune_per_iter,
                               config["group_sizes"], args.latency_regularization, budget)
@@ -216,14 +249,19 @@ def main(args) -> None:
     mixup_fn = builders.build_mixup(args, nb_classes)
     criterion = builders.build_criterion(args, nb_classes, mixup_fn, device, full_model=full_model)
 
+    settings = run_settings(args, config)
     history: list[dict] = []
-    state = {"epoch": 0, "iteration": 0, "done": False}
+    state = {"epoch": 0, "iteration": 0, "done": False, "stuck": False}
     if resume:
         ckpt = models.read_checkpoint(resume)
         if "pruner" not in ckpt:
             raise UserError(f"--resume {resume} is not a pruning state file ({STATE_FILE})")
         if ckpt["original_dims"] != original.to_dict():
             raise UserError(f"--resume {resume} belongs to a run on another model")
+        changed = [k for k, v in settings.items() if ckpt["settings"].get(k) != v]
+        if changed:
+            raise UserError(f"--resume {resume} was made with other settings ({', '.join(changed)}); "
+                            f"resume with the same flags, or start a new --output_dir")
         model_without_ddp.load_state_dict(ckpt["model"])
         gates.load_state_dict(ckpt["masks"])
         saliency.load_state_dict(ckpt["saliency"])
@@ -233,43 +271,46 @@ def main(args) -> None:
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         history = ckpt["history"]
-        state = {"epoch": ckpt["epoch"], "iteration": ckpt["iteration"], "done": ckpt["done"]}
+        state.update({k: ckpt[k] for k in ("epoch", "iteration", "done", "stuck")})
         if state["done"]:
             freeze(gates)
         print(f"resumed from {resume}: epoch {state['epoch']}, iteration {state['iteration']}, "
               f"{pruner.steps} prune steps done, cost ratio {pruner.ratio():.3f}")
+    elif is_main:
+        utils.refuse_to_overwrite(output_dir, (STATE_FILE, PRUNED_FILE, "dims_history.json"))
 
     def save_state(epoch: int, iteration: int) -> None:
-        if output_dir is None:
+        if not is_main:
             return
         utils.save_atomic({
             "model": model_without_ddp.state_dict(), "masks": gates.state_dict(),
             "saliency": saliency.state_dict(), "pruner": pruner.state_dict(),
             "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch, "iteration": iteration, "done": state["done"], "history": history,
+            "epoch": epoch, "iteration": iteration, "done": state["done"],
+            "stuck": state["stuck"], "history": history, "settings": utils.plain(settings),
             "original_dims": original.to_dict(), "args": utils.plain(vars(args)),
         }, output_dir / STATE_FILE)
 
-    results = {"top1_dense": None}
+    top1_dense = None
     if args.student_eval and not resume:
-        dense_stats = evaluate(val_loader, model, device, amp_dtype)
-        results["top1_dense"] = dense_stats["acc1"]
+        dense_stats = evaluate(val_loader, model, device, amp_dtype, sharded)
+        top1_dense = dense_stats["acc1"]
         print(f"before pruning: top-1 {dense_stats['acc1']:.2f}%  top-5 {dense_stats['acc5']:.2f}%")
 
     iters_per_epoch = len(train_loader)
     step_times: list[float] = []
     last_step_time = [time.perf_counter()]
-    last_loss = [float("nan")]
 
     def after_backward(grad_scale: float) -> None:
-        if state["done"]:
+        if state["done"] or not uses_gradients:
             return
         gates.all_reduce_grads()
+        grads = [t.grad for t in gates.tensors()]
         if grad_scale != 1.0:
-            for t in gates.tensors():
-                t.grad.div_(grad_scale)
-        if all(torch.isfinite(t.grad).all() for t in gates.tensors()):
+            torch._foreach_div_(grads, grad_scale)
+        # one host sync: skip batches whose (fp16) gradients overflowed, as the scaler does
+        if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             saliency.accumulate()
         gates.zero_grad()
 
@@ -277,6 +318,9 @@ def main(args) -> None:
         def after_step(i: int) -> bool:
             global_iter = epoch * iters_per_epoch + i
             if state["done"] or (global_iter + 1) % args.interval_prune:
+                return False
+            if uses_gradients and saliency.count == 0:
+                print(f"prune step postponed at iteration {i + 1}: no batch with finite gradients")
                 return False
             result = pruner.step(model_without_ddp)
             clear_pruned_state(optimizer, model_without_ddp, result.removed_units)
@@ -293,20 +337,19 @@ def main(args) -> None:
             print(f"prune step {pruner.steps}: {args.cost} ratio {result.ratio:.4f} (target "
                   f"{args.latency_target})  {width_summary(widths)}  img/s {imgs:.1f}  eta {eta}",
                   flush=True)
-            state["done"] = result.reached or result.stuck or (
-                budget is not None and pruner.total_removed >= budget)
+            state["done"] = result.reached or result.stuck or result.budget_spent
             state["stuck"] = result.stuck
             if state["done"]:
                 freeze(gates)
             next_epoch, next_iter = (epoch, i + 1) if i + 1 < iters_per_epoch else (epoch + 1, 0)
             save_state(next_epoch, next_iter)
-            if output_dir is not None:
-                write_history(output_dir, _widths_of(original), history)
+            if is_main:
+                write_history(output_dir, widths_of(original), history)
             return state["done"] and args.pruning_exit
         return after_step
 
     start_epoch = state["epoch"]
-    epoch = start_epoch
+    stats = None
     for epoch in range(start_epoch, args.epochs):
         if state["done"] and args.pruning_exit:
             break
@@ -318,8 +361,9 @@ def main(args) -> None:
             args.clip_grad, args.clip_mode, None, mixup_fn, args.print_freq,
             after_backward=after_backward, after_step=make_after_step(epoch), start_iter=skip,
             seed_fn=lambda i, e=epoch: utils.seed_everything(utils.iteration_seed(args.seed, e, i, rank)))
+        stats = None
         if args.student_eval:
-            stats = evaluate(val_loader, model, device, amp_dtype)
+            stats = evaluate(val_loader, model, device, amp_dtype, sharded)
             print(f"Epoch {epoch}: student top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  "
                   f"{args.cost} ratio {pruner.ratio():.4f}")
         if not (state["done"] and args.pruning_exit):
@@ -330,37 +374,26 @@ def main(args) -> None:
             raise RuntimeError("processes ended with different masks: pruning lost synchronisation")
         print(f"all {utils.get_world_size()} processes hold identical masks after "
               f"{pruner.steps} prune steps")
-    stats = evaluate(val_loader, model, device, amp_dtype)
+    if stats is None:  # the last epoch's evaluation already scored the final masks
+        stats = evaluate(val_loader, model, device, amp_dtype, sharded)
     ratio = pruner.ratio()
     extra = {"original_dims": original.to_dict(), "cost": args.cost, "cost_ratio": ratio,
-             "top1_dense": results["top1_dense"], "top1_pruned": stats["acc1"]}
-    if output_dir is not None:
-        save_pruned(model_without_ddp, gates, output_dir, args, extra)
+             "top1_dense": top1_dense, "top1_pruned": stats["acc1"]}
+    if is_main:
+        save_pruned(model_without_ddp, output_dir, args, extra)
         if history:
             from tools.plot_widths import plot_widths
-            plot_widths(_widths_of(original), history[-1]["dims"], output_dir / "widths.png")
-    dense_note = "" if results["top1_dense"] is None else f" (dense {results['top1_dense']:.2f}%)"
+            plot_widths(widths_of(original), history[-1]["dims"], output_dir / "widths.png")
+    dense_note = "" if top1_dense is None else f" (dense {top1_dense:.2f}%)"
     print(f"pruned model: {args.cost} ratio {ratio:.4f} of the original, top-1 {stats['acc1']:.2f}%"
           f"{dense_note}; dims {json.dumps(gates.widths())}")
-    if output_dir is not None:
-        print(f"wrote {output_dir / PRUNED_FILE}")
+    print(f"wrote {output_dir / PRUNED_FILE}")
     if ratio > args.latency_target:
         why = ("the minimum widths (one group of each kind per block) are reached"
-               if state.get("stuck") or min_ratio > args.latency_target else
+               if state["stuck"] or min_ratio > args.latency_target else
                "the run ended first (more --epochs, a larger --prune_per_iter or --prune_dict budget)")
         raise UserError(f"--latency_target {args.latency_target} not reached: {args.cost} ratio "
                         f"{ratio:.4f}, {why}; the smallest model reached was saved")
-
-
-def freeze(gates: Gates) -> None:
-    """Pruning is over: the masks stay, their gradients are no longer needed."""
-    for t in gates.tensors():
-        t.requires_grad_(False)
-        t.grad = None
-
-
-def _widths_of(dims) -> dict:
-    return {k: getattr(dims, k) for k in ("embed_dim", "num_heads", "qk_dim", "v_dim", "mlp_dim")}
 
 
 if __name__ == "__main__":

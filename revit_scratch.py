@@ -121,7 +121,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--distillation-alpha", default=0.5, type=float)
     g.add_argument("--distillation-tau", default=1.0, type=float)
     g.add_argument("--kl_loss_coeff", default=0.0, type=float,
-                   help="weight of KL(student || full pretrained --model)")
+                   help="weight of the KL divergence between the full pretrained --model and the student")
     g.add_argument("--original_loss_coeff", default=1.0, type=float, help="weight of the DeiT loss")
 
     g = p.add_argument_group("finetuning and checkpoints")
@@ -228,29 +228,34 @@ def main(args) -> None:
     check_args(args)
     utils.init_distributed_mode(args)
     device = utils.resolve_device(args.device)
+    sharded = args.distributed and args.dist_eval  # eval shards summed over ranks
     rank = utils.get_rank()
     utils.seed_everything(args.seed + rank)
-    output_dir = utils.prepare_output_dir(args.output_dir) if utils.is_main_process() else None
+    output_dir = utils.prepare_output_dir(args.output_dir)  # every rank checks it is writable
+    if not utils.is_main_process():
+        output_dir = None
 
     train_loader, val_loader, nb_classes, train_sampler = builders.build_loaders(
         args, need_train=not args.eval)
     resume = resume_path(args)
+    if args.eval and args.resume and not resume:
+        raise UserError(f"--eval --resume: there is no checkpoint in {args.output_dir} to evaluate")
     model = create_student(args, nb_classes, resume).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, dims {json.dumps(model.dims.to_dict())}")
     amp_dtype = amp_dtype_for(device, args.amp)
 
     if args.eval:
-        stats = evaluate(val_loader, model, device, amp_dtype)
+        stats = evaluate(val_loader, model, device, amp_dtype, sharded)
         print(f"Accuracy of the network on the {stats['n']} test images: "
               f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f}")
         return
 
-    model_ema = builders.init_model_ema(args, model)
     model_without_ddp = model
-    if args.distributed:
+    if args.distributed:  # DDP broadcasts rank 0's weights, so the EMA is made after it
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    model_ema = builders.init_model_ema(args, model_without_ddp)
     optimizer = builders.build_optimizer(args, model_without_ddp)
     scheduler = builders.build_scheduler(args, optimizer)
     scaler = make_grad_scaler(device, amp_dtype)
@@ -273,6 +278,8 @@ def main(args) -> None:
         args.start_epoch = ckpt["epoch"] + 1
         max_accuracy = ckpt.get("max_accuracy", 0.0)
         print(f"resumed from {resume} at epoch {args.start_epoch}")
+    elif output_dir is not None:
+        utils.refuse_to_overwrite(output_dir, ("checkpoint.pth", "best_checkpoint.pth", "log.txt"))
 
     writer = None
     if output_dir is not None:
@@ -293,7 +300,7 @@ def main(args) -> None:
             model, criterion, train_loader, optimizer, device, epoch, scaler, amp_dtype,
             args.clip_grad, args.clip_mode, model_ema, mixup_fn, args.print_freq,
             seed_fn=lambda i, e=epoch: utils.seed_everything(utils.iteration_seed(args.seed, e, i, rank)))
-        test_stats = evaluate(val_loader, model, device, amp_dtype)
+        test_stats = evaluate(val_loader, model, device, amp_dtype, sharded)
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])
         line = (f"Epoch {epoch}: top-1 {test_stats['acc1']:.2f}%  top-5 {test_stats['acc5']:.2f}%"
@@ -302,7 +309,8 @@ def main(args) -> None:
                **{f"train_{k}": v for k, v in train_stats.items()},
                **{f"test_{k}": v for k, v in test_stats.items()}}
         if model_ema is not None:
-            ema_stats = evaluate(val_loader, model_ema.module, device, amp_dtype)
+            ema_device = next(model_ema.module.parameters()).device  # --model-ema-force-cpu
+            ema_stats = evaluate(val_loader, model_ema.module, ema_device, amp_dtype, sharded)
             line += f"  EMA top-1 {ema_stats['acc1']:.2f}%"
             log.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
         print(line, flush=True)
@@ -311,7 +319,7 @@ def main(args) -> None:
                                    epoch, args, max_accuracy)
             utils.save_atomic(ckpt, output_dir / "checkpoint.pth")
             if improved:
-                utils.save_atomic(ckpt, output_dir / "best_checkpoint.pth")
+                utils.copy_atomic(output_dir / "checkpoint.pth", output_dir / "best_checkpoint.pth")
             utils.append_json_line(output_dir / "log.txt", log)
             if writer is not None:
                 for k, v in log.items():

@@ -8,8 +8,10 @@ one pass over the dataset, keeping epochs comparable to ordinary sampling.
 from __future__ import annotations
 
 import math
+import random
 from typing import Iterator, Optional, Sized
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
@@ -151,9 +153,6 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        import random
-
-        import numpy as np
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)

@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -120,9 +121,19 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
-def save_on_master(obj, path) -> None:
-    if is_main_process():
-        save_atomic(obj, path)
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def refuse_to_overwrite(output_dir: Path, names: tuple[str, ...]) -> None:
+    """A fresh run must not replace an earlier run's results: ask for --resume or a new dir."""
+    taken = [n for n in names if (output_dir / n).exists()]
+    if taken:
+        raise UserError(f"--output_dir {output_dir} already holds a run ({taken[0]}); pass --resume "
+                        f"to continue it, or choose another --output_dir")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

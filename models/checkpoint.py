@@ -24,7 +24,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = str(path)
     if path.startswith(("http://", "https://")):
         try:
-            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False)
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False,
+                                                      weights_only=True)
         except Exception as e:
             raise UserError(f"could not fetch checkpoint {path}: {str(e).splitlines()[0]}") from None
     if not os.path.isfile(path):

@@ -23,9 +23,9 @@ from .gates import BLOCK_KINDS, KINDS, Gates, widths_to_dims
 from .saliency import Saliency
 
 DEFAULT_GROUP_SIZES = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16}
-# cost drop is measured in these units before lambda multiplies it: ms for latency tables
-# (as the paper), GMACs, millions of parameters
-COST_UNITS = {"latency": 1.0, "macs": 1e-9, "params": 1e-6}
+# lambda multiplies the cost drop in these units: seconds for latency (tables hold ms; the
+# reference applied its lambda, 5e-4 in the paper, to seconds), GMACs, millions of parameters
+COST_UNITS = {"latency": 1e-3, "macs": 1e-9, "params": 1e-6}
 
 
 @dataclass
@@ -46,6 +46,7 @@ class StepResult:
     ratio: float = 1.0
     reached: bool = False
     stuck: bool = False  # nothing left to remove above the minimum widths
+    budget_spent: bool = False  # the total number of units allowed (--prune_dict) is removed
 
 
 class GlobalPruner:
@@ -194,16 +195,24 @@ class GlobalPruner:
             self.total_removed += n
             result.removed[best.kind] += n
             result.removed_units.append((best.kind, best.block, best.units))
-        self.sync()
         self.steps += 1
+        result.stuck = self.sync(result.stuck)
         result.cost = self.current_cost()
         result.ratio = result.cost / self.original_cost
-        result.reached = result.reached or result.ratio <= self.target
+        result.reached = result.ratio <= self.target
+        result.budget_spent = self.budget is not None and self.total_removed >= self.budget
         return result
 
-    def sync(self) -> None:
-        """Broadcast rank 0's masks: a guard against any drift between ranks."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            with torch.no_grad():
-                for t in self.gates.tensors():
-                    dist.broadcast(t.data, src=0)
+    def sync(self, stuck: bool) -> bool:
+        """Make rank 0's masks and counters everyone's: a guard against any drift between
+        ranks, so that every decision derived from them (stop or go on) is the same."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return stuck
+        with torch.no_grad():
+            for t in self.gates.tensors():
+                dist.broadcast(t.data, src=0)
+            counters = torch.tensor([float(stuck), float(self.total_removed)],
+                                    dtype=torch.float64, device=self.gates.emb.device)
+            dist.broadcast(counters, src=0)
+        self.total_removed = int(counters[1].item())
+        return bool(counters[0].item())

@@ -101,6 +101,10 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
     assert not killed["done"], "the run finished before it could be killed"
     run("nvit_prune.py", *common, "--output_dir", part, "--resume")
     assert masks_of(part) == masks_of(full)
+    # resuming with other settings would not replay the run: refused
+    changed = run("nvit_prune.py", *common, "--prune_per_iter", "8", "--output_dir", part,
+                  "--resume", check=False)
+    assert_user_error(changed, "other settings", "prune_per_iter")
     a = torch.load(full / "pruning_state.pth", weights_only=True)
     b = torch.load(part / "pruning_state.pth", weights_only=True)
     assert a["pruner"] == b["pruner"]
@@ -136,7 +140,8 @@ def test_unreachable_target_saves_smallest_model(tmp_path, dense):
 
 
 @pytest.mark.parametrize("case", ["target0", "target_big", "no_table", "bad_table", "bad_config",
-                                  "missing_config", "offline_pretrained", "other_model"])
+                                  "missing_config", "offline_pretrained", "other_model",
+                                  "overwrite", "eval_flag", "no_output_dir"])
 def test_bad_input_fails_cleanly(tmp_path, dense, case):
     out = tmp_path / "out"
     out.mkdir()
@@ -162,6 +167,12 @@ def test_bad_input_fails_cleanly(tmp_path, dense, case):
     elif case == "offline_pretrained":
         args = [a for a in base if a not in ("--pretrained-path", str(dense), dense)] + ["--pretrained"]
         words = ["--pretrained-path"]
+    elif case == "overwrite":
+        args, words = base, ["already holds a run", "--resume"]
+    elif case == "eval_flag":
+        args, words = [*base, "--eval"], ["--eval", "revit_scratch.py"]
+    elif case == "no_output_dir":
+        args, words = [*base, "--output_dir", ""], ["--output_dir"]
     else:
         other = models.build_model("deit_tiny_distilled_patch16_224", dims=DENSE_DIMS, img_size=32,
                                    patch_size=8, num_classes=7)

@@ -103,7 +103,7 @@ def test_hard_distillation_with_teacher_file(tmp_path):
     teacher = timm.create_model("test_resnet", num_classes=10)
     torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
     dims = write_dims(tmp_path / "dims.yaml")
-    proc = run("revit_scratch.py", *FAST, "--dims", dims, "--epochs", "1",
+    proc = run("revit_scratch.py", *FAST, "--dims", dims, "--epochs", "1", "--amp",
                "--distillation-type", "hard", "--teacher-model", "test_resnet",
                "--teacher-path", tmp_path / "teacher.pth", "--output_dir", tmp_path / "o")
     assert "Epoch 0: top-1" in proc.stdout
@@ -125,7 +125,8 @@ def unchanged(out, before):
 
 
 @pytest.mark.parametrize("case", ["no_data_path", "bad_data_set", "impossible_dims", "emb0",
-                                  "emb50", "other_shape", "corrupt", "no_teacher"])
+                                  "emb50", "other_shape", "corrupt", "no_teacher", "overwrite",
+                                  "eval_nothing"])
 def test_bad_input_fails_cleanly(tmp_path, earlier, case):
     out, before = earlier
     base = [*FAST, "--epochs", "1", "--output_dir", out]
@@ -151,8 +152,14 @@ def test_bad_input_fails_cleanly(tmp_path, earlier, case):
         bad = tmp_path / "corrupt.pth"
         bad.write_bytes((out / "checkpoint.pth").read_bytes()[:1000])
         args, words = [*base, "--resume", bad], ["corrupt.pth", "corrupt or truncated"]
-    else:
+    elif case == "no_teacher":
         args = [*base, "--distillation-type", "hard", "--teacher-path", tmp_path / "nope.pth"]
         words = ["--teacher-path", "nope.pth"]
+    elif case == "overwrite":  # a fresh run into a used output dir
+        args, words = [*base, "--dims", out / "dims.yaml"], ["already holds a run", "--resume"]
+    else:
+        (tmp_path / "empty").mkdir()
+        args = [*FAST, "--eval", "--resume", "--output_dir", tmp_path / "empty"]
+        words = ["--eval", "no checkpoint"]
     assert_user_error(run("revit_scratch.py", *args, check=False), *words)
     unchanged(out, before)

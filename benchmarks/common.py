@@ -1,0 +1,97 @@
+"""Shared measurement helpers for the benchmark studies.
+
+Comparisons are taken in one process, interleaved (A B A B ...), repeated, and reported as
+the median ratio with its spread; never a single absolute time. Results go to
+benchmarks/results/<study>.json and .md with the date, versions, CPU model and threads.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    import timm
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "cpu": cpu_model(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+
+
+def time_call(fn: Callable[[], object], sync: bool = False) -> float:
+    start = time.perf_counter()
+    fn()
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
+                inner: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured A B A B ... so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner)
+    return times
+
+
+def ratio_stats(numerator: list[float], denominator: list[float]) -> dict:
+    """Median of the pairwise ratios, with the 25th-75th percentile spread."""
+    ratios = sorted(n / d for n, d in zip(numerator, denominator))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "p25": q[0], "p75": q[2], "n": len(ratios)}
+
+
+def write_results(study: str, data: dict, table_md: str) -> Path:
+    """Write RESULTS/<study>.json and .md (atomically); returns the Markdown path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"study": study, "environment": environment(), **data}
+    env = payload["environment"]
+    header = (f"# {study}\n\n{env['date']} - torch {env['torch']}, timm {env['timm']}, "
+              f"{env['cpu']}, {env['threads']} threads\n\n")
+    for suffix, text in ((".json", json.dumps(payload, indent=1)), (".md", header + table_md + "\n")):
+        path = RESULTS / f"{study}{suffix}"
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return RESULTS / f"{study}.md"
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
