@@ -38,7 +38,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                     clip_grad: float | None = None, clip_mode: str = "norm", model_ema=None,
                     mixup_fn=None, print_freq: int = 50, header: str | None = None,
                     after_backward: Callable[[float], None] | None = None,
-                    after_step: Callable[[int], bool] | None = None,
+                    after_step: Callable[[int, float], bool] | None = None,
                     start_iter: int = 0, seed_fn: Callable[[int], None] | None = None
                     ) -> dict[str, float]:
     """One pass over the loader; returns the epoch's mean loss and last lr.
@@ -46,7 +46,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
     start_iter: iterations of this epoch already done (the loader then yields the rest).
     seed_fn(i) reseeds the RNGs before iteration i, so dropout and mixup replay exactly.
     after_backward(grad_scale) runs between backward and the optimizer step (the pruning
-    loop reads gate gradients there); after_step(i) may return True to end the epoch early.
+    loop reads gate gradients there); after_step(i, loss) may return True to end the epoch early.
     """
     model.train()
     total = start_iter + len(data_loader)
@@ -91,7 +91,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
             model_ema.update(model)
         log.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"])
         log.step(i)
-        if after_step is not None and after_step(i):
+        if after_step is not None and after_step(i, loss_value):
             break
     stats = log.averages()
     stats["epoch_time"] = log.elapsed()

@@ -301,6 +301,7 @@ def main(args) -> None:
     iters_per_epoch = len(train_loader)
     step_times: list[float] = []
     last_step_time = [time.perf_counter()]
+    losses: list[float] = []  # since the last prune step
 
     def after_backward(grad_scale: float) -> None:
         if state["done"] or not uses_gradients:
@@ -315,8 +316,9 @@ def main(args) -> None:
         gates.zero_grad()
 
     def make_after_step(epoch: int):
-        def after_step(i: int) -> bool:
+        def after_step(i: int, loss: float) -> bool:
             global_iter = epoch * iters_per_epoch + i
+            losses.append(loss)
             if state["done"] or (global_iter + 1) % args.interval_prune:
                 return False
             if uses_gradients and saliency.count == 0:
@@ -335,8 +337,9 @@ def main(args) -> None:
                 f"{max(0.0, (result.ratio - args.latency_target) / drop) * sum(step_times) / len(step_times):.0f}s"
             imgs = args.interval_prune * args.batch_size * utils.get_world_size() / step_times[-1]
             print(f"prune step {pruner.steps}: {args.cost} ratio {result.ratio:.4f} (target "
-                  f"{args.latency_target})  {width_summary(widths)}  img/s {imgs:.1f}  eta {eta}",
-                  flush=True)
+                  f"{args.latency_target})  {width_summary(widths)}  loss "
+                  f"{sum(losses) / len(losses):.4f}  img/s {imgs:.1f}  eta {eta}", flush=True)
+            losses.clear()
             state["done"] = result.reached or result.stuck or result.budget_spent
             state["stuck"] = result.stuck
             if state["done"]:

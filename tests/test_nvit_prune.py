@@ -43,7 +43,8 @@ def test_prune_finetune_eval(tmp_path, dense):
     out = tmp_path / "p"
     proc = run("nvit_prune.py", *FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "3",
                "--latency_target", "0.6", "--pruning_exit", "--output_dir", out)
-    assert re.search(r"prune step 1: macs ratio [\d.]+ \(target 0.6\)  emb \d+  heads", proc.stdout)
+    assert re.search(r"prune step 1: macs ratio [\d.]+ \(target 0.6\)  emb \d+  heads \d+  qk "
+                     r"\[[\d, ]+\]  v \[[\d, ]+\]  mlp \d+  loss [\d.]+  img/s [\d.]+  eta", proc.stdout)
     ckpt = torch.load(out / "pruned_checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["cost_ratio"] <= 0.6
     compact = models.build_model("deit_base_patch16_224", checkpoint=out / "pruned_checkpoint.pth")
