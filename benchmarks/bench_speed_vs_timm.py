@@ -1,0 +1,157 @@
+"""Study 1: is our model as fast as timm's? ReViT with uniform dims against timm's VisionTransformer.
+
+    python benchmarks/bench_speed_vs_timm.py [--quick] [--threads N]
+
+Both models have the same dims and the same weights: timm's randomly initialised state dict
+is written to a file and loaded into ours with `models.build_model(name, checkpoint=FILE)`
+(the fused qkv split on the way in, as for any timm/DeiT checkpoint), and the logits of the
+two are checked to agree before anything is timed. Then, interleaved (ours, timm, ours,
+timm, ...) and repeated:
+
+- inference: eval mode under torch.inference_mode(), one forward pass;
+- training: one step of forward, cross entropy, backward and AdamW (one optimizer per model).
+
+at a CPU-sized shape (32 px, patch 4, depth 4, embed 192, 3 heads, batch 64) and at the
+DeiT-Ti/224 shape (batch 1 and 16 for inference, 8 for training). The headline is the
+throughput ratio ours/timm = timm's time / our time per pair (median and p25-p75):
+1.0 means as fast, below 1.0 means ours is slower.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# --passive must act before torch is imported: spinning OpenMP threads (the default) collapse
+# when another process (or a DataLoader worker) holds one of the cores.
+if "--passive" in sys.argv:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+def omp_policy() -> str:
+    return os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import common
+from common import interleaved, md_table, ratio_stats, write_results
+
+import models
+
+STUDY = "speed_vs_timm"
+NAME = "deit_tiny_patch16_224"
+
+# name -> timm overrides, inference batches, training batch
+CASES = {
+    "cpu-sized (32 px, patch 4, depth 4, E 192)": (
+        dict(img_size=32, patch_size=4, depth=4, num_classes=10), [64], 64),
+    "DeiT-Ti/224 (patch 16, depth 12, E 192)": (dict(), [1, 16], 8),
+}
+LOGIT_TOL = 1e-4
+
+
+def make_pair(overrides: dict, workdir: Path) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+    """(ours, timm, max |logit difference|), same dims and weights, in eval mode."""
+    theirs = timm.create_model(NAME, pretrained=False, drop_path_rate=0.0, **overrides)
+    path = workdir / "timm_state.pth"
+    torch.save(theirs.state_dict(), path)
+    ours = models.build_model(NAME, checkpoint=path)
+    ours.eval(), theirs.eval()
+    x = torch.randn(4, 3, ours.dims.img_size, ours.dims.img_size)
+    with torch.inference_mode():
+        diff = (ours(x) - theirs(x)).abs().max().item()
+    if not diff < LOGIT_TOL:
+        raise SystemExit(f"logits differ by {diff:.3g} (> {LOGIT_TOL}): not the same model")
+    return ours, theirs, diff
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor):
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def measure_case(case: str, overrides: dict, infer_batches: list[int], train_batch: int,
+                 repeats: dict, workdir: Path) -> list[dict]:
+    torch.manual_seed(0)
+    ours, theirs, diff = make_pair(overrides, workdir)
+    size, classes = ours.dims.img_size, ours.dims.num_classes
+    rows = []
+    for b in infer_batches:
+        x = torch.randn(b, 3, size, size)
+        inner = repeats["inner_b1"] if b == 1 else 1
+        with torch.inference_mode():
+            t = interleaved({"ours": lambda: ours(x), "timm": lambda: theirs(x)},
+                            repeats=repeats["infer"], warmup=repeats["warmup"], inner=inner)
+        rows.append(row(case, f"inference b{b}", b, t, diff))
+    ours.train(), theirs.train()
+    x = torch.randn(train_batch, 3, size, size)
+    y = torch.randint(0, classes, (train_batch,))
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
+            for k, m in (("ours", ours), ("timm", theirs))}
+    t = interleaved({"ours": train_step(ours, opts["ours"], x, y),
+                     "timm": train_step(theirs, opts["timm"], x, y)},
+                    repeats=repeats["train"], warmup=repeats["warmup"])
+    rows.append(row(case, f"training step b{train_batch}", train_batch, t, diff))
+    return rows
+
+
+def row(case: str, mode: str, batch: int, t: dict, diff: float) -> dict:
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"case": case, "mode": mode, "batch": batch,
+            "throughput_ratio": ratio_stats(t["timm"], t["ours"]),
+            "ours_img_s": batch / med(t["ours"]), "timm_img_s": batch / med(t["timm"]),
+            "max_logit_diff": diff, "times": t}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="few repeats (a smoke test, not a result)")
+    p.add_argument("--passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE (sleeping instead of spinning OpenMP threads)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--name", default=None, help=f"study name (default {STUDY}, {STUDY}_quick)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.out:
+        common.RESULTS = Path(args.out)
+    name = args.name or (f"{STUDY}_quick" if args.quick else STUDY)
+    repeats = (dict(infer=3, train=3, warmup=1, inner_b1=2) if args.quick else
+               dict(infer=30, train=20, warmup=3, inner_b1=10))
+    rows = []
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        for case, (overrides, batches, train_batch) in CASES.items():
+            rows += measure_case(case, overrides, batches, train_batch, repeats, Path(tmp))
+    table = []
+    for r in rows:
+        s = r["throughput_ratio"]
+        table.append([r["case"], r["mode"], f"{s['median']:.3f} ({s['p25']:.3f}-{s['p75']:.3f})",
+                      f"{r['ours_img_s']:.1f}", f"{r['timm_img_s']:.1f}", f"{r['max_logit_diff']:.1e}"])
+    md = md_table(["shape", "measured", "throughput ours/timm (p25-p75)", "ours img/s",
+                   "timm img/s", "max logit diff"], table)
+    md += (f"\n\nRatio = timm time / our time per interleaved pair, median of {repeats['infer']} "
+           f"(inference) or {repeats['train']} (training) pairs; < 1 means ours is slower. img/s "
+           f"are medians for context only. Same weights (timm's state dict loaded into ours); "
+           f"logits checked to agree first. {torch.get_num_threads()} torch threads.")
+    md += (f"\n\nOpenMP wait policy: {omp_policy()}; 1-minute load average {load[0]:.1f} at "
+           f"start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).")
+    path = write_results(name, {"omp_wait_policy": omp_policy(),
+                                "quick": args.quick, "loadavg": [load, os.getloadavg()],
+                                "rows": rows}, md)
+    print(md)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The benchmark studies run (--quick) and write their results with the expected keys.
+
+The quick runs write into a temporary directory (--out), never over benchmarks/results/.
+Studies on the real photo sets skip when /work/shared/data is absent.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, env
+
+DATA = ROOT.parent / "shared" / "data"
+HAVE_DATA = (DATA / "imagenette_224_subset" / "train").is_dir() and (DATA / "cifar10").is_dir()
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason=f"real image sets not in {DATA}")
+STATS = {"median", "p25", "p75", "n"}
+
+
+def bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def quick(script: str, study: str, out: Path) -> dict:
+    proc = bench(script, "--quick", "--out", str(out))
+    assert proc.stdout.lstrip().startswith("|"), proc.stdout[:500]  # the Markdown table
+    data = json.loads((out / f"{study}_quick.json").read_text())
+    assert (out / f"{study}_quick.md").is_file()
+    assert data["study"] == f"{study}_quick" and data["quick"] is True
+    assert {"date", "torch", "timm", "cpu", "threads"} <= set(data["environment"])
+    return data
+
+
+def is_stats(s: dict) -> bool:
+    return STATS <= set(s) and s["p25"] <= s["median"] <= s["p75"] and s["median"] > 0
+
+
+@pytest.mark.slow
+def test_speed_vs_timm_quick(tmp_path):
+    data = quick("bench_speed_vs_timm.py", "speed_vs_timm", tmp_path)
+    modes = {(r["case"].split()[0], r["mode"]) for r in data["rows"]}
+    assert modes == {("cpu-sized", "inference b64"), ("cpu-sized", "training step b64"),
+                     ("DeiT-Ti/224", "inference b1"), ("DeiT-Ti/224", "inference b16"),
+                     ("DeiT-Ti/224", "training step b8")}
+    for r in data["rows"]:
+        assert is_stats(r["throughput_ratio"])
+        assert r["max_logit_diff"] < 1e-4
+        assert r["ours_img_s"] > 0 and r["timm_img_s"] > 0
+
+
+@pytest.mark.slow
+def test_prune_overhead_quick(tmp_path):
+    data = quick("bench_prune_overhead.py", "prune_overhead", tmp_path)
+    assert data["interval_prune"] == 100 and len(data["rows"]) == 2
+    for r in data["rows"]:
+        for key in ("loop_over_plain", "gates_only_over_plain", "pruner_step_macs_amortised",
+                    "pruner_step_latency_amortised"):
+            assert is_stats(r[key]), key
+        assert sum(r["pruner_step_macs_removed"].values()) >= 32
+
+
+@pytest.mark.slow
+@needs_data
+def test_input_pipeline_quick(tmp_path):
+    data = quick("bench_input_pipeline.py", "input_pipeline", tmp_path)
+    assert [s["set"].split()[0] for s in data["sets"]] == ["Imagenette", "CIFAR-10"]
+    for s in data["sets"]:
+        assert [r["num_workers"] for r in s["rows"]] == [0, 1, 2]
+        for r in s["rows"]:
+            assert is_stats(r["delivered_over_consumed"]) and is_stats(r["fed_over_resident"])
+            assert r["delivered_img_s"] > 0 and r["consumed_img_s"] > 0
+
+
+@pytest.mark.slow
+@needs_data
+def test_real_photos_quick(tmp_path):
+    data = quick("bench_real_photos.py", "real_photos", tmp_path)
+    train, prune = data["train"], data["prune"]
+    assert train["ok"] and prune["ok"], (train["stderr_tail"], prune["stderr_tail"])
+    assert train["top1"] is not None and train["train_img_s"]
+    assert prune["prune_steps"] >= 1 and prune["macs_ratio"] <= 0.5
+    assert prune["pruned_checkpoint_written"]
+
+
+@pytest.mark.parametrize("script", ["bench_input_pipeline.py", "bench_real_photos.py"])
+def test_data_studies_skip_without_data(tmp_path, script):
+    proc = bench(script, "--quick", "--data-root", str(tmp_path / "absent"), "--out",
+                 str(tmp_path / "out"), timeout=120)
+    assert "skipped" in proc.stdout
+    assert not (tmp_path / "out").exists()
