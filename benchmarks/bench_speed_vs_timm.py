@@ -31,6 +31,7 @@ def omp_policy() -> str:
     return os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
 
 import argparse
+import resource
 import tempfile
 from pathlib import Path
 
@@ -70,6 +71,17 @@ def make_pair(overrides: dict, workdir: Path) -> tuple[torch.nn.Module, torch.nn
     return ours, theirs, diff
 
 
+def counting(fns: dict, faults: dict) -> dict:
+    """Wrap each function to add its minor page faults (freshly mapped memory) to faults[k]."""
+    def wrap(k, fn):
+        def call():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        return call
+    return {k: wrap(k, fn) for k, fn in fns.items()}
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
                y: torch.Tensor):
     def step() -> None:
@@ -88,27 +100,30 @@ def measure_case(case: str, overrides: dict, infer_batches: list[int], train_bat
     for b in infer_batches:
         x = torch.randn(b, 3, size, size)
         inner = repeats["inner_b1"] if b == 1 else 1
+        faults = {"ours": [], "timm": []}
         with torch.inference_mode():
-            t = interleaved({"ours": lambda: ours(x), "timm": lambda: theirs(x)},
+            t = interleaved(counting({"ours": lambda: ours(x), "timm": lambda: theirs(x)}, faults),
                             repeats=repeats["infer"], warmup=repeats["warmup"], inner=inner)
-        rows.append(row(case, f"inference b{b}", b, t, diff))
+        rows.append(row(case, f"inference b{b}", b, t, diff, faults))
     ours.train(), theirs.train()
     x = torch.randn(train_batch, 3, size, size)
     y = torch.randint(0, classes, (train_batch,))
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.05)
             for k, m in (("ours", ours), ("timm", theirs))}
-    t = interleaved({"ours": train_step(ours, opts["ours"], x, y),
-                     "timm": train_step(theirs, opts["timm"], x, y)},
+    faults = {"ours": [], "timm": []}
+    t = interleaved(counting({"ours": train_step(ours, opts["ours"], x, y),
+                              "timm": train_step(theirs, opts["timm"], x, y)}, faults),
                     repeats=repeats["train"], warmup=repeats["warmup"])
-    rows.append(row(case, f"training step b{train_batch}", train_batch, t, diff))
+    rows.append(row(case, f"training step b{train_batch}", train_batch, t, diff, faults))
     return rows
 
 
-def row(case: str, mode: str, batch: int, t: dict, diff: float) -> dict:
+def row(case: str, mode: str, batch: int, t: dict, diff: float, faults: dict) -> dict:
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     return {"case": case, "mode": mode, "batch": batch,
             "throughput_ratio": ratio_stats(t["timm"], t["ours"]),
             "ours_img_s": batch / med(t["ours"]), "timm_img_s": batch / med(t["timm"]),
+            "ours_page_faults": med(faults["ours"]), "timm_page_faults": med(faults["timm"]),
             "max_logit_diff": diff, "times": t}
 
 
@@ -137,13 +152,17 @@ def main() -> None:
     for r in rows:
         s = r["throughput_ratio"]
         table.append([r["case"], r["mode"], f"{s['median']:.3f} ({s['p25']:.3f}-{s['p75']:.3f})",
-                      f"{r['ours_img_s']:.1f}", f"{r['timm_img_s']:.1f}", f"{r['max_logit_diff']:.1e}"])
+                      f"{r['ours_img_s']:.1f}", f"{r['timm_img_s']:.1f}",
+                      f"{r['ours_page_faults']:.0f} / {r['timm_page_faults']:.0f}",
+                      f"{r['max_logit_diff']:.1e}"])
     md = md_table(["shape", "measured", "throughput ours/timm (p25-p75)", "ours img/s",
-                   "timm img/s", "max logit diff"], table)
+                   "timm img/s", "page faults per call ours / timm", "max logit diff"], table)
     md += (f"\n\nRatio = timm time / our time per interleaved pair, median of {repeats['infer']} "
            f"(inference) or {repeats['train']} (training) pairs; < 1 means ours is slower. img/s "
            f"are medians for context only. Same weights (timm's state dict loaded into ours); "
-           f"logits checked to agree first. {torch.get_num_threads()} torch threads.")
+           f"logits checked to agree first. {torch.get_num_threads()} torch threads. Page "
+           f"faults: median minor faults per timed call (inference: per `inner` calls), i.e. "
+           f"memory the allocator took freshly from the OS.")
     md += (f"\n\nOpenMP wait policy: {omp_policy()}; 1-minute load average {load[0]:.1f} at "
            f"start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).")
     path = write_results(name, {"omp_wait_policy": omp_policy(),
