@@ -23,9 +23,12 @@ the training step and repeated:
 - consumed: images/s of the training step on a resident batch;
 - ratio = delivered / consumed per interleaved pair (> 1: the loader alone is faster than
   training);
-- fed: the training loop itself fed by that loader (fetch + step), as a fraction of the
-  resident-batch rate (1.0: no time lost to data). On this 2-core machine loader workers and
-  the training step share the cores, which the isolated ratio does not show.
+- fed: the training loop itself fed by that loader (fetch + step, timed after one untimed
+  step so the prefetch queue is in its steady state), as a fraction of the resident-batch
+  rate (1.0: no time lost to data). On this 2-core machine loader workers and the training
+  step share the cores, which the isolated ratio does not show;
+- fed, spared: the same with the main process's torch threads lowered to cores - workers
+  (torch.set_num_threads, switched inside the interleaved loop), the remedy under test.
 """
 from __future__ import annotations
 
@@ -138,11 +141,14 @@ def training_step(args: argparse.Namespace, dims_kwargs: dict):
 
 def measure_set(label: str, make_loader, args_for, step_kwargs: dict, size: int, batch: int,
                 n_batches: int, n_fed: int, repeats: int, warmup: int) -> dict:
-    args0 = args_for(0)
-    step = training_step(args0, step_kwargs)
+    step = training_step(args_for(0), step_kwargs)
     resident = (torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
     loaders = {w: make_loader(args_for(w)) for w in WORKERS}
-    times = {"step": [], **{f"load w{w}": [] for w in WORKERS}, **{f"fed w{w}": [] for w in WORKERS}}
+    threads = torch.get_num_threads()
+    # the proposed remedy: leave the workers their cores (main threads = threads - workers)
+    spared = {w: max(1, threads - w) for w in WORKERS if w and max(1, threads - w) != threads}
+    times = {"step": [], **{f"load w{w}": [] for w in WORKERS},
+             **{f"fed w{w}": [] for w in WORKERS}, **{f"fed w{w} spared": [] for w in spared}}
 
     def fresh(w: int, epoch: int):
         loader, sampler = loaders[w]
@@ -152,42 +158,62 @@ def measure_set(label: str, make_loader, args_for, step_kwargs: dict, size: int,
             next(it)
         return it
 
+    def fed(w: int, epoch: int) -> float:
+        it = fresh(w, epoch)
+        step(*next(it))  # untimed: workers refill their prefetch queue, then steady state
+        t0 = time.perf_counter()
+        for _ in range(n_fed):
+            step(*next(it))
+        return (time.perf_counter() - t0) / n_fed
+
     for r in range(warmup + repeats):
         keep = r >= warmup
         t0 = time.perf_counter()
         step(*resident)
         t_step = time.perf_counter() - t0
-        if keep:
-            times["step"].append(t_step)
+        measured = {"step": t_step}
         for w in WORKERS:
-            it = fresh(w, 2 * r)
+            it = fresh(w, 3 * r)
             t0 = time.perf_counter()
             for _ in range(n_batches):
                 next(it)
-            t = (time.perf_counter() - t0) / n_batches
+            measured[f"load w{w}"] = (time.perf_counter() - t0) / n_batches
             del it
-            it = fresh(w, 2 * r + 1)
-            t0 = time.perf_counter()
-            for _ in range(n_fed):
-                step(*next(it))
-            t_fed = (time.perf_counter() - t0) / n_fed
-            del it
-            if keep:
-                times[f"load w{w}"].append(t)
-                times[f"fed w{w}"].append(t_fed)
+            measured[f"fed w{w}"] = fed(w, 3 * r + 1)
+            if w in spared:
+                torch.set_num_threads(spared[w])
+                try:
+                    measured[f"fed w{w} spared"] = fed(w, 3 * r + 2)
+                finally:
+                    torch.set_num_threads(threads)
+        if keep:
+            for k, v in measured.items():
+                times[k].append(v)
     rows = []
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     for w in WORKERS:
-        rows.append({
-            "set": label, "num_workers": w, "batch": batch,
+        row = {
+            "set": label, "num_workers": w, "batch": batch, "main_threads": threads,
             # delivered/consumed = (step time per image) / (load time per image)
             "delivered_over_consumed": ratio_stats(times["step"], times[f"load w{w}"]),
             "fed_over_resident": ratio_stats(times["step"], times[f"fed w{w}"]),
             "delivered_img_s": batch / med(times[f"load w{w}"]),
             "consumed_img_s": batch / med(times["step"]),
             "fed_img_s": batch / med(times[f"fed w{w}"]),
-        })
+        }
+        if w in spared:
+            row["spared_main_threads"] = spared[w]
+            row["fed_spared_over_resident"] = ratio_stats(times["step"], times[f"fed w{w} spared"])
+            row["fed_spared_img_s"] = batch / med(times[f"fed w{w} spared"])
+        rows.append(row)
     return {"set": label, "rows": rows, "times": times}
+
+
+def spared_cell(r: dict) -> str:
+    if "fed_spared_over_resident" not in r:
+        return "-"
+    f = r["fed_spared_over_resident"]
+    return f"{f['median']:.2f} ({f['p25']:.2f}-{f['p75']:.2f}), {r['spared_main_threads']} thread"
 
 
 def main() -> None:
@@ -212,7 +238,7 @@ def main() -> None:
     name = args.name or (f"{STUDY}_quick" if args.quick else STUDY)
     q = args.quick
     # (batch, timed batches per loader run, fed steps, repeats, warmup)
-    im = (8, 2, 1, 2, 0) if q else (32, 6, 2, 5, 1)
+    im = (8, 2, 1, 2, 0) if q else (16, 8, 2, 4, 1)
     cf = (16, 2, 1, 2, 0) if q else (64, 10, 3, 8, 1)
     imagenette = str(root / "imagenette_224_subset")
     load = os.getloadavg()
@@ -234,15 +260,18 @@ def main() -> None:
             table.append([r["set"], r["num_workers"], r["batch"],
                           f"{s['median']:.2f} ({s['p25']:.2f}-{s['p75']:.2f})",
                           f"{r['delivered_img_s']:.0f}", f"{r['consumed_img_s']:.0f}",
-                          f"{f['median']:.2f} ({f['p25']:.2f}-{f['p75']:.2f})"])
+                          f"{f['median']:.2f} ({f['p25']:.2f}-{f['p75']:.2f})",
+                          spared_cell(r)])
     md = md_table(["data / model", "num_workers", "batch", "delivered / consumed (p25-p75)",
-                   "delivered img/s", "consumed img/s", "fed loop / resident batch (p25-p75)"],
-                  table)
+                   "delivered img/s", "consumed img/s", "fed loop / resident batch (p25-p75)",
+                   "fed loop, main threads = cores - workers / resident"], table)
     md += ("\n\ndelivered / consumed > 1: the loader alone outpaces a training step. fed loop / "
            "resident batch: the training loop fed by the loader, as a fraction of its speed on "
-           "a batch already in memory (1.0 = data never starves the model). img/s are medians "
-           f"for context. {torch.get_num_threads()} torch threads in the main process; loader "
-           "workers run 1 thread each on the same cores.")
+           "a batch already in memory (1.0 = data never starves the model), timed after one "
+           "untimed step so the workers' prefetch queue is in its steady state. Last column: the "
+           "same fed loop with the main process's torch threads lowered to leave the workers "
+           f"their cores. img/s are medians for context. {torch.get_num_threads()} torch "
+           "threads in the main process; loader workers run 1 thread each on the same cores.")
     md += (f"\n\nOpenMP wait policy: {omp_policy()}; 1-minute load average {load[0]:.1f} at "
            f"start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).")
     path = write_results(name, {"omp_wait_policy": omp_policy(),

@@ -804,9 +804,19 @@ def main(argv: list[str] | None = None) -> None:
     specs = {"hessian_macs": ("hessian", "macs"), "hessian_latency": ("hessian", "latency"),
              "taylor_macs": ("taylor", "macs"), "magnitude_macs": ("magnitude", "macs"),
              "random_macs": ("random", "macs")}
+    run_key = {"config": asdict(cfg), "dense_top1": dense_top1, "threads": args.threads}
     for method in methods:
         t0 = time.perf_counter()
         print(f"{METHODS[method][0]} {METHODS[method][1]}", flush=True)
+        done = work / f"rows_{cfg.data}_{method}.json"  # a killed run resumes per method
+        if done.is_file():
+            saved = json.loads(done.read_text())
+            if saved.get("key") == run_key:
+                rows += saved["rows"]
+                times[f"{method}_s"] = saved["seconds"]
+                print(f"  reusing {done} (measured in an earlier run)")
+                continue
+        n_before = len(rows)
         if method in specs:
             batches = DistilBatches(data, teacher, cfg.prune_batch, cfg.hflip, cfg.seed + 10)
             snaps = prune_ours(dense, *specs[method], batches, data, cfg, table)
@@ -831,6 +841,8 @@ def main(argv: list[str] | None = None) -> None:
                 record(method, budget, model, None,
                        {"epochs": epochs, "_times": {"train": time.perf_counter() - t1}}, None)
         times[f"{method}_s"] = time.perf_counter() - t0
+        done.write_text(json.dumps({"key": run_key, "rows": rows[n_before:],
+                                    "seconds": times[f"{method}_s"]}))
 
     times["total_s"] = time.perf_counter() - t_start
     md = report(rows, cfg, dense, dense_top1, dense_macs, times, len(data.x_val), study)

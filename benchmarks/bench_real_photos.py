@@ -86,7 +86,8 @@ def run(script: str, flags: list[str], threads: int | None, timeout: int) -> dic
         code = "timeout"
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-    return {"command": " ".join(["python", script, *flags]), "returncode": code,
+    prefix = [f"{k}={env[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in env]
+    return {"command": " ".join([*prefix, "python", script, *flags]), "returncode": code,
             "ok": code == 0, "seconds": time.perf_counter() - start, "stdout": out,
             "stderr_tail": err[-3000:]}
 
@@ -147,7 +148,7 @@ def main() -> None:
         common.RESULTS = Path(args.out)
     name = args.name or (f"{STUDY}_quick" if args.quick else STUDY)
     epochs, workers, batch, interval, per_iter = (1, 1, 64, 1, 256) if args.quick else \
-        (2, 2, 64, 5, 128)
+        (2, 2, 64, 2, 32)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_real_photos_") as tmp:
         tmp = Path(tmp)

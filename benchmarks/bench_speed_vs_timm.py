@@ -14,7 +14,9 @@ timm, ...) and repeated:
 at a CPU-sized shape (32 px, patch 4, depth 4, embed 192, 3 heads, batch 64) and at the
 DeiT-Ti/224 shape (batch 1 and 16 for inference, 8 for training). The headline is the
 throughput ratio ours/timm = timm's time / our time per pair (median and p25-p75):
-1.0 means as fast, below 1.0 means ours is slower.
+1.0 means as fast, below 1.0 means ours is slower. The minor page faults of each call are
+counted too: memory freshly mapped from the OS costs kernel time that the arithmetic does not
+show (see benchmarks/README.md, Findings).
 """
 from __future__ import annotations
 
@@ -161,8 +163,8 @@ def main() -> None:
            f"(inference) or {repeats['train']} (training) pairs; < 1 means ours is slower. img/s "
            f"are medians for context only. Same weights (timm's state dict loaded into ours); "
            f"logits checked to agree first. {torch.get_num_threads()} torch threads. Page "
-           f"faults: median minor faults per timed call (inference: per `inner` calls), i.e. "
-           f"memory the allocator took freshly from the OS.")
+           f"faults: median minor page faults per call, i.e. 4 KB pages the allocator took "
+           f"freshly from the OS (kernel time on top of the arithmetic).")
     md += (f"\n\nOpenMP wait policy: {omp_policy()}; 1-minute load average {load[0]:.1f} at "
            f"start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).")
     path = write_results(name, {"omp_wait_policy": omp_policy(),
