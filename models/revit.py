@@ -63,9 +63,15 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         H = self.num_heads
-        q = self.q(x).view(B, N, H, self.qk_dim)
-        k = self.k(x).view(B, N, H, self.qk_dim)
-        v = self.v(x).view(B, N, H, self.v_dim)
+        # One GEMM over the three stacked weights: three separate outputs cost the CPU
+        # allocator fresh pages on every forward (benchmarks/README.md, finding 1).
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        q, k, v = F.linear(x, weight, bias).split(
+            [H * self.qk_dim, H * self.qk_dim, H * self.v_dim], dim=-1)
+        q = q.view(B, N, H, self.qk_dim)
+        k = k.view(B, N, H, self.qk_dim)
+        v = v.view(B, N, H, self.v_dim)
         if self.head_gate is not None:
             head = self.head_gate[:, None]
             qk_gate = self.qk_gate * head
