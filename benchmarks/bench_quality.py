@@ -47,9 +47,8 @@ from losses import kl_divergence  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning import Gates, Saliency, compact  # noqa: E402
 from pruning.cost import LatencyTable, MacsCost  # noqa: E402
-from pruning.gates import BLOCK_KINDS, widths_to_dims  # noqa: E402
 from pruning.optim_state import clear_pruned_state  # noqa: E402
-from pruning.pruner import COST_UNITS, GlobalPruner  # noqa: E402
+from pruning.pruner import GlobalPruner  # noqa: E402
 
 BUDGETS = (0.5, 0.25)
 METHODS = {  # key: (label, description)
@@ -323,50 +322,17 @@ def finetune(model: torch.nn.Module, batches: DistilBatches, cfg: Config, log: s
 
 
 # ------------------------------------------------------------------------- pruning
-class LatencyRankedPruner(GlobalPruner):
-    """Ranks by `score - lambda * latency drop` from a measured table, stops at a MACs ratio.
-
-    The project's pruner uses one cost model for both ranking and stopping; method (b)
-    needs the table for the ranking and MACs for the budget, so `_cost_drop` reads the table
-    (returned in the MACs unit the parent multiplies by). lambda is set once, at the first
-    step, so that the median penalty is `weight` times the median candidate score: the
-    table's milliseconds and the saliency's units are otherwise unrelated.
-    """
-
-    def __init__(self, gates: Gates, saliency: Saliency, macs: MacsCost, table: LatencyTable,
-                 target: float, prune_per_iter: int, group_sizes: dict, weight: float) -> None:
-        super().__init__(gates, saliency, macs, target, prune_per_iter, group_sizes, 0.0)
-        self.table, self.weight = table, weight
-        self.calibrated = False
-
-    def _cost_drop(self, c, w, dims_now) -> float:
-        macs, self.cost = self.cost, self.table
-        try:
-            drop = super()._cost_drop(c, w, dims_now)
-        finally:
-            self.cost = macs
-        return drop * COST_UNITS["latency"] / COST_UNITS["macs"]
-
-    def step(self, model=None):
-        if self.calibrated:
-            return super().step(model)
-        scores = self.saliency.step(model)
-        w = self.widths()
-        dims_now = widths_to_dims(w, self.original)
-        cands = [c for c in [self._candidate("emb", None, scores, w)] +
-                 [self._candidate(k, i, scores, w) for i in range(self.original.depth)
-                  for k in BLOCK_KINDS] if c is not None]
-        drops = [self._cost_drop(c, w, dims_now) * COST_UNITS["macs"] for c in cands]
-        pos = [d for d in drops if d > 0]
-        med_score = statistics.median(c.score for c in cands) if cands else 0.0
-        if pos and med_score > 0:
-            self.latency_lambda = self.weight * med_score / statistics.median(pos)
-        self.calibrated = True
-        self.saliency.step = lambda m=None: scores  # hand the same scores to the parent
-        try:
-            return super().step(model)
-        finally:
-            del self.saliency.step
+def calibrate_lambda(pruner: GlobalPruner, model: torch.nn.Module, weight: float) -> dict:
+    """Take the first saliency step and set lambda so that the median cost penalty is
+    `weight` times the median candidate score: the latency table's seconds and the
+    saliency's units are otherwise unrelated. Returns the scores for `pruner.step`."""
+    scores = pruner.saliency.step(model)
+    cands = pruner.candidates(scores)
+    drops = [c.cost_drop for c in cands if c.cost_drop > 0]
+    med_score = statistics.median(c.score for c in cands) if cands else 0.0
+    if drops and med_score > 0:
+        pruner.latency_lambda = weight * med_score / statistics.median(drops)
+    return scores
 
 
 def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: DistilBatches,
@@ -382,12 +348,9 @@ def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: Dis
             t.requires_grad_(False)
     macs = MacsCost(model.dims)
     targets = sorted(BUDGETS, reverse=True)
-    if cost_kind == "latency":
-        pruner = LatencyRankedPruner(gates, saliency, macs, table, targets[0], cfg.prune_per_iter,
-                                     cfg.group_sizes, cfg.latency_weight)
-    else:
-        pruner = GlobalPruner(gates, saliency, macs, targets[0], cfg.prune_per_iter,
-                              cfg.group_sizes)
+    # (b) ranks by the latency table and stops at the MACs budget like every other method
+    pruner = GlobalPruner(gates, saliency, macs, targets[0], cfg.prune_per_iter, cfg.group_sizes,
+                          rank_cost=table if cost_kind == "latency" else None)
     opt = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
     out, it, t0 = {}, 0, time.perf_counter()
     max_iters = 200 * cfg.interval  # 200 prune steps at most
@@ -403,7 +366,9 @@ def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: Dis
         it += 1
         if it % cfg.interval:
             continue
-        res = pruner.step(model)
+        first = cost_kind == "latency" and pruner.steps == 0
+        scores = calibrate_lambda(pruner, model, cfg.latency_weight) if first else None
+        res = pruner.step(model, scores)
         clear_pruned_state(opt, model, res.removed_units)
         if res.reached or res.stuck:
             snap = compact(model).eval()

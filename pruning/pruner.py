@@ -4,7 +4,9 @@ At each prune step the saliency of every live unit is turned into candidate grou
 block and kind: the `group_size` lowest-scoring live units; for QK and V dims that many
 from every live head, so each block keeps one width per head). Candidates are ranked by
 `score - lambda * cost_drop` and removed greedily, cheapest first, until `prune_per_iter`
-units are gone or the cost reaches `target * cost(original)`. At least one group of each
+units are gone or the cost reaches `target * cost(original)`. The cost that ranks may differ
+from the cost that stops (`rank_cost`): e.g. rank by a measured latency table, stop at a
+MACs budget. At least one group of each
 kind always survives in every block. Everything is computed from gate values that are
 identical on every rank, and masks are broadcast from rank 0 after each step, so all ranks
 hold the same masks and stop at the same step.
@@ -52,10 +54,12 @@ class StepResult:
 class GlobalPruner:
     def __init__(self, gates: Gates, saliency: Saliency, cost: CostModel, target: float,
                  prune_per_iter: int, group_sizes: dict[str, int] | None = None,
-                 latency_lambda: float = 0.0, budget: int | None = None) -> None:
+                 latency_lambda: float = 0.0, budget: int | None = None,
+                 rank_cost: CostModel | None = None) -> None:
         if not 0.0 < target < 1.0:
             raise ValueError(f"target must be in (0, 1), got {target}")
         self.gates, self.saliency, self.cost = gates, saliency, cost
+        self.rank_cost = cost if rank_cost is None else rank_cost
         self.target, self.prune_per_iter = float(target), int(prune_per_iter)
         self.group_sizes = {**DEFAULT_GROUP_SIZES, **(group_sizes or {})}
         bad = {k: v for k, v in self.group_sizes.items() if k not in KINDS or int(v) < 1}
@@ -139,14 +143,30 @@ class GlobalPruner:
         return Candidate(kind, block, units, total)
 
     def _cost_drop(self, c: Candidate, w: dict, dims_now: Dims) -> float:
-        g = self.group_sizes[c.kind]
+        """What removing `c` saves under the ranking cost, in that cost's lambda unit."""
+        g, cost = self.group_sizes[c.kind], self.rank_cost
+        scale = COST_UNITS.get(getattr(cost, "name", "latency"), 1.0)
         if c.kind == "emb":
             after = dict(w, embed_dim=w["embed_dim"] - g)
-            return self.cost.total(dims_now) - self.cost.total(widths_to_dims(after, self.original))
+            drop = cost.total(dims_now) - cost.total(widths_to_dims(after, self.original))
+            return drop * scale
         E, H, qk, v, m = self._block_widths(w, c.block)
         new = {"head": (E, H - g, qk, v, m), "qk": (E, H, qk - g, v, m),
                "v": (E, H, qk, v - g, m), "mlp": (E, H, qk, v, m - g)}[c.kind]
-        return self.cost.block(E, H, qk, v, m) - self.cost.block(*new)
+        return (cost.block(E, H, qk, v, m) - cost.block(*new)) * scale
+
+    def candidates(self, scores: dict) -> list[Candidate]:
+        """Every removable group at the current widths, with its cost drop and rank."""
+        w = self.widths()
+        dims_now = widths_to_dims(w, self.original)
+        cands = [c for c in [self._candidate("emb", None, scores, w)] +
+                 [self._candidate(k, i, scores, w)
+                  for i in range(self.original.depth) for k in BLOCK_KINDS]
+                 if c is not None]
+        for c in cands:
+            c.cost_drop = self._cost_drop(c, w, dims_now)
+            c.rank = c.score - self.latency_lambda * c.cost_drop
+        return cands
 
     @torch.no_grad()
     def _remove(self, c: Candidate) -> None:
@@ -161,33 +181,25 @@ class GlobalPruner:
             gate[c.units] = 0
 
     # ---------------------------------------------------------------- step
-    def step(self, model=None) -> StepResult:
-        """One prune step: score, then remove groups until the per-step quota or the target."""
-        scores = self.saliency.step(model)
-        scale = COST_UNITS.get(getattr(self.cost, "name", "latency"), 1.0)
+    def step(self, model=None, scores: dict | None = None) -> StepResult:
+        """One prune step: score (or take `scores` from a `saliency.step` already taken),
+        then remove groups until the per-step quota or the target."""
+        if scores is None:
+            scores = self.saliency.step(model)
         result = StepResult()
         removed_now = 0
-        depth = self.original.depth
         while True:
-            w = self.widths()
-            dims_now = widths_to_dims(w, self.original)
-            cost_now = self.cost.total(dims_now)
-            if cost_now <= self.target * self.original_cost:
+            if self.current_cost() <= self.target * self.original_cost:
                 result.reached = True
                 break
             if removed_now >= self.prune_per_iter:
                 break
             if self.budget is not None and self.total_removed >= self.budget:
                 break
-            cands = [c for c in [self._candidate("emb", None, scores, w)] +
-                     [self._candidate(k, i, scores, w) for i in range(depth) for k in BLOCK_KINDS]
-                     if c is not None]
+            cands = self.candidates(scores)
             if not cands:
                 result.stuck = True
                 break
-            for c in cands:
-                c.cost_drop = self._cost_drop(c, w, dims_now) * scale
-                c.rank = c.score - self.latency_lambda * c.cost_drop
             best = min(cands, key=lambda c: c.rank)  # ties: first in (emb, block order) wins
             self._remove(best)
             n = len(best.units)

@@ -14,13 +14,15 @@ DIMS = Dims(embed_dim=64, num_heads=[4, 6, 4], qk_dim=[16, 16, 24], v_dim=[16, 2
 GROUPS = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16}
 
 
-def setup(target=0.5, per_iter=40, lam=0.0, cost_cls=MacsCost, seed=0):
+def setup(target=0.5, per_iter=40, lam=0.0, cost_cls=MacsCost, seed=0, rank_cost_cls=None):
     torch.manual_seed(seed)
     model = models.build_model("deit_tiny_distilled_patch16_224", dims=DIMS, img_size=32,
                                patch_size=8, num_classes=5)
     gates = Gates.attach(model)
     saliency = Saliency(gates, "hessian")
-    pruner = GlobalPruner(gates, saliency, cost_cls(model.dims), target, per_iter, GROUPS, lam)
+    rank_cost = rank_cost_cls(model.dims) if rank_cost_cls else None
+    pruner = GlobalPruner(gates, saliency, cost_cls(model.dims), target, per_iter, GROUPS, lam,
+                          rank_cost=rank_cost)
     return model, gates, saliency, pruner
 
 
@@ -128,6 +130,34 @@ def test_latency_penalty_prefers_costly_groups():
     # the largest parameter drop of one group in DIMS is an embedding group (16 channels
     # through every block)
     assert picks[1e9] == ("emb", None)
+
+
+class MlpHeavyCost(MacsCost):
+    """A ranking cost that only sees MLP width: with a large lambda the pruner must take
+    MLP groups first, whatever MACs say."""
+
+    name = "macs"
+
+    def block(self, embed_dim, num_heads, qk_dim, v_dim, mlp_dim):
+        return 1e9 * mlp_dim
+
+
+def test_rank_cost_ranks_and_stop_cost_stops():
+    model, gates, saliency, pruner = setup(target=0.8, per_iter=10_000, lam=1e6,
+                                           rank_cost_cls=MlpHeavyCost)
+    backward(model, gates, saliency)
+    scores = saliency.step(model)
+    cands = pruner.candidates(scores)
+    drops = {(c.kind, c.block): c.cost_drop for c in cands}
+    assert drops[("mlp", 0)] == pytest.approx(16.0)  # 16 neurons x 1e9 MACs, in GMACs
+    assert drops[("head", 1)] == 0.0 and drops[("emb", None)] < 1e-3  # emb: the stem only
+    pruner.saliency = None  # the scores given are used: no second saliency (EMA) step
+    result = pruner.step(model, scores)
+    assert {k for k, _, _ in result.removed_units} == {"mlp"}
+    # the stop rule still uses the pruner's own cost (real MACs), not the ranking cost
+    macs = MacsCost(model.dims)
+    assert result.ratio == pytest.approx(macs.total(compact(model).dims) / macs.total(model.dims))
+    assert result.reached and result.ratio <= 0.8
 
 
 def test_target_validation():
