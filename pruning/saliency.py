@@ -110,7 +110,8 @@ class Saliency:
         """Scores for one pruning decision, nested like `Gates.masks()`; removed units get 0.
 
         hessian/taylor: batch average since the last step, smoothed by the EMA (the first
-        step takes the average as is). magnitude/random: fresh scores, no EMA.
+        step takes the average as is). magnitude: fresh per-unit weight norms over their layer's
+        live mean. random: a fresh draw. Neither uses the EMA.
         """
         alive = [t.detach() != 0 for t in self.gates.tensors()]
         if self.criterion in _ACCUMULATING:
@@ -131,8 +132,13 @@ class Saliency:
                 raise ValueError("Saliency.step: the magnitude criterion needs the model")
             mag = magnitude_scores(model)
             raw = [mag["emb"]] + [b[k] for b in mag["blocks"] for k in BLOCK_KINDS]
-            flat = [torch.where(a, r.to(a.device), torch.zeros_like(r, device=a.device))
-                    for r, a in zip(raw, alive)]
+            # each layer's norms relative to their mean over its live units (Torch-Pruning's
+            # "mean" normaliser): raw norms grow with fan-in, so the embedding (read by every
+            # block) would never be pruned and the widest layers always first
+            flat = []
+            for r, a in zip(raw, alive):
+                r = torch.where(a, r.to(a.device), torch.zeros_like(r, device=a.device))
+                flat.append(r / r[a].mean() if bool(a.any()) and r[a].mean() > 0 else r)
         else:  # random: the same draw on every rank, a new one at every step
             gen = torch.Generator().manual_seed(self.seed + self.step_index)
             flat = []

@@ -343,16 +343,23 @@ def test_magnitude_criterion() -> None:
     sal = Saliency(gates, "magnitude")
     with pytest.raises(ValueError):
         sal.step()
+    with torch.no_grad():
+        gates.blocks[1]["mlp"][3] = 0  # a removed neuron: scored 0, left out of the mean
     scores = sal.step(model)
     fc1 = model.blocks[1].mlp.fc1
-    want = torch.cat([fc1.weight[7], fc1.bias[7:8]]).double().norm()
-    torch.testing.assert_close(scores["blocks"][1]["mlp"][7], want.detach())
+    norms = torch.cat([fc1.weight, fc1.bias[:, None]], 1).double().norm(dim=1).detach()
+    live = torch.ones_like(norms, dtype=torch.bool)
+    live[3] = False
+    torch.testing.assert_close(scores["blocks"][1]["mlp"][7], norms[7] / norms[live].mean())
+    assert float(scores["blocks"][1]["mlp"][3]) == 0.0
     a = model.blocks[2].attn
-    rows = [a.q.weight[a.qk_dim:], a.k.weight[a.qk_dim:], a.v.weight[a.v_dim:]]
-    biases = [a.q.bias[a.qk_dim:], a.k.bias[a.qk_dim:], a.v.bias[a.v_dim:]]
-    want = torch.cat([r.flatten() for r in rows + biases]).double().norm()
-    torch.testing.assert_close(scores["blocks"][2]["head"][1], want.detach())
+    rows = [a.q.weight, a.k.weight, a.v.weight]
+    biases = [a.q.bias, a.k.bias, a.v.bias]
+    head_norms = torch.stack([torch.cat([t.view(a.num_heads, -1)[h] for t in rows + biases])
+                              .double().norm() for h in range(a.num_heads)]).detach()
+    torch.testing.assert_close(scores["blocks"][2]["head"][1], head_norms[1] / head_norms.mean())
     assert scores["emb"].shape == (48,) and bool((scores["emb"] > 0).all())
+    torch.testing.assert_close(scores["emb"].mean(), torch.tensor(1.0, dtype=torch.float64))
 
 
 def test_saliency_state_dict_round_trip() -> None:
