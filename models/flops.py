@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from .revit import set_attention_padding
+
 aten = torch.ops.aten
 
 
@@ -27,9 +29,24 @@ CPU_SDPA_FLOPS = {
 }
 
 
+class ModelFlopCounter(FlopCounterMode):
+    """FlopCounterMode that also counts the CPU SDPA kernel and, while active, turns off the
+    model's CPU zero-padding of unequal QK/V widths (a kernel detail, not model arithmetic)."""
+
+    def __enter__(self):
+        self._padding = set_attention_padding(False)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            set_attention_padding(self._padding)
+
+
 def flop_counter() -> FlopCounterMode:
-    """A silent FlopCounterMode that also counts the CPU SDPA kernel."""
-    return FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
+    """A silent counter of the model's MACs x 2, the CPU attention kernel included."""
+    return ModelFlopCounter(display=False, custom_mapping=CPU_SDPA_FLOPS)
 
 
 @torch.no_grad()

@@ -42,6 +42,31 @@ class StreamNorm(nn.LayerNorm):
         return y * gate
 
 
+# On the CPU, SDPA has a fused kernel only for equal QK and V widths; otherwise it takes its
+# unfused math path, 1.4-3.7x slower for pruned shapes (benchmarks/README.md, finding 3).
+# Zero-padding the narrower side is exact and reaches the fused kernel. Off while MACs are
+# counted (models/flops.py), which must see the model's arithmetic, not the kernel's.
+_pad_unequal_widths = True
+
+
+def set_attention_padding(enabled: bool) -> bool:
+    """Turn the CPU zero-padding of unequal QK/V widths on or off; returns the old setting."""
+    global _pad_unequal_widths
+    old, _pad_unequal_widths = _pad_unequal_widths, bool(enabled)
+    return old
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+              scale: float) -> torch.Tensor:
+    """SDPA over (B, H, N, d) tensors whose QK width may differ from the V width."""
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dq == dv or q.device.type != "cpu" or not _pad_unequal_widths:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    d = max(dq, dv)  # zero QK columns add nothing to q.k; zero V columns are cut off again
+    q, k, v = F.pad(q, (0, d - dq)), F.pad(k, (0, d - dq)), F.pad(v, (0, d - dv))
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)[..., :dv]
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate QK and V widths and a fixed per-block scale."""
 
@@ -63,8 +88,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         H = self.num_heads
-        # One GEMM over the three stacked weights: three separate outputs cost the CPU
-        # allocator fresh pages on every forward (benchmarks/README.md, finding 1).
+        # One GEMM over the three stacked weights, as timm's fused qkv: three separate
+        # outputs cost the CPU allocator fresh pages on every forward (benchmarks/README.md,
+        # finding 1). The stacking copies the weights per call, small next to the activations.
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
         q, k, v = F.linear(x, weight, bias).split(
@@ -76,9 +102,8 @@ class Attention(nn.Module):
             head = self.head_gate[:, None]
             qk_gate = self.qk_gate * head
             q, k, v = q * qk_gate, k * qk_gate, v * (self.v_gate * head)
-        x = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        x = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                      self.attn_drop if self.training else 0.0, self.scale)
         x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
         return self.proj_drop(self.proj(x))
 

@@ -130,6 +130,35 @@ def test_attention_uses_per_block_scale():
     assert not torch.allclose(a(x), b(x))
 
 
+@pytest.mark.parametrize("qk,v", [(4, 12), (12, 4)])
+def test_cpu_padding_of_unequal_qk_v_widths_is_exact(qk, v):
+    """On the CPU unequal QK/V widths are zero-padded to reach the fused SDPA kernel: the
+    same outputs and gradients as SDPA on the unpadded tensors, and MACs still counted on
+    the model's own widths (with the padding back on afterwards)."""
+    from models.flops import count_macs
+    from models.revit import attention, set_attention_padding
+    from pruning.cost import MacsCost
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 9, qk, requires_grad=True), torch.randn(2, 3, 9, qk, requires_grad=True)
+    val = torch.randn(2, 3, 9, v, requires_grad=True)
+    grads = []
+    for pad in (True, False):
+        old = set_attention_padding(pad)
+        try:
+            out = attention(q, k, val, 0.0, 0.37)
+        finally:
+            set_attention_padding(old)
+        assert out.shape == (2, 3, 9, v)
+        grads.append((out, torch.autograd.grad((out * torch.arange(v)).sum(), (q, k, val))))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
+    d = Dims(16, [2, 3], [qk, qk], [v, v], [8, 8], img_size=16, patch_size=8, in_chans=3,
+             num_classes=3, distilled=False)
+    assert count_macs(models.ReViT(d))[0] == MacsCost(d).total(d)
+    assert set_attention_padding(True) is True  # count_macs restored it
+
+
 # -------------------------------------------------------------------- timm equivalence
 @pytest.mark.parametrize("name,kwargs", [
     ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, num_classes=10)),
