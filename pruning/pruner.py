@@ -111,6 +111,13 @@ class GlobalPruner:
 
     def _candidate(self, kind: str, block: int | None, scores: dict, w: dict) -> Candidate | None:
         """The lowest-scoring removable group of one kind in one block, or None."""
+        c = self._lowest_group(kind, block, scores, w)
+        if c is not None and not getattr(self.saliency, "additive", True):
+            c.score /= len(c.units)  # per-unit scores: groups of different sizes by their mean
+        return c
+
+    def _lowest_group(self, kind: str, block: int | None, scores: dict,
+                      w: dict) -> Candidate | None:
         g = self.group_sizes[kind]
         if kind == "emb":
             gate, score = self.gates.emb, scores["emb"]
@@ -156,7 +163,8 @@ class GlobalPruner:
         return (cost.block(E, H, qk, v, m) - cost.block(*new)) * scale
 
     def candidates(self, scores: dict) -> list[Candidate]:
-        """Every removable group at the current widths, with its cost drop and rank."""
+        """The lowest-scoring removable group of each kind in each block at the current
+        widths (the contenders for the next removal), with cost drop and rank filled."""
         w = self.widths()
         dims_now = widths_to_dims(w, self.original)
         cands = [c for c in [self._candidate("emb", None, scores, w)] +

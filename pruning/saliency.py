@@ -89,6 +89,21 @@ class Saliency:
         # float64: squared small gradients summed over many batches stay exact enough
         return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
 
+    @property
+    def additive(self) -> bool:
+        """True when a group's score is the sum of its units' (an estimate of the loss
+        increase, hessian/taylor); False for magnitude/random, per-unit scores that groups
+        of different sizes compare by their mean."""
+        return self.criterion in _ACCUMULATING
+
+    def _live_masks(self) -> list[torch.Tensor]:
+        """Live units per gate tensor; QK/V dims of a removed head are not live."""
+        live = nest(self.gates, [t.detach() != 0 for t in self.gates.tensors()])
+        for blk in live["blocks"]:
+            blk["qk"] = blk["qk"] & blk["head"][:, None]
+            blk["v"] = blk["v"] & blk["head"][:, None]
+        return [live["emb"]] + [blk[k] for blk in live["blocks"] for k in BLOCK_KINDS]
+
     # ------------------------------------------------------------ per batch
     @torch.no_grad()
     def accumulate(self) -> None:
@@ -113,7 +128,7 @@ class Saliency:
         step takes the average as is). magnitude: fresh per-unit weight norms over their layer's
         live mean. random: a fresh draw. Neither uses the EMA.
         """
-        alive = [t.detach() != 0 for t in self.gates.tensors()]
+        alive = self._live_masks()
         if self.criterion in _ACCUMULATING:
             if self.count == 0:
                 raise RuntimeError("Saliency.step: no batch was accumulated since the last step")

@@ -118,6 +118,22 @@ def test_lowest_saliency_group_goes_first(kind, block, units):
     assert (got_kind, got_block, sorted(got_units)) == (kind, block, units)
 
 
+@pytest.mark.parametrize("additive,first", [(True, "head"), (False, "mlp")])
+def test_per_unit_criteria_compare_groups_by_mean(additive, first):
+    """hessian/taylor scores add up over a group; magnitude/random are per-unit, so a group
+    of 2 heads must not beat a group of 16 neurons just by having fewer units."""
+    model, gates, saliency, pruner = setup(target=0.1, per_iter=1)
+    fixed = FixedScores(gates, "mlp", 1, [])
+    for b in fixed.scores["blocks"]:
+        b["head"].fill_(0.9)
+        b["mlp"].fill_(0.95)
+    fixed.scores["blocks"][1]["mlp"][:16] = 0.5  # mean 0.5, sum 8 > a head pair's 1.8
+    fixed.additive = additive
+    pruner.saliency = fixed
+    result = pruner.step(model)
+    assert result.removed_units[0][0] == first
+
+
 def test_latency_penalty_prefers_costly_groups():
     """With a large lambda the cost drop dominates: the first removal is the candidate with
     the largest cost drop, whatever its saliency; with lambda 0 the cheapest saliency wins."""

@@ -358,6 +358,18 @@ def test_magnitude_criterion() -> None:
     head_norms = torch.stack([torch.cat([t.view(a.num_heads, -1)[h] for t in rows + biases])
                               .double().norm() for h in range(a.num_heads)]).detach()
     torch.testing.assert_close(scores["blocks"][2]["head"][1], head_norms[1] / head_norms.mean())
+    # a removed head's QK dims are neither scored nor part of the live QK dims' mean
+    with torch.no_grad():
+        gates.blocks[2]["head"][0] = 0
+    scores = sal.step(model)
+    qk = torch.stack([torch.cat([t.view(a.num_heads, a.qk_dim, -1)[h] for t in (a.q.weight, a.k.weight)], 1)
+                      .double().norm(dim=1)
+                      for h in range(a.num_heads)]).detach()  # (H, qk) without biases
+    qk = (qk.pow(2) + torch.stack([a.q.bias.view(a.num_heads, -1)[h].double().pow(2) +
+                                   a.k.bias.view(a.num_heads, -1)[h].double().pow(2)
+                                   for h in range(a.num_heads)]).detach()).sqrt()
+    torch.testing.assert_close(scores["blocks"][2]["qk"][1], qk[1] / qk[1:].mean())
+    assert float(scores["blocks"][2]["qk"][0].abs().sum()) == 0.0
     assert scores["emb"].shape == (48,) and bool((scores["emb"] > 0).all())
     torch.testing.assert_close(scores["emb"].mean(), torch.tensor(1.0, dtype=torch.float64))
 
