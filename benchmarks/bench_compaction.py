@@ -1,37 +1,93 @@
 """Study 2: does compaction pay off? Measured CPU speedup of pruned models against MACs removed.
 
-    python benchmarks/bench_compaction.py                       # DeiT-Ti/224 pruned to 75/50/25% MACs
+    python benchmarks/bench_compaction.py                       # DeiT-Ti/224 at 75/50/25% MACs
     python benchmarks/bench_compaction.py --dense D.pth --pruned P.pth [--name digits]
 
-The synthetic mode prunes a DeiT-Ti-shaped model with the global pruner (magnitude scores,
-MACs cost, reference group sizes) so the shapes are the non-uniform ones pruning produces,
-then compacts it. For each pruned model it reports latency speedup at batch 1 and 32 over
-the dense model (interleaved, median of pairwise ratios) divided by the MACs reduction:
-1.0 means real speed follows the arithmetic exactly.
+The synthetic mode takes a DeiT-Ti/224 model and, for each target, removes units of all five
+kinds (embedding channels, heads, QK dims, V dims, MLP neurons) through the gates, with
+seeded random keep fractions per block and kind scaled until the MACs ratio meets the
+target, then compacts it: widths that differ from block to block and kind to kind, as
+pruning produces, without pretending that a randomly initialised model has a meaningful
+saliency (the quality study measures the shapes real criteria pick). Uniform width scaling
+to the same MACs is measured alongside as the reference a plain smaller DeiT would give. For
+each model: latency speedup at batch 1 and 32 over the dense model (interleaved, median of
+pairwise ratios) times the MACs ratio; 1.0 means real speed follows the arithmetic exactly.
 """
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
 
 import torch
 
-from common import interleaved, md_table, ratio_stats, write_results
+import common
+from common import interleaved, md_table, ratio_stats, uniform_dims, write_results
 
 import models
+from errors import UserError
 from models.flops import count_macs
-from pruning import Gates, Saliency, compact
+from pruning import Gates, compact
 from pruning.cost import MacsCost
-from pruning.pruner import GlobalPruner
+from pruning.gates import widths_to_dims
 
 
-def prune_to(dense: models.ReViT, target: float) -> models.ReViT:
+GROUPS = {"emb": 16, "qk": 8, "v": 8, "mlp": 16}  # reference group sizes; heads: any count >= 1
+
+
+def random_widths(dims: models.Dims, target: float, seed: int) -> dict:
+    """Per-block, per-kind widths: seeded keep fractions times one factor, bisected so the
+    MACs ratio is the largest not above `target`; channel widths in multiples of GROUPS."""
+    gen = torch.Generator().manual_seed(seed)
+    frac = {k: (0.4 + 0.6 * torch.rand(dims.depth, generator=gen)).tolist()
+            for k in ("num_heads", "qk_dim", "v_dim", "mlp_dim")}
+    frac_emb = 0.6 + 0.4 * float(torch.rand(1, generator=gen))
+    cost = MacsCost(dims)
+    full = cost.total(dims)
+
+    def snap(n: float, g: int, top: int) -> int:
+        return int(min(top, max(g, round(n / g) * g)))
+
+    def widths(s: float) -> dict:
+        w = {"embed_dim": snap(dims.embed_dim * min(1.0, frac_emb * s), GROUPS["emb"],
+                               dims.embed_dim)}
+        w["num_heads"] = [max(1, min(h, round(h * min(1.0, f * s))))
+                          for h, f in zip(dims.num_heads, frac["num_heads"])]
+        for k, g in (("qk_dim", "qk"), ("v_dim", "v"), ("mlp_dim", "mlp")):
+            w[k] = [snap(n * min(1.0, f * s), GROUPS[g], n)
+                    for n, f in zip(getattr(dims, k), frac[k])]
+        return w
+
+    lo, hi = 0.0, 1.0 / min([frac_emb] + [f for v in frac.values() for f in v])
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        ratio = cost.total(widths_to_dims(widths(mid), dims)) / full
+        lo, hi = (mid, hi) if ratio <= target else (lo, mid)
+    if cost.total(widths_to_dims(widths(lo), dims)) / full > target:
+        raise ValueError(f"{target:.0%} of the MACs is below what the minimum widths allow")
+    return widths(lo)
+
+
+@torch.no_grad()
+def prune_to(dense: models.ReViT, target: float, seed: int = 0) -> models.ReViT:
+    """The dense model with units removed through the gates to `random_widths`, compacted."""
     model = models.ReViT(dense.dims)
     model.load_state_dict(dense.state_dict())
     gates = Gates.attach(model)
-    pruner = GlobalPruner(gates, Saliency(gates, "magnitude"), MacsCost(model.dims), target,
-                          prune_per_iter=10**9)
-    pruner.step(model)
+    w = random_widths(dense.dims, target, seed)
+    gates.emb[w["embed_dim"]:] = 0
+    for i, b in enumerate(gates.blocks):
+        b["head"][w["num_heads"][i]:] = 0
+        b["qk"][:, w["qk_dim"][i]:] = 0
+        b["v"][:, w["v_dim"][i]:] = 0
+        b["mlp"][w["mlp_dim"][i]:] = 0
     return compact(model).eval()
+
+
+def uniform(dense: models.ReViT, target: float) -> models.ReViT:
+    return models.ReViT(uniform_dims(dense.dims, target)).eval()
 
 
 def measure(dense, pruned: dict, batches: list[int], repeats: int) -> list[dict]:
@@ -39,7 +95,8 @@ def measure(dense, pruned: dict, batches: list[int], repeats: int) -> list[dict]
     dense_macs = count_macs(dense)[0]
     for name, model in pruned.items():
         macs = count_macs(model)[0]
-        row = {"model": name, "macs_ratio": macs / dense_macs, "dims": model.dims.to_dict()}
+        row = {"model": name, "macs_ratio": macs / dense_macs, "dims": model.dims.to_dict(),
+               "params": sum(p.numel() for p in model.parameters())}
         for b in batches:
             x = torch.randn(b, 3, dense.dims.img_size, dense.dims.img_size)
             with torch.inference_mode():
@@ -52,26 +109,55 @@ def measure(dense, pruned: dict, batches: list[int], repeats: int) -> list[dict]
     return rows
 
 
+def dims_text(d: dict) -> str:
+    return (f"E{d['embed_dim']} H{d['num_heads']} qk{d['qk_dim']} v{d['v_dim']} "
+            f"mlp{d['mlp_dim']}").replace(" ", "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dense", help="checkpoint of the dense model (with --pruned)")
     p.add_argument("--pruned", help="checkpoint of its pruned compact model")
-    p.add_argument("--name", default="compaction")
+    p.add_argument("--quick", action="store_true",
+                   help="a small 32 px model and few repeats (a smoke test, not a result)")
+    p.add_argument("--name", default=None, help="study name (default compaction[_quick])")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE (sleeping instead of spinning OpenMP threads)")
     args = p.parse_args()
+    if bool(args.dense) != bool(args.pruned):
+        p.error("--dense and --pruned go together")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.out:
+        common.RESULTS = Path(args.out)
+    name = args.name or ("compaction_quick" if args.quick else "compaction")
     batches = [int(b) for b in args.batches.split(",")]
+    repeats = 3 if args.quick else args.repeats
+    load = os.getloadavg()
     torch.manual_seed(0)
-    if args.dense and args.pruned:
-        dense = models.build_model("deit_tiny_patch16_224", checkpoint=args.dense).eval()
-        pruned = {"pruned": models.build_model("deit_tiny_patch16_224", checkpoint=args.pruned).eval()}
+    if args.dense:
+        try:
+            dense = models.build_model("deit_tiny_patch16_224", checkpoint=args.dense).eval()
+            pruned = {"pruned": models.build_model("deit_tiny_patch16_224",
+                                                   checkpoint=args.pruned).eval()}
+        except UserError as e:
+            raise SystemExit(f"error: {e}")
     else:
-        dense = models.build_model("deit_tiny_patch16_224").eval()
-        pruned = {f"{int(t * 100)}% MACs target": prune_to(dense, t) for t in (0.75, 0.5, 0.25)}
-    rows = measure(dense, pruned, batches, args.repeats)
+        if args.quick:  # DeiT-Ti's widths, 3 blocks, 32 px
+            dense = models.ReViT(models.Dims.uniform(192, 3, 3, 768, img_size=32, patch_size=4,
+                                                     in_chans=3, num_classes=10,
+                                                     distilled=False)).eval()
+        else:
+            dense = models.build_model("deit_tiny_patch16_224").eval()
+        pruned = {}
+        for t in (0.75, 0.5, 0.25):
+            pruned[f"pruned shape, {int(t * 100)}% MACs target"] = prune_to(dense, t)
+            pruned[f"uniform scaling, {int(t * 100)}% MACs target"] = uniform(dense, t)
+    rows = measure(dense, pruned, batches, repeats)
     headers = ["model", "MACs ratio"] + [h for b in batches for h in
                                          (f"speedup b{b} (p25-p75)", f"speedup x MACs ratio b{b}")]
     table = []
@@ -80,11 +166,16 @@ def main() -> None:
         for b in batches:
             s = r[f"speedup_b{b}"]
             line += [f"{s['median']:.2f} ({s['p25']:.2f}-{s['p75']:.2f})", r[f"efficiency_b{b}"]]
-        table.append(line)
-    md = md_table(headers, table)
-    md += ("\n\nspeedup = dense latency / pruned latency (median of interleaved pairs); "
-           "speedup x MACs ratio = 1.0 when speed follows the MACs removed exactly.")
-    path = write_results(args.name, {"dense_dims": dense.dims.to_dict(), "rows": rows}, md)
+        table.append(line + [dims_text(r["dims"])])
+    md = md_table(headers + ["dims"], table)
+    md += (f"\n\nspeedup = dense latency / pruned latency (median of {repeats} interleaved pairs); "
+           "speedup x MACs ratio = 1.0 when speed follows the MACs removed exactly. "
+           f"Dense: {dims_text(dense.dims.to_dict())}, {dense.dims.img_size} px, "
+           f"patch {dense.dims.patch_size}.")
+    md += "\n\n" + machine_note(load)
+    path = write_results(name, {"dense_dims": dense.dims.to_dict(), "quick": args.quick,
+                                "omp_wait_policy": omp_policy(),
+                                "loadavg": [load, os.getloadavg()], "rows": rows}, md)
     print(md)
     print(f"wrote {path}")
 

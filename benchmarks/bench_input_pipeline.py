@@ -35,14 +35,7 @@ from __future__ import annotations
 import os
 import sys
 
-# --passive must act before torch is imported: spinning OpenMP threads (the default) collapse
-# when another process (or a DataLoader worker) holds one of the cores.
-if "--passive" in sys.argv:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-
-def omp_policy() -> str:
-    return os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
+from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
 
 import argparse
 import time
@@ -272,8 +265,7 @@ def main() -> None:
            "same fed loop with the main process's torch threads lowered to leave the workers "
            f"their cores. img/s are medians for context. {torch.get_num_threads()} torch "
            "threads in the main process; loader workers run 1 thread each on the same cores.")
-    md += (f"\n\nOpenMP wait policy: {omp_policy()}; 1-minute load average {load[0]:.1f} at "
-           f"start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).")
+    md += "\n\n" + machine_note(load)
     path = write_results(name, {"omp_wait_policy": omp_policy(),
                                 "quick": q, "loadavg": [load, os.getloadavg()],
                                 "data_root": str(root), "sets": results}, md)

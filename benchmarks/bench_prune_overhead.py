@@ -25,16 +25,8 @@ plain steps and reported amortised over --interval_prune 100: t(pruner.step) / (
 from __future__ import annotations
 
 import os
-import sys
 
-# --passive must act before torch is imported: spinning OpenMP threads (the default) collapse
-# when another process (or a DataLoader worker) holds one of the cores.
-if "--passive" in sys.argv:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-
-def omp_policy() -> str:
-    return os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
+from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
 
 import argparse
 import copy
@@ -240,8 +232,7 @@ def main() -> None:
            f"training step (KL to the frozen full model + DeiT loss, AdamW). Amortised = "
            f"t(pruner.step) / ({INTERVAL} x t(plain step)), i.e. the share one prune step "
            f"every --interval_prune {INTERVAL} iterations adds; --prune_per_iter {PRUNE_PER_ITER}.")
-    md += (f"\n\nOpenMP wait policy: {omp_policy()}; 1-minute load average {load[0]:.1f} at "
-           f"start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).")
+    md += "\n\n" + machine_note(load)
     path = write_results(name, {"omp_wait_policy": omp_policy(),
                                 "quick": args.quick, "loadavg": [load, os.getloadavg()],
                                 "interval_prune": INTERVAL,

@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import RESULTS, ROOT, interleaved, md_table, ratio_stats, write_results
+from common import (RESULTS, ROOT, interleaved, md_table, ratio_stats, uniform_dims,  # noqa: E402
+                    write_results)
 
 import models  # noqa: E402
 from losses import kl_divergence  # noqa: E402
@@ -486,25 +487,6 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
 
 
 # ----------------------------------------------------------------- uniform scaling
-def uniform_dims(base: models.Dims, target: float) -> models.Dims:
-    """Embed, heads and MLP all scaled by one factor (head width kept), closest MACs <= target."""
-    macs = MacsCost(base)
-    full = macs.total(base)
-    H, hd, E, M = base.num_heads[0], base.qk_dim[0], base.embed_dim, base.mlp_dim[0]
-    best = None
-    for s in np.linspace(0.05, 1.0, 400):
-        e = max(8, int(round(E * s / 8)) * 8)
-        h = max(1, int(round(H * s)))
-        m = max(8, int(round(M * s / 8)) * 8)
-        d = models.Dims.uniform(e, base.depth, h, m, qk_dim=hd, img_size=base.img_size,
-                                patch_size=base.patch_size, in_chans=base.in_chans,
-                                num_classes=base.num_classes, distilled=base.distilled)
-        r = macs.total(d) / full
-        if r <= target and (best is None or r > best[0]):
-            best = (r, d)
-    return best[1]
-
-
 # ---------------------------------------------------------------------- measuring
 def latency_vs_dense(model: torch.nn.Module, dense: torch.nn.Module, img: int,
                      repeats: int) -> dict:

@@ -21,16 +21,8 @@ show (see benchmarks/README.md, Findings).
 from __future__ import annotations
 
 import os
-import sys
 
-# --passive must act before torch is imported: spinning OpenMP threads (the default) collapse
-# when another process (or a DataLoader worker) holds one of the cores.
-if "--passive" in sys.argv:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-
-def omp_policy() -> str:
-    return os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
+from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
 
 import argparse
 import resource
@@ -165,8 +157,7 @@ def main() -> None:
            f"logits checked to agree first. {torch.get_num_threads()} torch threads. Page "
            f"faults: median minor page faults per call, i.e. 4 KB pages the allocator took "
            f"freshly from the OS (kernel time on top of the arithmetic).")
-    md += (f"\n\nOpenMP wait policy: {omp_policy()}; 1-minute load average {load[0]:.1f} at "
-           f"start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).")
+    md += "\n\n" + machine_note(load)
     path = write_results(name, {"omp_wait_policy": omp_policy(),
                                 "quick": args.quick, "loadavg": [load, os.getloadavg()],
                                 "rows": rows}, md)

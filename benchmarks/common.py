@@ -95,3 +95,26 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def uniform_dims(base: models.Dims, target: float) -> models.Dims:
+    """Embed, heads and MLP all scaled by one factor (head width kept), closest MACs <= target."""
+    import numpy as np
+
+    import models
+    from pruning.cost import MacsCost
+    macs = MacsCost(base)
+    full = macs.total(base)
+    H, hd, E, M = base.num_heads[0], base.qk_dim[0], base.embed_dim, base.mlp_dim[0]
+    best = None
+    for s in np.linspace(0.05, 1.0, 400):
+        e = max(8, int(round(E * s / 8)) * 8)
+        h = max(1, int(round(H * s)))
+        m = max(8, int(round(M * s / 8)) * 8)
+        d = models.Dims.uniform(e, base.depth, h, m, qk_dim=hd, img_size=base.img_size,
+                                patch_size=base.patch_size, in_chans=base.in_chans,
+                                num_classes=base.num_classes, distilled=base.distilled)
+        r = macs.total(d) / full
+        if r <= target and (best is None or r > best[0]):
+            best = (r, d)
+    return best[1]

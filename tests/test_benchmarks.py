@@ -66,6 +66,56 @@ def test_prune_overhead_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_compaction_quick(tmp_path):
+    data = quick("bench_compaction.py", "compaction", tmp_path)
+    names = [r["model"] for r in data["rows"]]
+    assert len(names) == 6 and sum(n.startswith("pruned shape") for n in names) == 3
+    for r, target in zip(data["rows"], (0.75, 0.75, 0.5, 0.5, 0.25, 0.25)):
+        assert target - 0.1 < r["macs_ratio"] <= target + 1e-9, (r["model"], r["macs_ratio"])
+        for b in (1, 32):
+            assert is_stats(r[f"speedup_b{b}"])
+            assert r[f"efficiency_b{b}"] == pytest.approx(
+                r[f"speedup_b{b}"]["median"] * r["macs_ratio"])
+
+
+def test_compaction_shapes_differ_across_blocks_and_kinds():
+    """The synthetic pruned shapes remove all five kinds, unevenly, in group multiples."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_compaction import GROUPS, random_widths
+
+    import models
+    from pruning.cost import MacsCost
+    from pruning.gates import widths_to_dims
+    dims = models.build_model("deit_tiny_patch16_224").dims
+    cost = MacsCost(dims)
+    for target in (0.75, 0.5, 0.25):
+        w = random_widths(dims, target, seed=0)
+        ratio = cost.total(widths_to_dims(w, dims)) / cost.total(dims)
+        assert target - 0.03 < ratio <= target, (target, ratio)
+        assert w["embed_dim"] % GROUPS["emb"] == 0
+        for k, g in (("qk_dim", "qk"), ("v_dim", "v"), ("mlp_dim", "mlp")):
+            assert all(x % GROUPS[g] == 0 for x in w[k])
+        if target <= 0.5:
+            assert w["embed_dim"] < 192 and min(w["num_heads"]) < 3
+            assert min(w["qk_dim"]) < 64 and min(w["v_dim"]) < 64
+            assert len(set(w["mlp_dim"])) > 1 and len(set(w["qk_dim"])) > 1
+    assert random_widths(dims, 0.5, seed=1) != random_widths(dims, 0.5, seed=0)
+
+
+@pytest.mark.slow
+def test_omp_policy_quick(tmp_path):
+    data = quick("bench_omp_policy.py", "omp_policy", tmp_path)
+    conds = {r["condition"] for r in data["rows"]}
+    assert len(conds) == 2 and "as is" in conds
+    works = {r["work"] for r in data["rows"]}
+    assert works == {"tiny (quick) inference b1", "tiny (quick) inference b16",
+                     "tiny (quick) training step b64"}
+    for r in data["rows"]:
+        assert is_stats(r["passive_over_default"])
+        assert r["default_s"] > 0 and r["passive_s"] > 0
+
+
+@pytest.mark.slow
 @needs_data
 def test_input_pipeline_quick(tmp_path):
     data = quick("bench_input_pipeline.py", "input_pipeline", tmp_path)
