@@ -60,6 +60,7 @@ METHODS = {  # key: (label, description)
     "random_macs": ("(e)", "random + MACs"),
     "uniform_scratch": ("(f)", "uniform scaling, from scratch"),
     "torch_pruning": ("(g)", "Torch-Pruning (group Taylor)"),
+    "hessian_unit_macs": ("(h)", "hessian, all scales 1 + MACs"),  # diagnostic: scale factors
 }
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DIGITS_MEAN, DIGITS_STD = (0.25, 0.25, 0.25), (0.35, 0.35, 0.35)
@@ -337,12 +338,13 @@ def calibrate_lambda(pruner: GlobalPruner, model: torch.nn.Module, weight: float
 
 
 def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: DistilBatches,
-               data: Data, cfg: Config, table: LatencyTable | None) -> dict:
+               data: Data, cfg: Config, table: LatencyTable | None,
+               scales: dict | None = None) -> dict:
     """NViT's real loop from dense weights through every budget; returns compact snapshots."""
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(dense).train()
     gates = Gates.attach(model)
-    saliency = Saliency(gates, criterion, None, 0.9, cfg.seed)
+    saliency = Saliency(gates, criterion, scales, 0.9, cfg.seed)  # None: reference scales
     uses_grads = criterion in ("hessian", "taylor")
     if not uses_grads:
         for t in gates.tensors():
@@ -625,7 +627,7 @@ def plot(rows: list[dict], dense_top1: float, study: str) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    markers = dict(zip(METHODS, "osD^vxP"))
+    markers = dict(zip(METHODS, "osD^vxPh"))
     paths = []
     for key, xlabel, xget in (
             ("macs", "MACs / dense MACs", lambda r: r["macs_ratio"]),
@@ -751,6 +753,9 @@ def main(argv: list[str] | None = None) -> None:
     specs = {"hessian_macs": ("hessian", "macs"), "hessian_latency": ("hessian", "latency"),
              "taylor_macs": ("taylor", "macs"), "magnitude_macs": ("magnitude", "macs"),
              "random_macs": ("random", "macs")}
+    unit_scales = {"emb": 1.0, "head": 1.0, "qk": 1.0, "v": 1.0, "mlp": 1.0}
+    scales_of = {"hessian_unit_macs": unit_scales}
+    specs["hessian_unit_macs"] = ("hessian", "macs")
     run_key = {"config": asdict(cfg), "dense_top1": dense_top1, "threads": args.threads}
     for method in methods:
         t0 = time.perf_counter()
@@ -766,7 +771,8 @@ def main(argv: list[str] | None = None) -> None:
         n_before = len(rows)
         if method in specs:
             batches = DistilBatches(data, teacher, cfg.prune_batch, cfg.hflip, cfg.seed + 10)
-            snaps = prune_ours(dense, *specs[method], batches, data, cfg, table)
+            snaps = prune_ours(dense, *specs[method], batches, data, cfg, table,
+                               scales_of.get(method))
             finish(method, snaps)
         elif method == "torch_pruning":
             try:

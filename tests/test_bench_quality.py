@@ -96,7 +96,7 @@ def test_quick_study_reports_every_method_and_budget(tmp_path: Path) -> None:
     assert data["data"] == "digits"
     rows = {(r["method"], r["budget"]): r for r in data["rows"]}
     methods = ["hessian_macs", "hessian_latency", "taylor_macs", "magnitude_macs", "random_macs",
-               "uniform_scratch", "torch_pruning"]
+               "uniform_scratch", "torch_pruning", "hessian_unit_macs"]
     for m in methods:
         for b in (0.5, 0.25):
             r = rows.get((m, b))
