@@ -186,3 +186,16 @@ def test_bad_input_fails_cleanly(tmp_path, dense, case):
                           env=e, capture_output=True, text=True, timeout=300)
     assert_user_error(proc, *words)
     assert (out / "pruned_checkpoint.pth").read_bytes() == b"earlier result"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("nvit_*.json")),
+                         ids=lambda p: p.name)
+def test_shipped_pruning_configs_are_accepted(path):
+    """Every pruning config we ship passes the checks --pruning_config applies."""
+    import argparse
+
+    import nvit_prune
+    config = nvit_prune.pruning_config(argparse.Namespace(pruning_config=str(path)))
+    assert config["criterion"] in ("hessian", "taylor", "magnitude", "random")
+    assert set(config["scales"]) == {"emb", "head", "qk", "v", "mlp"}
+    assert all(v >= 1 for v in config["group_sizes"].values())
