@@ -43,7 +43,7 @@ class StreamNorm(nn.LayerNorm):
 
 
 # On the CPU, SDPA has a fused kernel only for equal QK and V widths; otherwise it takes its
-# unfused math path, 1.4-3.7x slower for pruned shapes (benchmarks/README.md, finding 3).
+# unfused math path, up to 3.7x slower for pruned shapes (benchmarks/README.md, finding 2).
 # Zero-padding the narrower side is exact and reaches the fused kernel. Off while MACs are
 # counted (models/flops.py), which must see the model's arithmetic, not the kernel's.
 _pad_unequal_widths = True
