@@ -4,12 +4,13 @@ At each prune step the saliency of every live unit is turned into candidate grou
 block and kind: the `group_size` lowest-scoring live units; for QK and V dims that many
 from every live head, so each block keeps one width per head). Candidates are ranked by
 `score - lambda * cost_drop` and removed greedily, cheapest first, until `prune_per_iter`
-units are gone or the cost reaches `target * cost(original)`. The cost that ranks may differ
-from the cost that stops (`rank_cost`): e.g. rank by a measured latency table, stop at a
-MACs budget. At least one group of each
-kind always survives in every block. Everything is computed from gate values that are
-identical on every rank, and masks are broadcast from rank 0 after each step, so all ranks
-hold the same masks and stop at the same step.
+units are gone or the cost reaches `target * cost(original)`. A group's score is the sum of
+its units' for additive criteria (hessian, taylor: estimates of the loss increase) and their
+mean for per-unit ones (magnitude, random). The cost that ranks may differ from the cost
+that stops (`rank_cost`): e.g. rank by a measured latency table, stop at a MACs budget. At
+least one group of each kind always survives in every block. Everything is computed from
+gate values that are identical on every rank, and masks are broadcast from rank 0 after each
+step, so all ranks hold the same masks and stop at the same step.
 """
 from __future__ import annotations
 
