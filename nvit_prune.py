@@ -306,14 +306,7 @@ def main(args) -> None:
     def after_backward(grad_scale: float) -> None:
         if state["done"] or not uses_gradients:
             return
-        gates.all_reduce_grads()
-        grads = [t.grad for t in gates.tensors()]
-        if grad_scale != 1.0:
-            torch._foreach_div_(grads, grad_scale)
-        # one host sync: skip batches whose (fp16) gradients overflowed, as the scaler does
-        if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            saliency.accumulate()
-        gates.zero_grad()
+        saliency.collect(grad_scale)
 
     def make_after_step(epoch: int):
         def after_step(i: int, loss: float) -> bool:

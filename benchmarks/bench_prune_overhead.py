@@ -28,11 +28,9 @@ import os
 
 from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
 
-import argparse
 import copy
 import math
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -95,17 +93,6 @@ def synthetic_latency_table(num_tokens: int) -> dict:
                                   attention, {"embed_dim": Es, "mlp_dim": Ms}, mlp)
 
 
-def after_backward(gates: Gates, saliency: Saliency, grad_scale: float = 1.0) -> None:
-    """nvit_prune.py's after_backward (a closure there), step for step."""
-    gates.all_reduce_grads()
-    grads = [t.grad for t in gates.tensors()]
-    if grad_scale != 1.0:
-        torch._foreach_div_(grads, grad_scale)
-    if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-        saliency.accumulate()
-    gates.zero_grad()
-
-
 def train_step(model, criterion, optimizer, x, y, hook=None):
     """engine.train_one_epoch's inner loop body for one batch (fp32, no clipping, no mixup)."""
     def step() -> None:
@@ -148,7 +135,7 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int) 
     steps = {
         "plain": train_step(plain, criterion, builders.build_optimizer(args, plain), x, y),
         "pruning loop": train_step(pruned, criterion, builders.build_optimizer(args, pruned), x, y,
-                                   hook=lambda: after_backward(gates, saliency)),
+                                   hook=saliency.collect),
         "gates only": train_step(gated, criterion, builders.build_optimizer(args, gated), x, y,
                                  hook=gates_only.zero_grad),
     }
@@ -205,19 +192,9 @@ def fmt(s: dict, pct: bool = False) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="few repeats (a smoke test, not a result)")
-    p.add_argument("--passive", action="store_true",
-                   help="OMP_WAIT_POLICY=PASSIVE (sleeping instead of spinning OpenMP threads)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    p.add_argument("--name", default=None, help=f"study name (default {STUDY}, {STUDY}_quick)")
+    p = common.study_parser(__doc__, STUDY, "few repeats (a smoke test, not a result)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.out:
-        common.RESULTS = Path(args.out)
-    name = args.name or (f"{STUDY}_quick" if args.quick else STUDY)
+    name = common.apply_study_args(args, STUDY)
     repeats, warmup = (3, 1) if args.quick else (20, 3)
     load = os.getloadavg()
     rows = [measure_case(case, frame, batch // 4 if args.quick else batch, repeats, warmup)

@@ -119,6 +119,21 @@ class Saliency:
             s += score.pow(2) if self.criterion == "hessian" else score.abs()
         self.count += 1
 
+    @torch.no_grad()
+    def collect(self, grad_scale: float = 1.0) -> bool:
+        """After a training backward: average the gate gradients over ranks, undo the AMP
+        loss scale, add them to the scores unless they are non-finite (an fp16 overflow the
+        scaler will skip too; one host sync), and clear them. Returns whether they counted."""
+        self.gates.all_reduce_grads()
+        grads = [t.grad for t in self.gates.tensors()]
+        if grad_scale != 1.0:
+            torch._foreach_div_(grads, grad_scale)
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if finite:
+            self.accumulate()
+        self.gates.zero_grad()
+        return finite
+
     # ------------------------------------------------------------ per step
     @torch.no_grad()
     def step(self, model: ReViT | None = None) -> dict:

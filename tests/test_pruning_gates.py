@@ -469,3 +469,25 @@ def test_all_reduce_grads_single_process_group() -> None:
             assert torch.equal(t.grad, torch.zeros_like(t))
         else:
             torch.testing.assert_close(t.grad, g)
+
+
+def test_collect_unscales_skips_overflow_and_clears() -> None:
+    """Saliency.collect, nvit_prune's after-backward step: AMP-scaled gate gradients give the
+    unscaled scores, a batch with a non-finite gradient is left out, gradients are cleared."""
+    gates = Gates.attach(tiny())
+    ref = Saliency(gates, "hessian")
+    set_grads(gates, 1)
+    ref.accumulate()
+    want = flat(ref.step())
+    sal = Saliency(gates, "hessian")
+    set_grads(gates, 2)
+    gates.emb.grad[0] = float("inf")  # an overflowed batch: skipped
+    assert sal.collect() is False and sal.count == 0
+    assert all(t.grad is None for t in gates.tensors())
+    set_grads(gates, 1)
+    for t in gates.tensors():
+        t.grad.mul_(1024.0)
+    assert sal.collect(grad_scale=1024.0) is True and sal.count == 1
+    assert all(t.grad is None for t in gates.tensors())
+    for got, exp in zip(flat(sal.step()), want):
+        torch.testing.assert_close(got, exp)
