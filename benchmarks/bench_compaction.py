@@ -15,9 +15,7 @@ pairwise ratios) times the MACs ratio; 1.0 means real speed follows the arithmet
 """
 from __future__ import annotations
 
-import argparse
 import os
-from pathlib import Path
 
 from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
 
@@ -115,26 +113,16 @@ def dims_text(d: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.study_parser(__doc__, "compaction",
+                            "a small 32 px model and few repeats (a smoke test, not a result)")
     p.add_argument("--dense", help="checkpoint of the dense model (with --pruned)")
     p.add_argument("--pruned", help="checkpoint of its pruned compact model")
-    p.add_argument("--quick", action="store_true",
-                   help="a small 32 px model and few repeats (a smoke test, not a result)")
-    p.add_argument("--name", default=None, help="study name (default compaction[_quick])")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--batches", default="1,32")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--passive", action="store_true",
-                   help="OMP_WAIT_POLICY=PASSIVE (sleeping instead of spinning OpenMP threads)")
     args = p.parse_args()
     if bool(args.dense) != bool(args.pruned):
         p.error("--dense and --pruned go together")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.out:
-        common.RESULTS = Path(args.out)
-    name = args.name or ("compaction_quick" if args.quick else "compaction")
+    name = common.apply_study_args(args, "compaction")
     batches = [int(b) for b in args.batches.split(",")]
     repeats = 3 if args.quick else args.repeats
     load = os.getloadavg()

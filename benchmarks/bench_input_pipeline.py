@@ -210,25 +210,15 @@ def spared_cell(r: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="few batches (a smoke test, not a result)")
-    p.add_argument("--passive", action="store_true",
-                   help="OMP_WAIT_POLICY=PASSIVE (sleeping instead of spinning OpenMP threads)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p = common.study_parser(__doc__, STUDY, "few batches (a smoke test, not a result)")
     p.add_argument("--data-root", default=str(DATA), help="the shared data directory")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    p.add_argument("--name", default=None, help=f"study name (default {STUDY}, {STUDY}_quick)")
     args = p.parse_args()
     root = Path(args.data_root)
     if not (root / "imagenette_224_subset").is_dir() or not (root / "cifar10").is_dir():
         print(f"skipped: the real image sets are not in {root} (expected imagenette_224_subset/ "
               f"and cifar10/, see /work/shared/data/README.md)")
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.out:
-        common.RESULTS = Path(args.out)
-    name = args.name or (f"{STUDY}_quick" if args.quick else STUDY)
+    name = common.apply_study_args(args, STUDY)
     q = args.quick
     # (batch, timed batches per loader run, fed steps, repeats, warmup)
     im = (8, 2, 1, 2, 0) if q else (16, 8, 2, 4, 1)

@@ -26,7 +26,6 @@ import sys
 
 from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
 
-import argparse
 import re
 import subprocess
 import tempfile
@@ -120,26 +119,17 @@ def parse_prune(stdout: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="26 train / 10 val photos per class, 1 epoch, prune step every iteration "
-                        "(a smoke test, not a result)")
-    p.add_argument("--passive", action="store_true",
-                   help="OMP_WAIT_POLICY=PASSIVE (sleeping instead of spinning OpenMP threads)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="OMP_NUM_THREADS for the scripts (default: torch's)")
+    p = common.study_parser(__doc__, STUDY,
+                            "26 train / 10 val photos per class, 1 epoch, prune step every "
+                            "iteration (a smoke test, not a result)")
     p.add_argument("--data-root", default=str(DATA), help="the shared data directory")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    p.add_argument("--name", default=None, help=f"study name (default {STUDY}, {STUDY}_quick)")
     p.add_argument("--timeout", type=int, default=300, help="seconds allowed per script")
     args = p.parse_args()
     data = Path(args.data_root) / "imagenette_224_subset"
     if not (data / "train").is_dir():
         print(f"skipped: {data} is absent (the real photo set, see /work/shared/data/README.md)")
         return
-    if args.out:
-        common.RESULTS = Path(args.out)
-    name = args.name or (f"{STUDY}_quick" if args.quick else STUDY)
+    name = common.apply_study_args(args, STUDY, set_threads=False)  # --threads: the scripts'
     epochs, workers, batch, interval, per_iter = (1, 1, 64, 1, 256) if args.quick else \
         (2, 2, 64, 2, 32)
     load = os.getloadavg()

@@ -24,7 +24,6 @@ import os
 
 from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
 
-import argparse
 import resource
 import tempfile
 from pathlib import Path
@@ -122,19 +121,9 @@ def row(case: str, mode: str, batch: int, t: dict, diff: float, faults: dict) ->
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="few repeats (a smoke test, not a result)")
-    p.add_argument("--passive", action="store_true",
-                   help="OMP_WAIT_POLICY=PASSIVE (sleeping instead of spinning OpenMP threads)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
-    p.add_argument("--name", default=None, help=f"study name (default {STUDY}, {STUDY}_quick)")
+    p = common.study_parser(__doc__, STUDY, "few repeats (a smoke test, not a result)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.out:
-        common.RESULTS = Path(args.out)
-    name = args.name or (f"{STUDY}_quick" if args.quick else STUDY)
+    name = common.apply_study_args(args, STUDY)
     repeats = (dict(infer=3, train=3, warmup=1, inner_b1=2) if args.quick else
                dict(infer=30, train=20, warmup=3, inner_b1=10))
     rows = []

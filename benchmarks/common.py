@@ -25,6 +25,30 @@ import torch  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def study_parser(doc: str, study: str, quick_help: str) -> "argparse.ArgumentParser":
+    """The flags every study shares: --quick, --passive (acted on by passive.py before torch
+    loads; parsed here so it is accepted), --threads, --out, --name."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE (sleeping instead of spinning OpenMP threads)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--name", default=None, help=f"study name (default {study}, {study}_quick)")
+    return p
+
+
+def apply_study_args(args, study: str, set_threads: bool = True) -> str:
+    """Set torch's threads and the results directory from the shared flags; the study name."""
+    global RESULTS
+    if args.threads and set_threads:
+        torch.set_num_threads(args.threads)
+    if args.out:
+        RESULTS = Path(args.out)
+    return args.name or (f"{study}_quick" if args.quick else study)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
