@@ -5,6 +5,7 @@ Q, K and V apart (their widths may differ), so a foreign state dict is split on 
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -17,17 +18,35 @@ from errors import UserError
 from .dims import Dims
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# The only class a checkpoint may hold besides tensors and plain values: the NViT reference
+# (and DeiT) store their argparse arguments under "args".
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _refusal(path: str, e: Exception) -> str | None:
+    """The message for a file that holds a pickled object we do not unpickle, else None."""
+    found = _UNSUPPORTED_GLOBAL.search(str(e))
+    if not found:
+        return None
+    return (f"{path} holds a pickled {found.group(1)}, which is not loaded (checkpoints may hold "
+            f"tensors, plain values and argparse.Namespace only; nothing in it was executed)")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint file or URL into a dict, with one clear message for every failure."""
+    """Load a checkpoint file or URL into a dict, with one clear message for every failure.
+
+    torch.load runs with weights_only=True: no class outside SAFE_GLOBALS is ever built.
+    """
     path = str(path)
     if path.startswith(("http://", "https://")):
         try:
-            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False,
-                                                      weights_only=True)
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                return torch.hub.load_state_dict_from_url(path, map_location="cpu",
+                                                          check_hash=False, weights_only=True)
         except Exception as e:
-            raise UserError(f"could not fetch checkpoint {path}: {str(e).splitlines()[0]}") from None
+            raise UserError(_refusal(path, e) or
+                            f"could not fetch checkpoint {path}: {str(e).splitlines()[0]}") from None
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
@@ -43,10 +62,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             ckpt["dims"] = json.loads(meta["dims"])
         return ckpt
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?"
-                        f" {type(e).__name__})") from None
+        raise UserError(_refusal(path, e) or f"{path} is not a readable PyTorch checkpoint "
+                        f"(corrupt or truncated? {type(e).__name__})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} does not hold a state dict or checkpoint dict")
     return ckpt

@@ -1,9 +1,15 @@
 """The dims spec: everything needed to rebuild a per-block-dims DeiT without editing code.
 
 A spec has the shared embedding width, per-block lists of heads, QK width per head, V width
-per head and MLP width, a per-block attention scale, and the "frame" (image size, patch
+per head and MLP width, a per-block attention scale, two flavour fields (a learnable
+per-token scale on q, k and v, and the initialisation), and the "frame" (image size, patch
 size, channels, classes, distilled). Frame fields may be left as None in a spec written by
 hand or by the ReViT rule; `with_frame` fills them from a model name and the user's flags.
+
+The flavour defaults are timm's ViT (scale 1/sqrt(QK width), no token scale, trunc-normal
+init), so a spec or checkpoint written without these fields keeps its meaning; the NViT
+reference's ReViT (`revit_dims`, the released NViT models) sets scale 64^-0.5, the token
+scale and PyTorch's default init.
 """
 from __future__ import annotations
 
@@ -17,6 +23,11 @@ from errors import UserError
 
 BLOCK_LISTS = ("num_heads", "qk_dim", "v_dim", "mlp_dim")
 FRAME_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "distilled")
+# "trunc_normal": timm/DeiT, every Linear trunc-normal(0.02) with zero bias.
+# "torch_default": the NViT reference's ReViT, attention, MLP and patch-embedding layers keep
+# PyTorch's default init; tokens, position embedding and classifier heads trunc-normal(0.02).
+INITS = ("trunc_normal", "torch_default")
+REFERENCE_ATTN_SCALE = 64 ** -0.5  # the NViT reference's scale in every block, whatever the QK width
 
 
 @dataclass
@@ -28,6 +39,8 @@ class Dims:
     mlp_dim: list[int]
     depth: int | None = None
     attn_scale: list[float] | None = None  # None: 1/sqrt(qk_dim) per block
+    token_scale: bool = False  # q, k, v of each block times a learnable per-token scale (init 1)
+    init: str = "trunc_normal"  # one of INITS
     img_size: int | None = None
     patch_size: int | None = None
     in_chans: int | None = None
@@ -58,6 +71,10 @@ class Dims:
             raise UserError(f"dims: embed_dim must be a positive integer, got {self.embed_dim!r}")
         if self.depth <= 0:
             raise UserError(f"dims: depth must be positive, got {self.depth}")
+        if not isinstance(self.token_scale, bool):
+            raise UserError(f"dims: token_scale must be true or false, got {self.token_scale!r}")
+        if self.init not in INITS:
+            raise UserError(f"dims: init must be one of {', '.join(INITS)}, got {self.init!r}")
         for name in (*BLOCK_LISTS, "attn_scale"):
             value = getattr(self, name)
             if len(value) != self.depth:
@@ -186,7 +203,9 @@ def revit_dims(emb: int, **frame) -> Dims:
     """The NViT paper's redistributed 12-block shape for embedding width `emb`.
 
     heads [10, 2k, 2k, 4k x6, 2k, 2k, 10], QK per head [16q, 8q, 8q, 16q x6, 8q, 8q, 16q],
-    V per head 64, MLP [3E x3, 6E x6, 3E x3] with k = round(0.005 E), q = round(0.05 E / 8).
+    V per head 64, MLP [3E x3, 6E x6, 3E x3] with k = round(0.005 E), q = round(0.05 E / 8);
+    the reference's model around them: attention scale 64^-0.5 in every block, a learnable
+    token scale on q, k and v, PyTorch's default init.
     """
     if not isinstance(emb, int) or isinstance(emb, bool):
         raise UserError(f"--EMB must be an integer, got {emb!r}")
@@ -198,4 +217,5 @@ def revit_dims(emb: int, **frame) -> Dims:
     heads = [10, 2 * k, 2 * k] + [4 * k] * 6 + [2 * k, 2 * k, 10]
     qk = [16 * q, 8 * q, 8 * q] + [16 * q] * 6 + [8 * q, 8 * q, 16 * q]
     mlp = [3 * emb] * 3 + [6 * emb] * 6 + [3 * emb] * 3
-    return Dims(emb, heads, qk, [64] * 12, mlp, **frame)
+    return Dims(emb, heads, qk, [64] * 12, mlp, attn_scale=[REFERENCE_ATTN_SCALE] * 12,
+                token_scale=True, init="torch_default", **frame)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 
 import torch
 import timm
@@ -17,6 +18,7 @@ from errors import UserError
 from .checkpoint import (check_fits, infer_uniform_dims, is_fused_qkv, read_checkpoint,
                          split_fused_qkv, state_dict_of)
 from .dims import FRAME_FIELDS, Dims
+from .nvit_reference import from_reference, is_reference_layout
 from .revit import ReViT
 
 MODEL_KWARGS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
@@ -64,13 +66,17 @@ def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
 
 
 def _adapt_state_dict(sd: dict, model: ReViT, source: str) -> dict:
-    """For finetuning at another size or label set: resample pos_embed, drop mismatched heads."""
+    """For finetuning at another size or label set: resample the position embedding and the
+    token scales over the patch grid (as timm does), drop mismatched classifier heads."""
     sd = dict(sd)
     own = model.state_dict()
-    if sd["pos_embed"].shape != own["pos_embed"].shape:
-        grid = model.dims.img_size // model.dims.patch_size
-        sd["pos_embed"] = resample_abs_pos_embed(
-            sd["pos_embed"], (grid, grid), num_prefix_tokens=model.num_prefix_tokens)
+    grid = model.dims.img_size // model.dims.patch_size
+    for key in own:
+        if (key == "pos_embed" or key.endswith("attn.token_scale")) and key in sd \
+                and sd[key].shape != own[key].shape:
+            t = sd[key] if key == "pos_embed" else sd[key].reshape(1, -1, 1)
+            t = resample_abs_pos_embed(t, (grid, grid), num_prefix_tokens=model.num_prefix_tokens)
+            sd[key] = t.reshape(own[key].shape)
     for key in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
         if key in sd and key in own and sd[key].shape != own[key].shape:
             sd[key] = own[key]  # fresh classifier for the new label set
@@ -78,18 +84,22 @@ def _adapt_state_dict(sd: dict, model: ReViT, source: str) -> dict:
 
 
 def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLike | None = None,
-                pretrained: bool = False, adapt: bool = False, **kwargs) -> ReViT:
+                pretrained: bool = False, adapt: bool = False, token_scale: bool = False,
+                **kwargs) -> ReViT:
     """Build a ReViT.
 
     name: a timm DeiT name; fixes patch, image size, depth (for uniform dims) and
         distillation unless `dims`, the checkpoint or keyword arguments say otherwise.
     dims: per-block widths (and optionally frame) to use instead of the name's uniform ones.
-    checkpoint: a timm/DeiT state dict file or URL (qkv split, dims inferred, strict) or one
-        of our checkpoints (dims read from it).
+    checkpoint: a timm/DeiT state dict file or URL (qkv split, dims inferred, strict), one
+        of our checkpoints (dims read from it), or an NViT reference checkpoint (a released
+        NViT model or a masked pruning checkpoint, converted exactly).
     pretrained: take timm's pretrained weights for `name` (needs the hub or its cache).
     adapt: allow the checkpoint's image size and classes to differ from the keyword
         arguments (position embedding resampled, classifier re-initialised), as finetuning
         on another data set needs; otherwise a mismatch is an error.
+    token_scale: give the model a token scale (at 1, so the function is unchanged) if its
+        dims or weights have none, as the NViT reference's pruning model has.
     kwargs: frame fields (img_size, num_classes, patch_size, in_chans, distilled) and
         drop_rate, attn_drop_rate, drop_path_rate.
     """
@@ -105,7 +115,9 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
             source = f"timm's pretrained {name}"
             ckpt = _timm_pretrained_state(name)
         state = state_dict_of(ckpt, source)
-        if "dims" in ckpt:
+        if is_reference_layout(state):  # an NViT reference model (released or masked)
+            ck_dims, state = from_reference(ckpt, state, source)
+        elif "dims" in ckpt:
             ck_dims = Dims.from_dict(ckpt["dims"], source=f"dims in {source}")
         elif is_fused_qkv(state):
             ck_dims = infer_uniform_dims(state, base.num_heads[0], source)
@@ -129,11 +141,16 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
         dims = dims.with_frame(**{f: getattr(base, f) for f in FRAME_FIELDS
                                   if getattr(dims, f) is None})
     dims = dims.with_frame(**frame)
+    if token_scale and not dims.token_scale:
+        dims = replace(dims, token_scale=True)
     dims.validate()
     model = ReViT(dims, **model_kwargs)
     if state is not None:
         if adapt:
             state = _adapt_state_dict(state, model, source)
+        if token_scale:  # the added scales start at 1
+            state = {**{k: v for k, v in model.state_dict().items()
+                        if k.endswith("attn.token_scale")}, **state}
         check_fits(model, state, source)
         model.load_state_dict(state)
     return model

@@ -6,9 +6,12 @@ shared embedding width. Q, K and V are separate projections because QK and V wid
 Pruning attaches multiplicative gates (value 1 = kept, 0 = removed) through `set_gates`:
 one embedding gate for the whole residual stream and per block head, QK, V and MLP gates.
 Each gate multiplies the output of the weights that produce its unit, so its gradient is
-`sum(theta * dL/dtheta)` over those weights. While an embedding gate is set, LayerNorm
-statistics are taken over live channels only, so the gated model computes exactly the
-function of its compact version. With no gates set the forward pass is the plain one.
+`sum(theta * dL/dtheta)` over those weights: the head gate multiplies a head's q, k and v,
+the QK gate q only (a zero q column removes its k column's contribution too, and its
+gradient is then exactly the Q weights' sum, as the NViT reference scores QK). While an
+embedding gate is set, LayerNorm statistics are taken over live channels only, so the gated
+model computes exactly the function of its compact version. With no gates set the forward
+pass is the plain one.
 """
 from __future__ import annotations
 
@@ -68,16 +71,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 
 
 class Attention(nn.Module):
-    """Multi-head attention with separate QK and V widths and a fixed per-block scale."""
+    """Multi-head attention with separate QK and V widths and a fixed per-block scale.
+
+    With `num_tokens`, q, k and v are multiplied by a learnable per-token scale (the NViT
+    reference's `token_mask`, shape (tokens, 1), initialised to 1).
+    """
 
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
-                 attn_scale: float, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+                 attn_scale: float, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 num_tokens: int | None = None) -> None:
         super().__init__()
         self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
         self.scale = attn_scale  # kept when QK width is pruned: it is part of the function
         self.q = nn.Linear(embed_dim, num_heads * qk_dim)
         self.k = nn.Linear(embed_dim, num_heads * qk_dim)
         self.v = nn.Linear(embed_dim, num_heads * v_dim)
+        self.token_scale = nn.Parameter(torch.ones(num_tokens, 1)) if num_tokens else None
         self.proj = nn.Linear(num_heads * v_dim, embed_dim)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
@@ -93,15 +102,16 @@ class Attention(nn.Module):
         # finding 1). The stacking copies the weights per call, small next to the activations.
         weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
         bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        q, k, v = F.linear(x, weight, bias).split(
-            [H * self.qk_dim, H * self.qk_dim, H * self.v_dim], dim=-1)
+        qkv = F.linear(x, weight, bias)
+        if self.token_scale is not None:
+            qkv = qkv * self.token_scale
+        q, k, v = qkv.split([H * self.qk_dim, H * self.qk_dim, H * self.v_dim], dim=-1)
         q = q.view(B, N, H, self.qk_dim)
         k = k.view(B, N, H, self.qk_dim)
         v = v.view(B, N, H, self.v_dim)
         if self.head_gate is not None:
             head = self.head_gate[:, None]
-            qk_gate = self.qk_gate * head
-            q, k, v = q * qk_gate, k * qk_gate, v * (self.v_gate * head)
+            q, k, v = q * (self.qk_gate * head), k * head, v * (self.v_gate * head)
         x = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                       self.attn_drop if self.training else 0.0, self.scale)
         x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
@@ -128,10 +138,11 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int, mlp_dim: int,
                  attn_scale: float, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0) -> None:
+                 drop_path: float = 0.0, num_tokens: int | None = None) -> None:
         super().__init__()
         self.norm1 = StreamNorm(embed_dim, eps=LN_EPS)
-        self.attn = Attention(embed_dim, num_heads, qk_dim, v_dim, attn_scale, attn_drop, drop)
+        self.attn = Attention(embed_dim, num_heads, qk_dim, v_dim, attn_scale, attn_drop, drop,
+                              num_tokens)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = StreamNorm(embed_dim, eps=LN_EPS)
         self.mlp = Mlp(embed_dim, mlp_dim, drop)
@@ -148,7 +159,9 @@ class Block(nn.Module):
 class ReViT(nn.Module):
     """DeiT with per-block dims; cls (+ dist) token, two heads as DeiT when distilled.
 
-    In training a distilled model returns (cls_logits, dist_logits); in eval their mean.
+    In training a distilled model returns (cls_logits, dist_logits); in eval their mean,
+    unless `return_pair` is set (a student trained in eval mode, as the NViT reference
+    prunes and finetunes, still needs both heads for its losses).
     """
 
     def __init__(self, dims: Dims, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
@@ -167,13 +180,17 @@ class ReViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, dims.num_tokens, E))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [drop_path_rate * i / max(dims.depth - 1, 1) for i in range(dims.depth)]
+        tokens = dims.num_tokens if dims.token_scale else None
         self.blocks = nn.ModuleList(
-            Block(E, **dims.block(i), drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i])
+            Block(E, **dims.block(i), drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i],
+                  num_tokens=tokens)
             for i in range(dims.depth))
         self.norm = StreamNorm(E, eps=LN_EPS)
         self.head = nn.Linear(E, dims.num_classes)
         self.head_dist = nn.Linear(E, dims.num_classes) if self.distilled else None
         self.emb_gate: torch.Tensor | None = None
+        self.emb_frame_gate: torch.Tensor | None = None
+        self.return_pair = False
         self.pretrained_cfg = {
             "input_size": (dims.in_chans, dims.img_size, dims.img_size), "crop_pct": 0.875,
             "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
@@ -183,19 +200,25 @@ class ReViT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """DeiT/timm initialisation; also what `--scratch` uses to re-initialise."""
+        """The initialisation `dims.init` names; also what `--scratch` uses to re-initialise."""
         for p in (self.pos_embed, self.cls_token, self.dist_token):
             if p is not None:
                 trunc_normal_(p, std=0.02)
+        heads = {self.head, self.head_dist}
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+                if m in heads or self.dims.init == "trunc_normal":
+                    trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+                else:
+                    m.reset_parameters()
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, PatchEmbed):
                 m.proj.reset_parameters()
+            elif isinstance(m, Attention) and m.token_scale is not None:
+                nn.init.ones_(m.token_scale)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -219,13 +242,18 @@ class ReViT(nn.Module):
             nn.init.zeros_(h.bias)
 
     # ---------------------------------------------------------------- gates
-    def set_gates(self, emb: torch.Tensor | None, blocks: list[dict] | None) -> None:
+    def set_gates(self, emb: torch.Tensor | None, blocks: list[dict] | None,
+                  emb_frame: torch.Tensor | None = None) -> None:
         """Attach gates (or remove them with `None, None`).
 
         `blocks[i]` holds tensors `head` (H,), `qk` (H, qk_dim), `v` (H, v_dim), `mlp` (M,).
         Either all block gates are set or none; the embedding gate is independent.
+        `emb_frame` (default `emb`) is the embedding gate used where the stream meets the
+        class/distillation tokens, the position embedding and the final norm (the classifier
+        columns); the same values, detached, leave those weights out of the embedding score.
         """
         self.emb_gate = emb
+        self.emb_frame_gate = emb if emb_frame is None else emb_frame
         for i, blk in enumerate(self.blocks):
             g = blocks[i] if blocks is not None else {}
             blk.attn.head_gate = g.get("head")
@@ -236,17 +264,19 @@ class ReViT(nn.Module):
     # -------------------------------------------------------------- forward
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
-        tokens = [self.cls_token.expand(x.shape[0], -1, -1)]
-        if self.dist_token is not None:
-            tokens.append(self.dist_token.expand(x.shape[0], -1, -1))
-        x = torch.cat([*tokens, x], dim=1) + self.pos_embed
-        emb = self.emb_gate
+        emb, frame = self.emb_gate, self.emb_frame_gate
+        tokens = [self.cls_token, self.dist_token] if self.dist_token is not None else [self.cls_token]
+        pos = self.pos_embed
         if emb is not None:
             x = x * emb
+            tokens = [t * frame for t in tokens]
+            pos = pos * frame
+        tokens = [t.expand(x.shape[0], -1, -1) for t in tokens]
+        x = torch.cat([*tokens, x], dim=1) + pos
         x = self.pos_drop(x)
         for blk in self.blocks:
             x = blk(x, emb)
-        return self.norm(x, emb)
+        return self.norm(x, frame)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         if pre_logits:
@@ -255,7 +285,7 @@ class ReViT(nn.Module):
         if not self.distilled:
             return cls
         dist = self.head_dist(x[:, 1])
-        if self.training:
+        if self.training or self.return_pair:
             return cls, dist
         return (cls + dist) / 2
 

@@ -55,7 +55,8 @@ def _select(gate: torch.Tensor | None, n: int, device: torch.device,
 
 def _head_select(head: torch.Tensor, unit: torch.Tensor, width: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row indices into a (H * width) projection and fold factors, head-major.
+    """Row indices into a (H * width) projection and the (head, dim) gate values there,
+    head-major.
 
     `head` (H,) and `unit` (H, width) gate values; live heads and their live dims are kept
     (the same count per head, checked by head_widths). No live row -> one zero placeholder.
@@ -65,7 +66,7 @@ def _head_select(head: torch.Tensor, unit: torch.Tensor, width: int
     for h in live_heads.tolist():
         d = torch.nonzero(unit[h] != 0).flatten()
         idx.append(h * width + d)
-        fac.append(unit[h, d] * head[h])
+        fac.append(unit[h, d])
     if not idx or idx[0].numel() == 0:
         n_heads = max(1, live_heads.numel())
         z = torch.zeros(n_heads, dtype=torch.long, device=head.device)
@@ -130,10 +131,17 @@ def compact(model: ReViT) -> ReViT:
         head_widths(head, qk, v)  # raises if widths differ across live heads
         qk_idx, qk_fac = _head_select(head, qk, a.qk_dim)
         v_idx, v_fac = _head_select(head, v, a.v_dim)
-        for n, idx, fac in (("q", qk_idx, qk_fac), ("k", qk_idx, qk_fac), ("v", v_idx, v_fac)):
+        # the head gate multiplies q, k and v of its head, the QK gate q only
+        head_of = lambda idx, width: head[idx // width]  # noqa: E731
+        k_fac = head_of(qk_idx, a.qk_dim) * (qk_fac != 0).to(dtype)
+        folds = (("q", qk_idx, qk_fac * head_of(qk_idx, a.qk_dim)), ("k", qk_idx, k_fac),
+                 ("v", v_idx, v_fac * head_of(v_idx, a.v_dim)))
+        for n, idx, fac in folds:
             w = consume(p + f"attn.{n}.weight").index_select(0, idx)
             new_sd[p + f"attn.{n}.weight"] = w * fac[:, None]
             new_sd[p + f"attn.{n}.bias"] = sd[p + f"attn.{n}.bias"].index_select(0, idx) * fac
+        if p + "attn.token_scale" in sd:
+            new_sd[p + "attn.token_scale"] = sd[p + "attn.token_scale"]
         # proj reads the kept v dims; a placeholder (factor 0) column is zeroed too
         proj = sd[p + "attn.proj.weight"].index_select(1, v_idx) * (v_fac != 0).to(dtype)
         new_sd[p + "attn.proj.weight"] = proj.index_select(0, e_idx) * e_fac[:, None]

@@ -1,4 +1,5 @@
 """The model family: dims spec, ReViT rule, forward/backward, timm equivalence, loading."""
+import dataclasses
 import json
 
 import pytest
@@ -30,10 +31,65 @@ def test_revit_rule_reproduces_paper_lists():
     assert d.qk_dim == [32, 16, 16] + [32] * 6 + [16, 16, 32]
 
 
-@pytest.mark.parametrize("emb,params", [(176, 5_339_136), (384, 23_123_280)])
+@pytest.mark.parametrize("emb,params", [(176, 5_341_512), (384, 23_125_656)])
 def test_paper_parameter_counts(emb, params):
+    """The reference's ReViT-T/S: the widths' 5,339,136 / 23,123,280 parameters plus a
+    (198, 1) token scale in each of the 12 blocks."""
     model = build_model("deit_base_distilled_patch16_224", dims=revit_dims(emb))
     assert sum(p.numel() for p in model.parameters()) == params
+    plain = dataclasses.replace(revit_dims(emb), token_scale=False)
+    model = build_model("deit_base_distilled_patch16_224", dims=plain)
+    assert sum(p.numel() for p in model.parameters()) == params - 12 * 198
+
+
+def test_revit_rule_builds_the_reference_model():
+    d = revit_dims(176)
+    assert d.attn_scale == [64 ** -0.5] * 12 and d.token_scale and d.init == "torch_default"
+    # hand-written dims keep timm's flavour, so older files and checkpoints keep their meaning
+    s = small_dims()
+    assert not s.token_scale and s.init == "trunc_normal"
+    assert timm.create_model("revit_tiny_distilled_patch16_224").dims.token_scale
+
+
+def test_token_scale_multiplies_q_k_v_per_token():
+    """A scale c on every token is c times the q, k and v projections; a per-token scale
+    changes the output (its exact per-token product is checked against the NViT reference's
+    forward in test_reference_checkpoints.py)."""
+    torch.manual_seed(0)
+    d = dataclasses.replace(small_dims(img_size=16, patch_size=8, num_classes=3, in_chans=3,
+                                       distilled=True), token_scale=True)
+    m = models.ReViT(d).eval()
+    a = m.blocks[1].attn
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        base = m(x)
+        a.token_scale.copy_(torch.linspace(0.5, 1.5, 6)[:, None])
+        assert not torch.allclose(base, m(x))
+        a.token_scale.fill_(2.0)
+        two = m(x)
+        a.token_scale.fill_(1.0)
+        for lin in (a.q, a.k, a.v):
+            lin.weight.mul_(2)
+            lin.bias.mul_(2)
+        torch.testing.assert_close(m(x), two)
+
+
+@pytest.mark.parametrize("init", ["trunc_normal", "torch_default"])
+def test_init_modes(init):
+    torch.manual_seed(0)
+    d = dataclasses.replace(revit_dims(176), init=init)
+    m = build_model("deit_base_distilled_patch16_224", dims=d).requires_grad_(False)
+    fc1 = m.blocks[3].mlp.fc1
+    heads = (m.head, m.head_dist)
+    assert all(float(h.bias.abs().max()) == 0 and abs(float(h.weight.std()) - 0.02) < 2e-3
+               for h in heads)
+    if init == "trunc_normal":
+        assert float(fc1.bias.abs().max()) == 0 and abs(float(fc1.weight.std()) - 0.02) < 1e-3
+    else:  # PyTorch's default: uniform in +-1/sqrt(fan_in), bias too
+        bound = 1 / 176 ** 0.5
+        assert float(fc1.weight.abs().max()) <= bound and float(fc1.weight.std()) > 0.03
+        assert float(fc1.bias.abs().max()) > 0
+    assert all(torch.equal(b.attn.token_scale, torch.ones(198, 1)) for b in m.blocks)
 
 
 @pytest.mark.parametrize("emb", [0, 50, -3, smallest_valid_emb() - 1])
@@ -56,6 +112,8 @@ def test_smallest_valid_emb_works():
     (dict(embed_dim=0), "embed_dim must be a positive"),
     (dict(img_size=30, patch_size=8), "not divisible by patch size"),
     (dict(attn_scale=[0.1, 0.2]), "attn_scale has 2 entries"),
+    (dict(token_scale=1), "token_scale must be true or false"),
+    (dict(init="xavier"), "init must be one of"),
 ])
 def test_dims_validation(kwargs, match):
     base = dict(embed_dim=48, num_heads=[2, 3, 1], qk_dim=[8, 16, 4], v_dim=[16, 8, 12],
@@ -235,3 +293,45 @@ def test_finetune_adapt_resamples_and_resets_head(tmp_path):
     n = build_model(NAME, checkpoint=path, img_size=48, num_classes=3, adapt=True)
     assert n.pos_embed.shape[1] == 2 + 36 and n.head.out_features == 3
     torch.testing.assert_close(n.blocks[1].attn.q.weight, m.blocks[1].attn.q.weight)
+
+
+def test_finetune_adapt_resamples_token_scales_like_the_position_embedding(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+    d = dataclasses.replace(small_dims(), token_scale=True)
+    m = build_model(NAME, dims=d, img_size=32, patch_size=8, num_classes=5)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn.token_scale.uniform_(0.5, 1.5)
+    path = tmp_path / "ck.pth"
+    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
+    n = build_model(NAME, checkpoint=path, img_size=48, num_classes=5, adapt=True)
+    t = m.blocks[2].attn.token_scale
+    expected = resample_abs_pos_embed(t.reshape(1, -1, 1), (6, 6), num_prefix_tokens=2)
+    assert n.blocks[2].attn.token_scale.shape == (38, 1)
+    torch.testing.assert_close(n.blocks[2].attn.token_scale, expected.reshape(38, 1))
+    assert torch.equal(n.blocks[2].attn.token_scale[:2], t[:2])  # cls and dist kept as they are
+
+
+def test_token_scale_added_at_one_keeps_the_function(tmp_path):
+    """nvit_prune gives a pretrained model the reference's token scale: same logits."""
+    torch.manual_seed(0)
+    m = build_model(NAME, dims=small_dims(), img_size=32, patch_size=8, num_classes=5).eval()
+    path = tmp_path / "ck.pth"
+    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
+    n = build_model(NAME, checkpoint=path, token_scale=True).eval()
+    assert n.dims.token_scale and sum(p.numel() for p in n.parameters()) == \
+        sum(p.numel() for p in m.parameters()) + 3 * 18
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(n(x), m(x))
+
+
+def test_return_pair_gives_both_heads_in_eval():
+    torch.manual_seed(0)
+    m = build_model(NAME, dims=small_dims(), img_size=32, patch_size=8, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        mean = m(x)
+        m.return_pair = True
+        cls, dist = m(x)
+    torch.testing.assert_close((cls + dist) / 2, mean)

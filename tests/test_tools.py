@@ -43,7 +43,7 @@ def tiny_ckpt(tmp_path):
 
 
 # --------------------------------------------------------------------------- model_info
-@pytest.mark.parametrize("emb, params, gmacs", [(176, 5339136, 1.135), (384, 23123280, 4.705)])
+@pytest.mark.parametrize("emb, params, gmacs", [(176, 5341512, 1.135), (384, 23125656, 4.705)])
 def test_model_info_paper_shapes(emb, params, gmacs):
     args = model_info.get_args_parser().parse_args(
         ["--model", "deit_base_distilled_patch16_224", "--EMB", str(emb)])
@@ -57,6 +57,7 @@ def test_model_info_paper_shapes(emb, params, gmacs):
     assert info["tokens"] == 198 and info["embed_dim"] == emb
     table = model_info.format_table(info)
     assert "stem/head" in table and f"{gmacs:.3f} G" in table
+    assert f"params {params:,}" in table and "token scale yes" in table and " 0.1250 " in table
 
 
 def test_model_info_json_tiny_dims(tmp_path, capsys):

@@ -47,7 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Export an nvit checkpoint to ONNX and safetensors.")
     p.add_argument("checkpoint", metavar="CKPT",
                    help="an nvit checkpoint holding 'model' and 'dims' (pruned_checkpoint.pth, "
-                        "a training checkpoint.pth or an exported .safetensors)")
+                        "a training checkpoint.pth or an exported .safetensors), or a published "
+                        "NViT model of the reference repository")
     p.add_argument("--output-dir", default=None,
                    help="where to write the files (default: the checkpoint's directory)")
     p.add_argument("--name", default=None, help="base name of the files (default: checkpoint stem)")
@@ -62,14 +63,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- steps
 def load_model(checkpoint: str) -> torch.nn.Module:
-    """Our checkpoint -> eval-mode ReViT; a dims-less (timm/DeiT) file is refused."""
+    """Our checkpoint or an NViT reference model -> eval-mode ReViT; a dims-less (timm/DeiT)
+    file is refused."""
     import models
+    from models.nvit_reference import is_reference_layout
 
     ckpt = models.read_checkpoint(checkpoint)
     if "dims" not in ckpt and "original_dims" in ckpt:
         raise UserError(f"{checkpoint} is nvit_prune's resumable pruning state (the gated dense "
                         f"model); export the pruned_checkpoint.pth beside it instead")
-    if "dims" not in ckpt:
+    state = ckpt.get("model")
+    if "dims" not in ckpt and not (isinstance(state, dict) and is_reference_layout(state)):
         raise UserError(f"{checkpoint} holds no dims: export needs an nvit checkpoint "
                         f"(pruned_checkpoint.pth, a training checkpoint.pth or an exported "
                         f".safetensors), not a raw timm/DeiT state dict")

@@ -105,6 +105,8 @@ def model_info(model: torch.nn.Module) -> dict:
         "patch_size": d.patch_size,
         "num_classes": d.num_classes,
         "distilled": bool(d.distilled),
+        "token_scale": bool(d.token_scale),
+        "init": d.init,
         "dims": d.to_dict(),
         "blocks": blocks,
     }
@@ -127,7 +129,8 @@ def format_table(info: dict) -> str:
                  f"MACs {info['gmacs']:.3f} G ({info['macs'] / 1e6:.2f} M)")
     lines.append(f"embed dim {info['embed_dim']}   depth {info['depth']}   tokens {info['tokens']}   "
                  f"image size {info['img_size']}   patch size {info['patch_size']}   "
-                 f"classes {info['num_classes']}   distilled {'yes' if info['distilled'] else 'no'}")
+                 f"classes {info['num_classes']}   distilled {'yes' if info['distilled'] else 'no'}   "
+                 f"token scale {'yes' if info['token_scale'] else 'no'}   init {info['init']}")
     return "\n".join(lines)
 
 
