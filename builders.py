@@ -76,8 +76,14 @@ def build_base_criterion(args, mixup_fn) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
+# DeiT's (and the NViT reference's) teacher is regnety_160-a5fe301d.pth; timm holds the same
+# weights as the `deit_in1k` tag, while a bare `regnety_160` would be timm's default tag.
+DEIT_TEACHERS = {"regnety_160": "regnety_160.deit_in1k"}
+
+
 def build_teacher(args, nb_classes: int, device) -> torch.nn.Module | None:
-    """The CNN (or any timm) teacher of DeiT's distillation, weights from a file or URL."""
+    """The CNN (or any timm) teacher of DeiT's distillation, weights from a file or URL, or
+    without --teacher-path timm's copy of DeiT's teacher (other names: timm's default tag)."""
     if args.distillation_type == "none":
         return None
     path = args.teacher_path
@@ -100,11 +106,14 @@ def build_teacher(args, nb_classes: int, device) -> torch.nn.Module | None:
                 raise UserError(f"--teacher-path {path} does not hold weights of "
                                 f"{args.teacher_model} with {nb_classes} classes") from None
     else:
+        name = DEIT_TEACHERS.get(args.teacher_model, args.teacher_model)
+        print(f"teacher: timm's pretrained {name} (no --teacher-path given)")
         try:
-            teacher = timm.create_model(args.teacher_model, pretrained=True, num_classes=nb_classes)
+            teacher = timm.create_model(name, pretrained=True, num_classes=nb_classes)
         except Exception as e:
             raise UserError(f"--teacher-model {args.teacher_model}: no --teacher-path given and "
-                            f"timm could not get its weights ({str(e).splitlines()[0][:100]})") from None
+                            f"timm could not get the weights of {name} "
+                            f"({str(e).splitlines()[0][:100]}); pass --teacher-path FILE") from None
     return teacher.to(device).eval()
 
 
@@ -124,17 +133,18 @@ def build_full_model(args, nb_classes: int, device) -> torch.nn.Module | None:
     return full.to(device).eval()
 
 
-def build_criterion(args, nb_classes: int, mixup_fn, device,
+def build_criterion(args, nb_classes: int, mixup_fn, device, kl_tau: float, per_head: bool,
                     full_model: torch.nn.Module | None = None) -> FullModelKLLoss:
-    """DeiT loss (with the CNN teacher) plus the KL term; `full_model` if already at hand."""
+    """DeiT loss (with the CNN teacher) plus the KL term at temperature `kl_tau`, per head
+    pair or on the heads' mean; `full_model` if already at hand."""
     base = build_base_criterion(args, mixup_fn)
     teacher = build_teacher(args, nb_classes, device)
     deit = DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,
-                            args.distillation_tau)
+                            args.distillation_tau, base_on=args.base_loss_head)
     if full_model is None:
         full_model = build_full_model(args, nb_classes, device)
     return FullModelKLLoss(deit, full_model, args.kl_loss_coeff, args.original_loss_coeff,
-                           args.distillation_tau)
+                           kl_tau, per_head=per_head)
 
 
 def scaled_lr(args) -> float:

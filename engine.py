@@ -10,6 +10,7 @@ from timm.utils import accuracy
 
 import utils
 from errors import UserError
+from losses import mean_of_heads
 
 
 def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -39,16 +40,18 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                     mixup_fn=None, print_freq: int = 50, header: str | None = None,
                     after_backward: Callable[[float], None] | None = None,
                     after_step: Callable[[int, float], bool] | None = None,
-                    start_iter: int = 0, seed_fn: Callable[[int], None] | None = None
-                    ) -> dict[str, float]:
-    """One pass over the loader; returns the epoch's mean loss and last lr.
+                    start_iter: int = 0, seed_fn: Callable[[int], None] | None = None,
+                    train_mode: bool = True) -> dict[str, float]:
+    """One pass over the loader; returns the epoch's mean loss (and its parts) and last lr.
 
     start_iter: iterations of this epoch already done (the loader then yields the rest).
     seed_fn(i) reseeds the RNGs before iteration i, so dropout and mixup replay exactly.
     after_backward(grad_scale) runs between backward and the optimizer step (the pruning
-    loop reads gate gradients there); after_step(i, loss) may return True to end the epoch early.
+    loop reads gate gradients there); after_step(i, loss) may return True to end the epoch
+    early. train_mode False trains the model in eval mode (no dropout, no drop-path), as the
+    NViT reference prunes and finetunes. A criterion's `last_parts` are logged with the loss.
     """
-    model.train()
+    model.train(train_mode)
     total = start_iter + len(data_loader)
     batch_size = getattr(data_loader, "batch_size", None) or 1
     log = utils.ProgressLogger(header or f"Epoch [{epoch}]", total, print_freq, batch_size,
@@ -89,7 +92,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
             optimizer.step()
         if model_ema is not None:
             model_ema.update(model)
-        log.update(loss=loss_value, lr=optimizer.param_groups[0]["lr"])
+        parts = {k: float(v) for k, v in getattr(criterion, "last_parts", {}).items()}
+        log.update(loss=loss_value, **parts, lr=optimizer.param_groups[0]["lr"])
         log.step(i)
         if after_step is not None and after_step(i, loss_value):
             break
@@ -110,7 +114,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            output = model(images)
+            output = mean_of_heads(model(images))
         output = output.float()
         k = min(5, output.shape[1])
         acc1, acc5 = accuracy(output, target, topk=(1, k))

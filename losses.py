@@ -1,7 +1,10 @@
 """Training objectives: DeiT's distillation loss and NViT's full-model KL objective.
 
 Both wrap a base criterion (cross entropy, label smoothing or soft-target CE from
-Mixup), so the same student code path serves plain, distilled and pruning runs.
+Mixup), so the same student code path serves plain, distilled, pruning and finetuning runs.
+Their default meanings are the NViT reference's (NVlabs/NViT): the base loss is taken on
+the mean of a distilled student's two heads, and the KL term is torch's `KLDivLoss()` with
+its element-wise mean at a fixed temperature, without the tau^2 factor.
 """
 
 from __future__ import annotations
@@ -17,30 +20,31 @@ from errors import UserError
 StudentOutput = Union[Tensor, Sequence[Tensor]]
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
+BASE_LOSS_HEADS = ("mean", "cls")  # mean of the two heads (NViT reference) or class head (DeiT)
 
 
-def _mean_of_heads(out: StudentOutput) -> Tensor:
+def mean_of_heads(out: StudentOutput) -> Tensor:
     """Reduce a multi-head output to one tensor the way a distilled DeiT does at eval time."""
     if isinstance(out, (tuple, list)):
         return torch.stack(list(out), dim=0).mean(dim=0)
     return out
 
 
-def kl_divergence(student_logits: Tensor, target_logits: Tensor, tau: float) -> Tensor:
-    """KL(target || student) at temperature ``tau``, averaged over the batch.
-
-    The ``tau**2`` factor keeps gradient magnitudes comparable across temperatures
-    (Hinton et al.), so the loss coefficient need not be retuned when tau changes.
-    """
+def kl_elementwise_mean(student_logits: Tensor, target_logits: Tensor, tau: float) -> Tensor:
+    """KL(target || student) at temperature `tau`, averaged over every element (batch x
+    classes), no tau^2: the NViT reference's `KLDivLoss()(log_softmax(s / T), softmax(t / T))`."""
     t = float(tau)
     log_p_student = F.log_softmax(student_logits / t, dim=-1)
     log_p_target = F.log_softmax(target_logits / t, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_target, reduction="batchmean", log_target=True)
-    return kl * (t * t)
+    return F.kl_div(log_p_student, log_p_target, reduction="none", log_target=True).mean()
 
 
 class DistillationLoss(nn.Module):
-    """DeiT's objective: base loss on the class head plus a teacher loss on the dist head."""
+    """DeiT's objective: base loss plus a teacher loss on the distillation head.
+
+    `base_on` "mean" applies the base criterion to the mean of the two heads (the NViT
+    reference, both its pruning and ReViT scripts); "cls" to the class head (DeiT's code).
+    """
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class DistillationLoss(nn.Module):
         distillation_type: str,
         alpha: float,
         tau: float,
+        base_on: str = "mean",
     ) -> None:
         super().__init__()
         if distillation_type not in DISTILLATION_TYPES:
@@ -60,6 +65,9 @@ class DistillationLoss(nn.Module):
             raise UserError(
                 f"--distillation-type {distillation_type} needs a teacher: pass --teacher-model"
             )
+        if base_on not in BASE_LOSS_HEADS:
+            raise UserError(f"--base-loss-head must be one of {', '.join(BASE_LOSS_HEADS)}, "
+                            f"got {base_on!r}")
         self.base_criterion = base_criterion
         self.teacher_model = teacher_model
         if teacher_model is not None:
@@ -68,6 +76,7 @@ class DistillationLoss(nn.Module):
         self.distillation_type = distillation_type
         self.alpha = float(alpha)
         self.tau = float(tau)
+        self.base_on = base_on
 
     def train(self, mode: bool = True) -> "DistillationLoss":
         """Switch mode but keep the teacher in eval, whatever the caller does to the loss."""
@@ -80,24 +89,24 @@ class DistillationLoss(nn.Module):
     def _teacher_logits(self, inputs: Tensor) -> Tensor:
         """Teacher prediction, with a distilled (two-head) teacher reduced to its head mean."""
         assert self.teacher_model is not None
-        return _mean_of_heads(self.teacher_model(inputs)).detach()
+        return mean_of_heads(self.teacher_model(inputs)).detach()
 
     def forward(self, inputs: Tensor, outputs: StudentOutput, labels: Tensor) -> Tensor:
         is_pair = isinstance(outputs, (tuple, list))
+        if is_pair:
+            base_out = mean_of_heads(outputs) if self.base_on == "mean" else outputs[0]
+        else:
+            base_out = outputs
+        base_loss = self.base_criterion(base_out, labels)
         if self.distillation_type == "none":
-            if is_pair:
-                # Both heads learn the labels so that their eval-time mean is meaningful.
-                losses = [self.base_criterion(o, labels) for o in outputs]
-                return torch.stack(losses).mean()
-            return self.base_criterion(outputs, labels)
+            return base_loss
 
         if not is_pair:
             raise UserError(
                 f"--distillation-type {self.distillation_type} needs a distilled model "
                 "(one with a distillation token/head)"
             )
-        cls_out, dist_out = outputs[0], outputs[1]
-        base_loss = self.base_criterion(cls_out, labels)
+        dist_out = outputs[1]
         teacher = self._teacher_logits(inputs)
 
         if self.distillation_type == "soft":
@@ -119,10 +128,16 @@ class DistillationLoss(nn.Module):
 
 
 class FullModelKLLoss(nn.Module):
-    """NViT's pruning objective: stay close to the unpruned model while still fitting labels.
+    """NViT's objective: stay close to the unpruned model while still fitting labels.
 
-    total = kl_loss_coeff * KL(full || student) + original_loss_coeff * deit_loss.
-    A term whose coefficient is 0 is not computed, so its model is never run.
+    total = kl_loss_coeff * KL + original_loss_coeff * deit_loss, KL by
+    `kl_elementwise_mean` at temperature `tau`. `per_head` False compares the mean of the
+    student's heads with the mean of the full model's (the reference's pruning run); True
+    compares class head with class head and distillation head with distillation head and
+    averages the two (its finetuning). `kl_enabled` switches the KL term off and on (the
+    reference's pruning run adds it from the first prune step). A term that is off or has
+    coefficient 0 is not computed, so its model is never run. `last_parts` holds the two
+    weighted terms of the last call, detached, when both coefficients are non-zero.
     """
 
     def __init__(
@@ -132,6 +147,7 @@ class FullModelKLLoss(nn.Module):
         kl_loss_coeff: float,
         original_loss_coeff: float,
         tau: float,
+        per_head: bool = False,
     ) -> None:
         super().__init__()
         if kl_loss_coeff > 0 and full_model is None:
@@ -145,9 +161,13 @@ class FullModelKLLoss(nn.Module):
             full_model.eval()
             for p in full_model.parameters():
                 p.requires_grad_(False)
+            if per_head and hasattr(full_model, "return_pair"):
+                full_model.return_pair = True  # both heads in eval mode too
         self.kl_loss_coeff = float(kl_loss_coeff)
         self.original_loss_coeff = float(original_loss_coeff)
         self.tau = float(tau)
+        self.per_head = per_head
+        self.kl_enabled = True
         # Detached tensors (not floats) so logging does not force a device sync per step.
         self.last_parts: dict[str, Tensor] = {}
 
@@ -158,22 +178,33 @@ class FullModelKLLoss(nn.Module):
             self.full_model.eval()
         return self
 
-    def forward(self, inputs: Tensor, outputs: StudentOutput, labels: Tensor) -> Tensor:
-        student = _mean_of_heads(outputs)
-        zero = student.new_zeros(())
+    def _kl(self, outputs: StudentOutput, full: StudentOutput) -> Tensor:
+        pairs = (self.per_head and isinstance(outputs, (tuple, list))
+                 and isinstance(full, (tuple, list)))
+        if pairs:
+            terms = [kl_elementwise_mean(s, f, self.tau) for s, f in zip(outputs, full)]
+            return torch.stack(terms).mean()
+        if self.per_head and isinstance(outputs, (tuple, list)):  # a one-head full model
+            f = mean_of_heads(full)
+            return torch.stack([kl_elementwise_mean(s, f, self.tau) for s in outputs]).mean()
+        return kl_elementwise_mean(mean_of_heads(outputs), mean_of_heads(full), self.tau)
 
-        if self.kl_loss_coeff != 0:
+    def forward(self, inputs: Tensor, outputs: StudentOutput, labels: Tensor) -> Tensor:
+        zero = mean_of_heads(outputs).new_zeros(())
+
+        if self.kl_loss_coeff != 0 and self.kl_enabled:
             assert self.full_model is not None
             with torch.no_grad():
-                full = _mean_of_heads(self.full_model(inputs)).detach()
-            kl = kl_divergence(student, full, self.tau)
+                full = self.full_model(inputs)
+            kl = self.kl_loss_coeff * self._kl(outputs, full)
         else:
             kl = zero
 
         if self.original_loss_coeff != 0:
-            deit = self.deit_loss(inputs, outputs, labels)
+            deit = self.original_loss_coeff * self.deit_loss(inputs, outputs, labels)
         else:
             deit = zero
 
-        self.last_parts = {"kl": kl.detach(), "deit": deit.detach()}
-        return self.kl_loss_coeff * kl + self.original_loss_coeff * deit
+        if self.kl_loss_coeff and self.original_loss_coeff:  # one term alone is the loss
+            self.last_parts = {"loss_kl": kl.detach(), "loss_deit": deit.detach()}
+        return kl + deit

@@ -114,7 +114,8 @@ def training_step(args: argparse.Namespace, dims_kwargs: dict):
     torch.manual_seed(0)
     model = models.build_model(args.model, drop_path_rate=args.drop_path, **dims_kwargs).train()
     mixup = builders.build_mixup(args, 10)
-    criterion = builders.build_criterion(args, 10, mixup, torch.device("cpu"))
+    criterion = builders.build_criterion(args, 10, mixup, torch.device("cpu"),
+                                         kl_tau=args.distillation_tau, per_head=True)
     optimizer = builders.build_optimizer(args, model)
     ema = builders.init_model_ema(args, model)
 

@@ -9,17 +9,17 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from errors import UserError
-from losses import DistillationLoss, FullModelKLLoss, kl_divergence
+from losses import DistillationLoss, FullModelKLLoss, kl_elementwise_mean
 
 B, C, D = 4, 5, 6
 
 
-def hand_kl_batchmean(student: Tensor, target: Tensor, tau: float) -> Tensor:
-    """sum_c p_t (log p_t - log p_s), averaged over the batch, times tau^2."""
+def hand_kl_elementwise(student: Tensor, target: Tensor, tau: float) -> Tensor:
+    """p_t (log p_t - log p_s), averaged over batch x classes, no tau^2: torch's
+    KLDivLoss() default as the NViT reference calls it."""
     p_t = torch.softmax(target / tau, dim=-1)
     p_s = torch.softmax(student / tau, dim=-1)
-    per_sample = (p_t * (torch.log(p_t) - torch.log(p_s))).sum(dim=-1)
-    return per_sample.mean() * tau * tau
+    return (p_t * (torch.log(p_t) - torch.log(p_s))).sum() / student.numel()
 
 
 def hand_soft_deit(dist: Tensor, teacher: Tensor, tau: float) -> Tensor:
@@ -92,8 +92,12 @@ def test_hard_distillation_matches_hand_computation() -> None:
     crit = DistillationLoss(nn.CrossEntropyLoss(), teacher, "hard", alpha, tau=1.0)
     loss = crit(x, (cls, dist), y)
     t_labels = teacher(x).argmax(1)
-    expected = hand_ce(cls, y) * (1 - alpha) + hand_ce(dist, t_labels) * alpha
+    # the label loss on the mean of the heads (the NViT reference), the teacher's on dist
+    expected = hand_ce((cls + dist) / 2, y) * (1 - alpha) + hand_ce(dist, t_labels) * alpha
     torch.testing.assert_close(loss, expected)
+    deit = DistillationLoss(nn.CrossEntropyLoss(), teacher, "hard", alpha, 1.0, base_on="cls")
+    expected = hand_ce(cls, y) * (1 - alpha) + hand_ce(dist, t_labels) * alpha
+    torch.testing.assert_close(deit(x, (cls, dist), y), expected)
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
@@ -105,7 +109,7 @@ def test_soft_distillation_matches_hand_computation(tau: float) -> None:
     loss = crit(x, (cls, dist), y)
     with torch.no_grad():
         t = teacher(x)
-    expected = hand_ce(cls, y) * (1 - alpha) + hand_soft_deit(dist, t, tau) * alpha
+    expected = hand_ce((cls + dist) / 2, y) * (1 - alpha) + hand_soft_deit(dist, t, tau) * alpha
     torch.testing.assert_close(loss, expected)
 
 
@@ -126,11 +130,12 @@ def test_soft_distillation_tau_squared_scaling() -> None:
     torch.testing.assert_close(crit1(x, (cls, dist), y), raw1)
 
 
-def test_none_with_tuple_averages_both_heads() -> None:
+def test_none_with_tuple_takes_the_mean_of_the_heads() -> None:
     x, cls, dist, y = make_batch()
     crit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
-    expected = (hand_ce(cls, y) + hand_ce(dist, y)) / 2
-    torch.testing.assert_close(crit(x, (cls, dist), y), expected)
+    torch.testing.assert_close(crit(x, (cls, dist), y), hand_ce((cls + dist) / 2, y))
+    deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0, base_on="cls")
+    torch.testing.assert_close(deit(x, (cls, dist), y), hand_ce(cls, y))
 
 
 def test_none_with_single_tensor() -> None:
@@ -143,7 +148,7 @@ def test_none_with_single_tensor() -> None:
 def test_alpha_zero_is_base_loss_exactly(kind: str) -> None:
     x, cls, dist, y = make_batch()
     crit = DistillationLoss(nn.CrossEntropyLoss(), nn.Linear(D, C), kind, 0.0, 2.0)
-    assert torch.equal(crit(x, (cls, dist), y), nn.CrossEntropyLoss()(cls, y))
+    assert torch.equal(crit(x, (cls, dist), y), nn.CrossEntropyLoss()((cls + dist) / 2, y))
 
 
 def test_alpha_one_is_only_distill_term() -> None:
@@ -189,7 +194,7 @@ def test_mixup_soft_targets_with_soft_target_ce() -> None:
     alpha = 0.5
     crit = DistillationLoss(SoftTargetCrossEntropy(), teacher, "hard", alpha, 1.0)
     loss = crit(imgs, (cls, dist), soft)
-    base = (-soft * torch.log(torch.softmax(cls, 1))).sum(1).mean()
+    base = (-soft * torch.log(torch.softmax((cls + dist) / 2, 1))).sum(1).mean()
     expected = base * (1 - alpha) + hand_ce(dist, teacher(imgs).argmax(1)) * alpha
     torch.testing.assert_close(loss, expected)
     loss.backward()
@@ -200,7 +205,7 @@ def test_label_smoothing_base_criterion_with_tuple_none() -> None:
     x, cls, dist, y = make_batch()
     base = LabelSmoothingCrossEntropy(0.1)
     crit = DistillationLoss(base, None, "none", 0.5, 1.0)
-    torch.testing.assert_close(crit(x, (cls, dist), y), (base(cls, y) + base(dist, y)) / 2)
+    torch.testing.assert_close(crit(x, (cls, dist), y), base((cls + dist) / 2, y))
 
 
 @pytest.mark.parametrize("kind", ["soft", "hard"])
@@ -220,40 +225,69 @@ def test_distillation_with_single_output_student_is_user_error(kind: str) -> Non
 def test_unknown_distillation_type_is_user_error() -> None:
     with pytest.raises(UserError, match="--distillation-type"):
         DistillationLoss(nn.CrossEntropyLoss(), None, "medium", 0.5, 1.0)
+    with pytest.raises(UserError, match="--base-loss-head"):
+        DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0, base_on="dist")
 
 
-# ---------------------------------------------------------------- kl_divergence
+# ---------------------------------------------------------------- the KL term
 
 
-@pytest.mark.parametrize("tau", [1.0, 2.0, 4.0])
-def test_kl_divergence_matches_hand_formula(tau: float) -> None:
+@pytest.mark.parametrize("tau", [1.0, 3.0, 20.0])
+def test_kl_matches_hand_formula(tau: float) -> None:
     s, t = torch.randn(B, C), torch.randn(B, C)
-    torch.testing.assert_close(kl_divergence(s, t, tau), hand_kl_batchmean(s, t, tau))
+    torch.testing.assert_close(kl_elementwise_mean(s, t, tau), hand_kl_elementwise(s, t, tau))
+    # the reference's own call, written with torch's module: KLDivLoss() at its default
+    ref = nn.KLDivLoss(reduction="sum")(torch.log_softmax(s / tau, 1), torch.softmax(t / tau, 1))
+    torch.testing.assert_close(kl_elementwise_mean(s, t, tau), ref / s.numel())
 
 
-def test_kl_divergence_zero_for_identical_logits() -> None:
+def test_kl_zero_for_identical_logits() -> None:
     s = torch.randn(B, C)
-    torch.testing.assert_close(kl_divergence(s, s.clone(), 2.0), torch.tensor(0.0))
+    torch.testing.assert_close(kl_elementwise_mean(s, s.clone(), 2.0), torch.tensor(0.0))
 
 
 # ---------------------------------------------------------------- FullModelKLLoss
 
 
-def test_full_model_kl_total_matches_hand_computation() -> None:
+def test_pruning_kl_total_matches_hand_computation() -> None:
+    """The pruning objective: KL at T = 3 between the means of the two heads (student and
+    full model), element-wise mean, no T^2, plus the DeiT loss; parts weighted."""
     x, cls, dist, y = make_batch()
-    full = nn.Linear(D, C)
+    full = TupleTeacher()
     deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
-    crit = FullModelKLLoss(deit, full, kl_loss_coeff=0.7, original_loss_coeff=0.2, tau=2.0)
+    crit = FullModelKLLoss(deit, full, kl_loss_coeff=1e5, original_loss_coeff=0.2, tau=3.0)
     loss = crit(x, (cls, dist), y)
     with torch.no_grad():
-        f = full(x)
-    student = (cls + dist) / 2
-    kl = hand_kl_batchmean(student, f, 2.0)
-    deit_val = (hand_ce(cls, y) + hand_ce(dist, y)) / 2
-    torch.testing.assert_close(loss, 0.7 * kl + 0.2 * deit_val)
-    torch.testing.assert_close(crit.last_parts["kl"], kl.detach())
-    torch.testing.assert_close(crit.last_parts["deit"], deit_val.detach())
-    assert not crit.last_parts["kl"].requires_grad
+        f = MeanOfTuple(full)(x)
+    kl = hand_kl_elementwise((cls + dist) / 2, f, 3.0)
+    deit_val = hand_ce((cls + dist) / 2, y)
+    torch.testing.assert_close(loss, 1e5 * kl + 0.2 * deit_val)
+    torch.testing.assert_close(crit.last_parts["loss_kl"], 1e5 * kl.detach())
+    torch.testing.assert_close(crit.last_parts["loss_deit"], 0.2 * deit_val.detach())
+    assert not crit.last_parts["loss_kl"].requires_grad
+
+
+def test_finetune_kl_pairs_the_heads() -> None:
+    """The finetuning objective: class head with class head, distillation head with
+    distillation head, averaged, at the given temperature."""
+    x, cls, dist, y = make_batch()
+    full = TupleTeacher()
+    deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    crit = FullModelKLLoss(deit, full, 1.0, 0.0, tau=20.0, per_head=True)
+    with torch.no_grad():
+        fa, fb = full(x)
+    expected = (hand_kl_elementwise(cls, fa, 20.0) + hand_kl_elementwise(dist, fb, 20.0)) / 2
+    torch.testing.assert_close(crit(x, (cls, dist), y), expected)
+
+
+def test_finetune_kl_asks_a_revit_full_model_for_both_heads() -> None:
+    import models
+    full = models.build_model("deit_tiny_distilled_patch16_224",
+                              dims=models.Dims(16, [2], [4], [4], [8]), img_size=16, patch_size=8,
+                              num_classes=C)
+    deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
+    FullModelKLLoss(deit, full, 1.0, 0.0, tau=1.0, per_head=True)
+    assert not full.training and isinstance(full(torch.randn(2, 3, 16, 16)), tuple)
 
 
 def test_full_model_kl_single_tensor_student_and_tuple_full_model() -> None:
@@ -263,18 +297,21 @@ def test_full_model_kl_single_tensor_student_and_tuple_full_model() -> None:
     crit = FullModelKLLoss(deit, full, 1.0, 0.0, tau=1.0)
     with torch.no_grad():
         f = MeanOfTuple(full)(x)
-    torch.testing.assert_close(crit(x, cls, y), hand_kl_batchmean(cls, f, 1.0))
+    torch.testing.assert_close(crit(x, cls, y), hand_kl_elementwise(cls, f, 1.0))
 
 
-def test_full_model_not_called_when_kl_coeff_zero() -> None:
+@pytest.mark.parametrize("switch", ["coeff", "disabled"])
+def test_full_model_not_called_when_kl_is_off(switch: str) -> None:
     x, cls, dist, y = make_batch()
     full = CountingModel(nn.Linear(D, C))
     deit = DistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
-    crit = FullModelKLLoss(deit, full, kl_loss_coeff=0.0, original_loss_coeff=1.0, tau=1.0)
+    crit = FullModelKLLoss(deit, full, kl_loss_coeff=0.0 if switch == "coeff" else 5.0,
+                           original_loss_coeff=1.0, tau=1.0)
+    crit.kl_enabled = switch == "coeff"
     loss = crit(x, (cls, dist), y)
     assert full.calls == 0
-    torch.testing.assert_close(loss, (hand_ce(cls, y) + hand_ce(dist, y)) / 2)
-    assert float(crit.last_parts["kl"]) == 0.0
+    torch.testing.assert_close(loss, hand_ce((cls + dist) / 2, y))
+    assert crit.last_parts == {} if switch == "coeff" else float(crit.last_parts["loss_kl"]) == 0.0
 
 
 def test_full_model_kl_coeff_zero_allows_no_full_model() -> None:

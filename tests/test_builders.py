@@ -1,0 +1,36 @@
+"""builders.py: which teacher weights a distillation run takes."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import builders
+
+
+def teacher_args(**kw) -> SimpleNamespace:
+    return SimpleNamespace(**{"distillation_type": "hard", "teacher_path": "",
+                              "teacher_model": "regnety_160", "model": "deit_tiny_patch16_224", **kw})
+
+
+@pytest.mark.parametrize("name,expected", [("regnety_160", "regnety_160.deit_in1k"),
+                                           ("resnet50", "resnet50")])
+def test_teacher_without_path_is_deits(monkeypatch, capsys, name, expected):
+    """Without --teacher-path, hard distillation takes timm's copy of DeiT's RegNetY-16GF
+    (the `deit_in1k` tag: DeiT's regnety_160-a5fe301d.pth), not timm's default regnety_160
+    tag, and says which weights it loads; other names keep timm's default tag."""
+    asked = {}
+
+    def fake_create_model(model_name, pretrained=False, **kw):
+        asked.update(name=model_name, pretrained=pretrained, **kw)
+        return torch.nn.Linear(2, kw.get("num_classes", 1000))
+
+    monkeypatch.setattr(builders.timm, "create_model", fake_create_model)
+    builders.build_teacher(teacher_args(teacher_model=name), 10, torch.device("cpu"))
+    assert asked == {"name": expected, "pretrained": True, "num_classes": 10}
+    assert f"teacher: timm's pretrained {expected}" in capsys.readouterr().out
+
+
+def test_no_teacher_without_distillation():
+    assert builders.build_teacher(teacher_args(distillation_type="none"), 10, "cpu") is None
