@@ -116,7 +116,8 @@ class ParamsCost(CostModel):
 class _Grid:
     """A table on a rectilinear grid, read by multilinear interpolation.
 
-    Made non-decreasing along every axis at construction, because timing noise must not
+    With `monotone` (our own tables), made non-decreasing along every axis at construction,
+    because timing noise must not
     make removing a unit look like a slowdown: a running minimum from the large end of each
     axis in turn gives the largest monotone table below the measured one. Timing noise is
     mostly upward (other load), and this way a slow outlier changes only its own point,
@@ -128,12 +129,12 @@ class _Grid:
     """
 
     def __init__(self, axes: Sequence[str], points: Sequence[Sequence[float]],
-                 values: np.ndarray) -> None:
+                 values: np.ndarray, monotone: bool = True) -> None:
         self.axes = tuple(axes)
         self.points = [np.asarray(p, dtype=float) for p in points]
         measured = np.asarray(values, dtype=float)
         values = measured
-        for d in range(values.ndim):
+        for d in range(values.ndim if monotone else 0):
             flipped = np.flip(values, axis=d)
             values = np.flip(np.minimum.accumulate(flipped, axis=d), axis=d)
         self.values = values
@@ -192,9 +193,9 @@ class LatencyTable(CostModel):
 
     i.e. EMB_{embed} -> QK_{heads}_{qk per head} -> V_{v per head} -> MLP_{mlp} -> the
     latency of one whole block, on a full 5-D grid. Its values are seconds (for a large
-    batch: 0.08 for a DeiT-B block) and are converted to ms. As the reference does, an
-    all-zero slice at embed 0 is added below the smallest EMB, so narrower embeddings
-    interpolate towards 0 instead of being held.
+    batch: 0.08 for a DeiT-B block) and are converted to ms. It is read as the reference
+    reads it: values as measured (no monotone correction), an all-zero slice at embed 0
+    below the smallest EMB, and the MLP_1 measurement placed at MLP width 0.
 
     Interpolation is multilinear; see `_Grid` for monotonicity and the extrapolation rule.
     """
@@ -320,6 +321,7 @@ class LatencyTable(CostModel):
                         where = f"{ek}/{qk_key}/{vk}/{mk}"
                         entries[(e, h, q, v, m)] = _number(value, where, source)
         axes = [sorted({k[d] for k in entries}) for d in range(5)]
+        mlp_at = {m: (0 if m == 1 else m) for m in axes[4]}  # the reference's grid: MLP_1 at 0
         values = np.empty([len(a) for a in axes])
         index = [{p: i for i, p in enumerate(a)} for a in axes]
         for combo in itertools.product(*axes):
@@ -330,8 +332,9 @@ class LatencyTable(CostModel):
             values[tuple(index[d][c] for d, c in enumerate(combo))] = entries[combo] * 1000.0
         # as the reference's RegularGridInterpolator: zero latency at embed width 0
         axes[0] = [0] + axes[0]
+        axes[4] = [mlp_at[m] for m in axes[4]]
         values = np.concatenate([np.zeros((1, *values.shape[1:])), values], axis=0)
-        grid = _Grid(("embed_dim", *ATTENTION_AXES[1:], "mlp_dim"), axes, values)
+        grid = _Grid(("embed_dim", *ATTENTION_AXES[1:], "mlp_dim"), axes, values, monotone=False)
         meta = {"source_format": "NViT reference (EMB_*/QK_*_*/V_*/MLP_*)", "source_unit": "s"}
         return cls({"block": grid}, None, meta, "reference")
 

@@ -1,9 +1,16 @@
-"""Multiplicative pruning gates attached to a ReViT.
+"""Multiplicative pruning gates attached to a ReViT, and the units they are read in.
 
-One gate per prunable unit: embedding channels (the whole residual stream), and per block
-heads, QK dims, V dims and MLP neurons. At value 1 a gate leaves the model unchanged and
-its gradient times its value is the summed `theta * dL/dtheta` of the unit's producing
-weights, which is what the saliency criteria need; at value 0 it removes the unit.
+One gate per prunable element: embedding channels (the whole residual stream), and per
+block heads, QK dims and V dims (per head) and MLP neurons. At value 1 a gate leaves the
+model unchanged and its gradient times its value is the summed `theta * dL/dtheta` of the
+element's producing weights, which is what the saliency criteria need; at value 0 it
+removes the element.
+
+A pruning *unit* of the QK and V kinds is, by default, one index shared by every head of
+a block ("shared", the NViT reference: removing QK index d removes it from all heads); with
+"per_head" it is one (head, index) pair. The unit tensors are therefore (qk_dim,) or
+(heads, qk_dim); all other kinds are their gates' shape. `Gates.to_units` reduces per-gate
+values to units, `Gates.unit_live` tells which units are alive, `Gates.remove` zeroes units.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ from models.revit import ReViT
 KINDS = ("emb", "head", "qk", "v", "mlp")
 BLOCK_KINDS = ("head", "qk", "v", "mlp")
 WIDTH_KEYS = ("embed_dim", "num_heads", "qk_dim", "v_dim", "mlp_dim")
+QKV_UNITS = ("shared", "per_head")
+EMB_SALIENCY = ("full", "reference")  # what the embedding gate's gradient sums, see attach
 
 
 def head_widths(head: torch.Tensor, qk: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int]:
@@ -77,16 +86,30 @@ def widths_to_dims(widths: dict, dims: Dims) -> Dims:
 
 
 class Gates:
-    """All gate tensors of one model, with mask, width and distributed helpers."""
+    """All gate tensors of one model, with unit, mask, width and distributed helpers."""
 
-    def __init__(self, emb: torch.Tensor, blocks: list[dict], dims: Dims) -> None:
+    def __init__(self, emb: torch.Tensor, blocks: list[dict], dims: Dims,
+                 qkv_units: str = "shared") -> None:
+        if qkv_units not in QKV_UNITS:
+            raise ValueError(f"QK/V units must be one of {QKV_UNITS}, got {qkv_units!r}")
         self.emb = emb
         self.blocks = blocks
         self.dims = dims
+        self.qkv_units = qkv_units
 
     @classmethod
-    def attach(cls, model: ReViT, dtype: torch.dtype = torch.float32) -> "Gates":
-        """All-ones leaf gates on the model's device, set on the model."""
+    def attach(cls, model: ReViT, dtype: torch.dtype = torch.float32, qkv_units: str = "shared",
+               emb_saliency: str = "full") -> "Gates":
+        """All-ones leaf gates on the model's device, set on the model.
+
+        emb_saliency "full": the embedding gate's gradient sums every weight a channel
+        removes (patch embedding, tokens, position embedding, every block's writers and
+        readers, the classifier columns); "reference": only the patch embedding and the
+        blocks' weights, as the NViT reference scores a channel (the tokens, position
+        embedding and classifier see the same gate values, detached).
+        """
+        if emb_saliency not in EMB_SALIENCY:
+            raise ValueError(f"embedding saliency must be one of {EMB_SALIENCY}, got {emb_saliency!r}")
         device = model.pos_embed.device
         d = model.dims
 
@@ -96,8 +119,9 @@ class Gates:
         blocks = [{"head": ones(d.num_heads[i]), "qk": ones(d.num_heads[i], d.qk_dim[i]),
                    "v": ones(d.num_heads[i], d.v_dim[i]), "mlp": ones(d.mlp_dim[i])}
                   for i in range(d.depth)]
-        gates = cls(ones(d.embed_dim), blocks, d)
-        model.set_gates(gates.emb, gates.blocks)
+        gates = cls(ones(d.embed_dim), blocks, d, qkv_units)
+        frame = gates.emb.detach() if emb_saliency == "reference" else None  # shares storage
+        model.set_gates(gates.emb, gates.blocks, frame)
         return gates
 
     @staticmethod
@@ -118,6 +142,59 @@ class Gates:
     def tensors(self) -> list[torch.Tensor]:
         """Every gate in a fixed order (emb, then per block head, qk, v, mlp)."""
         return [self.emb] + [g[k] for g in self.blocks for k in BLOCK_KINDS]
+
+    def kinds(self) -> list[str]:
+        """The kind of each tensor in `tensors()` order."""
+        return ["emb"] + [k for _ in self.blocks for k in BLOCK_KINDS]
+
+    def nest(self, flat: list) -> dict:
+        """A flat list in `tensors()` order -> {"emb": ..., "blocks": [{kind: ...}]}."""
+        it = iter(flat)
+        emb = next(it)
+        return {"emb": emb, "blocks": [{k: next(it) for k in BLOCK_KINDS} for _ in self.blocks]}
+
+    # ----------------------------------------------------------------- units
+    def shares_heads(self, kind: str) -> bool:
+        """Whether a unit of this kind is one index shared by every head of its block."""
+        return kind in ("qk", "v") and self.qkv_units == "shared"
+
+    def to_units(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-gate values (`tensors()` order and shapes) -> per-unit values, summed over the
+        heads for shared QK/V units."""
+        return [v.sum(0) if self.shares_heads(k) else v for v, k in zip(values, self.kinds())]
+
+    def unit_live(self) -> list[torch.Tensor]:
+        """Which units are alive, per gate tensor in unit shape; a removed head's QK/V dims
+        are not alive in per-head units."""
+        out = []
+        for t, kind, head in zip(self.tensors(), self.kinds(), self._heads_in_order()):
+            live = t.detach() != 0
+            if self.shares_heads(kind):
+                live = live.any(0)  # removal zeroes the index in every head
+            elif kind in ("qk", "v"):
+                live = live & (head.detach() != 0)[:, None]
+            out.append(live)
+        return out
+
+    def _heads_in_order(self) -> list[torch.Tensor | None]:
+        return [None] + [g["head"] for g in self.blocks for _ in BLOCK_KINDS]
+
+    def gate_units(self, kind: str, block: int | None, units: list) -> list:
+        """Unit indices -> indices into the gate tensor ((head, dim) pairs for QK/V)."""
+        if self.shares_heads(kind):
+            heads = self.blocks[block]["head"].shape[0]
+            return [(h, int(d)) for d in units for h in range(heads)]
+        return list(units)
+
+    @torch.no_grad()
+    def remove(self, kind: str, block: int | None, units: list) -> None:
+        """Zero the gates of these units (indices in unit shape)."""
+        gate = self.emb if kind == "emb" else self.blocks[block][kind]
+        if kind in ("qk", "v"):
+            hs, ds = zip(*self.gate_units(kind, block, units))
+            gate[list(hs), list(ds)] = 0
+        else:
+            gate[list(units)] = 0
 
     # ------------------------------------------------------------- gradients
     def zero_grad(self) -> None:

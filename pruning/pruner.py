@@ -1,16 +1,27 @@
 """The global pruner: one ranking over all five kinds of structure, steered by a cost model.
 
-At each prune step the saliency of every live unit is turned into candidate groups (per
-block and kind: the `group_size` lowest-scoring live units; for QK and V dims that many
-from every live head, so each block keeps one width per head). Candidates are ranked by
-`score - lambda * cost_drop` and removed greedily, cheapest first, until `prune_per_iter`
-units are gone or the cost reaches `target * cost(original)`. A group's score is the sum of
-its units' for additive criteria (hessian, taylor: estimates of the loss increase) and their
-mean for per-unit ones (magnitude, random). The cost that ranks may differ from the cost
-that stops (`rank_cost`): e.g. rank by a measured latency table, stop at a MACs budget. At
-least one group of each kind always survives in every block. Everything is computed from
-gate values that are identical on every rank, and masks are broadcast from rank 0 after each
-step, so all ranks hold the same masks and stop at the same step.
+It follows the NViT reference's pruning engine (`pruning_engine_general.py`, method 23):
+
+- A *layer* is the embedding, or one kind (head, QK, V, MLP) in one block. Each unit's
+  value is its saliency (0 once removed) minus `lambda * drop`, where `drop` is how much
+  the ranking cost falls when the layer loses one unit at the current widths (0 once the
+  layer is down to one group). A layer's units, sorted, are cut into groups of the kind's
+  group size (per-head QK/V units: the k-th group takes the k-th slice of every live head's
+  sorted dims); a group's value is the sum of its units' (the mean for per-unit criteria,
+  magnitude and random, so that groups of different sizes compare fairly).
+- At prune step k (counted from 0) all groups, removed ones included, are sorted, and every
+  group at or below the value at index `max(1, k * prune_per_iter // pace) - 1` is removed
+  (capped at `budget // pace` groups): `prune_per_iter // pace` more groups per step, of any
+  kind. At least one group of every layer always survives.
+- After the step the cost model's total decides: the run is done when it is at or below
+  `target * cost(original)` (a target of 0: no target), when the step budget
+  (`budget // prune_per_iter + 1` steps, the reference's maximum) is spent, or when nothing
+  removable is left.
+
+The cost that ranks may differ from the cost that stops (`rank_cost`): e.g. rank by a
+measured latency table, stop at a MACs budget. Everything is computed from gate values
+that are identical on every rank, and masks are broadcast from rank 0 after each step, so
+all ranks hold the same masks and stop at the same step.
 """
 from __future__ import annotations
 
@@ -26,42 +37,47 @@ from .gates import BLOCK_KINDS, KINDS, Gates, widths_to_dims
 from .saliency import Saliency
 
 DEFAULT_GROUP_SIZES = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16}
+DEFAULT_PACE = 16  # the reference's --group_size: prune_per_iter // 16 groups per step
 # lambda multiplies the cost drop in these units: seconds for latency (tables hold ms; the
 # reference applied its lambda, 5e-4 in the paper, to seconds), GMACs, millions of parameters
 COST_UNITS = {"latency": 1e-3, "macs": 1e-9, "params": 1e-6}
+_WIDTH = {"head": "num_heads", "qk": "qk_dim", "v": "v_dim", "mlp": "mlp_dim"}
 
 
 @dataclass
-class Candidate:
+class Group:
     kind: str
     block: int | None
-    units: list  # indices into the gate tensor (ints, or (head, dim) pairs for qk/v)
-    score: float
-    cost_drop: float = 0.0
-    rank: float = 0.0
+    units: list  # indices into the layer's unit tensor (ints, or (head, dim) pairs)
+    score: float  # sum (or mean) of the units' saliency
+    cost_drop: float  # the ranking cost's drop for the group's width steps, in lambda units
+    value: float  # score - lambda * cost_drop: what the ranking sorts
+    removed: bool  # every unit already removed
 
 
 @dataclass
 class StepResult:
-    removed: dict = field(default_factory=lambda: {k: 0 for k in KINDS})
-    removed_units: list = field(default_factory=list)  # (kind, block, units) for optimizer clean-up
+    removed: dict = field(default_factory=lambda: {k: 0 for k in KINDS})  # groups per kind
+    removed_units: list = field(default_factory=list)  # (kind, block, gate indices) for optimizer clean-up
     cost: float = 0.0
     ratio: float = 1.0
     reached: bool = False
     stuck: bool = False  # nothing left to remove above the minimum widths
-    budget_spent: bool = False  # the total number of units allowed (--prune_dict) is removed
+    budget_spent: bool = False  # the --prune_dict budget of steps is used up
 
 
 class GlobalPruner:
     def __init__(self, gates: Gates, saliency: Saliency, cost: CostModel, target: float,
                  prune_per_iter: int, group_sizes: dict[str, int] | None = None,
                  latency_lambda: float = 0.0, budget: int | None = None,
-                 rank_cost: CostModel | None = None) -> None:
-        if not 0.0 < target < 1.0:
-            raise ValueError(f"target must be in (0, 1), got {target}")
+                 rank_cost: CostModel | None = None, pace: int = DEFAULT_PACE) -> None:
+        if not 0.0 <= target < 1.0:
+            raise ValueError(f"target must be in [0, 1) (0: no target), got {target}")
+        if prune_per_iter < 1 or pace < 1 or (budget is not None and budget < 1):
+            raise ValueError("prune_per_iter, the pace and the budget must be positive")
         self.gates, self.saliency, self.cost = gates, saliency, cost
         self.rank_cost = cost if rank_cost is None else rank_cost
-        self.target, self.prune_per_iter = float(target), int(prune_per_iter)
+        self.target, self.prune_per_iter, self.pace = float(target), int(prune_per_iter), int(pace)
         self.group_sizes = {**DEFAULT_GROUP_SIZES, **(group_sizes or {})}
         bad = {k: v for k, v in self.group_sizes.items() if k not in KINDS or int(v) < 1}
         if bad:
@@ -70,18 +86,21 @@ class GlobalPruner:
         self.budget = budget
         self.original = gates.dims
         self.original_cost = float(cost.total(self.original))
-        self.min_keep = self._min_keep(self.original)
-        self.total_removed = 0
         self.steps = 0
 
     # ------------------------------------------------------------- state
-    def _min_keep(self, d: Dims) -> dict:
-        g = self.group_sizes
-        return {"emb": min(g["emb"], d.embed_dim),
-                "head": [min(g["head"], h) for h in d.num_heads],
-                "qk": [min(g["qk"], q) for q in d.qk_dim],
-                "v": [min(g["v"], v) for v in d.v_dim],
-                "mlp": [min(g["mlp"], m) for m in d.mlp_dim]}
+    @property
+    def max_steps(self) -> int | None:
+        """The reference's maximum number of prune steps for the budget."""
+        return None if self.budget is None else self.budget // self.prune_per_iter + 1
+
+    def groups_due(self, step: int) -> int:
+        """How many groups (removed ones included) lie at or below the threshold of step
+        `step` (0-based): the reference's index `step * prune_per_iter // pace - 1` + 1."""
+        due = step * self.prune_per_iter // self.pace
+        if self.budget is not None:
+            due = min(due, self.budget // self.pace)
+        return max(1, due)
 
     def widths(self) -> dict:
         return self.gates.widths()
@@ -93,147 +112,134 @@ class GlobalPruner:
         return self.current_cost() / self.original_cost
 
     def minimum_ratio(self) -> float:
-        """Cost ratio with every kind at its minimum width: targets below it are unreachable."""
-        m = self.min_keep
-        w = {"embed_dim": m["emb"], "num_heads": m["head"], "qk_dim": m["qk"],
-             "v_dim": m["v"], "mlp_dim": m["mlp"]}
+        """Cost ratio with every layer down to one group: targets below it are unreachable."""
+        g, d = self.group_sizes, self.original
+        w = {"embed_dim": min(g["emb"], d.embed_dim)}
+        for kind, key in _WIDTH.items():
+            w[key] = [min(g[kind], x) for x in getattr(d, key)]
         return self.cost.total(widths_to_dims(w, self.original)) / self.original_cost
 
     def state_dict(self) -> dict:
-        return {"total_removed": self.total_removed, "steps": self.steps}
+        return {"steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.total_removed = int(state["total_removed"])
         self.steps = int(state["steps"])
 
-    # --------------------------------------------------------- candidates
-    def _block_widths(self, w: dict, i: int) -> tuple[int, int, int, int, int]:
-        return w["embed_dim"], w["num_heads"][i], w["qk_dim"][i], w["v_dim"][i], w["mlp_dim"][i]
-
-    def _candidate(self, kind: str, block: int | None, scores: dict, w: dict) -> Candidate | None:
-        """The lowest-scoring removable group of one kind in one block, or None."""
-        c = self._lowest_group(kind, block, scores, w)
-        if c is not None and not getattr(self.saliency, "additive", True):
-            c.score /= len(c.units)  # per-unit scores: groups of different sizes by their mean
-        return c
-
-    def _lowest_group(self, kind: str, block: int | None, scores: dict,
-                      w: dict) -> Candidate | None:
-        g = self.group_sizes[kind]
-        if kind == "emb":
-            gate, score = self.gates.emb, scores["emb"]
-            live = gate.detach() != 0
-            if int(live.sum()) - g < self.min_keep["emb"]:
-                return None
-            idx = torch.nonzero(live).flatten()
-            order = idx[torch.argsort(score[idx], stable=True)[:g]]
-            return Candidate(kind, None, order.tolist(), float(score[order].sum()))
-        gate = self.gates.blocks[block][kind]
-        score = scores["blocks"][block][kind]
-        if kind in ("head", "mlp"):
-            live = gate.detach() != 0
-            if int(live.sum()) - g < self.min_keep[kind][block]:
-                return None
-            idx = torch.nonzero(live).flatten()
-            order = idx[torch.argsort(score[idx], stable=True)[:g]]
-            return Candidate(kind, block, order.tolist(), float(score[order].sum()))
-        # qk / v: remove g dims from every live head, the lowest-scoring ones of each head
-        heads = torch.nonzero(self.gates.blocks[block]["head"].detach() != 0).flatten().tolist()
-        width = w["qk_dim" if kind == "qk" else "v_dim"][block]
-        if width - g < self.min_keep[kind][block]:
-            return None
-        units, total = [], 0.0
-        for h in heads:
-            idx = torch.nonzero(gate[h].detach() != 0).flatten()
-            order = idx[torch.argsort(score[h][idx], stable=True)[:g]]
-            units += [(h, int(d)) for d in order]
-            total += float(score[h][order].sum())
-        return Candidate(kind, block, units, total)
-
-    def _cost_drop(self, c: Candidate, w: dict, dims_now: Dims) -> float:
-        """What removing `c` saves under the ranking cost, in that cost's lambda unit."""
-        g, cost = self.group_sizes[c.kind], self.rank_cost
+    # ------------------------------------------------------------- groups
+    def _unit_drop(self, kind: str, block: int | None, w: dict, dims_now: Dims) -> float:
+        """The ranking cost's drop when the layer loses one unit, in lambda units; 0 for a
+        block layer already down to one group (the reference's rule)."""
+        cost = self.rank_cost
         scale = COST_UNITS.get(getattr(cost, "name", "latency"), 1.0)
-        if c.kind == "emb":
-            after = dict(w, embed_dim=w["embed_dim"] - g)
-            drop = cost.total(dims_now) - cost.total(widths_to_dims(after, self.original))
-            return drop * scale
-        E, H, qk, v, m = self._block_widths(w, c.block)
-        new = {"head": (E, H - g, qk, v, m), "qk": (E, H, qk - g, v, m),
-               "v": (E, H, qk, v - g, m), "mlp": (E, H, qk, v, m - g)}[c.kind]
-        return (cost.block(E, H, qk, v, m) - cost.block(*new)) * scale
+        if kind == "emb":
+            fewer = widths_to_dims(dict(w, embed_dim=w["embed_dim"] - 1), self.original)
+            return (cost.total(dims_now) - cost.total(fewer)) * scale
+        now = [w["embed_dim"]] + [w[_WIDTH[k]][block] for k in BLOCK_KINDS]
+        i = 1 + BLOCK_KINDS.index(kind)
+        if now[i] <= self.group_sizes[kind]:
+            return 0.0
+        fewer = list(now)
+        fewer[i] -= 1
+        return (cost.block(*now) - cost.block(*fewer)) * scale
 
-    def candidates(self, scores: dict) -> list[Candidate]:
-        """The lowest-scoring removable group of each kind in each block at the current
-        widths (the contenders for the next removal), with cost drop and rank filled."""
+    def _layer_groups(self, kind: str, block: int | None, score: torch.Tensor,
+                      live: torch.Tensor, unit_drop: float) -> list[Group]:
+        """The layer's groups in the reference's order: its units sorted ascending, cut into
+        consecutive groups (per-head units: slice k of every live head's sorted dims)."""
+        g = self.group_sizes[kind]
+        score = torch.where(live, score, torch.zeros_like(score)).double().cpu()
+        live = live.cpu()
+        if score.dim() == 2:  # per-head QK/V: rows are the live heads
+            rows = torch.nonzero(self.gates.blocks[block]["head"].detach().cpu() != 0).flatten()
+            score, live = score[rows], live[rows]
+        else:
+            rows, score, live = None, score[None], live[None]
+        # removed units first (ties at 0 with live units must not split a removed group)
+        order = torch.argsort(torch.where(live, score, float("-inf")), dim=1, stable=True)
+        n = score.shape[1]
+        additive = getattr(self.saliency, "additive", True)
+        groups = []
+        for start in range(0, n, g):
+            cols = order[:, start:start + g]
+            s = score.gather(1, cols)
+            total = float(s.sum()) if additive else float(s.mean())
+            drop = cols.shape[1] * unit_drop
+            if rows is None:
+                units = cols[0].tolist()
+            else:
+                units = [(int(rows[r]), int(c)) for r in range(len(rows)) for c in cols[r]]
+            groups.append(Group(kind, block, units, total, drop,
+                                total - self.latency_lambda * drop,
+                                not bool(live.gather(1, cols).any())))
+        return groups
+
+    def layers(self, scores: dict) -> list[list[Group]]:
+        """Every layer's groups (embedding first, then per block head, QK, V, MLP) at the
+        current widths, with their values under the ranking cost."""
         w = self.widths()
         dims_now = widths_to_dims(w, self.original)
-        cands = [c for c in [self._candidate("emb", None, scores, w)] +
-                 [self._candidate(k, i, scores, w)
-                  for i in range(self.original.depth) for k in BLOCK_KINDS]
-                 if c is not None]
-        for c in cands:
-            c.cost_drop = self._cost_drop(c, w, dims_now)
-            c.rank = c.score - self.latency_lambda * c.cost_drop
-        return cands
+        live = self.gates.nest(self.gates.unit_live())
+        out = [self._layer_groups("emb", None, scores["emb"], live["emb"],
+                                  self._unit_drop("emb", None, w, dims_now))]
+        for i in range(self.original.depth):
+            for k in BLOCK_KINDS:
+                out.append(self._layer_groups(k, i, scores["blocks"][i][k], live["blocks"][i][k],
+                                              self._unit_drop(k, i, w, dims_now)))
+        return out
 
-    @torch.no_grad()
-    def _remove(self, c: Candidate) -> None:
-        if c.kind == "emb":
-            self.gates.emb[c.units] = 0
-            return
-        gate = self.gates.blocks[c.block][c.kind]
-        if c.kind in ("qk", "v"):
-            hs, ds = zip(*c.units)
-            gate[list(hs), list(ds)] = 0
-        else:
-            gate[c.units] = 0
+    def candidates(self, scores: dict) -> list[Group]:
+        """The lowest live group of every layer that can lose one (the next contenders)."""
+        out = []
+        for layer in self.layers(scores):
+            live = [gr for gr in layer if not gr.removed]
+            if len(live) > 1:
+                out.append(min(live, key=lambda gr: gr.value))
+        return out
 
     # ---------------------------------------------------------------- step
     def step(self, model=None, scores: dict | None = None) -> StepResult:
         """One prune step: score (or take `scores` from a `saliency.step` already taken),
-        then remove groups until the per-step quota or the target."""
+        remove every group at or below this step's threshold, report the cost."""
         if scores is None:
             scores = self.saliency.step(model)
         result = StepResult()
-        removed_now = 0
-        while True:
-            if self.current_cost() <= self.target * self.original_cost:
-                result.reached = True
-                break
-            if removed_now >= self.prune_per_iter:
-                break
-            if self.budget is not None and self.total_removed >= self.budget:
-                break
-            cands = self.candidates(scores)
-            if not cands:
-                result.stuck = True
-                break
-            best = min(cands, key=lambda c: c.rank)  # ties: first in (emb, block order) wins
-            self._remove(best)
-            n = len(best.units)
-            removed_now += n
-            self.total_removed += n
-            result.removed[best.kind] += n
-            result.removed_units.append((best.kind, best.block, best.units))
+        layers = self.layers(scores)
+        values = sorted(gr.value for layer in layers for gr in layer)
+        threshold = values[min(self.groups_due(self.steps), len(values)) - 1]
+        stuck = True
+        for layer in layers:
+            zeroed = 0
+            live = sum(not gr.removed for gr in layer)
+            for gr in layer:  # the reference's order: ascending within the layer
+                if gr.value > threshold:
+                    continue
+                if zeroed >= len(layer) - 1:
+                    break  # at least one group of every layer survives
+                zeroed += 1
+                if gr.removed:
+                    continue
+                self.gates.remove(gr.kind, gr.block, gr.units)
+                live -= 1
+                result.removed[gr.kind] += 1
+                result.removed_units.append(
+                    (gr.kind, gr.block, self.gates.gate_units(gr.kind, gr.block, gr.units)))
+            stuck = stuck and live <= 1
         self.steps += 1
-        result.stuck = self.sync(result.stuck)
+        result.stuck = self.sync(stuck)
         result.cost = self.current_cost()
         result.ratio = result.cost / self.original_cost
-        result.reached = result.ratio <= self.target
-        result.budget_spent = self.budget is not None and self.total_removed >= self.budget
+        result.reached = self.target > 0 and result.ratio <= self.target
+        result.budget_spent = self.max_steps is not None and self.steps >= self.max_steps
         return result
 
     def sync(self, stuck: bool) -> bool:
-        """Make rank 0's masks and counters everyone's: a guard against any drift between
+        """Make rank 0's masks and decisions everyone's: a guard against any drift between
         ranks, so that every decision derived from them (stop or go on) is the same."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return stuck
         with torch.no_grad():
             for t in self.gates.tensors():
                 dist.broadcast(t.data, src=0)
-            counters = torch.tensor([float(stuck), float(self.total_removed)],
-                                    dtype=torch.float64, device=self.gates.emb.device)
-            dist.broadcast(counters, src=0)
-        self.total_removed = int(counters[1].item())
-        return bool(counters[0].item())
+            flag = torch.tensor([float(stuck)], dtype=torch.float64, device=self.gates.emb.device)
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())

@@ -1,11 +1,13 @@
 """Per-unit importance scores for global structural pruning.
 
-"hessian" (NViT's criterion) scores a unit by `(gate * dL/dgate / scale)^2`, a Taylor /
-Fisher estimate of the loss increase when the unit is removed: at gate 1 this equals the
-squared sum of `theta * dL/dtheta` over the unit's producing weights. The per-kind scales
-put units of different sizes on one global ranking. "taylor" is the first-order |.|
-version; "magnitude" and "random" are baselines. Batch scores are averaged between pruning
-steps and smoothed across steps by an EMA, so a ranking does not hinge on one batch.
+"hessian" (NViT's criterion) scores a unit by `(sum of gate * dL/dgate over the unit / scale)^2`,
+a Fisher estimate of the loss increase when the unit is removed: at gate 1 this is the squared
+sum of `theta * dL/dtheta` over the unit's producing weights (for a shared QK/V unit, over
+every head's Q, or V, weights of that index), squared per batch as the NViT reference does.
+The per-kind scales put units of different sizes on one global ranking. "taylor" is the
+first-order |.| version; "magnitude" and "random" are baselines. Batch scores are averaged
+between pruning steps and smoothed across steps by an EMA, so a ranking does not hinge on
+one batch. All scores come in unit shape (see `Gates.to_units`).
 """
 from __future__ import annotations
 
@@ -13,27 +15,16 @@ import torch
 
 from models.revit import ReViT
 
-from .gates import BLOCK_KINDS, KINDS, Gates
+from .gates import KINDS, Gates
 
 CRITERIA = ("hessian", "taylor", "magnitude", "random")
 DEFAULT_SCALES = {"emb": 12.0, "head": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0}
 _ACCUMULATING = ("hessian", "taylor")
 
 
-def _kinds_in_order(gates: Gates) -> list[str]:
-    """The kind of each tensor in `gates.tensors()` order."""
-    return ["emb"] + [k for _ in gates.blocks for k in BLOCK_KINDS]
-
-
-def nest(gates: Gates, flat: list[torch.Tensor]) -> dict:
-    """Flat per-tensor list (gates.tensors() order) -> {"emb", "blocks": [{...}]}."""
-    it = iter(flat)
-    emb = next(it)
-    return {"emb": emb, "blocks": [{k: next(it) for k in BLOCK_KINDS} for _ in gates.blocks]}
-
-
-def magnitude_scores(model: ReViT) -> dict:
-    """L2 norm of each unit's producing parameters (weight rows and biases), per unit."""
+def squared_magnitudes(model: ReViT) -> dict:
+    """Squared L2 norm of each gate element's producing parameters (weight rows and biases),
+    nested like the gates."""
     sq = lambda t: t.detach().double().pow(2)  # noqa: E731
     pe = model.patch_embed.proj
     emb = sq(pe.weight).flatten(1).sum(1) + sq(pe.bias)
@@ -56,9 +47,8 @@ def magnitude_scores(model: ReViT) -> dict:
         qk = rows(a.q, a.qk_dim) + rows(a.k, a.qk_dim)
         v = rows(a.v, a.v_dim)
         mlp = sq(m.fc1.weight).sum(1) + sq(m.fc1.bias)
-        blocks.append({"head": (qk.sum(1) + v.sum(1)).sqrt(), "qk": qk.sqrt(), "v": v.sqrt(),
-                       "mlp": mlp.sqrt()})
-    return {"emb": emb.sqrt(), "blocks": blocks}
+        blocks.append({"head": qk.sum(1) + v.sum(1), "qk": qk, "v": v, "mlp": mlp})
+    return {"emb": emb, "blocks": blocks}
 
 
 class Saliency:
@@ -81,8 +71,11 @@ class Saliency:
         self.seed = int(seed)
         self.step_index = 0
         self.count = 0
-        self.sums: list[torch.Tensor] = [self._zeros(t) for t in gates.tensors()]
+        self.sums: list[torch.Tensor] = [self._zeros(u) for u in self._unit_shapes()]
         self.ema: list[torch.Tensor] | None = None
+
+    def _unit_shapes(self) -> list[torch.Tensor]:
+        return self.gates.to_units([t.detach() for t in self.gates.tensors()])
 
     @staticmethod
     def _zeros(t: torch.Tensor) -> torch.Tensor:
@@ -96,26 +89,19 @@ class Saliency:
         of different sizes compare by their mean."""
         return self.criterion in _ACCUMULATING
 
-    def _live_masks(self) -> list[torch.Tensor]:
-        """Live units per gate tensor; QK/V dims of a removed head are not live."""
-        live = nest(self.gates, [t.detach() != 0 for t in self.gates.tensors()])
-        for blk in live["blocks"]:
-            blk["qk"] = blk["qk"] & blk["head"][:, None]
-            blk["v"] = blk["v"] & blk["head"][:, None]
-        return [live["emb"]] + [blk[k] for blk in live["blocks"] for k in BLOCK_KINDS]
-
     # ------------------------------------------------------------ per batch
     @torch.no_grad()
     def accumulate(self) -> None:
         """Add this batch's scores from the gates' current .grad (after all_reduce_grads)."""
         if self.criterion not in _ACCUMULATING:
             return
-        kinds = _kinds_in_order(self.gates)
-        for s, t, kind in zip(self.sums, self.gates.tensors(), kinds):
-            if t.grad is None:
-                raise RuntimeError("Saliency.accumulate: a gate has no gradient; call it after "
-                                   "loss.backward()")
-            score = t.detach().double() * t.grad.double() / self.scales[kind]
+        ts = self.gates.tensors()
+        if any(t.grad is None for t in ts):
+            raise RuntimeError("Saliency.accumulate: a gate has no gradient; call it after "
+                               "loss.backward()")
+        units = self.gates.to_units([t.detach().double() * t.grad.double() for t in ts])
+        for s, u, kind in zip(self.sums, units, self.gates.kinds()):
+            score = u / self.scales[kind]
             s += score.pow(2) if self.criterion == "hessian" else score.abs()
         self.count += 1
 
@@ -137,13 +123,14 @@ class Saliency:
     # ------------------------------------------------------------ per step
     @torch.no_grad()
     def step(self, model: ReViT | None = None) -> dict:
-        """Scores for one pruning decision, nested like `Gates.masks()`; removed units get 0.
+        """Scores for one pruning decision in unit shape, nested like the gates; removed
+        units get 0.
 
         hessian/taylor: batch average since the last step, smoothed by the EMA (the first
         step takes the average as is). magnitude: fresh per-unit weight norms over their layer's
         live mean. random: a fresh draw. Neither uses the EMA.
         """
-        alive = self._live_masks()
+        alive = self.gates.unit_live()
         if self.criterion in _ACCUMULATING:
             if self.count == 0:
                 raise RuntimeError("Saliency.step: no batch was accumulated since the last step")
@@ -160,23 +147,30 @@ class Saliency:
         elif self.criterion == "magnitude":
             if model is None:
                 raise ValueError("Saliency.step: the magnitude criterion needs the model")
-            mag = magnitude_scores(model)
-            raw = [mag["emb"]] + [b[k] for b in mag["blocks"] for k in BLOCK_KINDS]
+            sq = squared_magnitudes(model)
+            raw = self.gates.to_units([sq["emb"]] + [b[k] for b in sq["blocks"]
+                                                     for k in ("head", "qk", "v", "mlp")])
             # each layer's norms relative to their mean over its live units (Torch-Pruning's
             # "mean" normaliser): raw norms grow with fan-in, so the embedding (read by every
             # block) would never be pruned and the widest layers always first
             flat = []
             for r, a in zip(raw, alive):
-                r = torch.where(a, r.to(a.device), torch.zeros_like(r, device=a.device))
+                r = torch.where(a, r.sqrt().to(a.device), torch.zeros_like(r, device=a.device))
                 flat.append(r / r[a].mean() if bool(a.any()) and r[a].mean() > 0 else r)
         else:  # random: the same draw on every rank, a new one at every step
             gen = torch.Generator().manual_seed(self.seed + self.step_index)
             flat = []
-            for t, a in zip(self.gates.tensors(), alive):
-                r = torch.rand(t.shape, generator=gen, dtype=torch.float64).to(t.device)
+            for a in alive:
+                r = torch.rand(a.shape, generator=gen, dtype=torch.float64).to(a.device)
                 flat.append(torch.where(a, r, torch.zeros_like(r)))
         self.step_index += 1
-        return nest(self.gates, flat)
+        return self.gates.nest(flat)
+
+    def reset_ema(self) -> None:
+        """Restart the EMA from zero (not from the next average): the NViT reference
+        multiplies its running average by 0 when the loss changes at the first prune step."""
+        if self.ema is not None:
+            self.ema = [torch.zeros_like(e) for e in self.ema]
 
     # ------------------------------------------------------------- resume
     def state_dict(self) -> dict:
@@ -188,13 +182,13 @@ class Saliency:
         if state["criterion"] != self.criterion:
             raise ValueError(f"saliency state is for criterion {state['criterion']!r}, "
                              f"not {self.criterion!r}")
-        ts = self.gates.tensors()
-        if len(state["sums"]) != len(ts) or any(
-                tuple(s.shape) != tuple(t.shape) for s, t in zip(state["sums"], ts)):
-            raise ValueError("saliency state does not match the gates' shapes")
+        shapes = self._unit_shapes()
+        if len(state["sums"]) != len(shapes) or any(
+                tuple(s.shape) != tuple(t.shape) for s, t in zip(state["sums"], shapes)):
+            raise ValueError("saliency state does not match the gates' units")
         self.step_index = int(state["step_index"])
         self.count = int(state["count"])
         self.sums = [s.to(device=t.device, dtype=torch.float64).clone()
-                     for s, t in zip(state["sums"], ts)]
+                     for s, t in zip(state["sums"], shapes)]
         self.ema = None if state["ema"] is None else [
-            e.to(device=t.device, dtype=torch.float64).clone() for e, t in zip(state["ema"], ts)]
+            e.to(device=t.device, dtype=torch.float64).clone() for e, t in zip(state["ema"], shapes)]

@@ -62,7 +62,7 @@ def test_prune_overhead_quick(tmp_path):
         for key in ("loop_over_plain", "gates_only_over_plain", "pruner_step_macs_amortised",
                     "pruner_step_latency_amortised"):
             assert is_stats(r[key]), key
-        assert sum(r["pruner_step_macs_removed"].values()) >= 32
+        assert sum(r["pruner_step_macs_removed"].values()) == 32 // 16  # groups
 
 
 @pytest.mark.slow

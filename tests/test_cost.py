@@ -169,12 +169,25 @@ def test_reference_format() -> None:
     table = LatencyTable.from_dict(reference_table())
     assert table.source_format == "reference"
     assert table.block(32, 2, 8, 4, 32) == pytest.approx(f_att(32, 2, 8, 4) + f_mlp(32, 32))
-    assert table.block(16, 1, 6, 6, 1) == pytest.approx(f_att(16, 1, 6, 6) + f_mlp(16, 1))
+    # the reference's grid holds the MLP_1 measurement at MLP width 0
+    assert table.block(16, 1, 6, 6, 0) == pytest.approx(f_att(16, 1, 6, 6) + f_mlp(16, 1))
+    at_8 = (24 * f_mlp(16, 1) + 8 * f_mlp(16, 32)) / 32
+    assert table.block(16, 1, 4, 4, 8) == pytest.approx(f_att(16, 1, 4, 4) + at_8)
     # as in the reference code, embed widths below the table go linearly towards 0 at 0
-    assert table.block(8, 1, 4, 4, 1) == pytest.approx((f_att(16, 1, 4, 4) + f_mlp(16, 1)) / 2)
+    assert table.block(8, 1, 4, 4, 0) == pytest.approx((f_att(16, 1, 4, 4) + f_mlp(16, 1)) / 2)
     assert table.stem(odd_dims(8, True), 16) == 0.0
     with pytest.raises(ValueError):
         table.attention(16, 1, 4, 4)
+
+
+def test_reference_format_is_read_as_measured() -> None:
+    """The reference interpolates its table as it is: a point that timing noise made slower
+    than a wider one stays so (our own format is made monotone)."""
+    ref = reference_table()
+    ref["EMB_16"]["QK_1_4"]["V_4"]["MLP_32"] = 1.0  # 1 s: far slower than anything wider
+    table = LatencyTable.from_dict(ref)
+    assert table.block(16, 1, 4, 4, 32) == pytest.approx(1000.0)
+    assert table.parts["block"].lowered == 0
 
 
 # --------------------------------------------------------------- malformed tables

@@ -14,15 +14,16 @@ DIMS = Dims(embed_dim=64, num_heads=[4, 6, 4], qk_dim=[16, 16, 24], v_dim=[16, 2
 GROUPS = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16}
 
 
-def setup(target=0.5, per_iter=40, lam=0.0, cost_cls=MacsCost, seed=0, rank_cost_cls=None):
+def setup(target=0.5, per_iter=40, lam=0.0, cost_cls=MacsCost, seed=0, rank_cost_cls=None,
+          units="shared", budget=None):
     torch.manual_seed(seed)
     model = models.build_model("deit_tiny_distilled_patch16_224", dims=DIMS, img_size=32,
                                patch_size=8, num_classes=5)
-    gates = Gates.attach(model)
+    gates = Gates.attach(model, qkv_units=units)
     saliency = Saliency(gates, "hessian")
     rank_cost = rank_cost_cls(model.dims) if rank_cost_cls else None
     pruner = GlobalPruner(gates, saliency, cost_cls(model.dims), target, per_iter, GROUPS, lam,
-                          rank_cost=rank_cost)
+                          budget=budget, rank_cost=rank_cost)
     return model, gates, saliency, pruner
 
 
@@ -40,6 +41,9 @@ def backward(model, gates, saliency, n=2):
 def test_widths_stay_group_multiples_and_minimums():
     model, gates, saliency, pruner = setup(target=0.05, per_iter=10_000)
     backward(model, gates, saliency)
+    first = pruner.step(model)
+    assert sum(first.removed.values()) == 1  # the reference's first step: one group
+    backward(model, gates, saliency)
     result = pruner.step(model)
     assert result.stuck and not result.reached  # 5% is below what the minimum widths allow
     w = gates.widths()
@@ -54,68 +58,100 @@ def test_widths_stay_group_multiples_and_minimums():
 
 
 def test_partial_steps_keep_multiples_and_equal_head_widths():
-    model, gates, saliency, pruner = setup(target=0.3, per_iter=24)
-    for _ in range(4):
-        backward(model, gates, saliency)
-        pruner.step(model)
-        w = gates.widths()  # raises if QK/V widths differ across live heads
-        assert w["embed_dim"] % 16 == 0
-        assert all(m % 16 == 0 for m in w["mlp_dim"])
-        assert all(q % 8 == 0 for q in w["qk_dim"]) and all(v % 8 == 0 for v in w["v_dim"])
-        assert all(h % 2 == 0 and h >= 2 for h in w["num_heads"])
-
-
-def test_stop_rule_stops_at_first_group_below_target():
-    model, gates, saliency, pruner = setup(target=0.8, per_iter=10_000)
-    backward(model, gates, saliency)
-    result = pruner.step(model)
-    assert result.reached and result.ratio <= 0.8
-    # undoing the last removal puts the cost back above the target: no group too many
-    kind, block, units = result.removed_units[-1]
-    with torch.no_grad():
-        if kind == "emb":
-            gates.emb[units] = 1
-        elif kind in ("qk", "v"):
-            hs, ds = zip(*units)
-            gates.blocks[block][kind][list(hs), list(ds)] = 1
-        else:
-            gates.blocks[block][kind][units] = 1
-    assert pruner.ratio() > 0.8
-
-
-def test_per_step_quota():
-    model, gates, saliency, pruner = setup(target=0.1, per_iter=20)
-    backward(model, gates, saliency)
-    result = pruner.step(model)
-    removed = sum(result.removed.values())
-    assert 20 <= removed < 20 + 16 * 6  # stops after the group that crosses the quota
-    assert not result.reached
+    for units in ("shared", "per_head"):
+        model, gates, saliency, pruner = setup(target=0.3, per_iter=64, units=units)
+        for _ in range(4):
+            backward(model, gates, saliency)
+            pruner.step(model)
+            w = gates.widths()  # raises if QK/V widths differ across live heads
+            assert w["embed_dim"] % 16 == 0
+            assert all(m % 16 == 0 for m in w["mlp_dim"])
+            assert all(q % 8 == 0 for q in w["qk_dim"]) and all(v % 8 == 0 for v in w["v_dim"])
+            assert all(h % 2 == 0 and h >= 2 for h in w["num_heads"])
 
 
 class FixedScores:
-    """Saliency stand-in: fixed per-unit scores, to check the ranking itself."""
+    """Saliency stand-in: fixed per-unit scores (unit shape), to check the ranking itself.
+    With `seed`, embedding and MLP units score low and at random, everything else high, so
+    that no layer runs down to its last group within a few steps."""
 
-    def __init__(self, gates, low_kind, low_block, low_units):
-        self.scores = {"emb": torch.ones_like(gates.emb.detach()),
-                       "blocks": [{k: torch.ones_like(v.detach()) for k, v in b.items()}
-                                  for b in gates.blocks]}
-        target = self.scores["emb"] if low_kind == "emb" else self.scores["blocks"][low_block][low_kind]
-        target[low_units] = 0.0
+    def __init__(self, gates, low_kind=None, low_block=None, low_units=(), seed=None):
+        units = gates.to_units([t.detach() for t in gates.tensors()])
+        if seed is None:
+            scores = [torch.ones_like(u, dtype=torch.float64) for u in units]
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            scores = [torch.rand(u.shape, generator=gen, dtype=torch.float64)
+                      * (0.01 if k in ("emb", "mlp") else 100) for u, k in zip(units, gates.kinds())]
+        self.scores = gates.nest(scores)
+        if low_kind is not None:
+            target = self.scores["emb"] if low_kind == "emb" else \
+                self.scores["blocks"][low_block][low_kind]
+            target[list(low_units)] = 0.0
+        self.gates = gates
 
     def step(self, model=None):
-        return self.scores
+        live = self.gates.nest(self.gates.unit_live())
+        mask = lambda s, a: torch.where(a, s, torch.zeros_like(s))  # noqa: E731
+        return {"emb": mask(self.scores["emb"], live["emb"]),
+                "blocks": [{k: mask(b[k], a[k]) for k in b}
+                           for b, a in zip(self.scores["blocks"], live["blocks"])]}
+
+
+def test_pace_is_prune_per_iter_over_group_size_groups_a_step():
+    """--prune_per_iter 32 with the reference's --group_size 16: 1 group at the first step
+    (the reference's index -1 is clamped to 0), 1 at the second, then 2 a step, whatever
+    their kind; a group is always a whole group of its kind."""
+    model, gates, saliency, pruner = setup(target=0.01, per_iter=32)
+    pruner.saliency = FixedScores(gates, seed=5)
+    removed, kinds = [], set()
+    for _ in range(6):
+        result = pruner.step(model)
+        removed.append(sum(result.removed.values()))
+        kinds |= {k for k, n in result.removed.items() if n}
+        assert all(len(units) == GROUPS[kind] for kind, _, units in result.removed_units)
+    assert removed == [1, 1, 2, 2, 2, 2]
+    assert kinds == {"emb", "mlp"}  # groups of different kinds compete in one ranking
+
+
+def test_prune_dict_budget_caps_steps_and_groups():
+    """{"Global": N}: at most N // prune_per_iter + 1 prune steps, N // 16 groups."""
+    model, gates, saliency, pruner = setup(target=0.0, per_iter=32, budget=100)
+    pruner.saliency = FixedScores(gates, seed=6)
+    results = [pruner.step(model) for _ in range(4)]
+    assert [r.budget_spent for r in results] == [False, False, False, True]
+    assert sum(sum(r.removed.values()) for r in results) == 6 <= 100 // 16
+    assert not any(r.reached for r in results)  # target 0: no target
+
+
+def test_step_stops_after_the_step_that_crosses_the_target():
+    model, gates, saliency, pruner = setup(target=0.8, per_iter=32)
+    pruner.saliency = FixedScores(gates, seed=7)
+    ratios = []
+    while True:
+        result = pruner.step(model)
+        ratios.append(result.ratio)
+        if result.reached:
+            break
+        assert len(ratios) < 50
+    assert ratios[-1] <= 0.8 and all(r > 0.8 for r in ratios[:-1])
 
 
 @pytest.mark.parametrize("kind,block,units", [("mlp", 1, list(range(40, 56))),
                                               ("emb", None, list(range(3, 19))),
-                                              ("head", 2, [0, 3])])
+                                              ("head", 2, [0, 3]),
+                                              ("qk", 2, [1, 4, 6, 9, 11, 12, 20, 23])])
 def test_lowest_saliency_group_goes_first(kind, block, units):
     model, gates, saliency, pruner = setup(target=0.1, per_iter=1)
     pruner.saliency = FixedScores(gates, kind, block, units)
     result = pruner.step(model)
     assert len(result.removed_units) == 1
     got_kind, got_block, got_units = result.removed_units[0]
-    assert (got_kind, got_block, sorted(got_units)) == (kind, block, units)
+    assert (got_kind, got_block) == (kind, block)
+    if kind == "qk":  # the shared index is removed from every head of the block
+        assert sorted(got_units) == sorted((h, d) for h in range(4) for d in units)
+    else:
+        assert sorted(got_units) == units
 
 
 @pytest.mark.parametrize("additive,first", [(True, "head"), (False, "mlp")])
@@ -135,8 +171,8 @@ def test_per_unit_criteria_compare_groups_by_mean(additive, first):
 
 
 def test_latency_penalty_prefers_costly_groups():
-    """With a large lambda the cost drop dominates: the first removal is the candidate with
-    the largest cost drop, whatever its saliency; with lambda 0 the cheapest saliency wins."""
+    """With a large lambda the cost drop dominates: the first removal is the group with the
+    largest cost drop, whatever its saliency; with lambda 0 the cheapest saliency wins."""
     picks = {}
     for lam in (0.0, 1e9):
         model, gates, saliency, pruner = setup(target=0.1, per_iter=1, lam=lam, cost_cls=ParamsCost)
@@ -159,7 +195,7 @@ class MlpHeavyCost(MacsCost):
 
 
 def test_rank_cost_ranks_and_stop_cost_stops():
-    model, gates, saliency, pruner = setup(target=0.8, per_iter=10_000, lam=1e6,
+    model, gates, saliency, pruner = setup(target=0.8, per_iter=64, lam=1e6,
                                            rank_cost_cls=MlpHeavyCost)
     backward(model, gates, saliency)
     scores = saliency.step(model)
@@ -168,19 +204,22 @@ def test_rank_cost_ranks_and_stop_cost_stops():
     assert drops[("mlp", 0)] == pytest.approx(16.0)  # 16 neurons x 1e9 MACs, in GMACs
     assert drops[("head", 1)] == 0.0 and drops[("emb", None)] < 1e-3  # emb: the stem only
     pruner.saliency = None  # the scores given are used: no second saliency (EMA) step
-    result = pruner.step(model, scores)
-    assert {k for k, _, _ in result.removed_units} == {"mlp"}
+    kinds = set()
+    for _ in range(3):  # 1 + 3 + 4 groups, fewer than the MLP layers can give
+        result = pruner.step(model, scores)
+        kinds |= {k for k, _, _ in result.removed_units}
+    assert kinds == {"mlp"} and sum(gates.widths()["mlp_dim"]) == 288 - 8 * 16
     # the stop rule still uses the pruner's own cost (real MACs), not the ranking cost
     macs = MacsCost(model.dims)
     assert result.ratio == pytest.approx(macs.total(compact(model).dims) / macs.total(model.dims))
-    assert result.reached and result.ratio <= 0.8
+    assert result.reached == (result.ratio <= 0.8)
 
 
 def test_target_validation():
-    with pytest.raises(ValueError, match="target"):
-        setup(target=0.0)
-    with pytest.raises(ValueError, match="target"):
-        setup(target=1.0)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="target"):
+            setup(target=bad)
+    setup(target=0.0)  # no target: prune until the budget
 
 
 def test_clear_pruned_state_zeroes_only_pruned_entries():

@@ -88,10 +88,10 @@ def producer_sum(m: ReViT, kind: str, block: int | None, unit: tuple) -> torch.T
         vs = slice(h * a.v_dim, (h + 1) * a.v_dim)
         return sum(_tg(lin.weight, s) + _tg(lin.bias, s)
                    for lin, s in ((a.q, qs), (a.k, qs), (a.v, vs)))
-    if kind == "qk":
+    if kind == "qk":  # the QK gate is on q only: Q's weights, as the reference scores QK
         h, d = unit
         r = h * a.qk_dim + d
-        return sum(_tg(lin.weight, r) + _tg(lin.bias, r) for lin in (a.q, a.k))
+        return _tg(a.q.weight, r) + _tg(a.q.bias, r)
     if kind == "v":
         h, d = unit
         r = h * a.v_dim + d
@@ -101,15 +101,60 @@ def producer_sum(m: ReViT, kind: str, block: int | None, unit: tuple) -> torch.T
     return _tg(fc1.weight, j) + _tg(fc1.bias, j)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_gate_saliency_equals_weight_saliency(kind: str) -> None:
+def reference_emb_sum(m: ReViT, c: int) -> torch.Tensor:
+    """The NViT reference's embedding score before squaring: patch embedding rows, every
+    block's attention-projection and fc2 rows, Q, K, V and fc1 input columns (not the tokens,
+    position embedding, norms or classifier)."""
+    total = _tg(m.patch_embed.proj.weight, c) + _tg(m.patch_embed.proj.bias, c)
+    for blk in m.blocks:
+        a = blk.attn
+        for lin in (a.proj, blk.mlp.fc2):
+            total = total + _tg(lin.weight, c) + _tg(lin.bias, c)
+        for lin in (a.q, a.k, a.v, blk.mlp.fc1):
+            total = total + _tg(lin.weight, (slice(None), c))
+    return total
+
+
+def gated_and_plain_grads(emb_saliency: str = "full", qkv_units: str = "per_head"):
     plain = tiny(seed=3).double().eval()
     gated = copy.deepcopy(plain)
     x, target = images(4).double(), torch.tensor([0, 1, 2, 3])
-
     loss_of(plain(x), target).backward()
-    gates = Gates.attach(gated, dtype=torch.float64)
+    gates = Gates.attach(gated, dtype=torch.float64, qkv_units=qkv_units, emb_saliency=emb_saliency)
     loss_of(gated(x), target).backward()
+    return plain, gates
+
+
+def test_reference_embedding_saliency_leaves_out_tokens_and_classifier() -> None:
+    plain, gates = gated_and_plain_grads("reference")
+    full_plain, full = gated_and_plain_grads("full")
+    for c in (0, 7, 31):
+        want = reference_emb_sum(plain, c)
+        torch.testing.assert_close(gates.emb.grad[c], want.detach(), rtol=1e-6, atol=1e-12)
+        assert not torch.isclose(full.emb.grad[c], want.detach(), rtol=1e-3)
+
+
+def test_shared_qk_v_scores_are_the_reference_formula() -> None:
+    """The reference scores QK index d of a block by (sum over heads of theta * grad over
+    Q's weights and bias at d / 2)^2, V index d likewise over V's (K is not scored)."""
+    plain, gates = gated_and_plain_grads(qkv_units="shared")
+    sal = Saliency(gates, "hessian")
+    sal.accumulate()
+    scores = sal.step()
+    for i, blk in enumerate(plain.blocks):
+        a = blk.attn
+        for kind, lin, width in (("qk", a.q, a.qk_dim), ("v", a.v, a.v_dim)):
+            w = (lin.weight * lin.weight.grad).view(a.num_heads, width, -1).sum((0, 2))
+            b = (lin.bias * lin.bias.grad).view(a.num_heads, width).sum(0)
+            want = ((w + b) / 2) ** 2
+            got = scores["blocks"][i][kind]
+            assert got.shape == (width,)
+            torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gate_saliency_equals_weight_saliency(kind: str) -> None:
+    plain, gates = gated_and_plain_grads()
 
     gen = torch.Generator().manual_seed(7)
     checked = 0
@@ -253,7 +298,7 @@ def kinds_of(gates: Gates) -> list[str]:
 
 def test_saliency_average_ema_and_scales() -> None:
     model = tiny()
-    gates = Gates.attach(model)
+    gates = Gates.attach(model, qkv_units="per_head")
     scales = {"emb": 3.0, "head": 5.0, "qk": 0.5, "v": 2.0, "mlp": 7.0}
     sal = Saliency(gates, "hessian", scales=scales, momentum=0.75)
     kinds = kinds_of(gates)
@@ -287,10 +332,20 @@ def test_saliency_average_ema_and_scales() -> None:
             want[:4] = 0
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     assert bool((second[-1][:4] == 0).all())
+    # the reference's restart at the first prune step: the EMA continues from zero
+    sal.reset_ema()
+    g6 = set_grads(gates, 6)
+    sal.accumulate()
+    third = flat(sal.step())
+    for got, new in zip(third, batch_scores(g6)):
+        want = 0.25 * new
+        if got is third[-1]:
+            want[:4] = 0
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
 def test_taylor_squared_is_hessian_for_one_batch() -> None:
-    gates = Gates.attach(tiny())
+    gates = Gates.attach(tiny(), qkv_units="per_head")
     hess, tay = Saliency(gates, "hessian"), Saliency(gates, "taylor")
     set_grads(gates, 9)
     hess.accumulate()
@@ -302,12 +357,13 @@ def test_taylor_squared_is_hessian_for_one_batch() -> None:
 
 def test_default_scales_with_real_backward() -> None:
     model = tiny()
-    gates = Gates.attach(model)
+    gates = Gates.attach(model)  # shared QK/V units: summed over the heads
     sal = Saliency(gates)
     x, target = images(2), torch.tensor([1, 4])
     loss_of(model.train()(x), target).backward()
     gates.all_reduce_grads()  # not distributed: a no-op
-    want = [(t.grad.double() / {"emb": 12, "head": 12, "qk": 2, "v": 2, "mlp": 1}[k]) ** 2
+    scale = {"emb": 12, "head": 12, "qk": 2, "v": 2, "mlp": 1}
+    want = [((t.grad.double().sum(0) if k in ("qk", "v") else t.grad.double()) / scale[k]) ** 2
             for t, k in zip(gates.tensors(), kinds_of(gates))]
     sal.accumulate()
     for got, w in zip(flat(sal.step()), want):
@@ -339,7 +395,7 @@ def test_random_criterion_is_reproducible() -> None:
 
 def test_magnitude_criterion() -> None:
     model = tiny()
-    gates = Gates.attach(model)
+    gates = Gates.attach(model, qkv_units="per_head")
     sal = Saliency(gates, "magnitude")
     with pytest.raises(ValueError):
         sal.step()
@@ -372,6 +428,19 @@ def test_magnitude_criterion() -> None:
     assert float(scores["blocks"][2]["qk"][0].abs().sum()) == 0.0
     assert scores["emb"].shape == (48,) and bool((scores["emb"] > 0).all())
     torch.testing.assert_close(scores["emb"].mean(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_shared_units_remove_an_index_from_every_head() -> None:
+    gates = Gates.attach(tiny())
+    live = gates.nest(gates.unit_live())
+    assert live["blocks"][1]["qk"].shape == (16,) and live["blocks"][1]["v"].shape == (8,)
+    gates.remove("qk", 1, [2, 5])
+    qk = gates.blocks[1]["qk"]
+    assert bool((qk[:, [2, 5]] == 0).all()) and int((qk != 0).sum()) == 3 * 14
+    live = gates.nest(gates.unit_live())
+    assert live["blocks"][1]["qk"].tolist() == [i not in (2, 5) for i in range(16)]
+    assert gates.widths()["qk_dim"][1] == 14
+    assert gates.gate_units("qk", 1, [2]) == [(0, 2), (1, 2), (2, 2)]
 
 
 def test_saliency_state_dict_round_trip() -> None:
@@ -474,7 +543,7 @@ def test_all_reduce_grads_single_process_group() -> None:
 def test_collect_unscales_skips_overflow_and_clears() -> None:
     """Saliency.collect, nvit_prune's after-backward step: AMP-scaled gate gradients give the
     unscaled scores, a batch with a non-finite gradient is left out, gradients are cleared."""
-    gates = Gates.attach(tiny())
+    gates = Gates.attach(tiny(), qkv_units="per_head")
     ref = Saliency(gates, "hessian")
     set_grads(gates, 1)
     ref.accumulate()
