@@ -5,10 +5,16 @@
         --latency_target 0.54 --data-path DIR --output_dir OUT ...
     torchrun --nproc_per_node=8 nvit_prune.py ...            (same flags, one process per GPU)
 
-Between prune steps the weights train on kl_loss_coeff * KL(student || frozen full model)
-+ original_loss_coeff * DeiT loss. Outputs in --output_dir: pruned_checkpoint.pth (the
-compact model, loadable by revit_scratch.py --finetune/--eval), pruning_state.pth (for
---resume), dims_history.json and widths.png.
+The flags mean what they meant in the NViT reference's main_full_global_latency.py. The
+weights train on original_loss_coeff * DeiT loss, plus, from the first prune step on,
+kl_loss_coeff * KL(student || frozen full model) at --kl-tau; with --student_eval the
+student trains in eval mode from that step, and the saliency EMA restarts there. The
+learning rate stays at its first value. Every --interval_prune iterations a prune step
+removes --prune_per_iter // --group_size more groups of any kind; the run ends when the
+cost reaches --latency_target (0: no target), the --prune_dict budget is spent, or nothing
+is left to remove. Outputs in --output_dir: pruned_checkpoint.pth (the compact model,
+loadable by revit_scratch.py --finetune/--eval), pruning_state.pth (for --resume),
+dims_history.json and widths.png.
 """
 from __future__ import annotations
 
@@ -24,43 +30,65 @@ import models
 import utils
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
 from errors import UserError
-from pruning import CRITERIA, KINDS, Gates, Saliency, compact
+from pruning import Gates, Saliency, compact
+from pruning.config import PruningConfig, parse_config
 from pruning.cost import build_cost_model
+from pruning.gates import EMB_SALIENCY
 from pruning.optim_state import clear_pruned_state
-from pruning.pruner import DEFAULT_GROUP_SIZES, GlobalPruner
+from pruning.pruner import DEFAULT_PACE, GlobalPruner
 from revit_scratch import get_args_parser as training_args_parser
 from revit_scratch import str2bool
 
 STATE_FILE = "pruning_state.pth"
 PRUNED_FILE = "pruned_checkpoint.pth"
-CONFIG_KEYS = {"criterion", "group_sizes", "scales", "momentum"}
+QKV_UNIT_FLAGS = {"shared": "shared", "per-head": "per_head"}
 
 
 def get_args_parser():
     p = training_args_parser(add_help=False)
     import argparse
     parser = argparse.ArgumentParser("NViT global structural pruning", parents=[p])
+    parser.set_defaults(kl_loss_coeff=1000.0, student_eval=False)  # the reference's defaults
     g = parser.add_argument_group("pruning")
     g.add_argument("--pruning", action="store_true", help="prune (the reference's switch)")
     g.add_argument("--pruning_config", "--pruning-config", default="",
-                   help="JSON: criterion, group_sizes, scales, momentum (configs/nvit_reference.json)")
-    g.add_argument("--prune_per_iter", "--prune-per-iter", default=32, type=int,
-                   help="units removed at each prune step")
+                   help="JSON: nvit's format (criterion, group_sizes, scales, momentum; "
+                        "configs/nvit_reference.json) or an NViT reference config "
+                        "(pruning_configs/group8_m23_m09.json)")
+    g.add_argument("--prune_per_iter", "--prune-per-iter", default=1024, type=int,
+                   help="each prune step removes prune_per_iter // group_size more groups")
+    g.add_argument("--group_size", "--group-size", default=DEFAULT_PACE, type=int,
+                   help="the divisor of --prune_per_iter and --prune_dict (the reference's; the "
+                        "groups themselves are 16 channels, 2 heads, 8 QK, 8 V, 16 neurons)")
     g.add_argument("--interval_prune", "--interval-prune", default=100, type=int,
-                   help="training iterations between prune steps")
+                   help="prune after iterations interval+1, 2*interval+1, ... (as the reference)")
     g.add_argument("--prune_dict", "--prune-dict", default='{"Global": 39000}',
-                   help='JSON {"Global": N}: at most N units removed in all')
+                   help='JSON {"Global": N}: at most N // group_size groups removed, in at most '
+                        'N // prune_per_iter + 1 prune steps')
     g.add_argument("--cost", default="latency", choices=["latency", "macs", "params"])
-    g.add_argument("--latency_target", "--latency-target", default=0.54, type=float,
-                   help="stop when cost <= target * cost of the original model")
-    g.add_argument("--latency_regularization", "--latency-regularization", default=5e-4, type=float,
-                   help="lambda in score - lambda * cost drop")
+    g.add_argument("--latency_target", "--latency-target", default=0.0, type=float,
+                   help="stop when cost <= target * cost of the original model (0: no target, "
+                        "prune until the --prune_dict budget is spent)")
+    g.add_argument("--latency_regularization", "--latency-regularization", default=0.0,
+                   type=float, help="lambda in score - lambda * cost drop (the paper: 5e-4)")
     g.add_argument("--latency_look_up_table", "--latency-look-up-table", default="",
                    help="JSON table from tools/build_latency_table.py (or the reference format)")
     g.add_argument("--pruning_exit", "--pruning-exit", action="store_true",
-                   help="stop as soon as the target is reached (else keep training the masked model)")
-    g.add_argument("--student_eval", "--student-eval", default=True, type=str2bool,
-                   help="evaluate the masked student at each epoch end")
+                   help="accepted for the reference's commands: the run always ends when pruning does")
+    g.add_argument("--kl-tau", "--kl_tau", default=3.0, type=float,
+                   help="temperature of the KL term while pruning (the reference's fixed 3)")
+    g.add_argument("--qk-v-units", default="shared", choices=sorted(QKV_UNIT_FLAGS),
+                   help="a QK/V unit is one index shared by every head of a block (the reference) "
+                        "or one (head, index) pair")
+    g.add_argument("--emb-saliency", default="full", choices=EMB_SALIENCY,
+                   help="an embedding channel's score sums every weight it removes (full) or, as the "
+                        "reference, leaves out tokens, position embedding and classifier columns")
+    g.add_argument("--pruning-lr", default="constant", choices=["constant", "schedule"],
+                   help="constant: the schedule's first learning rate throughout (the reference); "
+                        "schedule: follow --sched/--warmup-epochs per epoch")
+    g.add_argument("--token_scale", "--token-scale", default=True, type=str2bool,
+                   help="give the student the reference's learnable token scale on q, k, v "
+                        "(initialised to 1) if it has none")
     return parser
 
 
@@ -75,30 +103,13 @@ def read_json_file(path: str, flag: str):
         raise UserError(f"{flag} {path} is not valid JSON: {e}") from None
 
 
-def pruning_config(args) -> dict:
-    config = {"criterion": "hessian", "group_sizes": dict(DEFAULT_GROUP_SIZES), "scales": {},
-              "momentum": 0.9}
+def pruning_config(args) -> PruningConfig:
     if not args.pruning_config:
-        return config
-    data = read_json_file(args.pruning_config, "--pruning_config")
-    if not isinstance(data, dict) or set(data) - CONFIG_KEYS:
-        raise UserError(f"--pruning_config {args.pruning_config}: expected an object with keys "
-                        f"{sorted(CONFIG_KEYS)}, got {sorted(data) if isinstance(data, dict) else data!r}")
-    if data.get("criterion", "hessian") not in CRITERIA:
-        raise UserError(f"--pruning_config: criterion must be one of {CRITERIA}")
-    for key in ("group_sizes", "scales"):
-        value = data.get(key, {})
-        if not isinstance(value, dict) or set(value) - set(KINDS) or \
-                not all(isinstance(v, (int, float)) and v > 0 for v in value.values()):
-            raise UserError(f"--pruning_config: {key} must map kinds {KINDS} to positive numbers")
-        if key == "group_sizes" and not all(float(v).is_integer() for v in value.values()):
-            raise UserError("--pruning_config: group_sizes must be integers")
-    momentum = data.get("momentum", 0.9)
-    if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
-        raise UserError("--pruning_config: momentum must be in [0, 1)")
-    config.update(data)
-    config["group_sizes"] = {**DEFAULT_GROUP_SIZES, **{k: int(v) for k, v in
-                                                       data.get("group_sizes", {}).items()}}
+        return PruningConfig()
+    try:
+        config = parse_config(read_json_file(args.pruning_config, "--pruning_config"))
+    except ValueError as e:
+        raise UserError(f"--pruning_config {args.pruning_config}: {e}") from None
     return config
 
 
@@ -123,11 +134,14 @@ def check_args(args) -> None:
                             f"given by --pretrained-path/--pretrained")
     if not args.output_dir:
         raise UserError("--output_dir is needed: the pruned model and the resumable state go there")
-    if not 0.0 < args.latency_target < 1.0:
-        raise UserError(f"--latency_target must be in (0, 1) (a fraction of the original cost), "
-                        f"got {args.latency_target}")
-    if args.prune_per_iter <= 0 or args.interval_prune <= 0:
-        raise UserError("--prune_per_iter and --interval_prune must be positive")
+    if not 0.0 <= args.latency_target < 1.0:
+        raise UserError(f"--latency_target must be in [0, 1) (a fraction of the original cost, "
+                        f"0 for none), got {args.latency_target}")
+    for flag, value in (("--prune_per_iter", args.prune_per_iter),
+                        ("--interval_prune", args.interval_prune),
+                        ("--group_size", args.group_size), ("--kl-tau", args.kl_tau)):
+        if not value > 0:
+            raise UserError(f"{flag} must be positive, got {value}")
     if args.cost == "latency" and not args.latency_look_up_table:
         raise UserError("--cost latency needs --latency_look_up_table TABLE.json "
                         "(build one with tools/build_latency_table.py, or use --cost macs)")
@@ -140,7 +154,8 @@ def check_args(args) -> None:
 
 def load_dense_model(args, nb_classes: int):
     frame = dict(img_size=args.input_size, num_classes=nb_classes, drop_rate=args.drop,
-                 attn_drop_rate=args.attn_drop, drop_path_rate=args.drop_path)
+                 attn_drop_rate=args.attn_drop, drop_path_rate=args.drop_path,
+                 token_scale=args.token_scale)
     if args.patch_size:
         frame["patch_size"] = args.patch_size
     if args.pretrained_path:
@@ -148,13 +163,14 @@ def load_dense_model(args, nb_classes: int):
     return models.build_model(args.model, pretrained=True, **frame)
 
 
-def run_settings(args, config: dict) -> dict:
+def run_settings(args, config: PruningConfig) -> dict:
     """What a resumed run must share with the original for its replay to be exact."""
-    return {"config": config, "batch_size": args.batch_size, "world_size": utils.get_world_size(),
-            "interval_prune": args.interval_prune, "prune_per_iter": args.prune_per_iter,
-            "prune_dict": args.prune_dict, "cost": args.cost, "latency_target": args.latency_target,
-            "latency_regularization": args.latency_regularization, "seed": args.seed,
-            "data_set": args.data_set, "input_size": args.input_size}
+    keys = ("batch_size", "interval_prune", "prune_per_iter", "group_size", "prune_dict", "cost",
+            "latency_target", "latency_regularization", "seed", "data_set", "input_size",
+            "kl_loss_coeff", "original_loss_coeff", "kl_tau", "qk_v_units", "emb_saliency",
+            "pruning_lr", "student_eval", "token_scale", "base_loss_head")
+    return {"config": config.as_dict(), "world_size": utils.get_world_size(),
+            **{k: getattr(args, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -209,6 +225,9 @@ def main(args) -> None:
     utils.seed_everything(args.seed + rank)
     output_dir = utils.prepare_output_dir(args.output_dir)  # every rank checks it is writable
     is_main = utils.is_main_process()
+    if config.ignored:
+        print(f"--pruning_config {args.pruning_config}: keys without effect, as in the reference "
+              f"(set by flags here, or unused): {', '.join(config.ignored)}")
 
     train_loader, val_loader, nb_classes, train_sampler = builders.build_loaders(args)
     model = load_dense_model(args, nb_classes).to(device)
@@ -223,18 +242,20 @@ def main(args) -> None:
         for p in full_model.parameters():
             p.requires_grad_(False)
 
-    gates = Gates.attach(model)
-    saliency = Saliency(gates, config["criterion"], config["scales"], config["momentum"], args.seed)
-    uses_gradients = config["criterion"] in ("hessian", "taylor")
+    gates = Gates.attach(model, qkv_units=QKV_UNIT_FLAGS[args.qk_v_units],
+                         emb_saliency=args.emb_saliency)
+    saliency = Saliency(gates, config.criterion, config.scales, config.momentum, args.seed)
+    uses_gradients = saliency.additive
     if not uses_gradients:
         freeze(gates)
     try:
         pruner = GlobalPruner(gates, saliency, cost, args.latency_target, args.prune_per_iter,
-                              config["group_sizes"], args.latency_regularization, budget)
+                              config.group_sizes, args.latency_regularization, budget,
+                              pace=args.group_size)
     except ValueError as e:
         raise UserError(f"--pruning_config: {e}") from None
     min_ratio = pruner.minimum_ratio()
-    if min_ratio > args.latency_target:
+    if min_ratio > args.latency_target > 0:
         print(f"warning: the minimum widths give {min_ratio:.3f} of the original {args.cost}; "
               f"--latency_target {args.latency_target} cannot be reached")
 
@@ -247,18 +268,27 @@ def main(args) -> None:
     scheduler = builders.build_scheduler(args, optimizer)
     scaler = make_grad_scaler(device, amp_dtype)
     mixup_fn = builders.build_mixup(args, nb_classes)
-    criterion = builders.build_criterion(args, nb_classes, mixup_fn, device, full_model=full_model)
+    criterion = builders.build_criterion(args, nb_classes, mixup_fn, device, kl_tau=args.kl_tau,
+                                         per_head=False, full_model=full_model)
+
+    def set_phase() -> None:
+        """Before the first prune step: DeiT loss only, train mode. From it on: the KL term,
+        and with --student_eval the student in eval mode (both heads still returned)."""
+        pruning = pruner.steps > 0
+        criterion.kl_enabled = pruning
+        model_without_ddp.return_pair = pruning and args.student_eval
+        model.train(not model_without_ddp.return_pair)
 
     settings = run_settings(args, config)
     history: list[dict] = []
-    state = {"epoch": 0, "iteration": 0, "done": False, "stuck": False}
+    state = {"epoch": 0, "iteration": 0, "done": False, "stuck": False, "budget_spent": False}
     if resume:
         ckpt = models.read_checkpoint(resume)
         if "pruner" not in ckpt:
             raise UserError(f"--resume {resume} is not a pruning state file ({STATE_FILE})")
         if ckpt["original_dims"] != original.to_dict():
             raise UserError(f"--resume {resume} belongs to a run on another model")
-        changed = [k for k, v in settings.items() if ckpt["settings"].get(k) != v]
+        changed = [k for k, v in utils.plain(settings).items() if ckpt["settings"].get(k) != v]
         if changed:
             raise UserError(f"--resume {resume} was made with other settings ({', '.join(changed)}); "
                             f"resume with the same flags, or start a new --output_dir")
@@ -271,7 +301,7 @@ def main(args) -> None:
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         history = ckpt["history"]
-        state.update({k: ckpt[k] for k in ("epoch", "iteration", "done", "stuck")})
+        state.update({k: ckpt[k] for k in state})
         if state["done"]:
             freeze(gates)
         print(f"resumed from {resume}: epoch {state['epoch']}, iteration {state['iteration']}, "
@@ -287,13 +317,13 @@ def main(args) -> None:
             "saliency": saliency.state_dict(), "pruner": pruner.state_dict(),
             "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch, "iteration": iteration, "done": state["done"],
-            "stuck": state["stuck"], "history": history, "settings": utils.plain(settings),
+            **state, "epoch": epoch, "iteration": iteration, "history": history,
+            "settings": utils.plain(settings),
             "original_dims": original.to_dict(), "args": utils.plain(vars(args)),
         }, output_dir / STATE_FILE)
 
     top1_dense = None
-    if args.student_eval and not resume:
+    if not resume:
         dense_stats = evaluate(val_loader, model, device, amp_dtype, sharded)
         top1_dense = dense_stats["acc1"]
         print(f"before pruning: top-1 {dense_stats['acc1']:.2f}%  top-5 {dense_stats['acc5']:.2f}%")
@@ -301,7 +331,7 @@ def main(args) -> None:
     iters_per_epoch = len(train_loader)
     step_times: list[float] = []
     last_step_time = [time.perf_counter()]
-    losses: list[float] = []  # since the last prune step
+    losses: dict[str, list[float]] = {"loss": [], "loss_kl": [], "loss_deit": []}  # since the last step
 
     def after_backward(grad_scale: float) -> None:
         if state["done"] or not uses_gradients:
@@ -311,58 +341,70 @@ def main(args) -> None:
     def make_after_step(epoch: int):
         def after_step(i: int, loss: float) -> bool:
             global_iter = epoch * iters_per_epoch + i
-            losses.append(loss)
-            if state["done"] or (global_iter + 1) % args.interval_prune:
+            losses["loss"].append(loss)
+            for k, v in criterion.last_parts.items():
+                losses[k].append(float(v))
+            # the reference prunes in the iteration after every interval_prune-th one
+            if state["done"] or global_iter == 0 or global_iter % args.interval_prune:
                 return False
             if uses_gradients and saliency.count == 0:
                 print(f"prune step postponed at iteration {i + 1}: no batch with finite gradients")
                 return False
             result = pruner.step(model_without_ddp)
             clear_pruned_state(optimizer, model_without_ddp, result.removed_units)
+            if pruner.steps == 1:  # the loss changes here: the reference restarts its EMA
+                saliency.reset_ema()
+                set_phase()
             widths = gates.widths()
             now = time.perf_counter()
             step_times.append(now - last_step_time[0])
             last_step_time[0] = now
+            means = {k: sum(v) / len(v) for k, v in losses.items() if v}
             history.append({"step": pruner.steps, "epoch": epoch, "iteration": i + 1,
-                            "ratio": result.ratio, "removed": result.removed, "dims": widths})
+                            "ratio": result.ratio, "removed_groups": result.removed,
+                            "dims": widths, **means})
             drop = (1 - result.ratio) / pruner.steps
-            eta = "?" if drop <= 0 else \
-                f"{max(0.0, (result.ratio - args.latency_target) / drop) * sum(step_times) / len(step_times):.0f}s"
+            target = args.latency_target
+            eta = "?" if drop <= 0 or target == 0 else \
+                f"{max(0.0, (result.ratio - target) / drop) * sum(step_times) / len(step_times):.0f}s"
             imgs = args.interval_prune * args.batch_size * utils.get_world_size() / step_times[-1]
+            removed = ", ".join(f"{k} {n}" for k, n in result.removed.items() if n) or "none"
             print(f"prune step {pruner.steps}: {args.cost} ratio {result.ratio:.4f} (target "
-                  f"{args.latency_target})  {width_summary(widths)}  loss "
-                  f"{sum(losses) / len(losses):.4f}  img/s {imgs:.1f}  eta {eta}", flush=True)
-            losses.clear()
+                  f"{target})  removed groups: {removed}  {width_summary(widths)}  loss "
+                  f"{means['loss']:.4f} (kl {means.get('loss_kl', 0.0):.4g}, deit "
+                  f"{means.get('loss_deit', 0.0):.4g})  img/s {imgs:.1f}  eta {eta}", flush=True)
+            for v in losses.values():
+                v.clear()
             state["done"] = result.reached or result.stuck or result.budget_spent
-            state["stuck"] = result.stuck
+            state["stuck"], state["budget_spent"] = result.stuck, result.budget_spent
             if state["done"]:
                 freeze(gates)
             next_epoch, next_iter = (epoch, i + 1) if i + 1 < iters_per_epoch else (epoch + 1, 0)
             save_state(next_epoch, next_iter)
             if is_main:
                 write_history(output_dir, widths_of(original), history)
-            return state["done"] and args.pruning_exit
+            return state["done"]
         return after_step
 
     start_epoch = state["epoch"]
     stats = None
     for epoch in range(start_epoch, args.epochs):
-        if state["done"] and args.pruning_exit:
+        if state["done"]:
             break
         skip = state["iteration"] if epoch == start_epoch else 0
         train_sampler.set_epoch(epoch, skip=skip * args.batch_size)
-        scheduler.step(epoch)
+        scheduler.step(0 if args.pruning_lr == "constant" else epoch)
+        set_phase()
         train_one_epoch(
             model, criterion, train_loader, optimizer, device, epoch, scaler, amp_dtype,
             args.clip_grad, args.clip_mode, None, mixup_fn, args.print_freq,
             after_backward=after_backward, after_step=make_after_step(epoch), start_iter=skip,
-            seed_fn=lambda i, e=epoch: utils.seed_everything(utils.iteration_seed(args.seed, e, i, rank)))
-        stats = None
-        if args.student_eval:
-            stats = evaluate(val_loader, model, device, amp_dtype, sharded)
-            print(f"Epoch {epoch}: student top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  "
-                  f"{args.cost} ratio {pruner.ratio():.4f}")
-        if not (state["done"] and args.pruning_exit):
+            seed_fn=lambda i, e=epoch: utils.seed_everything(utils.iteration_seed(args.seed, e, i, rank)),
+            train_mode=not model_without_ddp.return_pair)
+        stats = evaluate(val_loader, model, device, amp_dtype, sharded)
+        print(f"Epoch {epoch}: student top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  "
+              f"{args.cost} ratio {pruner.ratio():.4f}")
+        if not state["done"]:
             save_state(epoch + 1, 0)
 
     if args.distributed:
@@ -370,7 +412,7 @@ def main(args) -> None:
             raise RuntimeError("processes ended with different masks: pruning lost synchronisation")
         print(f"all {utils.get_world_size()} processes hold identical masks after "
               f"{pruner.steps} prune steps")
-    if stats is None:  # the last epoch's evaluation already scored the final masks
+    if stats is None:  # resumed after the end: score the final masks
         stats = evaluate(val_loader, model, device, amp_dtype, sharded)
     ratio = pruner.ratio()
     extra = {"original_dims": original.to_dict(), "cost": args.cost, "cost_ratio": ratio,
@@ -384,10 +426,16 @@ def main(args) -> None:
     print(f"pruned model: {args.cost} ratio {ratio:.4f} of the original, top-1 {stats['acc1']:.2f}%"
           f"{dense_note}; dims {json.dumps(gates.widths())}")
     print(f"wrote {output_dir / PRUNED_FILE}")
-    if ratio > args.latency_target:
-        why = ("the minimum widths (one group of each kind per block) are reached"
-               if state["stuck"] or min_ratio > args.latency_target else
-               "the run ended first (more --epochs, a larger --prune_per_iter or --prune_dict budget)")
+    if ratio > args.latency_target > 0:
+        if state["stuck"]:
+            why = "the minimum widths (one group of each kind per block) are reached"
+        elif state["budget_spent"]:
+            why = (f"the --prune_dict budget of {pruner.max_steps} prune steps "
+                   f"(N // prune_per_iter + 1) is spent")
+        elif min_ratio > args.latency_target:
+            why = f"the minimum widths give {min_ratio:.3f}"
+        else:
+            why = "the run ended first (more --epochs, or a larger --prune_per_iter)"
         raise UserError(f"--latency_target {args.latency_target} not reached: {args.cost} ratio "
                         f"{ratio:.4f}, {why}; the smallest model reached was saved")
 

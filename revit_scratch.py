@@ -17,7 +17,10 @@ import models
 import utils
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
 from errors import UserError
+from losses import BASE_LOSS_HEADS
 from models import Dims, revit_dims
+
+PRUNED_FILE = "pruned_checkpoint.pth"  # what nvit_prune.py writes, and --finetune FOLDER finds
 
 
 # ================================== EDIT HERE ==================================
@@ -90,13 +93,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--warmup-lr", type=float, default=1e-6)
     g.add_argument("--min-lr", type=float, default=1e-5)
     g.add_argument("--decay-epochs", type=float, default=30)
-    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument("--warmup-epochs", type=int, default=0)
     g.add_argument("--cooldown-epochs", type=int, default=10)
     g.add_argument("--patience-epochs", type=int, default=10)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
 
     g = p.add_argument_group("augmentation")
-    g.add_argument("--color-jitter", type=float, default=0.3)
+    g.add_argument("--color-jitter", type=float, default=0.4)
     g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="'none' disables")
     g.add_argument("--smoothing", type=float, default=0.1)
     g.add_argument("--train-interpolation", type=str, default="bicubic")
@@ -119,13 +122,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--teacher-path", type=str, default="", help="file or URL of teacher weights")
     g.add_argument("--distillation-type", default="none", choices=["none", "soft", "hard"])
     g.add_argument("--distillation-alpha", default=0.5, type=float)
-    g.add_argument("--distillation-tau", default=1.0, type=float)
+    g.add_argument("--distillation-tau", default=1.0, type=float,
+                   help="temperature of the soft teacher loss, and of the full-model KL here")
     g.add_argument("--kl_loss_coeff", default=0.0, type=float,
-                   help="weight of the KL divergence between the full pretrained --model and the student")
+                   help="weight of the KL divergence between the full pretrained --model and the "
+                        "student (element-wise mean, class head against class head and "
+                        "distillation head against distillation head, as the reference finetunes)")
     g.add_argument("--original_loss_coeff", default=1.0, type=float, help="weight of the DeiT loss")
+    g.add_argument("--base-loss-head", default="mean", choices=BASE_LOSS_HEADS,
+                   help="the label loss on the mean of the two heads (the NViT reference) or on "
+                        "the class head (DeiT)")
+    g.add_argument("--student_eval", "--student-eval", default=None, type=str2bool,
+                   help="train the student in eval mode (no dropout or drop-path), as the reference "
+                        "finetunes; default here: true with --finetune (nvit_prune.py: false, and "
+                        "from the first prune step on)")
 
     g = p.add_argument_group("finetuning and checkpoints")
-    g.add_argument("--finetune", default="", help="start from this checkpoint (its dims are used)")
+    g.add_argument("--finetune", default="",
+                   help="start from this checkpoint (its dims are used), or a folder holding "
+                        "pruned_checkpoint.pth")
     g.add_argument("--resume", nargs="?", const="auto", default="",
                    help="checkpoint to continue; bare --resume: OUTPUT_DIR/checkpoint.pth if any")
     g.add_argument("--start_epoch", default=0, type=int)
@@ -198,12 +213,31 @@ def create_student(args, nb_classes: int, resume: str | None) -> torch.nn.Module
     return models.build_model(args.model, dims=dims, **frame)
 
 
+def finetune_folder_defaults(args) -> None:
+    """--finetune FOLDER as the reference's finetune_dense.py: start from the folder's
+    pruned_checkpoint.pth, and without --output_dir write next to it, in the subfolder the
+    reference named after the run."""
+    folder = Path(args.finetune)
+    if not folder.is_dir():
+        return
+    args.finetune = str(folder / PRUNED_FILE)
+    if not Path(args.finetune).is_file():
+        raise UserError(f"--finetune {folder} is a folder without {PRUNED_FILE}")
+    if not args.output_dir and not args.eval:
+        kind = "scratch" if args.scratch else "ft_dense"
+        name = (f"{kind}_{args.epochs}_lr_{args.lr}_a_{args.distillation_alpha}"
+                f"_T_{args.distillation_tau}" + ("_CNN_only" if args.kl_loss_coeff == 0 else ""))
+        args.output_dir = str(folder / name)
+        print(f"--finetune {folder}: writing to {args.output_dir}")
+
+
 def check_args(args) -> None:
     if args.eval and not (args.resume or args.finetune):
         raise UserError("--eval needs a checkpoint: --resume CKPT or --finetune CKPT")
-    if args.finetune and not args.finetune.startswith(("http://", "https://")) \
-            and not Path(args.finetune).is_file():
-        raise UserError(f"--finetune {args.finetune} does not exist")
+    if args.finetune and not args.finetune.startswith(("http://", "https://")):
+        if not Path(args.finetune).exists():
+            raise UserError(f"--finetune {args.finetune} does not exist")
+        finetune_folder_defaults(args)
     if args.epochs <= 0 and not args.eval:
         raise UserError(f"--epochs must be positive, got {args.epochs}")
     if args.batch_size <= 0:
@@ -260,8 +294,10 @@ def main(args) -> None:
     scheduler = builders.build_scheduler(args, optimizer)
     scaler = make_grad_scaler(device, amp_dtype)
     mixup_fn = builders.build_mixup(args, nb_classes)
-    criterion = builders.build_criterion(args, nb_classes, mixup_fn, device)
-
+    criterion = builders.build_criterion(args, nb_classes, mixup_fn, device,
+                                         kl_tau=args.distillation_tau, per_head=True)
+    student_eval = bool(args.finetune) if args.student_eval is None else args.student_eval
+    model_without_ddp.return_pair = student_eval  # both heads for the losses in eval mode
     max_accuracy = 0.0
     if resume:
         ckpt = models.read_checkpoint(resume)
@@ -291,7 +327,8 @@ def main(args) -> None:
 
     print(f"training for {args.epochs} epochs from epoch {args.start_epoch}; "
           f"lr {builders.scaled_lr(args):.3g} for a total batch of "
-          f"{args.batch_size * utils.get_world_size()}")
+          f"{args.batch_size * utils.get_world_size()}; student in "
+          f"{'eval' if student_eval else 'train'} mode")
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
@@ -299,7 +336,8 @@ def main(args) -> None:
         train_stats = train_one_epoch(
             model, criterion, train_loader, optimizer, device, epoch, scaler, amp_dtype,
             args.clip_grad, args.clip_mode, model_ema, mixup_fn, args.print_freq,
-            seed_fn=lambda i, e=epoch: utils.seed_everything(utils.iteration_seed(args.seed, e, i, rank)))
+            seed_fn=lambda i, e=epoch: utils.seed_everything(utils.iteration_seed(args.seed, e, i, rank)),
+            train_mode=not student_eval)
         test_stats = evaluate(val_loader, model, device, amp_dtype, sharded)
         improved = test_stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, test_stats["acc1"])

@@ -19,9 +19,12 @@ pytestmark = pytest.mark.slow
 
 DENSE_DIMS = models.Dims(embed_dim=64, num_heads=[4, 4, 4], qk_dim=[16, 16, 16],
                          v_dim=[16, 16, 16], mlp_dim=[128, 128, 128])
-PRUNE = ["--pruning", "--cost", "macs", "--kl_loss_coeff", "1", "--interval_prune", "4",
-         "--prune_per_iter", "48", "--pruning_config", str(ROOT / "configs" / "nvit_reference.json"),
-         "--latency_regularization", "0"]
+PRUNE = ["--pruning", "--cost", "macs", "--kl_loss_coeff", "100000", "--original_loss_coeff", "1",
+         "--interval_prune", "4", "--prune_per_iter", "48", "--student_eval", "true",
+         "--pruning_config", str(ROOT / "configs" / "nvit_reference.json")]
+STEP_LINE = (r"prune step 1: macs ratio [\d.]+ \(target 0.6\)  removed groups: [a-z]+ 1  emb \d+  "
+             r"heads \d+  qk \[[\d, ]+\]  v \[[\d, ]+\]  mlp \d+  loss [\d.]+ \(kl 0, deit [\d.]+\)"
+             r"  img/s [\d.]+  eta")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,7 @@ def test_prune_finetune_eval(tmp_path, dense):
     out = tmp_path / "p"
     proc = run("nvit_prune.py", *FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "3",
                "--latency_target", "0.6", "--pruning_exit", "--output_dir", out)
-    assert re.search(r"prune step 1: macs ratio [\d.]+ \(target 0.6\)  emb \d+  heads \d+  qk "
-                     r"\[[\d, ]+\]  v \[[\d, ]+\]  mlp \d+  loss [\d.]+  img/s [\d.]+  eta", proc.stdout)
+    assert re.search(STEP_LINE, proc.stdout), proc.stdout[:2000]
     ckpt = torch.load(out / "pruned_checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["cost_ratio"] <= 0.6
     compact = models.build_model("deit_base_patch16_224", checkpoint=out / "pruned_checkpoint.pth")
@@ -53,17 +55,25 @@ def test_prune_finetune_eval(tmp_path, dense):
     ratio = count_macs(compact)[0] / count_macs(original)[0]
     assert ratio == pytest.approx(ckpt["cost_ratio"], rel=1e-9)
     hist = json.loads((out / "dims_history.json").read_text())
-    assert hist["original"]["embed_dim"] == 64 and len(hist["steps"]) >= 1
+    assert hist["original"]["embed_dim"] == 64 and len(hist["steps"]) >= 2
+    # the KL term is off until the first prune step, on after it; the parts add up
+    first, second = hist["steps"][:2]
+    assert first["loss_kl"] == 0 and second["loss_kl"] > 0
+    assert second["loss"] == pytest.approx(second["loss_kl"] + second["loss_deit"], rel=1e-6)
+    # the pace: 1 group, then up to 48 // 16 = 3 in all (a layer's last group keeps its place)
+    assert sum(first["removed_groups"].values()) == 1
+    assert 1 <= sum(second["removed_groups"].values()) <= 2
     assert hist["steps"][-1]["dims"]["mlp_dim"] == compact.dims.mlp_dim
     assert (out / "widths.png").stat().st_size > 1000
     # the compact model scores what the masked student scored
     top1 = float(re.search(r"pruned model: .* top-1 ([\d.]+)%", proc.stdout).group(1))
     ev = run("revit_scratch.py", *FAST, "--finetune", out / "pruned_checkpoint.pth", "--eval")
     assert float(re.search(r"top-1 ([\d.]+)%", ev.stdout).group(1)) == pytest.approx(top1, abs=0.006)
-    # the paper's finetuning stage: KL from the full model plus the DeiT loss
+    # the paper's finetuning stage: KL from the full model plus the DeiT loss, eval mode
     ft = run("revit_scratch.py", *FAST, "--finetune", out / "pruned_checkpoint.pth", "--epochs", "1",
              "--kl_loss_coeff", "1", "--pretrained-path", dense, "--output_dir", tmp_path / "ft")
-    assert "Epoch 0: top-1" in ft.stdout
+    assert "Epoch 0: top-1" in ft.stdout and "student in eval mode" in ft.stdout
+    assert re.search(r"loss_kl [\d.e-]+ \([\d.e-]+\)  loss_deit", ft.stdout)
     tuned = torch.load(tmp_path / "ft" / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert tuned["dims"] == ckpt["dims"]
 
@@ -74,16 +84,18 @@ def test_latency_table_cost(tmp_path, dense):
         "--embed-dims", "32,64", "--heads", "1,2,4", "--qk-dims", "8,16", "--v-dims", "8,16",
         "--mlp-dims", "32,128", "--warmup", "1", "--repeats", "3")
     out = tmp_path / "p"
+    # with our variants of the units and the embedding score, the paper's lambda
     proc = run("nvit_prune.py", *FAST, *PRUNE[:2], "latency", *PRUNE[3:], "--pretrained-path", dense,
                "--epochs", "3", "--latency_target", "0.9", "--latency_look_up_table", table,
-               "--pruning_exit", "--output_dir", out)
+               "--latency_regularization", "5e-4", "--qk-v-units", "per-head",
+               "--emb-saliency", "reference", "--pruning_exit", "--output_dir", out)
     assert "latency ratio" in proc.stdout
     assert torch.load(out / "pruned_checkpoint.pth", weights_only=True)["cost_ratio"] <= 0.9
 
 
 def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
     common = [*FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "3", "--num_workers", "1",
-              "--latency_target", "0.5", "--prune_per_iter", "16", "--drop-path", "0.1",
+              "--latency_target", "0.7", "--prune_per_iter", "32", "--drop-path", "0.1",
               "--mixup", "0.5", "--pruning_exit", "--student_eval", "false"]
     full, part = tmp_path / "full", tmp_path / "part"
     run("nvit_prune.py", *common, "--output_dir", full)
@@ -132,6 +144,7 @@ def test_unreachable_target_saves_smallest_model(tmp_path, dense):
     out = tmp_path / "p"
     proc = run("nvit_prune.py", *FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "6",
                "--latency_target", "0.02", "--prune_per_iter", "100000", "--pruning_exit",
+               "--prune_dict", '{"Global": 1000000}',
                "--student_eval", "false", "--output_dir", out, check=False)
     assert_user_error(proc, "--latency_target 0.02", "minimum widths")
     assert "cannot be reached" in proc.stdout  # said up front too
@@ -140,7 +153,7 @@ def test_unreachable_target_saves_smallest_model(tmp_path, dense):
     assert ckpt["dims"]["num_heads"] == [2, 2, 2] and ckpt["dims"]["qk_dim"] == [8, 8, 8]
 
 
-@pytest.mark.parametrize("case", ["target0", "target_big", "no_table", "bad_table", "bad_config",
+@pytest.mark.parametrize("case", ["target_negative", "target_big", "no_table", "bad_table", "bad_config",
                                   "missing_config", "offline_pretrained", "other_model",
                                   "overwrite", "eval_flag", "no_output_dir"])
 def test_bad_input_fails_cleanly(tmp_path, dense, case):
@@ -149,8 +162,8 @@ def test_bad_input_fails_cleanly(tmp_path, dense, case):
     (out / "pruned_checkpoint.pth").write_bytes(b"earlier result")
     base = [*FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "1", "--output_dir", out,
             "--latency_target", "0.5"]
-    if case == "target0":
-        args, words = [*base, "--latency_target", "0"], ["--latency_target"]
+    if case == "target_negative":
+        args, words = [*base, "--latency_target", "-0.1"], ["--latency_target"]
     elif case == "target_big":
         args, words = [*base, "--latency_target", "1.5"], ["--latency_target"]
     elif case == "no_table":
@@ -196,6 +209,94 @@ def test_shipped_pruning_configs_are_accepted(path):
 
     import nvit_prune
     config = nvit_prune.pruning_config(argparse.Namespace(pruning_config=str(path)))
-    assert config["criterion"] in ("hessian", "taylor", "magnitude", "random")
-    assert set(config["scales"]) == {"emb", "head", "qk", "v", "mlp"}
-    assert all(v >= 1 for v in config["group_sizes"].values())
+    assert config.criterion in ("hessian", "taylor", "magnitude", "random")
+    assert set(config.scales) == {"emb", "head", "qk", "v", "mlp"}
+
+
+# ------------------------------------------------- the reference's phases, in process
+def spy_run(monkeypatch, tmp_path, dense, *extra):
+    """Run nvit_prune.main in this process, recording after every iteration the student's
+    mode, whether the KL term is on and the learning rate, and the saliency's EMA."""
+    import nvit_prune
+    from pruning import Saliency
+
+    records, emas, resets = [], [], []
+    real_train = nvit_prune.train_one_epoch
+
+    def spy_train(model, criterion, loader, optimizer, *a, after_step=None, **kw):
+        def spy_after(i, loss):
+            stop = after_step(i, loss)
+            records.append((model.training, criterion.kl_enabled, optimizer.param_groups[0]["lr"]))
+            return stop
+        return real_train(model, criterion, loader, optimizer, *a, after_step=spy_after, **kw)
+
+    class SpySaliency(Saliency):
+        def step(self, model=None):
+            out = super().step(model)
+            emas.append([e.clone() for e in self.ema])
+            return out
+
+        def reset_ema(self):
+            super().reset_ema()
+            resets.append((len(emas), [e.clone() for e in self.ema]))
+
+    monkeypatch.setattr(nvit_prune, "train_one_epoch", spy_train)
+    monkeypatch.setattr(nvit_prune, "Saliency", SpySaliency)
+    args = nvit_prune.get_args_parser().parse_args(
+        [*map(str, FAST), *PRUNE, "--pretrained-path", str(dense), "--epochs", "2",
+         "--drop-path", "0.2", "--output_dir", str(tmp_path / "o"), *extra])
+    nvit_prune.main(args)
+    return records, emas, resets
+
+
+@pytest.mark.parametrize("student_eval", [True, False])
+def test_phases_switch_at_the_first_prune_step(monkeypatch, tmp_path, dense, student_eval):
+    """Until the first prune step (iteration interval + 1): train mode, no KL term. From it
+    on: KL on whatever --student_eval says, eval mode with --student_eval, and the saliency
+    EMA restarted from zero. The learning rate stays constant."""
+    records, emas, resets = spy_run(monkeypatch, tmp_path, dense, "--latency_target", "0.6",
+                                    "--student_eval", str(student_eval), "--lr", "1e-3",
+                                    "--sched", "cosine", "--min-lr", "1e-6")
+    interval = 4
+    before, after = records[:interval], records[interval:]
+    assert all(training and not kl for training, kl, _ in before)
+    assert all(kl and training != student_eval for training, kl, _ in after)
+    assert len({lr for _, _, lr in records}) == 1 and records[0][2] == 1e-3
+    assert resets[0][0] == 1 and len(resets) == 1  # right after the first step, once
+    assert all(float(e.abs().max()) == 0 for e in resets[0][1])
+    # the second step's EMA is (1 - momentum) times that interval's average: from zero
+    assert len(emas) >= 2 and float(emas[1][0].abs().max()) > 0
+
+
+def test_pruning_lr_schedule_is_opt_in(monkeypatch, tmp_path, dense):
+    records, _, _ = spy_run(monkeypatch, tmp_path, dense, "--latency_target", "0",  # no target
+                            "--lr", "1e-3", "--sched", "cosine", "--min-lr", "1e-6",
+                            "--pruning-lr", "schedule", "--epochs", "2")
+    assert len({lr for _, _, lr in records}) == 2  # one per epoch
+
+
+def test_reference_pruning_config_is_read(tmp_path, dense):
+    """A config in the reference's format (its keys, written here): method 23 and the
+    momentum are used, the keys its pruning run ignored are named, others refused."""
+    ref = {"method": 23, "frequency": 100, "prune_per_iteration": 50,
+           "maximum_pruning_iterations": 192, "starting_neuron": 0, "fixed_layer": -1,
+           "l2_normalization_per_layer": False, "rank_neurons_equally": False,
+           "prune_neurons_max": 6144, "use_momentum": False, "pruning_silent": False,
+           "group_size": 2, "pruning_threshold": 1e7, "start_pruning_after_n_iterations": 0,
+           "push_group_down": False, "do_iterative_pruning": True, "fixed_criteria": False,
+           "seed": 0, "pruning_momentum": 0.9}
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    args = [*FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "2", "--latency_target", "0.8",
+            "--pruning_config", tmp_path / "ref.json"]
+    proc = run("nvit_prune.py", *args, "--output_dir", tmp_path / "a")
+    assert re.search(r"keys without effect.*frequency, prune_per_iteration", proc.stdout)
+    state = torch.load(tmp_path / "a" / "pruning_state.pth", weights_only=True)
+    assert state["settings"]["config"]["momentum"] == 0.9
+    assert state["settings"]["config"]["criterion"] == "hessian"
+    for bad, words in (({**ref, "method": 22}, ["method 22", "not supported"]),
+                       ({**ref, "fixed_layer": 3}, ["fixed_layer"]),
+                       ({**ref, "bogus": 1}, ["bogus"])):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        proc = run("nvit_prune.py", *args[:-1], tmp_path / "bad.json", "--output_dir",
+                   tmp_path / "b", check=False)
+        assert_user_error(proc, "--pruning_config", *words)
