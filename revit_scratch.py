@@ -26,10 +26,12 @@ PRUNED_FILE = "pruned_checkpoint.pth"  # what nvit_prune.py writes, and --finetu
 # ================================== EDIT HERE ==================================
 # The per-block dims trained with --EMB. As shipped this is the NViT paper's ReViT rule
 # (heads [10, 2k, 2k, 4k x6, 2k, 2k, 10], QK per head [16q, 8q, 8q, 16q x6, 8q, 8q, 16q],
-# V per head 64, MLP [3E x3, 6E x6, 3E x3]). To train another shape, return your own lists,
-# one entry per block, e.g.
+# V per head 64, MLP [3E x3, 6E x6, 3E x3]) in the reference's model (attention scale
+# 64^-0.5, token scale, PyTorch's default init). To train another shape, return your own
+# lists, one entry per block, e.g.
 #     return Dims(embed_dim=EMB, num_heads=[4] * 12, qk_dim=[32] * 12, v_dim=[64] * 12,
-#                 mlp_dim=[4 * EMB] * 12)
+#                 mlp_dim=[4 * EMB] * 12, attn_scale=[64 ** -0.5] * 12, token_scale=True,
+#                 init="torch_default")   # drop the last three for a timm-style ViT
 # `--dims FILE` (YAML or JSON with the same fields) overrides this without editing.
 def dims_for_emb(EMB: int) -> Dims:
     return revit_dims(EMB)
