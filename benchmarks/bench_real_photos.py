@@ -131,7 +131,7 @@ def main() -> None:
         return
     name = common.apply_study_args(args, STUDY, set_threads=False)  # --threads: the scripts'
     epochs, workers, batch, interval, per_iter = (1, 1, 64, 1, 1024) if args.quick else \
-        (2, 2, 64, 2, 32)
+        (2, 2, 64, 2, 64)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_real_photos_") as tmp:
         tmp = Path(tmp)
