@@ -147,7 +147,7 @@ def test_unknown_data_set(name) -> None:
 
 @pytest.mark.parametrize("data_set,folder", [("CIFAR10", "cifar-10-batches-py/"),
                                              ("CIFAR100", "cifar-100-python/"),
-                                             ("CIFAR", "cifar-100-python/")])
+                                             ("CIFAR", "cifar-10-batches-py/")])
 def test_cifar_never_downloads(tmp_path: Path, data_set: str, folder: str) -> None:
     with pytest.raises(UserError, match="--data-path") as info:
         build_dataset(True, _args(data_set=data_set, data_path=str(tmp_path)))
