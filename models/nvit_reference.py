@@ -40,7 +40,7 @@ def from_reference(ckpt: dict, state: dict[str, torch.Tensor], source: str
         if state[RELEASED_KEY].dim() == 3:
             return _from_masked(state, source)
         return _from_released(ckpt, state, source)
-    except (KeyError, RuntimeError, ValueError) as e:
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:
         what = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
         raise UserError(f"{source} looks like an NViT reference checkpoint but cannot be read "
                         f"({what})") from None
