@@ -39,7 +39,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                     clip_grad: float | None = None, clip_mode: str = "norm", model_ema=None,
                     mixup_fn=None, print_freq: int = 50, header: str | None = None,
                     after_backward: Callable[[float], None] | None = None,
-                    after_step: Callable[[int, float], bool] | None = None,
+                    after_step: Callable[[int, dict[str, float]], bool] | None = None,
                     start_iter: int = 0, seed_fn: Callable[[int], None] | None = None,
                     train_mode: bool = True) -> dict[str, float]:
     """One pass over the loader; returns the epoch's mean loss (and its parts) and last lr.
@@ -47,9 +47,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
     start_iter: iterations of this epoch already done (the loader then yields the rest).
     seed_fn(i) reseeds the RNGs before iteration i, so dropout and mixup replay exactly.
     after_backward(grad_scale) runs between backward and the optimizer step (the pruning
-    loop reads gate gradients there); after_step(i, loss) may return True to end the epoch
+    loop reads gate gradients there); after_step(i, losses) gets the loss and a criterion's
+    `last_parts` as floats (read in one host sync) and may return True to end the epoch
     early. train_mode False trains the model in eval mode (no dropout, no drop-path), as the
-    NViT reference prunes and finetunes. A criterion's `last_parts` are logged with the loss.
+    NViT reference prunes and finetunes.
     """
     model.train(train_mode)
     total = start_iter + len(data_loader)
@@ -67,7 +68,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
         with autocast(device, amp_dtype):
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
-        loss_value = loss.item()
+        parts = getattr(criterion, "last_parts", {})
+        values = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())]).tolist()
+        losses = dict(zip(["loss", *parts], values))
+        loss_value = losses["loss"]
         if not math.isfinite(loss_value):
             raise UserError(f"loss is {loss_value} at epoch {epoch}, iteration {i}; "
                             f"training diverged (lower --lr, or set --clip-grad)")
@@ -92,10 +96,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
             optimizer.step()
         if model_ema is not None:
             model_ema.update(model)
-        parts = {k: float(v) for k, v in getattr(criterion, "last_parts", {}).items()}
-        log.update(loss=loss_value, **parts, lr=optimizer.param_groups[0]["lr"])
+        log.update(**losses, lr=optimizer.param_groups[0]["lr"])
         log.step(i)
-        if after_step is not None and after_step(i, loss_value):
+        if after_step is not None and after_step(i, losses):
             break
     stats = log.averages()
     stats["epoch_time"] = log.elapsed()

@@ -281,7 +281,7 @@ def main(args) -> None:
 
     settings = run_settings(args, config)
     history: list[dict] = []
-    state = {"epoch": 0, "iteration": 0, "done": False, "stuck": False, "budget_spent": False}
+    state = {"epoch": 0, "iteration": 0, "done": False, "stuck": False}
     if resume:
         ckpt = models.read_checkpoint(resume)
         if "pruner" not in ckpt:
@@ -331,7 +331,7 @@ def main(args) -> None:
     iters_per_epoch = len(train_loader)
     step_times: list[float] = []
     last_step_time = [time.perf_counter()]
-    losses: dict[str, list[float]] = {"loss": [], "loss_kl": [], "loss_deit": []}  # since the last step
+    losses: dict[str, list[float]] = {}  # loss and its parts since the last step
 
     def after_backward(grad_scale: float) -> None:
         if state["done"] or not uses_gradients:
@@ -339,11 +339,10 @@ def main(args) -> None:
         saliency.collect(grad_scale)
 
     def make_after_step(epoch: int):
-        def after_step(i: int, loss: float) -> bool:
+        def after_step(i: int, values: dict[str, float]) -> bool:
             global_iter = epoch * iters_per_epoch + i
-            losses["loss"].append(loss)
-            for k, v in criterion.last_parts.items():
-                losses[k].append(float(v))
+            for k, v in values.items():
+                losses.setdefault(k, []).append(v)
             # the reference prunes in the iteration after every interval_prune-th one
             if state["done"] or global_iter == 0 or global_iter % args.interval_prune:
                 return False
@@ -376,7 +375,7 @@ def main(args) -> None:
             for v in losses.values():
                 v.clear()
             state["done"] = result.reached or result.stuck or result.budget_spent
-            state["stuck"], state["budget_spent"] = result.stuck, result.budget_spent
+            state["stuck"] = result.stuck
             if state["done"]:
                 freeze(gates)
             next_epoch, next_iter = (epoch, i + 1) if i + 1 < iters_per_epoch else (epoch + 1, 0)
@@ -429,7 +428,7 @@ def main(args) -> None:
     if ratio > args.latency_target > 0:
         if state["stuck"]:
             why = "the minimum widths (one group of each kind per block) are reached"
-        elif state["budget_spent"]:
+        elif pruner.budget_spent:
             why = (f"the --prune_dict budget of {pruner.max_steps} prune steps "
                    f"(N // prune_per_iter + 1) is spent")
         elif min_ratio > args.latency_target:

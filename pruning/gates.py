@@ -166,18 +166,17 @@ class Gates:
     def unit_live(self) -> list[torch.Tensor]:
         """Which units are alive, per gate tensor in unit shape; a removed head's QK/V dims
         are not alive in per-head units."""
-        out = []
-        for t, kind, head in zip(self.tensors(), self.kinds(), self._heads_in_order()):
-            live = t.detach() != 0
-            if self.shares_heads(kind):
-                live = live.any(0)  # removal zeroes the index in every head
-            elif kind in ("qk", "v"):
-                live = live & (head.detach() != 0)[:, None]
-            out.append(live)
+        out = [self.emb.detach() != 0]
+        for g in self.blocks:
+            head = g["head"].detach() != 0
+            for kind in BLOCK_KINDS:
+                live = g[kind].detach() != 0
+                if self.shares_heads(kind):
+                    live = live.any(0)  # removal zeroes the index in every head
+                elif kind in ("qk", "v"):
+                    live = live & head[:, None]
+                out.append(live)
         return out
-
-    def _heads_in_order(self) -> list[torch.Tensor | None]:
-        return [None] + [g["head"] for g in self.blocks for _ in BLOCK_KINDS]
 
     def gate_units(self, kind: str, block: int | None, units: list) -> list:
         """Unit indices -> indices into the gate tensor ((head, dim) pairs for QK/V)."""

@@ -94,6 +94,10 @@ class GlobalPruner:
         """The reference's maximum number of prune steps for the budget."""
         return None if self.budget is None else self.budget // self.prune_per_iter + 1
 
+    @property
+    def budget_spent(self) -> bool:
+        return self.max_steps is not None and self.steps >= self.max_steps
+
     def groups_due(self, step: int) -> int:
         """How many groups (removed ones included) lie at or below the threshold of step
         `step` (0-based): the reference's index `step * prune_per_iter // pace - 1` + 1."""
@@ -229,7 +233,7 @@ class GlobalPruner:
         result.cost = self.current_cost()
         result.ratio = result.cost / self.original_cost
         result.reached = self.target > 0 and result.ratio <= self.target
-        result.budget_spent = self.max_steps is not None and self.steps >= self.max_steps
+        result.budget_spent = self.budget_spent
         return result
 
     def sync(self, stuck: bool) -> bool:

@@ -224,8 +224,8 @@ def spy_run(monkeypatch, tmp_path, dense, *extra):
     real_train = nvit_prune.train_one_epoch
 
     def spy_train(model, criterion, loader, optimizer, *a, after_step=None, **kw):
-        def spy_after(i, loss):
-            stop = after_step(i, loss)
+        def spy_after(i, losses):
+            stop = after_step(i, losses)
             records.append((model.training, criterion.kl_enabled, optimizer.param_groups[0]["lr"]))
             return stop
         return real_train(model, criterion, loader, optimizer, *a, after_step=spy_after, **kw)
