@@ -236,10 +236,9 @@ def finetune_folder_defaults(args) -> None:
 def check_args(args) -> None:
     if args.eval and not (args.resume or args.finetune):
         raise UserError("--eval needs a checkpoint: --resume CKPT or --finetune CKPT")
-    if args.finetune and not args.finetune.startswith(("http://", "https://")):
-        if not Path(args.finetune).exists():
-            raise UserError(f"--finetune {args.finetune} does not exist")
-        finetune_folder_defaults(args)
+    if args.finetune and not args.finetune.startswith(("http://", "https://")) \
+            and not Path(args.finetune).exists():
+        raise UserError(f"--finetune {args.finetune} does not exist")
     if args.epochs <= 0 and not args.eval:
         raise UserError(f"--epochs must be positive, got {args.epochs}")
     if args.batch_size <= 0:
@@ -263,6 +262,8 @@ def checkpoint_dict(model, optimizer, scheduler, scaler, model_ema, epoch, args,
 def main(args) -> None:
     check_args(args)
     utils.init_distributed_mode(args)
+    if args.finetune:
+        finetune_folder_defaults(args)
     device = utils.resolve_device(args.device)
     sharded = args.distributed and args.dist_eval  # eval shards summed over ranks
     rank = utils.get_rank()
