@@ -41,7 +41,6 @@ class PruningConfig:
     group_sizes: dict = field(default_factory=lambda: dict(DEFAULT_GROUP_SIZES))
     scales: dict = field(default_factory=lambda: dict(DEFAULT_SCALES))
     momentum: float = 0.9
-    source_format: str = "nvit"
     ignored: tuple = ()  # reference keys with no effect, for the caller to name
 
     def as_dict(self) -> dict:
@@ -106,5 +105,4 @@ def _reference(data: dict) -> PruningConfig:
                              f"NViT reference's own configs use)")
     return PruningConfig(criterion=REFERENCE_METHODS[method],
                          momentum=_momentum(data.get("pruning_momentum", 0.9)),
-                         source_format="reference",
                          ignored=tuple(k for k in REFERENCE_IGNORED if k in data))

@@ -9,7 +9,6 @@ The expected logits come from a plain-torch re-statement of the reference's forw
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import pytest
