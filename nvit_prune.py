@@ -34,7 +34,7 @@ from pruning import Gates, Saliency, compact
 from pruning.config import PruningConfig, parse_config
 from pruning.cost import build_cost_model
 from pruning.gates import EMB_SALIENCY
-from pruning.optim_state import clear_pruned_state
+from pruning.units import clear_pruned_state
 from pruning.pruner import DEFAULT_PACE, GlobalPruner
 from revit_scratch import get_args_parser as training_args_parser
 from revit_scratch import str2bool

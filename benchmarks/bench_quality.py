@@ -48,7 +48,7 @@ from losses import kl_elementwise_mean  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning import Gates, Saliency, compact  # noqa: E402
 from pruning.cost import LatencyTable, MacsCost  # noqa: E402
-from pruning.optim_state import clear_pruned_state  # noqa: E402
+from pruning.units import clear_pruned_state  # noqa: E402
 from pruning.pruner import GlobalPruner  # noqa: E402
 
 BUDGETS = (0.5, 0.25)

@@ -1,7 +1,9 @@
 """Reading model weights: our checkpoints (which carry dims) and foreign timm/DeiT state dicts.
 
-timm and the DeiT repository store one fused `qkv` projection per block; our model keeps
-Q, K and V apart (their widths may differ), so a foreign state dict is split on the way in.
+timm, DeiT and our model store one `qkv` projection per block (rows Q | K | V), so timm
+weights load as they are. Our checkpoints written before the projection was one tensor
+(and the NViT reference's, once converted) hold `attn.q`, `attn.k` and `attn.v`; those are
+stacked on the way in.
 """
 from __future__ import annotations
 
@@ -89,17 +91,21 @@ def is_fused_qkv(sd: dict) -> bool:
     return any(k.endswith("attn.qkv.weight") for k in sd)
 
 
-def split_fused_qkv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm/DeiT `attn.qkv` -> our `attn.q`, `attn.k`, `attn.v` (rows are [q; k; v])."""
+def fuse_split_qkv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Separate `attn.q`, `attn.k`, `attn.v` entries -> one `attn.qkv` (rows [q; k; v])."""
     out = {}
     for key, value in sd.items():
-        if ".attn.qkv." in key:
-            prefix, suffix = key.split(".attn.qkv.")
-            for name, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"{prefix}.attn.{name}.{suffix}"] = part.clone()
-        else:
+        if ".attn.q." in key:
+            prefix, suffix = key.split(".attn.q.")
+            parts = [sd[f"{prefix}.attn.{n}.{suffix}"] for n in "qkv"]
+            out[f"{prefix}.attn.qkv.{suffix}"] = torch.cat(parts, dim=0)
+        elif ".attn.k." not in key and ".attn.v." not in key:
             out[key] = value
     return out
+
+
+def has_split_qkv(sd: dict) -> bool:
+    return any(".attn.q." in k for k in sd)
 
 
 def infer_uniform_dims(sd: dict[str, torch.Tensor], num_heads: int, source: str) -> Dims:

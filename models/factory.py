@@ -15,8 +15,8 @@ from timm.layers import resample_abs_pos_embed
 
 from errors import UserError
 
-from .checkpoint import (check_fits, infer_uniform_dims, is_fused_qkv, read_checkpoint,
-                         split_fused_qkv, state_dict_of)
+from .checkpoint import (check_fits, fuse_split_qkv, has_split_qkv, infer_uniform_dims,
+                         is_fused_qkv, read_checkpoint, state_dict_of)
 from .dims import FRAME_FIELDS, Dims
 from .nvit_reference import from_reference, is_reference_layout
 from .revit import ReViT
@@ -117,11 +117,13 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
         state = state_dict_of(ckpt, source)
         if is_reference_layout(state):  # an NViT reference model (released or masked)
             ck_dims, state = from_reference(ckpt, state, source)
+            state = fuse_split_qkv(state)
         elif "dims" in ckpt:
             ck_dims = Dims.from_dict(ckpt["dims"], source=f"dims in {source}")
+            if has_split_qkv(state):  # written before q, k and v were one tensor
+                state = fuse_split_qkv(state)
         elif is_fused_qkv(state):
             ck_dims = infer_uniform_dims(state, base.num_heads[0], source)
-            state = split_fused_qkv(state)
         else:
             raise UserError(f"{source} is neither a timm/DeiT state dict nor an nvit checkpoint "
                             f"(no fused qkv and no dims)")

@@ -6,10 +6,11 @@ agree), so without this mapping a model's attention MACs silently vanish on the 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from .revit import set_attention_padding
 
 aten = torch.ops.aten
 
@@ -29,24 +30,24 @@ CPU_SDPA_FLOPS = {
 }
 
 
-class ModelFlopCounter(FlopCounterMode):
-    """FlopCounterMode that also counts the CPU SDPA kernel and, while active, turns off the
-    model's CPU zero-padding of unequal QK/V widths (a kernel detail, not model arithmetic)."""
-
-    def __enter__(self):
-        self._padding = set_attention_padding(False)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        try:
-            return super().__exit__(*exc)
-        finally:
-            set_attention_padding(self._padding)
+@contextlib.contextmanager
+def exact_attention_widths(model: torch.nn.Module):
+    """Turn off the CPU zero-padding of unequal QK/V widths in this model's attention modules
+    (a kernel detail, not model arithmetic) and restore each module's setting afterwards."""
+    mods = [m for m in model.modules() if hasattr(m, "pad_unequal")]
+    old = [m.pad_unequal for m in mods]
+    for m in mods:
+        m.pad_unequal = False
+    try:
+        yield
+    finally:
+        for m, o in zip(mods, old):
+            m.pad_unequal = o
 
 
 def flop_counter() -> FlopCounterMode:
-    """A silent counter of the model's MACs x 2, the CPU attention kernel included."""
-    return ModelFlopCounter(display=False, custom_mapping=CPU_SDPA_FLOPS)
+    """A silent counter of MACs x 2, the CPU attention kernel included."""
+    return FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
 
 
 @torch.no_grad()
@@ -57,7 +58,7 @@ def count_macs(model: torch.nn.Module, batch: int = 1) -> tuple[float, dict[str,
                     device=next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    with flop_counter() as counter:
+    with exact_attention_widths(model), flop_counter() as counter:
         model(x)
     model.train(was_training)
     per_module = {name: sum(ops.values()) / 2 for name, ops in counter.get_flop_counts().items()}

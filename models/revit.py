@@ -1,7 +1,7 @@
 """One DeiT model class for every case: dense DeiT, ReViT, a model being pruned, its compact result.
 
 Each block has its own heads, QK width per head, V width per head and MLP width around a
-shared embedding width. Q, K and V are separate projections because QK and V widths differ.
+shared embedding width. Q, K and V are one stored projection (rows Q | K | V).
 
 Pruning attaches multiplicative gates (value 1 = kept, 0 = removed) through `set_gates`:
 one embedding gate for the whole residual stream and per block head, QK, V and MLP gates.
@@ -42,28 +42,20 @@ class StreamNorm(nn.LayerNorm):
         centred = (x - mean) * live
         var = centred.pow(2).sum(-1, keepdim=True) / n_live
         y = centred * torch.rsqrt(var + self.eps) * self.weight + self.bias
-        return y * gate
-
-
-# On the CPU, SDPA has a fused kernel only for equal QK and V widths; otherwise it takes its
-# unfused math path, up to 3.7x slower for pruned shapes (benchmarks/README.md, finding 2).
-# Zero-padding the narrower side is exact and reaches the fused kernel. Off while MACs are
-# counted (models/flops.py), which must see the model's arithmetic, not the kernel's.
-_pad_unequal_widths = True
-
-
-def set_attention_padding(enabled: bool) -> bool:
-    """Turn the CPU zero-padding of unequal QK/V widths on or off; returns the old setting."""
-    global _pad_unequal_widths
-    old, _pad_unequal_widths = _pad_unequal_widths, bool(enabled)
-    return old
+        return y * gate.to(y.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
-              scale: float) -> torch.Tensor:
-    """SDPA over (B, H, N, d) tensors whose QK width may differ from the V width."""
+              scale: float, pad_unequal: bool = True) -> torch.Tensor:
+    """SDPA over (B, H, N, d) tensors whose QK width may differ from the V width.
+
+    On the CPU, SDPA has a fused kernel only for equal QK and V widths; otherwise it takes
+    its unfused math path, up to 3.7x slower for pruned shapes (benchmarks/README.md,
+    finding 2). Zero-padding the narrower side (`pad_unequal`) is exact and reaches the
+    fused kernel; models/flops.py turns it off per module, to count the model's arithmetic.
+    """
     dq, dv = q.shape[-1], v.shape[-1]
-    if dq == dv or q.device.type != "cpu" or not _pad_unequal_widths:
+    if dq == dv or q.device.type != "cpu" or not pad_unequal:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     d = max(dq, dv)  # zero QK columns add nothing to q.k; zero V columns are cut off again
     q, k, v = F.pad(q, (0, d - dq)), F.pad(k, (0, d - dq)), F.pad(v, (0, d - dv))
@@ -73,8 +65,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 class Attention(nn.Module):
     """Multi-head attention with separate QK and V widths and a fixed per-block scale.
 
-    With `num_tokens`, q, k and v are multiplied by a learnable per-token scale (the NViT
-    reference's `token_mask`, shape (tokens, 1), initialised to 1).
+    One stored projection `qkv` whose rows are Q | K | V, each head-major (timm's fused
+    layout when QK width == V width, so timm weights load as they are): one GEMM per forward
+    and no weight concatenation. With `num_tokens`, q, k and v are multiplied by a learnable
+    per-token scale (the NViT reference's `token_mask`, shape (tokens, 1), initialised to 1).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
@@ -83,9 +77,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
         self.scale = attn_scale  # kept when QK width is pruned: it is part of the function
-        self.q = nn.Linear(embed_dim, num_heads * qk_dim)
-        self.k = nn.Linear(embed_dim, num_heads * qk_dim)
-        self.v = nn.Linear(embed_dim, num_heads * v_dim)
+        self.qkv = nn.Linear(embed_dim, num_heads * (2 * qk_dim + v_dim))
         self.token_scale = nn.Parameter(torch.ones(num_tokens, 1)) if num_tokens else None
         self.proj = nn.Linear(num_heads * v_dim, embed_dim)
         self.attn_drop = attn_drop
@@ -93,27 +85,31 @@ class Attention(nn.Module):
         self.head_gate: torch.Tensor | None = None  # (H,)
         self.qk_gate: torch.Tensor | None = None  # (H, qk_dim)
         self.v_gate: torch.Tensor | None = None  # (H, v_dim)
+        self.pad_unequal = True  # see `attention`
+
+    @property
+    def qkv_split(self) -> list[int]:
+        """Rows of Q, K and V in `qkv`."""
+        H = self.num_heads
+        return [H * self.qk_dim, H * self.qk_dim, H * self.v_dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         H = self.num_heads
-        # One GEMM over the three stacked weights, as timm's fused qkv: three separate
-        # outputs cost the CPU allocator fresh pages on every forward (benchmarks/README.md,
-        # finding 1). The stacking copies the weights per call, small next to the activations.
-        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        qkv = F.linear(x, weight, bias)
+        qkv = self.qkv(x)
         if self.token_scale is not None:
             qkv = qkv * self.token_scale
-        q, k, v = qkv.split([H * self.qk_dim, H * self.qk_dim, H * self.v_dim], dim=-1)
+        q, k, v = qkv.split(self.qkv_split, dim=-1)
         q = q.view(B, N, H, self.qk_dim)
         k = k.view(B, N, H, self.qk_dim)
         v = v.view(B, N, H, self.v_dim)
-        if self.head_gate is not None:
-            head = self.head_gate[:, None]
-            q, k, v = q * (self.qk_gate * head), k * head, v * (self.v_gate * head)
+        if self.head_gate is not None:  # fp32 leaves, applied in the activation dtype
+            head = self.head_gate[:, None].to(q.dtype)
+            q = q * (self.qk_gate.to(q.dtype) * head)
+            k = k * head
+            v = v * (self.v_gate.to(v.dtype) * head)
         x = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                      self.attn_drop if self.training else 0.0, self.scale)
+                      self.attn_drop if self.training else 0.0, self.scale, self.pad_unequal)
         x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
         return self.proj_drop(self.proj(x))
 
@@ -131,7 +127,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
         if self.gate is not None:
-            x = x * self.gate
+            x = x * self.gate.to(x.dtype)
         return self.drop2(self.fc2(self.drop1(self.act(x))))
 
 
@@ -152,8 +148,10 @@ class Block(nn.Module):
         if emb is None:
             x = x + self.drop_path1(self.attn(self.norm1(x)))
             return x + self.drop_path2(self.mlp(self.norm2(x)))
-        x = x + self.drop_path1(self.attn(self.norm1(x, emb)) * emb)
-        return x + self.drop_path2(self.mlp(self.norm2(x, emb)) * emb)
+        a = self.attn(self.norm1(x, emb))
+        x = x + self.drop_path1(a * emb.to(a.dtype))
+        m = self.mlp(self.norm2(x, emb))
+        return x + self.drop_path2(m * emb.to(m.dtype))
 
 
 class ReViT(nn.Module):
@@ -268,7 +266,7 @@ class ReViT(nn.Module):
         tokens = [self.cls_token, self.dist_token] if self.dist_token is not None else [self.cls_token]
         pos = self.pos_embed
         if emb is not None:
-            x = x * emb
+            x = x * emb.to(x.dtype)
             tokens = [t * frame for t in tokens]
             pos = pos * frame
         tokens = [t.expand(x.shape[0], -1, -1) for t in tokens]

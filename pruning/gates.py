@@ -15,17 +15,14 @@ values to units, `Gates.unit_live` tells which units are alive, `Gates.remove` z
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterator
-
 import torch
 import torch.distributed as dist
 
 from models.dims import Dims
 from models.revit import ReViT
 
-KINDS = ("emb", "head", "qk", "v", "mlp")
-BLOCK_KINDS = ("head", "qk", "v", "mlp")
-WIDTH_KEYS = ("embed_dim", "num_heads", "qk_dim", "v_dim", "mlp_dim")
+from .units import BLOCK_KINDS, KINDS, gate_shape
+
 QKV_UNITS = ("shared", "per_head")
 EMB_SALIENCY = ("full", "reference")  # what the embedding gate's gradient sums, see attach
 
@@ -116,10 +113,8 @@ class Gates:
         def ones(*shape: int) -> torch.Tensor:
             return torch.ones(*shape, dtype=dtype, device=device, requires_grad=True)
 
-        blocks = [{"head": ones(d.num_heads[i]), "qk": ones(d.num_heads[i], d.qk_dim[i]),
-                   "v": ones(d.num_heads[i], d.v_dim[i]), "mlp": ones(d.mlp_dim[i])}
-                  for i in range(d.depth)]
-        gates = cls(ones(d.embed_dim), blocks, d, qkv_units)
+        blocks = [{k: ones(*gate_shape(k, d, i)) for k in BLOCK_KINDS} for i in range(d.depth)]
+        gates = cls(ones(*gate_shape("emb", d, None)), blocks, d, qkv_units)
         frame = gates.emb.detach() if emb_saliency == "reference" else None  # shares storage
         model.set_gates(gates.emb, gates.blocks, frame)
         return gates
@@ -129,16 +124,6 @@ class Gates:
         model.set_gates(None, None)
 
     # ------------------------------------------------------------- iteration
-    def units(self, kind: str) -> Iterator[tuple[int | None, torch.Tensor]]:
-        """(block index, gate) pairs of one kind; the block index is None for "emb"."""
-        if kind == "emb":
-            yield None, self.emb
-        elif kind in BLOCK_KINDS:
-            for i, g in enumerate(self.blocks):
-                yield i, g[kind]
-        else:
-            raise KeyError(f"unknown gate kind {kind!r}; known: {KINDS}")
-
     def tensors(self) -> list[torch.Tensor]:
         """Every gate in a fixed order (emb, then per block head, qk, v, mlp)."""
         return [self.emb] + [g[k] for g in self.blocks for k in BLOCK_KINDS]
@@ -238,10 +223,6 @@ class Gates:
     def widths(self) -> dict:
         """Widths a compact model would have, keyed like Dims fields (0 if fully pruned)."""
         return live_widths(self.emb, self.blocks, self.dims)
-
-    def kept(self, dims: Dims | None = None) -> Dims:
-        """The compact model's Dims (frame and attention scales of `dims` or the model's)."""
-        return widths_to_dims(self.widths(), dims if dims is not None else self.dims)
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:

@@ -33,15 +33,16 @@ import torch.distributed as dist
 from models.dims import Dims
 
 from .cost import CostModel
-from .gates import BLOCK_KINDS, KINDS, Gates, widths_to_dims
+from .gates import Gates, widths_to_dims
 from .saliency import Saliency
+from .units import BLOCK_KINDS, KINDS, UNIT_KINDS
 
 DEFAULT_GROUP_SIZES = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16}
 DEFAULT_PACE = 16  # the reference's --group_size: prune_per_iter // 16 groups per step
 # lambda multiplies the cost drop in these units: seconds for latency (tables hold ms; the
 # reference applied its lambda, 5e-4 in the paper, to seconds), GMACs, millions of parameters
 COST_UNITS = {"latency": 1e-3, "macs": 1e-9, "params": 1e-6}
-_WIDTH = {"head": "num_heads", "qk": "qk_dim", "v": "v_dim", "mlp": "mlp_dim"}
+_WIDTH = {k: UNIT_KINDS[k].width for k in BLOCK_KINDS}
 
 
 @dataclass

@@ -15,40 +15,12 @@ import torch
 
 from models.revit import ReViT
 
-from .gates import KINDS, Gates
+from .gates import Gates
+from .units import BLOCK_KINDS, KINDS, squared_magnitudes
 
 CRITERIA = ("hessian", "taylor", "magnitude", "random")
 DEFAULT_SCALES = {"emb": 12.0, "head": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0}
 _ACCUMULATING = ("hessian", "taylor")
-
-
-def squared_magnitudes(model: ReViT) -> dict:
-    """Squared L2 norm of each gate element's producing parameters (weight rows and biases),
-    nested like the gates."""
-    sq = lambda t: t.detach().double().pow(2)  # noqa: E731
-    pe = model.patch_embed.proj
-    emb = sq(pe.weight).flatten(1).sum(1) + sq(pe.bias)
-    emb = emb + sq(model.pos_embed).flatten(0, 1).sum(0) + sq(model.cls_token).flatten(0, 1).sum(0)
-    if model.dist_token is not None:
-        emb = emb + sq(model.dist_token).flatten(0, 1).sum(0)
-    emb = emb + sq(model.norm.weight) + sq(model.norm.bias)
-    blocks = []
-    for blk in model.blocks:
-        a, m = blk.attn, blk.mlp
-        for lin in (a.proj, m.fc2):
-            emb = emb + sq(lin.weight).sum(1) + sq(lin.bias)
-        for n in (blk.norm1, blk.norm2):
-            emb = emb + sq(n.weight) + sq(n.bias)
-        H = a.num_heads
-
-        def rows(lin: torch.nn.Linear, width: int) -> torch.Tensor:
-            return (sq(lin.weight).sum(1) + sq(lin.bias)).view(H, width)
-
-        qk = rows(a.q, a.qk_dim) + rows(a.k, a.qk_dim)
-        v = rows(a.v, a.v_dim)
-        mlp = sq(m.fc1.weight).sum(1) + sq(m.fc1.bias)
-        blocks.append({"head": qk.sum(1) + v.sum(1), "qk": qk, "v": v, "mlp": mlp})
-    return {"emb": emb, "blocks": blocks}
 
 
 class Saliency:
@@ -149,7 +121,7 @@ class Saliency:
                 raise ValueError("Saliency.step: the magnitude criterion needs the model")
             sq = squared_magnitudes(model)
             raw = self.gates.to_units([sq["emb"]] + [b[k] for b in sq["blocks"]
-                                                     for k in ("head", "qk", "v", "mlp")])
+                                                     for k in BLOCK_KINDS])
             # each layer's norms relative to their mean over its live units (Torch-Pruning's
             # "mean" normaliser): raw norms grow with fan-in, so the embedding (read by every
             # block) would never be pruned and the widest layers always first

@@ -50,3 +50,19 @@ def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     assert len(lines) == 1, proc.stderr[-3000:]
     for w in words:
         assert w in lines[0], lines[0]
+
+
+def qkv_parts(attn) -> list:
+    """The Q, K and V parts of `attn.qkv` as detached Linear-like objects (weight, bias, and
+    their .grad when the projection has one), for formulas written per projection."""
+    from types import SimpleNamespace
+    lin = attn.qkv
+    out = []
+    pieces = [t.detach().split(attn.qkv_split) for t in (lin.weight, lin.bias)]
+    grads = [None if t.grad is None else t.grad.split(attn.qkv_split) for t in (lin.weight, lin.bias)]
+    for i in range(3):
+        w, b = pieces[0][i].clone(), pieces[1][i].clone()
+        if grads[0] is not None:
+            w.grad, b.grad = grads[0][i].clone(), grads[1][i].clone()
+        out.append(SimpleNamespace(weight=w, bias=b))
+    return out

@@ -68,9 +68,8 @@ def test_token_scale_multiplies_q_k_v_per_token():
         a.token_scale.fill_(2.0)
         two = m(x)
         a.token_scale.fill_(1.0)
-        for lin in (a.q, a.k, a.v):
-            lin.weight.mul_(2)
-            lin.bias.mul_(2)
+        a.qkv.weight.mul_(2)
+        a.qkv.bias.mul_(2)
         torch.testing.assert_close(m(x), two)
 
 
@@ -194,18 +193,14 @@ def test_cpu_padding_of_unequal_qk_v_widths_is_exact(qk, v):
     same outputs and gradients as SDPA on the unpadded tensors, and MACs still counted on
     the model's own widths (with the padding back on afterwards)."""
     from models.flops import count_macs
-    from models.revit import attention, set_attention_padding
+    from models.revit import attention
     from pruning.cost import MacsCost
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 9, qk, requires_grad=True), torch.randn(2, 3, 9, qk, requires_grad=True)
     val = torch.randn(2, 3, 9, v, requires_grad=True)
     grads = []
     for pad in (True, False):
-        old = set_attention_padding(pad)
-        try:
-            out = attention(q, k, val, 0.0, 0.37)
-        finally:
-            set_attention_padding(old)
+        out = attention(q, k, val, 0.0, 0.37, pad_unequal=pad)
         assert out.shape == (2, 3, 9, v)
         grads.append((out, torch.autograd.grad((out * torch.arange(v)).sum(), (q, k, val))))
     torch.testing.assert_close(grads[0][0], grads[1][0])
@@ -213,8 +208,9 @@ def test_cpu_padding_of_unequal_qk_v_widths_is_exact(qk, v):
         torch.testing.assert_close(a, b)
     d = Dims(16, [2, 3], [qk, qk], [v, v], [8, 8], img_size=16, patch_size=8, in_chans=3,
              num_classes=3, distilled=False)
-    assert count_macs(models.ReViT(d))[0] == MacsCost(d).total(d)
-    assert set_attention_padding(True) is True  # count_macs restored it
+    model = models.ReViT(d)
+    assert count_macs(model)[0] == MacsCost(d).total(d)
+    assert all(b.attn.pad_unequal for b in model.blocks)  # count_macs restored it
 
 
 # -------------------------------------------------------------------- timm equivalence
@@ -292,7 +288,7 @@ def test_finetune_adapt_resamples_and_resets_head(tmp_path):
     torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
     n = build_model(NAME, checkpoint=path, img_size=48, num_classes=3, adapt=True)
     assert n.pos_embed.shape[1] == 2 + 36 and n.head.out_features == 3
-    torch.testing.assert_close(n.blocks[1].attn.q.weight, m.blocks[1].attn.q.weight)
+    torch.testing.assert_close(n.blocks[1].attn.qkv.weight, m.blocks[1].attn.qkv.weight)
 
 
 def test_finetune_adapt_resamples_token_scales_like_the_position_embedding(tmp_path):

@@ -6,7 +6,7 @@ import models
 from models import Dims
 from pruning import Gates, Saliency, compact
 from pruning.cost import MacsCost, ParamsCost
-from pruning.optim_state import clear_pruned_state
+from pruning.units import clear_pruned_state
 from pruning.pruner import GlobalPruner
 
 DIMS = Dims(embed_dim=64, num_heads=[4, 6, 4], qk_dim=[16, 16, 24], v_dim=[16, 24, 16],

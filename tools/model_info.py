@@ -22,7 +22,7 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from errors import UserError  # noqa: E402
-from models.flops import flop_counter  # noqa: E402
+from models.flops import count_macs  # noqa: E402
 
 DEFAULT_MODEL = "deit_base_distilled_patch16_224"
 
@@ -69,19 +69,9 @@ def build_from_args(args: argparse.Namespace) -> torch.nn.Module:
 @torch.no_grad()
 def model_info(model: torch.nn.Module) -> dict:
     """Widths, parameters and measured MACs per block, for the stem/head and in total."""
-    model.eval()
     d = model.dims
     prefix = type(model).__name__
-    x = torch.randn(1, d.in_chans, d.img_size, d.img_size)
-    counter = flop_counter()  # torch's counter plus the CPU attention kernel it misses
-    with counter:
-        model(x)
-    counts = counter.get_flop_counts()
-
-    def flops(key: str) -> int:
-        return int(sum(counts.get(key, {}).values()))
-
-    total_flops = int(counter.get_total_flops())
+    total_macs, per_module = count_macs(model)  # torch's counter plus the CPU attention kernel
     total_params = sum(p.numel() for p in model.parameters())
     blocks = []
     for i, blk in enumerate(model.blocks):
@@ -89,15 +79,15 @@ def model_info(model: torch.nn.Module) -> dict:
             "index": i, "num_heads": d.num_heads[i], "qk_dim": d.qk_dim[i], "v_dim": d.v_dim[i],
             "mlp_dim": d.mlp_dim[i], "attn_scale": d.attn_scale[i],
             "params": sum(p.numel() for p in blk.parameters()),
-            "macs": flops(f"{prefix}.blocks.{i}") / 2,
+            "macs": per_module.get(f"{prefix}.blocks.{i}", 0.0),
         })
     block_params = sum(b["params"] for b in blocks)
     block_macs = sum(b["macs"] for b in blocks)
     return {
         "params": total_params,
-        "macs": total_flops / 2,
-        "gmacs": total_flops / 2 / 1e9,
-        "stem_head": {"params": total_params - block_params, "macs": total_flops / 2 - block_macs},
+        "macs": total_macs,
+        "gmacs": total_macs / 1e9,
+        "stem_head": {"params": total_params - block_params, "macs": total_macs - block_macs},
         "embed_dim": d.embed_dim,
         "depth": d.depth,
         "tokens": d.num_tokens,
