@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .gates import KINDS
+from .units import KINDS
 from .pruner import DEFAULT_GROUP_SIZES
 from .saliency import CRITERIA, DEFAULT_SCALES
 

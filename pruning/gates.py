@@ -21,7 +21,7 @@ import torch.distributed as dist
 from models.dims import Dims
 from models.revit import ReViT
 
-from .units import BLOCK_KINDS, KINDS, gate_shape
+from .units import BLOCK_KINDS, gate_shape
 
 QKV_UNITS = ("shared", "per_head")
 EMB_SALIENCY = ("full", "reference")  # what the embedding gate's gradient sums, see attach
