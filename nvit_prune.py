@@ -245,7 +245,7 @@ def main(args) -> None:
     gates = Gates.attach(model, qkv_units=QKV_UNIT_FLAGS[args.qk_v_units],
                          emb_saliency=args.emb_saliency)
     saliency = Saliency(gates, config.criterion, config.scales, config.momentum, args.seed)
-    uses_gradients = saliency.additive
+    uses_gradients = saliency.criterion.needs_gradients
     if not uses_gradients:
         freeze(gates)
     try:

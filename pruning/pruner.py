@@ -162,7 +162,7 @@ class GlobalPruner:
         # removed units first (ties at 0 with live units must not split a removed group)
         order = torch.argsort(torch.where(live, score, float("-inf")), dim=1, stable=True)
         n = score.shape[1]
-        additive = getattr(self.saliency, "additive", True)
+        additive = self.saliency is None or self.saliency.criterion.additive
         groups = []
         for start in range(0, n, g):
             cols = order[:, start:start + g]

@@ -18,9 +18,76 @@ from models.revit import ReViT
 from .gates import Gates
 from .units import BLOCK_KINDS, KINDS, squared_magnitudes
 
-CRITERIA = ("hessian", "taylor", "magnitude", "random")
 DEFAULT_SCALES = {"emb": 12.0, "head": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0}
-_ACCUMULATING = ("hessian", "taylor")
+
+
+class Criterion:
+    """How a unit is scored. `needs_gradients`: scores come from gate gradients accumulated
+    over batches (then averaged and smoothed by `Saliency`); otherwise `fresh` scores every
+    step. `additive`: a group's score is the sum of its units' (an estimate of the loss
+    increase); otherwise per-unit scores that groups of different sizes compare by mean."""
+    name = ""
+    needs_gradients = False
+    additive = False
+
+    def batch(self, unit_grads: torch.Tensor) -> torch.Tensor:
+        """One batch's score from per-unit `sum(gate * dL/dgate) / scale`."""
+        raise NotImplementedError
+
+    def fresh(self, saliency: "Saliency", model: ReViT | None, alive: list) -> list:
+        """Scores computed at the prune step itself, in unit shape."""
+        raise NotImplementedError
+
+
+class Hessian(Criterion):
+    """NViT's: the squared sum per batch, a Fisher estimate of the loss increase."""
+    name, needs_gradients, additive = "hessian", True, True
+
+    def batch(self, unit_grads: torch.Tensor) -> torch.Tensor:
+        return unit_grads.pow(2)
+
+
+class Taylor(Criterion):
+    """First-order: |sum| per batch."""
+    name, needs_gradients, additive = "taylor", True, True
+
+    def batch(self, unit_grads: torch.Tensor) -> torch.Tensor:
+        return unit_grads.abs()
+
+
+class Magnitude(Criterion):
+    """Weight norms of a unit's producing slices over their layer's live mean (Torch-Pruning's
+    "mean" normaliser): raw norms grow with fan-in, so the embedding (read by every block)
+    would never be pruned and the widest layers always first."""
+    name = "magnitude"
+
+    def fresh(self, saliency: "Saliency", model: ReViT | None, alive: list) -> list:
+        if model is None:
+            raise ValueError("Saliency.step: the magnitude criterion needs the model")
+        sq = squared_magnitudes(model)
+        raw = saliency.gates.to_units([sq["emb"]] + [b[k] for b in sq["blocks"] for k in BLOCK_KINDS])
+        out = []
+        for r, a in zip(raw, alive):
+            r = torch.where(a, r.sqrt().to(a.device), torch.zeros_like(r, device=a.device))
+            out.append(r / r[a].mean() if bool(a.any()) and r[a].mean() > 0 else r)
+        return out
+
+
+class Random(Criterion):
+    """A baseline: the same draw on every rank, a new one at every step."""
+    name = "random"
+
+    def fresh(self, saliency: "Saliency", model: ReViT | None, alive: list) -> list:
+        gen = torch.Generator().manual_seed(saliency.seed + saliency.step_index)
+        out = []
+        for a in alive:
+            r = torch.rand(a.shape, generator=gen, dtype=torch.float64).to(a.device)
+            out.append(torch.where(a, r, torch.zeros_like(r)))
+        return out
+
+
+CRITERIA_BY_NAME = {c.name: c for c in (Hessian(), Taylor(), Magnitude(), Random())}
+CRITERIA = tuple(CRITERIA_BY_NAME)
 
 
 class Saliency:
@@ -29,7 +96,7 @@ class Saliency:
     def __init__(self, gates: Gates, criterion: str = "hessian",
                  scales: dict[str, float] | None = None, momentum: float = 0.9,
                  seed: int = 0) -> None:
-        if criterion not in CRITERIA:
+        if criterion not in CRITERIA_BY_NAME:
             raise ValueError(f"unknown saliency criterion {criterion!r}; known: {CRITERIA}")
         unknown = set(scales or {}) - set(KINDS)
         if unknown:
@@ -37,7 +104,7 @@ class Saliency:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.gates = gates
-        self.criterion = criterion
+        self.criterion: Criterion = CRITERIA_BY_NAME[criterion]
         self.scales = {**DEFAULT_SCALES, **(scales or {})}
         self.momentum = float(momentum)
         self.seed = int(seed)
@@ -54,18 +121,11 @@ class Saliency:
         # float64: squared small gradients summed over many batches stay exact enough
         return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
 
-    @property
-    def additive(self) -> bool:
-        """True when a group's score is the sum of its units' (an estimate of the loss
-        increase, hessian/taylor); False for magnitude/random, per-unit scores that groups
-        of different sizes compare by their mean."""
-        return self.criterion in _ACCUMULATING
-
     # ------------------------------------------------------------ per batch
     @torch.no_grad()
     def accumulate(self) -> None:
         """Add this batch's scores from the gates' current .grad (after all_reduce_grads)."""
-        if self.criterion not in _ACCUMULATING:
+        if not self.criterion.needs_gradients:
             return
         ts = self.gates.tensors()
         if any(t.grad is None for t in ts):
@@ -73,8 +133,7 @@ class Saliency:
                                "loss.backward()")
         units = self.gates.to_units([t.detach().double() * t.grad.double() for t in ts])
         for s, u, kind in zip(self.sums, units, self.gates.kinds()):
-            score = u / self.scales[kind]
-            s += score.pow(2) if self.criterion == "hessian" else score.abs()
+            s += self.criterion.batch(u / self.scales[kind])
         self.count += 1
 
     @torch.no_grad()
@@ -103,7 +162,7 @@ class Saliency:
         live mean. random: a fresh draw. Neither uses the EMA.
         """
         alive = self.gates.unit_live()
-        if self.criterion in _ACCUMULATING:
+        if self.criterion.needs_gradients:
             if self.count == 0:
                 raise RuntimeError("Saliency.step: no batch was accumulated since the last step")
             avg = [s / self.count for s in self.sums]
@@ -116,25 +175,8 @@ class Saliency:
             self.sums = [torch.zeros_like(s) for s in self.sums]
             self.count = 0
             flat = [e.clone() for e in self.ema]
-        elif self.criterion == "magnitude":
-            if model is None:
-                raise ValueError("Saliency.step: the magnitude criterion needs the model")
-            sq = squared_magnitudes(model)
-            raw = self.gates.to_units([sq["emb"]] + [b[k] for b in sq["blocks"]
-                                                     for k in BLOCK_KINDS])
-            # each layer's norms relative to their mean over its live units (Torch-Pruning's
-            # "mean" normaliser): raw norms grow with fan-in, so the embedding (read by every
-            # block) would never be pruned and the widest layers always first
-            flat = []
-            for r, a in zip(raw, alive):
-                r = torch.where(a, r.sqrt().to(a.device), torch.zeros_like(r, device=a.device))
-                flat.append(r / r[a].mean() if bool(a.any()) and r[a].mean() > 0 else r)
-        else:  # random: the same draw on every rank, a new one at every step
-            gen = torch.Generator().manual_seed(self.seed + self.step_index)
-            flat = []
-            for a in alive:
-                r = torch.rand(a.shape, generator=gen, dtype=torch.float64).to(a.device)
-                flat.append(torch.where(a, r, torch.zeros_like(r)))
+        else:
+            flat = self.criterion.fresh(self, model, alive)
         self.step_index += 1
         return self.gates.nest(flat)
 
@@ -146,14 +188,14 @@ class Saliency:
 
     # ------------------------------------------------------------- resume
     def state_dict(self) -> dict:
-        return {"criterion": self.criterion, "step_index": self.step_index, "count": self.count,
+        return {"criterion": self.criterion.name, "step_index": self.step_index, "count": self.count,
                 "sums": [s.cpu().clone() for s in self.sums],
                 "ema": None if self.ema is None else [e.cpu().clone() for e in self.ema]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["criterion"] != self.criterion:
+        if state["criterion"] != self.criterion.name:
             raise ValueError(f"saliency state is for criterion {state['criterion']!r}, "
-                             f"not {self.criterion!r}")
+                             f"not {self.criterion.name!r}")
         shapes = self._unit_shapes()
         if len(state["sums"]) != len(shapes) or any(
                 tuple(s.shape) != tuple(t.shape) for s, t in zip(state["sums"], shapes)):

@@ -8,6 +8,7 @@ from pruning import Gates, Saliency, compact
 from pruning.cost import MacsCost, ParamsCost
 from pruning.units import clear_pruned_state
 from pruning.pruner import GlobalPruner
+from pruning.saliency import CRITERIA_BY_NAME
 
 DIMS = Dims(embed_dim=64, num_heads=[4, 6, 4], qk_dim=[16, 16, 24], v_dim=[16, 24, 16],
             mlp_dim=[128, 96, 64])
@@ -84,6 +85,7 @@ class FixedScores:
             scores = [torch.rand(u.shape, generator=gen, dtype=torch.float64)
                       * (0.01 if k in ("emb", "mlp") else 100) for u, k in zip(units, gates.kinds())]
         self.scores = gates.nest(scores)
+        self.criterion = CRITERIA_BY_NAME["hessian"]
         if low_kind is not None:
             target = self.scores["emb"] if low_kind == "emb" else \
                 self.scores["blocks"][low_block][low_kind]
@@ -164,7 +166,7 @@ def test_per_unit_criteria_compare_groups_by_mean(additive, first):
         b["head"].fill_(0.9)
         b["mlp"].fill_(0.95)
     fixed.scores["blocks"][1]["mlp"][:16] = 0.5  # mean 0.5, sum 8 > a head pair's 1.8
-    fixed.additive = additive
+    fixed.criterion = saliency.criterion if additive else CRITERIA_BY_NAME["magnitude"]
     pruner.saliency = fixed
     result = pruner.step(model)
     assert result.removed_units[0][0] == first
