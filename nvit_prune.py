@@ -13,83 +13,54 @@ learning rate stays at its first value. Every --interval_prune iterations a prun
 removes --prune_per_iter // --group_size more groups of any kind; the run ends when the
 cost reaches --latency_target (0: no target), the --prune_dict budget is spent, or nothing
 is left to remove. Outputs in --output_dir: pruned_checkpoint.pth (the compact model,
-loadable by revit_scratch.py --finetune/--eval), pruning_state.pth (for --resume),
+loadable by revit_scratch.py --finetune/--eval), pruning_state.pth (for --resume; written
+on the --save-every cadence, at each epoch's end, at the end and on Ctrl-C / SIGTERM),
 dims_history.json and widths.png.
 """
 from __future__ import annotations
 
 import copy
 import json
-import time
+import signal
 from pathlib import Path
 
 import torch
 
 import builders
+import checkpoints
+import flags
 import models
 import utils
+from atomic import write_text_atomic
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
-from errors import UserError
+from errors import Stopped, UserError
+from plots import plot_widths
 from pruning import Gates, Saliency, compact
 from pruning.config import PruningConfig, parse_config
 from pruning.cost import build_cost_model
-from pruning.gates import EMB_SALIENCY
-from pruning.units import clear_pruned_state
+from pruning.gates import EMB_SALIENCY, QKV_UNITS
+from pruning.loop import PruningLoop
 from pruning.pruner import DEFAULT_PACE, GlobalPruner
-from revit_scratch import get_args_parser as training_args_parser
-from revit_scratch import str2bool
 
-STATE_FILE = "pruning_state.pth"
-PRUNED_FILE = "pruned_checkpoint.pth"
 QKV_UNIT_FLAGS = {"shared": "shared", "per-head": "per_head"}
+assert set(QKV_UNIT_FLAGS.values()) == set(QKV_UNITS)
 
 
-def get_args_parser():
-    p = training_args_parser(add_help=False)
-    import argparse
-    parser = argparse.ArgumentParser("NViT global structural pruning", parents=[p])
-    parser.set_defaults(kl_loss_coeff=1000.0, student_eval=False)  # the reference's defaults
-    g = parser.add_argument_group("pruning")
-    g.add_argument("--pruning", action="store_true", help="prune (the reference's switch)")
-    g.add_argument("--pruning_config", "--pruning-config", default="",
-                   help="JSON: nvit's format (criterion, group_sizes, scales, momentum; "
-                        "configs/nvit_reference.json) or an NViT reference config "
-                        "(pruning_configs/group8_m23_m09.json)")
-    g.add_argument("--prune_per_iter", "--prune-per-iter", default=1024, type=int,
-                   help="each prune step removes prune_per_iter // group_size more groups")
-    g.add_argument("--group_size", "--group-size", default=DEFAULT_PACE, type=int,
-                   help="the divisor of --prune_per_iter and --prune_dict (the reference's; the "
-                        "groups themselves are 16 channels, 2 heads, 8 QK, 8 V, 16 neurons)")
-    g.add_argument("--interval_prune", "--interval-prune", default=100, type=int,
-                   help="prune after iterations interval+1, 2*interval+1, ... (as the reference)")
-    g.add_argument("--prune_dict", "--prune-dict", default='{"Global": 39000}',
-                   help='JSON {"Global": N}: at most N // group_size groups removed, in at most '
-                        'N // prune_per_iter + 1 prune steps')
-    g.add_argument("--cost", default="latency", choices=["latency", "macs", "params"])
-    g.add_argument("--latency_target", "--latency-target", default=0.0, type=float,
-                   help="stop when cost <= target * cost of the original model (0: no target, "
-                        "prune until the --prune_dict budget is spent)")
-    g.add_argument("--latency_regularization", "--latency-regularization", default=0.0,
-                   type=float, help="lambda in score - lambda * cost drop (the paper: 5e-4)")
-    g.add_argument("--latency_look_up_table", "--latency-look-up-table", default="",
-                   help="JSON table from tools/build_latency_table.py (or the reference format)")
-    g.add_argument("--pruning_exit", "--pruning-exit", action="store_true",
-                   help="accepted for the reference's commands: the run always ends when pruning does")
-    g.add_argument("--kl-tau", "--kl_tau", default=3.0, type=float,
-                   help="temperature of the KL term while pruning (the reference's fixed 3)")
-    g.add_argument("--qk-v-units", default="shared", choices=sorted(QKV_UNIT_FLAGS),
-                   help="a QK/V unit is one index shared by every head of a block (the reference) "
-                        "or one (head, index) pair")
-    g.add_argument("--emb-saliency", default="full", choices=EMB_SALIENCY,
-                   help="an embedding channel's score sums every weight it removes (full) or, as the "
-                        "reference, leaves out tokens, position embedding and classifier columns")
-    g.add_argument("--pruning-lr", default="constant", choices=["constant", "schedule"],
-                   help="constant: the schedule's first learning rate throughout (the reference); "
-                        "schedule: follow --sched/--warmup-epochs per epoch")
-    g.add_argument("--token_scale", "--token-scale", default=True, type=str2bool,
-                   help="give the student the reference's learnable token scale on q, k, v "
-                        "(initialised to 1) if it has none")
-    return parser
+def get_args_parser() -> flags.Parser:
+    p = flags.Parser("NViT global structural pruning of a pretrained DeiT")
+    flags.add_run_args(p)
+    flags.add_model_args(p, widths=False)
+    flags.add_optimizer_args(p)
+    flags.add_data_args(p)
+    flags.add_loss_args(p, kl_loss_coeff=1000.0, student_eval_help=(
+        "from the first prune step on, train the student in eval mode (no dropout or "
+        "drop-path), as the reference can; default false"))
+    p.set_defaults(student_eval=False)
+    flags.add_checkpoint_args(p, finetune=False, resume_help=(
+        "pruning state (file or URL) to continue; bare --resume: OUTPUT_DIR/pruning_state.pth"))
+    flags.add_pruning_args(p, pace=DEFAULT_PACE, emb_saliency=EMB_SALIENCY,
+                           qkv_units=tuple(QKV_UNIT_FLAGS))
+    return p
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -107,10 +78,9 @@ def pruning_config(args) -> PruningConfig:
     if not args.pruning_config:
         return PruningConfig()
     try:
-        config = parse_config(read_json_file(args.pruning_config, "--pruning_config"))
+        return parse_config(read_json_file(args.pruning_config, "--pruning_config"))
     except ValueError as e:
         raise UserError(f"--pruning_config {args.pruning_config}: {e}") from None
-    return config
 
 
 def prune_budget(args) -> int | None:
@@ -127,11 +97,6 @@ def prune_budget(args) -> int | None:
 def check_args(args) -> None:
     if not args.pruning:
         raise UserError("nothing to do without --pruning (to train without pruning use revit_scratch.py)")
-    for flag, value in (("--eval", args.eval), ("--finetune", args.finetune), ("--EMB", args.EMB),
-                        ("--dims", args.dims), ("--scratch", args.scratch)):
-        if value:
-            raise UserError(f"{flag} is a revit_scratch.py flag; nvit_prune.py prunes the model "
-                            f"given by --pretrained-path/--pretrained")
     if not args.output_dir:
         raise UserError("--output_dir is needed: the pruned model and the resumable state go there")
     if not 0.0 <= args.latency_target < 1.0:
@@ -139,14 +104,13 @@ def check_args(args) -> None:
                         f"0 for none), got {args.latency_target}")
     for flag, value in (("--prune_per_iter", args.prune_per_iter),
                         ("--interval_prune", args.interval_prune),
-                        ("--group_size", args.group_size), ("--kl-tau", args.kl_tau)):
+                        ("--group_size", args.group_size), ("--kl-tau", args.kl_tau),
+                        ("--batch-size", args.batch_size), ("--epochs", args.epochs)):
         if not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
     if args.cost == "latency" and not args.latency_look_up_table:
         raise UserError("--cost latency needs --latency_look_up_table TABLE.json "
                         "(build one with tools/build_latency_table.py, or use --cost macs)")
-    if args.epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {args.epochs}")
     if not (args.pretrained or args.pretrained_path):
         raise UserError("nvit_prune.py prunes a pretrained model: pass --pretrained-path FILE "
                         "or --pretrained (timm's weights of --model)")
@@ -163,29 +127,36 @@ def load_dense_model(args, nb_classes: int):
     return models.build_model(args.model, pretrained=True, **frame)
 
 
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    full = copy.deepcopy(model).eval()
+    for p in full.parameters():
+        p.requires_grad_(False)
+    return full
+
+
 def run_settings(args, config: PruningConfig) -> dict:
     """What a resumed run must share with the original for its replay to be exact."""
     keys = ("batch_size", "interval_prune", "prune_per_iter", "group_size", "prune_dict", "cost",
             "latency_target", "latency_regularization", "seed", "data_set", "input_size",
             "kl_loss_coeff", "original_loss_coeff", "kl_tau", "qk_v_units", "emb_saliency",
             "pruning_lr", "student_eval", "token_scale", "base_loss_head")
-    return {"config": config.as_dict(), "world_size": utils.get_world_size(),
-            **{k: getattr(args, k) for k in keys}}
+    return checkpoints.plain({"config": config.as_dict(), "world_size": utils.get_world_size(),
+                              **{k: getattr(args, k) for k in keys}})
+
+
+def check_resumable(ckpt: dict, source: str, original, settings: dict) -> None:
+    if "pruner" not in ckpt:
+        raise UserError(f"--resume {source} is not a pruning state file "
+                        f"({checkpoints.PRUNING_STATE_FILE})")
+    if ckpt["original_dims"] != original.to_dict():
+        raise UserError(f"--resume {source} belongs to a run on another model")
+    changed = [k for k, v in settings.items() if ckpt["settings"].get(k) != v]
+    if changed:
+        raise UserError(f"--resume {source} was made with other settings ({', '.join(changed)}); "
+                        f"resume with the same flags, or start a new --output_dir")
 
 
 # ----------------------------------------------------------------------------- outputs
-def save_pruned(model, output_dir: Path, args, extra: dict) -> None:
-    """The compact model and its dims: what --finetune, --eval and build_model load."""
-    dense = compact(model)
-    utils.save_atomic({"model": dense.state_dict(), "dims": dense.dims.to_dict(),
-                       "args": utils.plain(vars(args)), **extra}, output_dir / PRUNED_FILE)
-
-
-def write_history(output_dir: Path, original: dict, steps: list) -> None:
-    utils.write_text_atomic(output_dir / "dims_history.json",
-                            json.dumps({"original": original, "steps": steps}, indent=1))
-
-
 def width_summary(widths: dict) -> str:
     return (f"emb {widths['embed_dim']}  heads {sum(widths['num_heads'])}  "
             f"qk {widths['qk_dim']}  v {widths['v_dim']}  mlp {sum(widths['mlp_dim'])}")
@@ -195,11 +166,30 @@ def widths_of(dims) -> dict:
     return {k: getattr(dims, k) for k in ("embed_dim", "num_heads", "qk_dim", "v_dim", "mlp_dim")}
 
 
-def freeze(gates: Gates) -> None:
-    """No more gate gradients: pruning is over, or the criterion does not use them."""
-    for t in gates.tensors():
-        t.requires_grad_(False)
-        t.grad = None
+def prune_step_line(record: dict, loop: PruningLoop, args) -> str:
+    target = args.latency_target
+    done = len(loop.history)
+    drop = (1 - record["ratio"]) / record["step"]
+    mean_seconds = sum(r["seconds"] for r in loop.history) / done
+    eta = "?" if drop <= 0 or target == 0 else \
+        f"{max(0.0, (record['ratio'] - target) / drop) * mean_seconds:.0f}s"
+    imgs = args.interval_prune * args.batch_size * utils.get_world_size() / max(record["seconds"], 1e-9)
+    removed = ", ".join(f"{k} {n}" for k, n in record["removed_groups"].items() if n) or "none"
+    return (f"prune step {record['step']}: {args.cost} ratio {record['ratio']:.4f} (target "
+            f"{target})  removed groups: {removed}  {width_summary(record['dims'])}  loss "
+            f"{record['loss']:.4f} (kl {record.get('loss_kl', 0.0):.4g}, deit "
+            f"{record.get('loss_deit', 0.0):.4g})  img/s {imgs:.1f}  eta {eta}")
+
+
+def not_reached_reason(loop: PruningLoop, min_ratio: float, args) -> str:
+    if loop.stuck:
+        return "the minimum widths (one group of each kind per block) are reached"
+    if loop.pruner.budget_spent:
+        return (f"the --prune_dict budget of {loop.pruner.max_steps} prune steps "
+                f"(N // prune_per_iter + 1) is spent")
+    if min_ratio > args.latency_target:
+        return f"the minimum widths give {min_ratio:.3f}"
+    return "the run ended first (more --epochs, or a larger --prune_per_iter)"
 
 
 # -------------------------------------------------------------------------------- main
@@ -209,22 +199,9 @@ def main(args) -> None:
     budget = prune_budget(args)
     table = read_json_file(args.latency_look_up_table, "--latency_look_up_table") \
         if args.cost == "latency" else None
-    resume = None
-    if args.resume:
-        resume = str(Path(args.output_dir) / STATE_FILE) if args.resume == "auto" else args.resume
-        if not Path(resume).is_file():
-            if args.resume != "auto":
-                raise UserError(f"--resume {resume} does not exist")
-            print(f"--resume: no {resume} yet, starting from the beginning")
-            resume = None
-
-    utils.init_distributed_mode(args)
-    device = utils.resolve_device(args.device)
-    sharded = args.distributed and args.dist_eval  # eval shards summed over ranks
-    rank = utils.get_rank()
-    utils.seed_everything(args.seed + rank)
-    output_dir = utils.prepare_output_dir(args.output_dir)  # every rank checks it is writable
-    is_main = utils.is_main_process()
+    resume = checkpoints.resume_path(args.resume, args.output_dir, checkpoints.PRUNING_STATE_FILE)
+    run = utils.setup_run(args)
+    device, output_dir = run.device, run.output_dir
     if config.ignored:
         print(f"--pruning_config {args.pruning_config}: keys without effect, as in the reference "
               f"(set by flags here, or unused): {', '.join(config.ignored)}")
@@ -236,18 +213,11 @@ def main(args) -> None:
     note = getattr(cost, "frame_note", lambda d: None)(original)
     if note:
         print(f"warning: {note}")
-    full_model = None
-    if args.kl_loss_coeff > 0:
-        full_model = copy.deepcopy(model).eval()
-        for p in full_model.parameters():
-            p.requires_grad_(False)
+    full_model = frozen_copy(model) if args.kl_loss_coeff > 0 else None
 
     gates = Gates.attach(model, qkv_units=QKV_UNIT_FLAGS[args.qk_v_units],
                          emb_saliency=args.emb_saliency)
     saliency = Saliency(gates, config.criterion, config.scales, config.momentum, args.seed)
-    uses_gradients = saliency.criterion.needs_gradients
-    if not uses_gradients:
-        freeze(gates)
     try:
         pruner = GlobalPruner(gates, saliency, cost, args.latency_target, args.prune_per_iter,
                               config.group_sizes, args.latency_regularization, budget,
@@ -271,172 +241,101 @@ def main(args) -> None:
     criterion = builders.build_criterion(args, nb_classes, mixup_fn, device, kl_tau=args.kl_tau,
                                          per_head=False, full_model=full_model)
 
-    def set_phase() -> None:
-        """Before the first prune step: DeiT loss only, train mode. From it on: the KL term,
-        and with --student_eval the student in eval mode (both heads still returned)."""
-        pruning = pruner.steps > 0
-        criterion.kl_enabled = pruning
-        model_without_ddp.return_pair = pruning and args.student_eval
-        model.train(not model_without_ddp.return_pair)
-
     settings = run_settings(args, config)
-    history: list[dict] = []
-    state = {"epoch": 0, "iteration": 0, "done": False, "stuck": False}
+
+    def save_state() -> None:
+        if run.is_main:
+            checkpoints.save_pruning_state(output_dir / checkpoints.PRUNING_STATE_FILE,
+                                           model_without_ddp, loop, optimizer, scheduler, scaler,
+                                           settings, original, args)
+        loop.mark_saved()
+
+    def on_prune(record: dict) -> None:
+        print(prune_step_line(record, loop, args), flush=True)
+        if loop.save_due():
+            save_state()
+        if run.is_main:
+            write_text_atomic(output_dir / checkpoints.HISTORY_FILE, json.dumps(
+                {"original": widths_of(original), "steps": loop.history}, indent=1))
+
+    save_steps, save_seconds = args.save_every
+    loop = PruningLoop(model_without_ddp, gates, saliency, pruner, criterion, optimizer,
+                       interval=args.interval_prune, iters_per_epoch=len(train_loader),
+                       student_eval=args.student_eval, train_module=model,
+                       save_every_steps=save_steps, save_every_seconds=save_seconds,
+                       on_prune=on_prune)
     if resume:
         ckpt = models.read_checkpoint(resume)
-        if "pruner" not in ckpt:
-            raise UserError(f"--resume {resume} is not a pruning state file ({STATE_FILE})")
-        if ckpt["original_dims"] != original.to_dict():
-            raise UserError(f"--resume {resume} belongs to a run on another model")
-        changed = [k for k, v in utils.plain(settings).items() if ckpt["settings"].get(k) != v]
-        if changed:
-            raise UserError(f"--resume {resume} was made with other settings ({', '.join(changed)}); "
-                            f"resume with the same flags, or start a new --output_dir")
+        check_resumable(ckpt, resume, original, settings)
         model_without_ddp.load_state_dict(ckpt["model"])
-        gates.load_state_dict(ckpt["masks"])
-        saliency.load_state_dict(ckpt["saliency"])
-        pruner.load_state_dict(ckpt["pruner"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        history = ckpt["history"]
-        state.update({k: ckpt[k] for k in state})
-        if state["done"]:
-            freeze(gates)
-        print(f"resumed from {resume}: epoch {state['epoch']}, iteration {state['iteration']}, "
+        loop.load_state_dict(ckpt)
+        checkpoints.restore_training_state(ckpt, resume, optimizer, scheduler, scaler)
+        print(f"resumed from {resume}: epoch {loop.epoch}, iteration {loop.iteration}, "
               f"{pruner.steps} prune steps done, cost ratio {pruner.ratio():.3f}")
-    elif is_main:
-        utils.refuse_to_overwrite(output_dir, (STATE_FILE, PRUNED_FILE, "dims_history.json"))
-
-    def save_state(epoch: int, iteration: int) -> None:
-        if not is_main:
-            return
-        utils.save_atomic({
-            "model": model_without_ddp.state_dict(), "masks": gates.state_dict(),
-            "saliency": saliency.state_dict(), "pruner": pruner.state_dict(),
-            "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            **state, "epoch": epoch, "iteration": iteration, "history": history,
-            "settings": utils.plain(settings),
-            "original_dims": original.to_dict(), "args": utils.plain(vars(args)),
-        }, output_dir / STATE_FILE)
+    elif run.is_main:
+        checkpoints.refuse_to_overwrite(output_dir, checkpoints.PRUNING_RUN_FILES)
 
     top1_dense = None
     if not resume:
-        dense_stats = evaluate(val_loader, model, device, amp_dtype, sharded)
+        dense_stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
         top1_dense = dense_stats["acc1"]
         print(f"before pruning: top-1 {dense_stats['acc1']:.2f}%  top-5 {dense_stats['acc5']:.2f}%")
 
-    iters_per_epoch = len(train_loader)
-    step_times: list[float] = []
-    last_step_time = [time.perf_counter()]
-    losses: dict[str, list[float]] = {}  # loss and its parts since the last step
-
-    def after_backward(grad_scale: float) -> None:
-        if state["done"] or not uses_gradients:
-            return
-        saliency.collect(grad_scale)
-
-    def make_after_step(epoch: int):
-        def after_step(i: int, values: dict[str, float]) -> bool:
-            global_iter = epoch * iters_per_epoch + i
-            for k, v in values.items():
-                losses.setdefault(k, []).append(v)
-            # the reference prunes in the iteration after every interval_prune-th one
-            if state["done"] or global_iter == 0 or global_iter % args.interval_prune:
-                return False
-            if uses_gradients and saliency.count == 0:
-                print(f"prune step postponed at iteration {i + 1}: no batch with finite gradients")
-                return False
-            result = pruner.step(model_without_ddp)
-            clear_pruned_state(optimizer, model_without_ddp, result.removed_units)
-            if pruner.steps == 1:  # the loss changes here: the reference restarts its EMA
-                saliency.reset_ema()
-                set_phase()
-            widths = gates.widths()
-            now = time.perf_counter()
-            step_times.append(now - last_step_time[0])
-            last_step_time[0] = now
-            means = {k: sum(v) / len(v) for k, v in losses.items() if v}
-            history.append({"step": pruner.steps, "epoch": epoch, "iteration": i + 1,
-                            "ratio": result.ratio, "removed_groups": result.removed,
-                            "dims": widths, **means})
-            drop = (1 - result.ratio) / pruner.steps
-            target = args.latency_target
-            eta = "?" if drop <= 0 or target == 0 else \
-                f"{max(0.0, (result.ratio - target) / drop) * sum(step_times) / len(step_times):.0f}s"
-            imgs = args.interval_prune * args.batch_size * utils.get_world_size() / step_times[-1]
-            removed = ", ".join(f"{k} {n}" for k, n in result.removed.items() if n) or "none"
-            print(f"prune step {pruner.steps}: {args.cost} ratio {result.ratio:.4f} (target "
-                  f"{target})  removed groups: {removed}  {width_summary(widths)}  loss "
-                  f"{means['loss']:.4f} (kl {means.get('loss_kl', 0.0):.4g}, deit "
-                  f"{means.get('loss_deit', 0.0):.4g})  img/s {imgs:.1f}  eta {eta}", flush=True)
-            for v in losses.values():
-                v.clear()
-            state["done"] = result.reached or result.stuck or result.budget_spent
-            state["stuck"] = result.stuck
-            if state["done"]:
-                freeze(gates)
-            next_epoch, next_iter = (epoch, i + 1) if i + 1 < iters_per_epoch else (epoch + 1, 0)
-            save_state(next_epoch, next_iter)
-            if is_main:
-                write_history(output_dir, widths_of(original), history)
-            return state["done"]
-        return after_step
-
-    start_epoch = state["epoch"]
+    # Ctrl-C / SIGTERM: finish the step, save the state, stop (resume with --resume)
+    def request_stop(signum, frame) -> None:
+        loop.stop_requested = True
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     stats = None
-    for epoch in range(start_epoch, args.epochs):
-        if state["done"]:
-            break
-        skip = state["iteration"] if epoch == start_epoch else 0
-        train_sampler.set_epoch(epoch, skip=skip * args.batch_size)
-        scheduler.step(0 if args.pruning_lr == "constant" else epoch)
-        set_phase()
-        train_one_epoch(
-            model, criterion, train_loader, optimizer, device, epoch, scaler, amp_dtype,
-            args.clip_grad, args.clip_mode, None, mixup_fn, args.print_freq,
-            after_backward=after_backward, after_step=make_after_step(epoch), start_iter=skip,
-            seed_fn=lambda i, e=epoch: utils.seed_everything(utils.iteration_seed(args.seed, e, i, rank)),
-            train_mode=not model_without_ddp.return_pair)
-        stats = evaluate(val_loader, model, device, amp_dtype, sharded)
-        print(f"Epoch {epoch}: student top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  "
-              f"{args.cost} ratio {pruner.ratio():.4f}")
-        if not state["done"]:
-            save_state(epoch + 1, 0)
+    start_epoch = loop.epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            if loop.done or loop.stop_requested:
+                break
+            skip = loop.iteration if epoch == start_epoch else 0
+            train_sampler.set_epoch(epoch, skip=skip * args.batch_size)
+            scheduler.step(0 if args.pruning_lr == "constant" else epoch)
+            loop.set_phase()
+            train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, scaler,
+                            amp_dtype, args.clip_grad, args.clip_mode, None, mixup_fn,
+                            args.print_freq, start_iter=skip,
+                            seed_fn=utils.seed_fn(args.seed, epoch, run.rank), **loop.hooks(epoch))
+            if loop.stop_requested:
+                break
+            stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
+            print(f"Epoch {epoch}: student top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%"
+                  f"  {args.cost} ratio {pruner.ratio():.4f}")
+            if not loop.done:
+                save_state()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if loop.stop_requested:
+        save_state()
+        raise Stopped(f"stopped on request after {pruner.steps} prune steps; the state is in "
+                      f"{output_dir / checkpoints.PRUNING_STATE_FILE} (continue with --resume)")
 
     if args.distributed:
         if not utils.replicas_identical_tensors(gates.tensors()):
             raise RuntimeError("processes ended with different masks: pruning lost synchronisation")
-        print(f"all {utils.get_world_size()} processes hold identical masks after "
-              f"{pruner.steps} prune steps")
-    if stats is None:  # resumed after the end: score the final masks
-        stats = evaluate(val_loader, model, device, amp_dtype, sharded)
+        print(f"all {run.world_size} processes hold identical masks after {pruner.steps} prune steps")
+    if stats is None:  # resumed after the end, or ended by the prune step: score the final masks
+        stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
     ratio = pruner.ratio()
-    extra = {"original_dims": original.to_dict(), "cost": args.cost, "cost_ratio": ratio,
-             "top1_dense": top1_dense, "top1_pruned": stats["acc1"]}
-    if is_main:
-        save_pruned(model_without_ddp, output_dir, args, extra)
-        if history:
-            from tools.plot_widths import plot_widths
-            plot_widths(widths_of(original), history[-1]["dims"], output_dir / "widths.png")
+    if run.is_main:
+        checkpoints.save_model_file(
+            output_dir / checkpoints.PRUNED_FILE, compact(model_without_ddp), args,
+            original_dims=original.to_dict(), cost=args.cost, cost_ratio=ratio,
+            top1_dense=top1_dense, top1_pruned=stats["acc1"])
+        if loop.history:
+            plot_widths(widths_of(original), loop.history[-1]["dims"], output_dir / "widths.png")
     dense_note = "" if top1_dense is None else f" (dense {top1_dense:.2f}%)"
     print(f"pruned model: {args.cost} ratio {ratio:.4f} of the original, top-1 {stats['acc1']:.2f}%"
           f"{dense_note}; dims {json.dumps(gates.widths())}")
-    print(f"wrote {output_dir / PRUNED_FILE}")
+    print(f"wrote {output_dir / checkpoints.PRUNED_FILE}")
     if ratio > args.latency_target > 0:
-        if state["stuck"]:
-            why = "the minimum widths (one group of each kind per block) are reached"
-        elif pruner.budget_spent:
-            why = (f"the --prune_dict budget of {pruner.max_steps} prune steps "
-                   f"(N // prune_per_iter + 1) is spent")
-        elif min_ratio > args.latency_target:
-            why = f"the minimum widths give {min_ratio:.3f}"
-        else:
-            why = "the run ended first (more --epochs, or a larger --prune_per_iter)"
         raise UserError(f"--latency_target {args.latency_target} not reached: {args.cost} ratio "
-                        f"{ratio:.4f}, {why}; the smallest model reached was saved")
+                        f"{ratio:.4f}, {not_reached_reason(loop, min_ratio, args)}; the smallest "
+                        f"model reached was saved")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
-"""Distributed set-up, seeding, progress logging and atomic checkpoint files for the entry scripts."""
+"""Run set-up (distributed, device, seeds, output folder), progress logging and the error exit
+of the entry scripts."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
 import random
-import shutil
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import UserError
+from errors import Stopped, UserError
+from flags import user_message
 
 
 # --------------------------------------------------------------------------- distributed
@@ -48,19 +50,14 @@ def init_distributed_mode(args) -> None:
                             world_size=args.world_size, rank=args.rank,
                             timeout=datetime.timedelta(minutes=30))
     dist.barrier()
-    setup_for_distributed(args.rank == 0)
+    quiet_other_ranks(args.rank == 0)
 
 
-def setup_for_distributed(is_master: bool) -> None:
-    """Silence print() on non-master ranks unless called with force=True."""
-    import builtins
-    builtin_print = builtins.print
-
-    def print(*a, **kw):  # noqa: A001
-        if kw.pop("force", False) or is_master:
-            builtin_print(*a, **kw)
-
-    builtins.print = print
+def quiet_other_ranks(is_master: bool) -> None:
+    """Only rank 0 prints progress: other ranks' stdout goes to /dev/null (errors still reach
+    stderr, prefixed with the rank by run_main)."""
+    if not is_master:
+        sys.stdout = open(os.devnull, "w")
 
 
 def is_dist() -> bool:
@@ -108,52 +105,7 @@ def iteration_seed(seed: int, epoch: int, iteration: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + iteration * 7_919 + rank * 104_729) % 2**62
 
 
-# --------------------------------------------------------------------------- checkpoints
-def save_atomic(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def refuse_to_overwrite(output_dir: Path, names: tuple[str, ...]) -> None:
-    """A fresh run must not replace an earlier run's results: ask for --resume or a new dir."""
-    taken = [n for n in names if (output_dir / n).exists()]
-    if taken:
-        raise UserError(f"--output_dir {output_dir} already holds a run ({taken[0]}); pass --resume "
-                        f"to continue it, or choose another --output_dir")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def plain(value):
-    """Reduce argparse values to types torch.load(weights_only=True) accepts."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
+# --------------------------------------------------------------------------- run set-up
 def prepare_output_dir(path: str | None) -> Path | None:
     if not path:
         return None
@@ -166,6 +118,38 @@ def prepare_output_dir(path: str | None) -> Path | None:
     except OSError as e:
         raise UserError(f"--output_dir {path} is not writable: {e.strerror}") from None
     return out
+
+
+@dataclass
+class Run:
+    """Where and how this process runs."""
+    device: torch.device
+    rank: int
+    world_size: int
+    output_dir: Path | None  # None without --output_dir
+    sharded_eval: bool  # --dist-eval over several processes: counts summed over shards
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_run(args, after_init=None) -> Run:
+    """Join the process group, pick the device, seed this rank, check the output folder.
+    `after_init(args)` runs once the process group exists (so only rank 0 prints)."""
+    init_distributed_mode(args)
+    if after_init is not None:
+        after_init(args)
+    device = resolve_device(args.device)
+    rank = get_rank()
+    seed_everything(args.seed + rank)
+    output_dir = prepare_output_dir(args.output_dir)  # every rank checks it is writable
+    return Run(device, rank, get_world_size(), output_dir, args.distributed and args.dist_eval)
+
+
+def seed_fn(seed: int, epoch: int, rank: int):
+    """engine.train_one_epoch's seed_fn: reseed before each step, so a resumed run replays."""
+    return lambda i: seed_everything(iteration_seed(seed, epoch, i, rank))
 
 
 # ------------------------------------------------------------------------------ logging
@@ -219,11 +203,14 @@ def run_main(main, args) -> None:
         main(args)
     except UserError as e:
         where = f"[rank {get_rank()}] " if is_dist() else ""
-        sys.stderr.write(f"error: {where}{e}\n")
+        sys.stderr.write(f"error: {where}{user_message(e)}\n")
         sys.stderr.flush()
         if is_dist():
             dist.destroy_process_group()
         sys.exit(2)
+    except Stopped as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(130)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

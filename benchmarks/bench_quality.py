@@ -44,6 +44,7 @@ from common import (RESULTS, ROOT, interleaved, md_table, ratio_stats, uniform_d
                     write_results)
 
 import models  # noqa: E402
+from atomic import save_atomic  # noqa: E402
 from losses import kl_elementwise_mean  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning import Gates, Saliency, compact  # noqa: E402
@@ -543,10 +544,8 @@ def dense_model(cfg: Config, data: Data, work: Path, times: dict) -> tuple[model
     seconds = time.perf_counter() - t0
     top1 = accuracy(model, data, cfg.eval_batch)
     times["dense_train_s"] = seconds
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "dims": model.dims.to_dict(), "key": key,
-                "top1": top1, "seconds": seconds}, tmp)
-    tmp.replace(path)
+    save_atomic({"model": model.state_dict(), "dims": model.dims.to_dict(), "key": key,
+                 "top1": top1, "seconds": seconds}, path)
     print(f"dense model: top-1 {top1:.2f}% after {cfg.dense_epochs} epochs in {seconds:.0f} s")
     return model.eval(), top1
 

@@ -6,9 +6,9 @@ benchmarks/results/<study>.json and .md with the date, versions, CPU model and t
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import sys
@@ -22,13 +22,15 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from atomic import write_text_atomic  # noqa: E402
+from models.dims import Dims  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def study_parser(doc: str, study: str, quick_help: str) -> "argparse.ArgumentParser":
+def study_parser(doc: str, study: str, quick_help: str) -> argparse.ArgumentParser:
     """The flags every study shares: --quick, --passive (acted on by passive.py before torch
     loads; parsed here so it is accepted), --threads, --out, --name."""
-    import argparse
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--passive", action="store_true",
@@ -106,10 +108,7 @@ def write_results(study: str, data: dict, table_md: str) -> Path:
     header = (f"# {study}\n\n{env['date']} - torch {env['torch']}, timm {env['timm']}, "
               f"{env['cpu']}, {env['threads']} threads\n\n")
     for suffix, text in ((".json", json.dumps(payload, indent=1)), (".md", header + table_md + "\n")):
-        path = RESULTS / f"{study}{suffix}"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(RESULTS / f"{study}{suffix}", text)
     return RESULTS / f"{study}.md"
 
 
@@ -121,7 +120,7 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def uniform_dims(base: models.Dims, target: float) -> models.Dims:
+def uniform_dims(base: "Dims", target: float) -> "Dims":
     """Embed, heads and MLP all scaled by one factor (head width kept), closest MACs <= target."""
     import numpy as np
 

@@ -127,7 +127,7 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], num_heads: int, source: str)
         raise UserError(f"{source}: position embedding of {tokens} tokens is not a square grid")
     if qkv_out % num_heads:
         raise UserError(f"{source}: QKV width {qkv_out} is not divisible by {num_heads} heads "
-                        f"(does --model match the checkpoint?)")
+                        f"(does the model name match the checkpoint?)", field="name")
     return Dims.uniform(embed, depth, num_heads, mlp, qk_dim=qkv_out // num_heads,
                         img_size=side * w.shape[-1], patch_size=w.shape[-1], in_chans=w.shape[1],
                         num_classes=num_classes, distilled=distilled)

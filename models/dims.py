@@ -19,6 +19,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from atomic import write_text_atomic
 from errors import UserError
 
 BLOCK_LISTS = ("num_heads", "qk_dim", "v_dim", "mlp_dim")
@@ -165,9 +166,7 @@ class Dims:
             text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
         else:
             text = json.dumps(self.to_dict(), indent=1)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Dims":
@@ -208,12 +207,12 @@ def revit_dims(emb: int, **frame) -> Dims:
     token scale on q, k and v, PyTorch's default init.
     """
     if not isinstance(emb, int) or isinstance(emb, bool):
-        raise UserError(f"--EMB must be an integer, got {emb!r}")
+        raise UserError(f"EMB must be an integer, got {emb!r}", field="emb")
     k, q = _revit_factors(emb)
     if k < 1 or q < 1:
         raise UserError(
-            f"--EMB {emb} gives {k * 2} heads and QK width {q * 8} in some blocks; "
-            f"the ReViT rule needs EMB >= {smallest_valid_emb()} (e.g. 176 or 384)")
+            f"EMB {emb} gives {k * 2} heads and QK width {q * 8} in some blocks; "
+            f"the ReViT rule needs EMB >= {smallest_valid_emb()} (e.g. 176 or 384)", field="emb")
     heads = [10, 2 * k, 2 * k] + [4 * k] * 6 + [2 * k, 2 * k, 10]
     qk = [16 * q, 8 * q, 8 * q] + [16 * q] * 6 + [8 * q, 8 * q, 16 * q]
     mlp = [3 * emb] * 3 + [6 * emb] * 6 + [3 * emb] * 3

@@ -22,8 +22,6 @@ from .nvit_reference import from_reference, is_reference_layout
 from .revit import ReViT
 
 MODEL_KWARGS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
-_FRAME_FLAGS = {"img_size": "--input-size", "num_classes": "the data set's class count",
-                "patch_size": "--patch-size", "in_chans": "in_chans", "distilled": "--model"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,8 +31,8 @@ def _name_dims(name: str) -> Dims:
             m = timm.create_model(name, pretrained=False)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise UserError(f"--model {name} is not a timm model name "
-                            f"(e.g. deit_base_distilled_patch16_224)") from None
+            raise UserError(f"{name} is not a timm model name "
+                            f"(e.g. deit_base_distilled_patch16_224)", field="name") from None
         raise
     if isinstance(m, ReViT):
         return m.dims
@@ -43,8 +41,8 @@ def _name_dims(name: str) -> Dims:
     if (attn is None or not hasattr(attn, "qkv") or getattr(m, "global_pool", "token") != "token"
             or getattr(m, "num_reg_tokens", 0) or getattr(m, "no_embed_class", False)
             or not isinstance(getattr(blocks[0], "ls1", torch.nn.Identity()), torch.nn.Identity)):
-        raise UserError(f"--model {name} is not a DeiT-style ViT (class token, fused qkv, "
-                        f"no layer scale or register tokens)")
+        raise UserError(f"{name} is not a DeiT-style ViT (class token, fused qkv, "
+                        f"no layer scale or register tokens)", field="name")
     return Dims.uniform(
         m.embed_dim, len(blocks), attn.num_heads, blocks[0].mlp.fc1.out_features,
         qk_dim=attn.head_dim, img_size=m.patch_embed.img_size[0],
@@ -129,13 +127,13 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
                             f"(no fused qkv and no dims)")
         if dims is not None and _widths(dims) != _widths(ck_dims):
             raise UserError(f"{source} holds a model of other dims than the ones given "
-                            f"(drop --dims/--EMB, the checkpoint's dims are used)")
+                            f"(give none: the checkpoint's dims are used)", field="dims")
         if not adapt:
             for key, value in frame.items():
                 if value is not None and getattr(ck_dims, key) != value:
                     raise UserError(
                         f"{source} was made with {key}={getattr(ck_dims, key)}, but {key}={value} "
-                        f"was asked for (via {_FRAME_FLAGS[key]})")
+                        f"was asked for", field=key)
         dims = ck_dims
     if dims is None:
         dims = base
@@ -167,5 +165,5 @@ def _timm_pretrained_state(name: str) -> dict:
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"--pretrained: timm could not get weights for {name} ({first[:120]}); "
-                        f"without network access pass a local file with --pretrained-path") from None
+        raise UserError(f"timm could not get weights for {name} ({first[:120]}); without "
+                        f"network access load a local file instead", field="pretrained") from None

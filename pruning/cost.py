@@ -22,7 +22,7 @@ from errors import UserError
 from models.dims import BLOCK_LISTS, Dims
 
 KINDS = ("macs", "params", "latency")
-TABLE_FLAG = "--latency_look_up_table"
+TABLE_SOURCE = "latency table"
 TABLE_FORMAT = "nvit-latency-table"
 ATTENTION_AXES = ("embed_dim", "num_heads", "qk_dim", "v_dim")
 MLP_AXES = ("embed_dim", "mlp_dim")
@@ -247,7 +247,7 @@ class LatencyTable(CostModel):
         """A warning for callers to print when the table was timed at another token count."""
         n = self.num_tokens
         if n is not None and dims.complete and n != dims.num_tokens:
-            return (f"{TABLE_FLAG}: the table was measured with {n} tokens but the model has "
+            return (f"the latency table was measured with {n} tokens but the model has "
                     f"{dims.num_tokens}; latencies are estimates for the table's token count")
         return None
 
@@ -266,7 +266,7 @@ class LatencyTable(CostModel):
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = TABLE_FLAG) -> "LatencyTable":
+    def from_dict(cls, data: dict, source: str = TABLE_SOURCE) -> "LatencyTable":
         """Read either format; `source` names the flag/file in error messages."""
         if not isinstance(data, dict) or not data:
             raise UserError(f"{source}: expected a JSON object holding a latency table, got "
@@ -415,7 +415,11 @@ def build_cost_model(kind: str, dims: Dims, table: dict | None = None) -> CostMo
         return ParamsCost(dims)
     if kind == "latency":
         if table is None:
-            raise UserError(f"--cost latency needs a table: pass {TABLE_FLAG} FILE.json "
-                            f"(make one with tools/build_latency_table.py)")
-        return LatencyTable.from_dict(table)
-    raise UserError(f"--cost {kind!r} is not one of {', '.join(KINDS)}")
+            raise UserError("the latency cost needs a latency table (make one with "
+                            "tools/build_latency_table.py)", field="latency_table")
+        try:
+            return LatencyTable.from_dict(table)
+        except UserError as e:
+            e.field = e.field or "latency_table"
+            raise
+    raise UserError(f"cost {kind!r} is not one of {', '.join(KINDS)}", field="cost")

@@ -17,8 +17,9 @@ TINY_DIMS = {"embed_dim": 32, "num_heads": [2, 2], "qk_dim": [8, 8], "v_dim": [8
 FAST = ["--model", "deit_tiny_distilled_patch16_224", "--patch-size", "8", "--input-size", "32",
         "--data-set", "DIGITS", "--batch-size", "64", "--num_workers", "0", "--device", "cpu",
         "--warmup-epochs", "0", "--cooldown-epochs", "0", "--lr", "1e-3", "--unscale-lr",
-        "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0", "--no-model-ema",
+        "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0",
         "--drop-path", "0", "--print-freq", "1000"]
+TRAIN = [*FAST, "--no-model-ema"]  # revit_scratch.py: no weight EMA (nvit_prune.py has none)
 
 
 def write_dims(path: Path, dims: dict = TINY_DIMS) -> Path:

@@ -13,7 +13,7 @@ import torch
 
 import models
 from models.flops import count_macs
-from helpers import FAST, ROOT, assert_user_error, env, run
+from helpers import FAST, TRAIN, ROOT, assert_user_error, env, run
 
 pytestmark = pytest.mark.slow
 
@@ -67,10 +67,10 @@ def test_prune_finetune_eval(tmp_path, dense):
     assert (out / "widths.png").stat().st_size > 1000
     # the compact model scores what the masked student scored
     top1 = float(re.search(r"pruned model: .* top-1 ([\d.]+)%", proc.stdout).group(1))
-    ev = run("revit_scratch.py", *FAST, "--finetune", out / "pruned_checkpoint.pth", "--eval")
+    ev = run("revit_scratch.py", *TRAIN, "--finetune", out / "pruned_checkpoint.pth", "--eval")
     assert float(re.search(r"top-1 ([\d.]+)%", ev.stdout).group(1)) == pytest.approx(top1, abs=0.006)
     # the paper's finetuning stage: KL from the full model plus the DeiT loss, eval mode
-    ft = run("revit_scratch.py", *FAST, "--finetune", out / "pruned_checkpoint.pth", "--epochs", "1",
+    ft = run("revit_scratch.py", *TRAIN, "--finetune", out / "pruned_checkpoint.pth", "--epochs", "1",
              "--kl_loss_coeff", "1", "--pretrained-path", dense, "--output_dir", tmp_path / "ft")
     assert "Epoch 0: top-1" in ft.stdout and "student in eval mode" in ft.stdout
     assert re.search(r"loss_kl [\d.e-]+ \([\d.e-]+\)  loss_deit", ft.stdout)
@@ -180,11 +180,11 @@ def test_bad_input_fails_cleanly(tmp_path, dense, case):
         args, words = [*base, "--pruning_config", tmp_path / "c.json"], ["--pruning_config", "c.json"]
     elif case == "offline_pretrained":
         args = [a for a in base if a not in ("--pretrained-path", str(dense), dense)] + ["--pretrained"]
-        words = ["--pretrained-path"]
+        words = ["--pretrained", "local file"]
     elif case == "overwrite":
         args, words = base, ["already holds a run", "--resume"]
     elif case == "eval_flag":
-        args, words = [*base, "--eval"], ["--eval", "revit_scratch.py"]
+        args, words = [*base, "--eval"], ["unrecognized arguments: --eval"]
     elif case == "no_output_dir":
         args, words = [*base, "--output_dir", ""], ["--output_dir"]
     else:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import models
 from errors import UserError
-from helpers import FAST, ROOT, run
+from helpers import TRAIN, ROOT, run
 
 P, IMG, C, CLASSES = 4, 16, 3, 7
 DIM = {"EMB": 24, "head": [2, 3], "QK": [8, 4], "V": [6, 4], "MLP": [40, 16]}
@@ -270,7 +270,7 @@ def test_released_checkpoint_evaluates_and_finetunes_from_a_folder(tmp_path):
     folder = tmp_path / "pruned_run"
     folder.mkdir()
     save_released(folder / "pruned_checkpoint.pth", sd, dim)
-    fast = [a for i, a in enumerate(FAST) if "--patch-size" not in FAST[max(i - 1, 0):i + 1]]
+    fast = [a for i, a in enumerate(TRAIN) if "--patch-size" not in TRAIN[max(i - 1, 0):i + 1]]
     ev = run("revit_scratch.py", *fast, "--eval", "--finetune", folder)
     assert "Accuracy of the network on the 359 test images" in ev.stdout
     ft = run("revit_scratch.py", *fast, "--finetune", folder, "--epochs", "1", "--lr", "1e-4")

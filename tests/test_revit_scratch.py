@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 
-from helpers import FAST, ROOT, assert_user_error, env, run, write_dims
+from helpers import TRAIN, ROOT, assert_user_error, env, run, write_dims
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     """One short run shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("run")
     dims = write_dims(out / "dims.yaml")
-    proc = run("revit_scratch.py", *FAST, "--dims", dims, "--epochs", "2", "--output_dir", out)
+    proc = run("revit_scratch.py", *TRAIN, "--dims", dims, "--epochs", "2", "--output_dir", out)
     return out, proc
 
 
@@ -52,7 +52,7 @@ def test_eval_of_checkpoint_reports_its_accuracy(trained):
     last = json.loads((out / "log.txt").read_text().splitlines()[-1])
     for flag in ("--resume", "--finetune"):
         # --model names another shape on purpose: the dims come from the checkpoint
-        proc = run("revit_scratch.py", *FAST, flag, out / "checkpoint.pth", "--eval")
+        proc = run("revit_scratch.py", *TRAIN, flag, out / "checkpoint.pth", "--eval")
         m = re.search(r"top-1 ([\d.]+)%  top-5 ([\d.]+)%", proc.stdout)
         assert m, proc.stdout
         assert float(m.group(1)) == pytest.approx(last["test_acc1"], abs=0.006)
@@ -62,7 +62,7 @@ def test_eval_of_checkpoint_reports_its_accuracy(trained):
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     dims = write_dims(tmp_path / "dims.yaml")
     full, part = tmp_path / "full", tmp_path / "part"
-    common = [*FAST, "--dims", dims, "--epochs", "4", "--drop-path", "0.1", "--smoothing", "0.1",
+    common = [*TRAIN, "--dims", dims, "--epochs", "4", "--drop-path", "0.1", "--smoothing", "0.1",
               "--mixup", "0.5", "--num_workers", "1"]
     run("revit_scratch.py", *common, "--output_dir", full)
     # the same run, killed as soon as its first epoch is logged, then resumed
@@ -89,7 +89,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 def test_torchrun_two_processes_end_identical(tmp_path):
     dims = write_dims(tmp_path / "dims.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29731", str(ROOT / "revit_scratch.py"), *FAST, "--dims", str(dims),
+           "--master_port=29731", str(ROOT / "revit_scratch.py"), *TRAIN, "--dims", str(dims),
            "--epochs", "1", "--batch-size", "32", "--dist-eval", "--output_dir", str(tmp_path / "o")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -103,7 +103,7 @@ def test_hard_distillation_with_teacher_file(tmp_path):
     teacher = timm.create_model("test_resnet", num_classes=10)
     torch.save(teacher.state_dict(), tmp_path / "teacher.pth")
     dims = write_dims(tmp_path / "dims.yaml")
-    proc = run("revit_scratch.py", *FAST, "--dims", dims, "--epochs", "1", "--amp",
+    proc = run("revit_scratch.py", *TRAIN, "--dims", dims, "--epochs", "1", "--amp",
                "--distillation-type", "hard", "--teacher-model", "test_resnet",
                "--teacher-path", tmp_path / "teacher.pth", "--output_dir", tmp_path / "o")
     assert "Epoch 0: top-1" in proc.stdout
@@ -129,7 +129,7 @@ def unchanged(out, before):
                                   "eval_nothing"])
 def test_bad_input_fails_cleanly(tmp_path, earlier, case):
     out, before = earlier
-    base = [*FAST, "--epochs", "1", "--output_dir", out]
+    base = [*TRAIN, "--epochs", "1", "--output_dir", out]
     if case == "no_data_path":
         args, words = [*base, "--data-set", "IMNET"], ["--data-path"]
     elif case == "bad_data_set":
@@ -140,9 +140,9 @@ def test_bad_input_fails_cleanly(tmp_path, earlier, case):
                                                   "mlp_dim": [48, 48]})
         args, words = [*base, "--dims", dims], ["num_heads", "block 1"]
     elif case == "emb0":
-        args, words = [*base, "--EMB", "0"], ["--EMB 0"]
+        args, words = [*base, "--EMB", "0"], ["--EMB", "EMB 0"]
     elif case == "emb50":
-        args, words = [*base, "--EMB", "50"], ["--EMB 50", "EMB >="]
+        args, words = [*base, "--EMB", "50"], ["--EMB", "EMB 50", "EMB >="]
     elif case == "other_shape":
         other = write_dims(tmp_path / "other.yaml", {"embed_dim": 64, "num_heads": [2],
                                                      "qk_dim": [8], "v_dim": [8], "mlp_dim": [8]})
@@ -159,7 +159,7 @@ def test_bad_input_fails_cleanly(tmp_path, earlier, case):
         args, words = [*base, "--dims", out / "dims.yaml"], ["already holds a run", "--resume"]
     else:
         (tmp_path / "empty").mkdir()
-        args = [*FAST, "--eval", "--resume", "--output_dir", tmp_path / "empty"]
+        args = [*TRAIN, "--eval", "--resume", "--output_dir", tmp_path / "empty"]
         words = ["--eval", "no checkpoint"]
     assert_user_error(run("revit_scratch.py", *args, check=False), *words)
     unchanged(out, before)

@@ -24,7 +24,6 @@ import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 
@@ -32,7 +31,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from timm.layers import PatchEmbed  # noqa: E402
 
+from atomic import write_text_atomic  # noqa: E402
 from errors import UserError  # noqa: E402
+from flags import user_message  # noqa: E402
 from models.dims import Dims  # noqa: E402
 from models.factory import name_dims  # noqa: E402
 from models.revit import LN_EPS, Attention, Mlp, StreamNorm  # noqa: E402
@@ -230,15 +231,7 @@ def measure(args: argparse.Namespace, grid: dict[str, list[int]], model_dims: Di
 
 def write_atomic(path: Path, data: dict) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
     except OSError as e:
         raise UserError(f"--output {path}: cannot write ({e.strerror or e})") from None
 
@@ -296,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -30,6 +30,7 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 
 from errors import UserError  # noqa: E402
+from flags import user_message  # noqa: E402
 
 # The legacy TorchScript exporter (dynamo=False) is used: in this torch (2.14) it exports
 # F.scaled_dot_product_attention with an explicit per-block `scale=` exactly (opset >= 14;
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = export(args.checkpoint, args.output_dir, args.name, args.batch_size, args.opset,
                        check=not args.no_check)
     except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {user_message(e)}\n")
         return 2
     for path in paths.values():
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

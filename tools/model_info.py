@@ -22,6 +22,7 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from errors import UserError  # noqa: E402
+from flags import user_message  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 
 DEFAULT_MODEL = "deit_base_distilled_patch16_224"
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = model_info(build_from_args(args))
     except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {user_message(e)}\n")
         return 2
     print(json.dumps(info) if args.json else format_table(info))
     return 0

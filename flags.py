@@ -1,0 +1,246 @@
+"""Command-line flags, in groups that each entry script assembles.
+
+Each script's --help lists exactly the flags it honours. Flag names and defaults are DeiT's
+(and the NViT reference's) unless the README's "Differences from the reference" says
+otherwise. `FLAG_OF_FIELD` is the one place where a field named by the library (models/,
+pruning/) in an error is mapped to the flag that sets it.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from losses import BASE_LOSS_HEADS
+
+FLAG_OF_FIELD = {
+    "name": "--model", "emb": "--EMB", "dims": "--dims/--EMB", "img_size": "--input-size",
+    "patch_size": "--patch-size", "num_classes": "--data-set (its class count)",
+    "distilled": "--model", "in_chans": "--model", "pretrained": "--pretrained",
+    "latency_table": "--latency_look_up_table", "cost": "--cost",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the scripts' error style: one `error:` line and exit 2, not the usage
+    block of ninety flags; no abbreviated flags (`--eval` must not mean `--eval-crop-ratio`)."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description=description, allow_abbrev=False)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def user_message(e: Exception) -> str:
+    """A user error as the scripts print it: the flag that sets the field at fault first."""
+    flag = FLAG_OF_FIELD.get(getattr(e, "field", None) or "")
+    return f"{flag}: {e}" if flag else str(e)
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "y"):
+        return True
+    if value.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--batch-size", default=64, type=int, help="per process")
+    g.add_argument("--epochs", default=300, type=int)
+    g.add_argument("--print-freq", default=50, type=int, help="progress line every N iterations")
+    g.add_argument("--output_dir", "--output-dir", default="", help="where to save, empty for no saving")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on the CPU")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--dist-eval", action="store_true", help="shard evaluation over processes")
+    g.add_argument("--num_workers", "--num-workers", default=10, type=int)
+    g.add_argument("--pin-mem", action="store_true")
+    g.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
+    p.set_defaults(pin_mem=True)
+    g.add_argument("--dist_url", "--dist-url", default="env://")
+    g.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                   help="set by torch.distributed.launch without --use_env")
+
+
+def add_model_args(p: argparse.ArgumentParser, widths: bool) -> None:
+    """widths: the flags that choose the student's own dims (training from scratch)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="deit_base_distilled_patch16_224", type=str,
+                   help="timm DeiT name: fixes patch, image size, depth and distillation")
+    if widths:
+        g.add_argument("--EMB", default=None, type=int, help="embedding width of the ReViT rule")
+        g.add_argument("--dims", default=None, type=str, help="YAML/JSON dims spec (overrides --EMB)")
+        g.add_argument("--scratch", action="store_true",
+                       help="random initial weights (with --finetune: keep its dims, drop its weights)")
+    g.add_argument("--patch-size", default=None, type=int, help="override the name's patch size")
+    g.add_argument("--input-size", default=224, type=int)
+    g.add_argument("--drop", default=0.0, type=float, help="dropout rate")
+    g.add_argument("--attn-drop", default=0.0, type=float)
+    g.add_argument("--drop-path", default=0.1, type=float)
+    g.add_argument("--pretrained", action="store_true",
+                   help="timm's pretrained weights of --model (the full model of the KL term; "
+                        "the student's start too unless its dims are given)")
+    g.add_argument("--pretrained-path", default="", type=str,
+                   help="local timm/DeiT or nvit checkpoint used where --pretrained would download")
+
+
+def add_ema_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weight EMA")
+    g.add_argument("--model-ema", action="store_true")
+    g.add_argument("--no-model-ema", action="store_false", dest="model_ema")
+    p.set_defaults(model_ema=True)
+    g.add_argument("--model-ema-decay", type=float, default=0.99996)
+    g.add_argument("--model-ema-force-cpu", action="store_true")
+
+
+def add_optimizer_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--opt", default="adamw", type=str)
+    g.add_argument("--opt-eps", default=1e-8, type=float)
+    g.add_argument("--opt-betas", default=None, type=float, nargs="+")
+    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--clip-mode", type=str, default="norm", choices=["norm", "value"])
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g = p.add_argument_group("learning-rate schedule")
+    g.add_argument("--sched", default="cosine", type=str)
+    g.add_argument("--lr", type=float, default=5e-4, help="for a total batch of 512")
+    g.add_argument("--unscale-lr", action="store_true", help="do not scale --lr by total batch / 512")
+    g.add_argument("--lr-noise", type=float, nargs="+", default=None)
+    g.add_argument("--lr-noise-pct", type=float, default=0.67)
+    g.add_argument("--lr-noise-std", type=float, default=1.0)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--decay-epochs", type=float, default=30)
+    g.add_argument("--warmup-epochs", type=int, default=0)
+    g.add_argument("--cooldown-epochs", type=int, default=10)
+    g.add_argument("--patience-epochs", type=int, default=10)
+    g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None, type=str)
+    g.add_argument("--data-set", default="IMNET", type=str.upper,
+                   help="IMNET, FOLDER, CIFAR (= CIFAR10), CIFAR100, INAT, INAT19, DIGITS")
+    g.add_argument("--inat-category", default="name", type=str)
+    g.add_argument("--eval-crop-ratio", default=0.875, type=float)
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="'none' disables")
+    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--train-interpolation", type=str, default="bicubic")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (timm)")
+    g.add_argument("--repeated-aug", action="store_true")
+    g.add_argument("--no-repeated-aug", action="store_false", dest="repeated_aug")
+    p.set_defaults(repeated_aug=True)
+    g.add_argument("--reprob", type=float, default=0.25)
+    g.add_argument("--remode", type=str, default="pixel")
+    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--mixup", type=float, default=0.8)
+    g.add_argument("--cutmix", type=float, default=1.0)
+    g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
+    g.add_argument("--mixup-prob", type=float, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-mode", type=str, default="batch", choices=["batch", "pair", "elem"])
+
+
+def add_loss_args(p: argparse.ArgumentParser, kl_loss_coeff: float, student_eval_help: str) -> None:
+    """The DeiT loss, the CNN teacher and the KL term to the full model."""
+    g = p.add_argument_group("losses and distillation")
+    g.add_argument("--bce-loss", action="store_true")
+    g.add_argument("--teacher-model", default="regnety_160", type=str)
+    g.add_argument("--teacher-path", type=str, default="", help="file or URL of teacher weights")
+    g.add_argument("--distillation-type", default="none", choices=["none", "soft", "hard"])
+    g.add_argument("--distillation-alpha", default=0.5, type=float)
+    g.add_argument("--distillation-tau", default=1.0, type=float,
+                   help="temperature of the soft teacher loss (and of the finetuning KL)")
+    g.add_argument("--kl_loss_coeff", default=kl_loss_coeff, type=float,
+                   help="weight of the KL divergence between the full pretrained --model and the "
+                        "student (element-wise mean, as the reference)")
+    g.add_argument("--original_loss_coeff", default=1.0, type=float, help="weight of the DeiT loss")
+    g.add_argument("--base-loss-head", default="mean", choices=BASE_LOSS_HEADS,
+                   help="the label loss on the mean of the two heads (the NViT reference) or on "
+                        "the class head (DeiT)")
+    g.add_argument("--student_eval", "--student-eval", default=None, type=str2bool,
+                   help=student_eval_help)
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser, resume_help: str, finetune: bool) -> None:
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--resume", nargs="?", const="auto", default="", help=resume_help)
+    if finetune:
+        g.add_argument("--finetune", default="",
+                       help="start from this checkpoint (its dims are used), or a folder holding "
+                            "pruned_checkpoint.pth")
+        g.add_argument("--start_epoch", default=0, type=int)
+        g.add_argument("--eval", action="store_true", help="evaluate the checkpoint, train nothing")
+
+
+def add_pruning_args(p: argparse.ArgumentParser, pace: int, emb_saliency: tuple,
+                     qkv_units: tuple) -> None:
+    g = p.add_argument_group("pruning")
+    g.add_argument("--pruning", action="store_true", help="prune (the reference's switch)")
+    g.add_argument("--pruning_config", "--pruning-config", default="",
+                   help="JSON: nvit's format (criterion, group_sizes, scales, momentum; "
+                        "configs/nvit_reference.json) or an NViT reference config "
+                        "(pruning_configs/group8_m23_m09.json)")
+    g.add_argument("--prune_per_iter", "--prune-per-iter", default=1024, type=int,
+                   help="each prune step removes prune_per_iter // group_size more groups")
+    g.add_argument("--group_size", "--group-size", default=pace, type=int,
+                   help="the divisor of --prune_per_iter and --prune_dict (the reference's; the "
+                        "groups themselves are 16 channels, 2 heads, 8 QK, 8 V, 16 neurons)")
+    g.add_argument("--interval_prune", "--interval-prune", default=100, type=int,
+                   help="prune after iterations interval+1, 2*interval+1, ... (as the reference)")
+    g.add_argument("--prune_dict", "--prune-dict", default='{"Global": 39000}',
+                   help='JSON {"Global": N}: at most N // group_size groups removed, in at most '
+                        'N // prune_per_iter + 1 prune steps')
+    g.add_argument("--cost", default="latency", choices=["latency", "macs", "params"])
+    g.add_argument("--latency_target", "--latency-target", default=0.0, type=float,
+                   help="stop when cost <= target * cost of the original model (0: no target, "
+                        "prune until the --prune_dict budget is spent)")
+    g.add_argument("--latency_regularization", "--latency-regularization", default=0.0,
+                   type=float, help="lambda in score - lambda * cost drop (the paper: 5e-4)")
+    g.add_argument("--latency_look_up_table", "--latency-look-up-table", default="",
+                   help="JSON table from tools/build_latency_table.py (or the reference format)")
+    g.add_argument("--pruning_exit", "--pruning-exit", action="store_true",
+                   help="accepted for the reference's commands: the run always ends when pruning does")
+    g.add_argument("--kl-tau", "--kl_tau", default=3.0, type=float,
+                   help="temperature of the KL term while pruning (the reference's fixed 3)")
+    g.add_argument("--qk-v-units", default=qkv_units[0], choices=qkv_units,
+                   help="a QK/V unit is one index shared by every head of a block (the reference) "
+                        "or one (head, index) pair")
+    g.add_argument("--emb-saliency", default=emb_saliency[0], choices=emb_saliency,
+                   help="an embedding channel's score sums every weight it removes (full) or, as the "
+                        "reference, leaves out tokens, position embedding and classifier columns")
+    g.add_argument("--pruning-lr", default="constant", choices=["constant", "schedule"],
+                   help="constant: the schedule's first learning rate throughout (the reference); "
+                        "schedule: follow --sched/--warmup-epochs per epoch")
+    g.add_argument("--token_scale", "--token-scale", default=True, type=str2bool,
+                   help="give the student the reference's learnable token scale on q, k, v "
+                        "(initialised to 1) if it has none")
+    g.add_argument("--save-every", default="10m", type=save_cadence,
+                   help="write the resumable state every N prune steps (\"25\") or minutes "
+                        "(\"10m\"), besides at each epoch's end, at the end and on a stop "
+                        "(Ctrl-C / SIGTERM); \"0\": only those")
+
+
+def save_cadence(value: str) -> tuple[int, float]:
+    """--save-every: (prune steps, seconds); one of them is 0."""
+    text = value.strip().lower()
+    try:
+        if text.endswith("m"):
+            minutes = float(text[:-1])
+            if minutes < 0:
+                raise ValueError
+            return 0, 60.0 * minutes
+        steps = int(text)
+        if steps < 0:
+            raise ValueError
+        return steps, 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of prune steps (25) or minutes (10m), got {value!r}") from None
