@@ -126,6 +126,24 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
+    # Ctrl-C: the step finishes, the state is saved (whatever --save-every says), exit 130,
+    # and --resume still replays the uninterrupted run
+    stop = tmp_path / "stop"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "nvit_prune.py"), *map(str, common),
+                             "--output_dir", str(stop), "--save-every", "0"], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("prune step 2:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "stopped on request" in err and "Traceback" not in err, err
+    stopped = torch.load(stop / "pruning_state.pth", map_location="cpu", weights_only=True)
+    assert not stopped["done"] and stopped["pruner"]["steps"] >= 2
+    assert not (stop / "pruned_checkpoint.pth").exists()
+    run("nvit_prune.py", *common, "--output_dir", stop, "--resume")
+    assert masks_of(stop) == masks_of(full)
+
 
 def test_torchrun_ranks_agree(tmp_path, dense):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

@@ -250,3 +250,66 @@ def test_clear_pruned_state_zeroes_only_pruned_entries():
         if kind == "mlp":
             st = opt.state[model.blocks[block].mlp.fc1.weight]
             assert torch.all(st["exp_avg"][units] == 0)
+
+
+# ------------------------------------------------------------------------ the loop object
+def _loop_parts(student_eval=False, **loop_kw):
+    from types import SimpleNamespace
+    from pruning.loop import PruningLoop
+    model, gates, saliency, pruner = setup(target=0.0, per_iter=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    criterion = SimpleNamespace(kl_enabled=None)
+    times = iter(range(0, 10_000, 60))  # a clock that advances a minute per reading
+    records = []
+    loop = PruningLoop(model, gates, saliency, pruner, criterion, optimizer, interval=3,
+                       iters_per_epoch=5, student_eval=student_eval, on_prune=records.append,
+                       clock=lambda: float(next(times)), **loop_kw)
+    return model, loop, optimizer, records
+
+
+def _drive(model, loop, optimizer, epoch, steps, start=0):
+    import engine
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))) for _ in range(steps)]
+    loop.set_phase()
+
+    def criterion(x, out, y):
+        return sum(torch.nn.functional.cross_entropy(o, y) for o in out)
+    return engine.train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), epoch,
+                                  print_freq=1000, start_iter=start, **loop.hooks(epoch))
+
+
+def test_loop_prunes_after_every_interval_and_switches_phase():
+    """Prune steps in the iteration after iterations 3, 6, 9 (global, across epochs); the KL
+    term and eval mode (with student_eval) start at the first; the history and position
+    follow; the optimizer state of removed weights is cleared."""
+    model, loop, optimizer, records = _loop_parts(student_eval=True)
+    _drive(model, loop, optimizer, 0, 5)
+    assert [r["iteration"] for r in records] == [4] and loop.pruner.steps == 1
+    assert loop.criterion.kl_enabled is True and not model.training and model.return_pair
+    assert (loop.epoch, loop.iteration) == (1, 0)
+    _drive(model, loop, optimizer, 1, 5)
+    assert [(r["epoch"], r["iteration"]) for r in records] == [(0, 4), (1, 2), (1, 5)]
+    assert [r["step"] for r in loop.history] == [1, 2, 3]
+    removed = [k for k, n in records[-1]["removed_groups"].items() if n]
+    assert removed and "loss" in records[-1]
+
+
+def test_loop_state_round_trip_and_save_cadence():
+    model, loop, optimizer, _ = _loop_parts(save_every_steps=2)
+    _drive(model, loop, optimizer, 0, 5)
+    assert loop.pruner.steps == 1 and not loop.save_due()
+    _drive(model, loop, optimizer, 1, 3)
+    assert loop.pruner.steps == 2 and loop.save_due()
+    loop.mark_saved()
+    assert not loop.save_due()
+    state = loop.state_dict()
+    model2, other, _, _ = _loop_parts()
+    other.load_state_dict(state)
+    assert other.pruner.steps == 2 and (other.epoch, other.iteration) == (1, 3)
+    assert other.gates.widths() == loop.gates.widths() and other.history == loop.history
+    # minutes: due once the clock has moved on and a prune step happened since
+    _, timed, opt3, _ = _loop_parts(save_every_seconds=90)
+    _drive(timed.model, timed, opt3, 0, 5)
+    assert timed.save_due()
+    timed.stop_requested = True
+    assert timed.save_due()
