@@ -3,19 +3,23 @@
     python benchmarks/bench_prune_overhead.py [--quick] [--threads N]
 
 Three copies of one distilled model with the same weights, each with its own optimizer
-(builders.build_optimizer: timm AdamW), the same batch and the same loss
+(builders.build_optimizer: timm AdamW), the same batches and the same loss
 (builders.build_criterion: kl_loss_coeff * KL(student || frozen full model) + DeiT loss;
 distillation type "none", so the DeiT loss is label-smoothed CE on both heads and no CNN
-teacher runs), timed interleaved:
+teacher runs). Every variant runs the shipped `engine.train_one_epoch` over the same few
+batches, timed interleaved, in fp32 and under bf16 autocast (--amp on the CPU):
 
-- plain: one distillation training step without gates (forward, loss, backward, AdamW);
-- pruning loop: the step nvit_prune.py runs between prune steps - gates attached
-  (Gates.attach), forward/backward, then its after_backward (gates.all_reduce_grads, divide by
-  the grad scale, one finiteness check, saliency.accumulate, gates.zero_grad), AdamW;
-- gates only: the same with gates attached but no after_backward bookkeeping, to split the
-  overhead into gated forward/backward and saliency bookkeeping.
+- plain: distillation training steps without gates;
+- pruning loop: the steps nvit_prune.py runs between prune steps - gates attached
+  (Gates.attach) and a `pruning.loop.PruningLoop` driving the engine's hooks (after each
+  backward: gates.all_reduce_grads, divide by the grad scale, one finiteness check,
+  saliency.accumulate, gates.zero_grad);
+- gates only: gates attached, no PruningLoop hooks (the split between gated forward/backward
+  and saliency bookkeeping).
 
-Headline: time ratio pruning-loop step / plain step (median of pairs, p25-p75).
+Headline: time ratio pruning-loop epoch / plain epoch (median of pairs, p25-p75); and the
+bytes of activations saved for backward by one bf16 step, gated vs plain (saved-tensor
+hooks: the memory a step holds at its peak beyond the weights and optimizer state).
 Then one `GlobalPruner.step()` (hessian saliency from random accumulated scores, reference
 group sizes, --prune_per_iter 32) with a MACs cost and with a latency table (a synthetic one
 of tools/build_latency_table.py's default grid, values proportional to MACs: only the lookup
@@ -28,8 +32,9 @@ import os
 
 from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
 
+import contextlib
 import copy
-import math
+import io
 import time
 from types import SimpleNamespace
 
@@ -39,9 +44,11 @@ import common
 from common import md_table, ratio_stats, write_results
 
 import builders
+import engine
 import models
 from pruning import Gates, Saliency
 from pruning.cost import LatencyTable, MacsCost
+from pruning.loop import PruningLoop
 from pruning.pruner import GlobalPruner
 
 STUDY = "prune_overhead"
@@ -93,28 +100,21 @@ def synthetic_latency_table(num_tokens: int) -> dict:
                                   attention, {"embed_dim": Es, "mlp_dim": Ms}, mlp)
 
 
-def train_step(model, criterion, optimizer, x, y, hook=None):
-    """engine.train_one_epoch's inner loop body for one batch (fp32, no clipping, no mixup)."""
-    def step() -> None:
-        outputs = model(x)
-        loss = criterion(x, outputs, y)
-        if not math.isfinite(loss.item()):
-            raise RuntimeError("loss is not finite")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if hook is not None:
-            hook()
-        optimizer.step()
-    return step
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while `fn` runs (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int) -> dict:
+def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int, steps: int,
+                 amp_dtype) -> dict:
     torch.manual_seed(0)
     dense = make_dense(frame)
     full = copy.deepcopy(dense).eval()
@@ -122,24 +122,43 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int) 
         p.requires_grad_(False)
     args = loss_args()
     nb_classes = dense.dims.num_classes
-    criterion = builders.build_criterion(args, nb_classes, None, torch.device("cpu"),
+    cpu = torch.device("cpu")
+    criterion = builders.build_criterion(args, nb_classes, None, cpu,
                                          kl_tau=args.kl_tau, per_head=False, full_model=full)
-    x = torch.randn(batch, 3, dense.dims.img_size, dense.dims.img_size)
-    y = torch.randint(0, nb_classes, (batch,))
+    criterion.kl_enabled = True  # the pruning phase: KL on, as from the first prune step
+    size = dense.dims.img_size
+    batches = [(torch.randn(batch, 3, size, size), torch.randint(0, nb_classes, (batch,)))
+               for _ in range(steps)]
 
     plain = copy.deepcopy(dense).train()
     pruned = copy.deepcopy(dense).train()
     gated = copy.deepcopy(dense).train()
     gates = Gates.attach(pruned)
     saliency = Saliency(gates, "hessian", SCALES, 0.9)
-    gates_only = Gates.attach(gated)
-    steps = {
-        "plain": train_step(plain, criterion, builders.build_optimizer(args, plain), x, y),
-        "pruning loop": train_step(pruned, criterion, builders.build_optimizer(args, pruned), x, y,
-                                   hook=saliency.collect),
-        "gates only": train_step(gated, criterion, builders.build_optimizer(args, gated), x, y,
-                                 hook=gates_only.zero_grad),
-    }
+    opts = {name: builders.build_optimizer(args, m)
+            for name, m in (("plain", plain), ("pruning loop", pruned), ("gates only", gated))}
+    pruner = GlobalPruner(gates, saliency, MacsCost(dense.dims), 0.0, PRUNE_PER_ITER, GROUP_SIZES)
+    loop = PruningLoop(pruned, gates, saliency, pruner, criterion, opts["pruning loop"],
+                       interval=10**9, iters_per_epoch=steps)  # no prune step while timed
+    Gates.attach(gated)
+
+    def epoch(model, name, **hooks):
+        def run():
+            with contextlib.redirect_stdout(io.StringIO()):  # the engine's end-of-epoch line
+                engine.train_one_epoch(model, criterion, batches, opts[name], cpu, 0,
+                                       amp_dtype=amp_dtype, print_freq=10**9, **hooks)
+        return run
+    runs = {"plain": epoch(plain, "plain"),
+            "pruning loop": epoch(pruned, "pruning loop", **loop.hooks(0)),
+            "gates only": epoch(gated, "gates only", after_backward=lambda s: gated_zero(gated))}
+
+    def step_bytes(model) -> int:
+        x, y = batches[0]
+
+        def fwd():
+            with engine.autocast(cpu, amp_dtype):
+                criterion(x, model(x), y)
+        return saved_bytes(fwd)
 
     # the prune step itself, on its own gated copy so the loop above is not disturbed
     victim = copy.deepcopy(dense).train()
@@ -155,37 +174,54 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int) 
         sal.sums = [torch.rand(s.shape, generator=gen, dtype=torch.float64) for s in sal.sums]
         sal.count = INTERVAL
         cost = MacsCost(dense.dims) if kind == "macs" else LatencyTable.from_dict(table)
-        pruner = GlobalPruner(victim_gates, sal, cost, 0.5, PRUNE_PER_ITER, GROUP_SIZES,
-                              latency_lambda=5e-4 if kind == "latency" else 0.0)
-        pruner.steps = 1  # past the first step: a steady-state one, prune_per_iter // 16 groups
-        return pruner
+        p = GlobalPruner(victim_gates, sal, cost, 0.5, PRUNE_PER_ITER, GROUP_SIZES,
+                         latency_lambda=5e-4 if kind == "latency" else 0.0)
+        p.steps = 1  # past the first step: a steady-state one, prune_per_iter // 16 groups
+        return p
 
     prune_kinds = ("macs", "latency")
-    times = {k: [] for k in (*steps, *(f"pruner.step {k}" for k in prune_kinds))}
+    times = {k: [] for k in (*runs, *(f"pruner.step {k}" for k in prune_kinds))}
     removed = {}
     for r in range(warmup + repeats):
-        for name, fn in steps.items():
+        for name, fn in runs.items():
             t = timed(fn)
             if r >= warmup:
                 times[name].append(t)
         for kind in prune_kinds:
-            pruner = fresh_pruner(kind)
-            t = timed(lambda: removed.__setitem__(kind, pruner.step(victim).removed))
+            p = fresh_pruner(kind)
+            t = timed(lambda: removed.__setitem__(kind, p.step(victim).removed))
             if r >= warmup:
                 times[f"pruner.step {kind}"].append(t)
-    plain_t = times["plain"]
+    plain_step = [t / steps for t in times["plain"]]
     result = {
-        "case": case, "batch": batch, "dims": dense.dims.to_dict(),
-        "loop_over_plain": ratio_stats(times["pruning loop"], plain_t),
-        "gates_only_over_plain": ratio_stats(times["gates only"], plain_t),
+        "case": case, "batch": batch, "steps_per_epoch": steps, "dims": dense.dims.to_dict(),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "loop_over_plain": ratio_stats(times["pruning loop"], times["plain"]),
+        "gates_only_over_plain": ratio_stats(times["gates only"], times["plain"]),
+        "saved_bytes_plain": step_bytes(plain), "saved_bytes_gated": step_bytes(pruned),
         "times": times,
     }
+    result["saved_bytes_ratio"] = result["saved_bytes_gated"] / result["saved_bytes_plain"]
     for kind in prune_kinds:
         result[f"pruner_step_{kind}_amortised"] = ratio_stats(
-            times[f"pruner.step {kind}"], [INTERVAL * t for t in plain_t])
-        result[f"pruner_step_{kind}_over_plain"] = ratio_stats(times[f"pruner.step {kind}"], plain_t)
+            times[f"pruner.step {kind}"], [INTERVAL * t for t in plain_step])
+        result[f"pruner_step_{kind}_over_plain"] = ratio_stats(times[f"pruner.step {kind}"], plain_step)
         result[f"pruner_step_{kind}_removed"] = removed[kind]
     return result
+
+
+def gated_zero(model) -> None:
+    """Gates only: drop the gate gradients as the loop would, without scoring them."""
+    model.emb_gate.grad = None
+    for b in model.blocks:
+        for g in (b.attn.head_gate, b.attn.qk_gate, b.attn.v_gate, b.mlp.gate):
+            g.grad = None
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def fmt(s: dict, pct: bool = False) -> str:
@@ -200,15 +236,20 @@ def main() -> None:
     name = common.apply_study_args(args, STUDY)
     repeats, warmup = (3, 1) if args.quick else (20, 3)
     load = os.getloadavg()
-    rows = [measure_case(case, frame, batch // 4 if args.quick else batch, repeats, warmup)
-            for case, (frame, batch) in CASES.items()]
-    table = [[r["case"], r["batch"], fmt(r["loop_over_plain"]), fmt(r["gates_only_over_plain"]),
+    steps = 2 if args.quick else 4
+    rows = [measure_case(case, frame, batch // 4 if args.quick else batch, repeats, warmup, steps,
+                         amp)
+            for case, (frame, batch) in CASES.items() for amp in (None, torch.bfloat16)]
+    table = [[r["case"], r["amp"], r["batch"], fmt(r["loop_over_plain"]),
+              fmt(r["gates_only_over_plain"]), f"{r['saved_bytes_ratio']:.3f}",
               fmt(r["pruner_step_macs_amortised"], pct=True),
               fmt(r["pruner_step_latency_amortised"], pct=True)] for r in rows]
-    md = md_table(["model", "batch", "pruning-loop step / plain step (p25-p75)",
-                   "gates only / plain", "pruner.step MACs cost, amortised / plain step",
+    md = md_table(["model", "precision", "batch", "pruning-loop step / plain step (p25-p75)",
+                   "gates only / plain", "activation bytes saved for backward, gated / plain",
+                   "pruner.step MACs cost, amortised / plain step",
                    "pruner.step latency table, amortised / plain step"], table)
-    md += (f"\n\nMedian of {repeats} interleaved repeats (p25-p75). Plain step = distillation "
+    md += (f"\n\nMedian of {repeats} interleaved repeats (p25-p75) of engine.train_one_epoch over "
+           f"{steps} batches. Plain step = distillation "
            f"training step (KL to the frozen full model + DeiT loss, AdamW). Amortised = "
            f"t(pruner.step) / ({INTERVAL} x t(plain step)), i.e. the share one prune step "
            f"every --interval_prune {INTERVAL} iterations adds; --prune_per_iter {PRUNE_PER_ITER}.")

@@ -5,8 +5,8 @@ shared embedding width. Q, K and V are one stored projection (rows Q | K | V).
 
 Pruning attaches multiplicative gates (value 1 = kept, 0 = removed) through `set_gates`:
 one embedding gate for the whole residual stream and per block head, QK, V and MLP gates.
-Each gate multiplies the output of the weights that produce its unit, so its gradient is
-`sum(theta * dL/dtheta)` over those weights: the head gate multiplies a head's q, k and v,
+Each gate multiplies the output of the weights that produce its unit (applied by scaling
+those weights' rows, see `scaled`), so its gradient is `sum(theta * dL/dtheta)` over them: the head gate multiplies a head's q, k and v,
 the QK gate q only (a zero q column removes its k column's contribution too, and its
 gradient is then exactly the Q weights' sum, as the NViT reference scores QK). While an
 embedding gate is set, LayerNorm statistics are taken over live channels only, so the gated
@@ -25,24 +25,50 @@ from .dims import Dims
 LN_EPS = 1e-6  # DeiT/timm ViT value
 
 
+def scaled(weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's weight and bias with output row r multiplied by rows[r].
+
+    Gates act on weights, not activations: (W * g) x + b * g equals g * (W x + b), and the
+    gate's gradient is then the sum of theta * dL/dtheta over the rows it scales (what the
+    saliency needs) while no activation-sized product is computed or saved for backward.
+    """
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return weight * rows.view(shape), None if bias is None else bias * rows
+
+
 class StreamNorm(nn.LayerNorm):
     """LayerNorm of the residual stream that can ignore pruned embedding channels.
 
     `gate` (E,) zeroes channels; statistics use the live ones (gate != 0) only, so the
-    result equals a LayerNorm over the compacted stream. The gate is also applied to the
-    output, which makes its gradient include this norm's weight and bias.
+    result equals a LayerNorm over the compacted stream. The gate scales this norm's weight
+    and bias, so its gradient includes them. The live channels are found once per change
+    of the gate (its in-place version counter), not per forward: no host sync per step.
     """
+
+    _live_key: tuple | None = None
+    _live: torch.Tensor | None = None
+
+    def live_channels(self, gate: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the live channels, or None when every channel is live."""
+        key = (gate.data_ptr(), gate._version)
+        if self._live_key != key:
+            idx = torch.nonzero(gate.detach() != 0).flatten()
+            self._live = None if idx.numel() == gate.numel() else idx
+            self._live_key = key
+        return self._live
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         if gate is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        live = (gate.detach() != 0).to(x.dtype)
-        n_live = live.sum().clamp_min(1)
-        mean = (x * live).sum(-1, keepdim=True) / n_live
-        centred = (x - mean) * live
-        var = centred.pow(2).sum(-1, keepdim=True) / n_live
-        y = centred * torch.rsqrt(var + self.eps) * self.weight + self.bias
-        return y * gate.to(y.dtype)
+        weight, bias = scaled(self.weight, self.bias, gate)
+        idx = self.live_channels(gate)
+        if idx is None:
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        if idx.numel() == 0:
+            return x * 0
+        y = F.layer_norm(x.index_select(-1, idx), (idx.numel(),), weight[idx], bias[idx], self.eps)
+        return y.new_zeros(x.shape).index_copy(-1, idx, y)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
@@ -93,25 +119,32 @@ class Attention(nn.Module):
         H = self.num_heads
         return [H * self.qk_dim, H * self.qk_dim, H * self.v_dim]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def qkv_gate_rows(self) -> torch.Tensor:
+        """Per row of `qkv`: head gate x QK gate on Q, head gate on K, head gate x V gate on V."""
+        head = self.head_gate[:, None]
+        return torch.cat([(head * self.qk_gate).flatten(),
+                          head.expand(-1, self.qk_dim).flatten(), (head * self.v_gate).flatten()])
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """emb: the embedding gate, scaling the output channels."""
         B, N, _ = x.shape
         H = self.num_heads
-        qkv = self.qkv(x)
+        if self.head_gate is None:
+            qkv = self.qkv(x)
+        else:
+            qkv = F.linear(x, *scaled(self.qkv.weight, self.qkv.bias, self.qkv_gate_rows()))
         if self.token_scale is not None:
             qkv = qkv * self.token_scale
         q, k, v = qkv.split(self.qkv_split, dim=-1)
         q = q.view(B, N, H, self.qk_dim)
         k = k.view(B, N, H, self.qk_dim)
         v = v.view(B, N, H, self.v_dim)
-        if self.head_gate is not None:  # fp32 leaves, applied in the activation dtype
-            head = self.head_gate[:, None].to(q.dtype)
-            q = q * (self.qk_gate.to(q.dtype) * head)
-            k = k * head
-            v = v * (self.v_gate.to(v.dtype) * head)
         x = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                       self.attn_drop if self.training else 0.0, self.scale, self.pad_unequal)
         x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
-        return self.proj_drop(self.proj(x))
+        if emb is None:
+            return self.proj_drop(self.proj(x))
+        return self.proj_drop(F.linear(x, *scaled(self.proj.weight, self.proj.bias, emb)))
 
 
 class Mlp(nn.Module):
@@ -124,11 +157,16 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
         self.gate: torch.Tensor | None = None  # (hidden,), on fc1's output (GELU(0) = 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.fc1(x)
-        if self.gate is not None:
-            x = x * self.gate.to(x.dtype)
-        return self.drop2(self.fc2(self.drop1(self.act(x))))
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """emb: the embedding gate, scaling the output channels."""
+        if self.gate is None:
+            x = self.fc1(x)
+        else:
+            x = F.linear(x, *scaled(self.fc1.weight, self.fc1.bias, self.gate))
+        x = self.drop1(self.act(x))
+        if emb is None:
+            return self.drop2(self.fc2(x))
+        return self.drop2(F.linear(x, *scaled(self.fc2.weight, self.fc2.bias, emb)))
 
 
 class Block(nn.Module):
@@ -148,10 +186,8 @@ class Block(nn.Module):
         if emb is None:
             x = x + self.drop_path1(self.attn(self.norm1(x)))
             return x + self.drop_path2(self.mlp(self.norm2(x)))
-        a = self.attn(self.norm1(x, emb))
-        x = x + self.drop_path1(a * emb.to(a.dtype))
-        m = self.mlp(self.norm2(x, emb))
-        return x + self.drop_path2(m * emb.to(m.dtype))
+        x = x + self.drop_path1(self.attn(self.norm1(x, emb), emb))
+        return x + self.drop_path2(self.mlp(self.norm2(x, emb), emb))
 
 
 class ReViT(nn.Module):
@@ -260,13 +296,19 @@ class ReViT(nn.Module):
             blk.mlp.gate = g.get("mlp")
 
     # -------------------------------------------------------------- forward
+    def embed_patches(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        pe = self.patch_embed
+        if emb is None:
+            return pe(x)
+        x = F.conv2d(x, *scaled(pe.proj.weight, pe.proj.bias, emb), pe.proj.stride, pe.proj.padding)
+        return pe.norm(x.flatten(2).transpose(1, 2))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
         emb, frame = self.emb_gate, self.emb_frame_gate
+        x = self.embed_patches(x, emb)
         tokens = [self.cls_token, self.dist_token] if self.dist_token is not None else [self.cls_token]
         pos = self.pos_embed
         if emb is not None:
-            x = x * emb.to(x.dtype)
             tokens = [t * frame for t in tokens]
             pos = pos * frame
         tokens = [t.expand(x.shape[0], -1, -1) for t in tokens]

@@ -21,7 +21,7 @@ from pruning.cost import LatencyTable, MacsCost, ParamsCost, build_cost_model
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "build_latency_table.py"
-FLAG = "--latency_look_up_table"
+SOURCE = "latency table"
 
 
 def odd_dims(patch: int, distilled: bool) -> Dims:
@@ -234,7 +234,7 @@ MALFORMED = {
 
 @pytest.mark.parametrize("name", list(MALFORMED))
 def test_malformed_tables_raise_user_error(name: str) -> None:
-    with pytest.raises(UserError, match=FLAG):
+    with pytest.raises(UserError, match=SOURCE):
         LatencyTable.from_dict(MALFORMED[name])
 
 
@@ -244,10 +244,15 @@ def test_build_cost_model() -> None:
     assert isinstance(build_cost_model("params", dims), ParamsCost)
     assert isinstance(build_cost_model("latency", dims, hand_table()), LatencyTable)
     assert build_cost_model("macs", dims).name == "macs"
-    with pytest.raises(UserError, match=FLAG):
+    with pytest.raises(UserError, match=SOURCE) as e:
         build_cost_model("latency", dims)
-    with pytest.raises(UserError, match="--cost"):
+    assert e.value.field == "latency_table"  # the script names --latency_look_up_table
+    with pytest.raises(UserError, match="flops") as e:
         build_cost_model("flops", dims)
+    assert e.value.field == "cost"
+    with pytest.raises(UserError) as e:
+        build_cost_model("latency", dims, {"format": "bogus"})
+    assert e.value.field == "latency_table"
 
 
 # -------------------------------------------------------------------------- the tool

@@ -93,8 +93,9 @@ def test_init_modes(init):
 
 @pytest.mark.parametrize("emb", [0, 50, -3, smallest_valid_emb() - 1])
 def test_revit_rule_refuses_small_emb(emb):
-    with pytest.raises(UserError, match=rf"--EMB {emb}.*EMB >= {smallest_valid_emb()}"):
+    with pytest.raises(UserError, match=rf"EMB {emb}.*EMB >= {smallest_valid_emb()}") as e:
         revit_dims(emb)
+    assert e.value.field == "emb"  # the scripts name --EMB
 
 
 def test_smallest_valid_emb_works():
