@@ -41,7 +41,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                     after_backward: Callable[[float], None] | None = None,
                     after_step: Callable[[int, dict[str, float]], bool] | None = None,
                     start_iter: int = 0, seed_fn: Callable[[int], None] | None = None,
-                    train_mode: bool = True) -> dict[str, float]:
+                    train_mode: bool = True,
+                    step_update: Callable[[int], None] | None = None) -> dict[str, float]:
     """One pass over the loader; returns the epoch's mean loss (and its parts) and last lr.
 
     start_iter: iterations of this epoch already done (the loader then yields the rest).
@@ -50,7 +51,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
     loop reads gate gradients there); after_step(i, losses) gets the loss and a criterion's
     `last_parts` as floats (read in one host sync) and may return True to end the epoch
     early. train_mode False trains the model in eval mode (no dropout, no drop-path), as the
-    NViT reference prunes and finetunes.
+    NViT reference prunes and finetunes. step_update(i) runs before step i's optimizer step
+    (a per-iteration learning-rate schedule, as timm's `scheduler.step_update`).
     """
     model.train(train_mode)
     total = start_iter + len(data_loader)
@@ -89,6 +91,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                 torch.nn.utils.clip_grad_value_(params, clip_grad)
             else:
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        if step_update is not None:
+            step_update(i)
         if grad_scaler is not None:
             grad_scaler.step(optimizer)
             grad_scaler.update()

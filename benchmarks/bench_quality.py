@@ -21,7 +21,9 @@ benchmarks/results/quality[_quick].{json,md,*.png}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import math
 import statistics
@@ -43,13 +45,14 @@ import torch.nn.functional as F  # noqa: E402
 from common import (RESULTS, ROOT, interleaved, md_table, ratio_stats, uniform_dims,  # noqa: E402
                     write_results)
 
+import engine  # noqa: E402
 import models  # noqa: E402
 from atomic import save_atomic  # noqa: E402
 from losses import kl_elementwise_mean  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning import Gates, Saliency, compact  # noqa: E402
 from pruning.cost import LatencyTable, MacsCost  # noqa: E402
-from pruning.units import clear_pruned_state  # noqa: E402
+from pruning.loop import PruningLoop  # noqa: E402
 from pruning.pruner import GlobalPruner  # noqa: E402
 
 BUDGETS = (0.5, 0.25)
@@ -238,6 +241,30 @@ def accuracy(model: torch.nn.Module, data: Data, batch: int) -> float:
     return float((logits.argmax(1) == data.y_val).float().mean() * 100)
 
 
+CPU = torch.device("cpu")
+
+
+def run_epochs(model: torch.nn.Module, criterion, next_batch, steps: int, opt, lr: float,
+               warmup: int, log: str, per_epoch: int, **hooks) -> None:
+    """`steps` training steps through the shipped engine.train_one_epoch, in epochs of
+    `per_epoch` batches from `next_batch()`, with a per-step warmup + cosine learning rate."""
+    done, epoch, t0 = 0, 0, time.perf_counter()
+    while done < steps:
+        n = min(per_epoch, steps - done)
+        batches = [next_batch() for _ in range(n)]
+
+        def lr_at(i: int, base: int = done) -> None:
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(base + i, steps, lr, warmup)
+        with contextlib.redirect_stdout(io.StringIO()):
+            stats = engine.train_one_epoch(model, criterion, batches, opt, CPU, epoch,
+                                           print_freq=10**9, step_update=lr_at, **hooks)
+        done += n
+        epoch += 1
+        print(f"  {log}: step {done}/{steps} loss {stats['loss']:.3f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 def train_scratch(model: torch.nn.Module, data: Data, cfg: Config, epochs: float, seed: int,
                   log: str) -> None:
     """The dense recipe: CE with label smoothing, crop + flip, AdamW, warmup + cosine."""
@@ -246,27 +273,19 @@ def train_scratch(model: torch.nn.Module, data: Data, cfg: Config, epochs: float
     n = len(data.x_train)
     steps_per_epoch = n // cfg.batch_size
     total = max(1, int(round(epochs * steps_per_epoch)))
-    warmup = max(1, int(cfg.warmup_frac * total))
-    opt = make_optimizer(model, cfg.dense_lr, cfg.weight_decay)
-    model.train()
-    step, t0 = 0, time.perf_counter()
-    while step < total:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(steps_per_epoch):
-            if step >= total:
-                break
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = augment(data.x_train[idx], cfg.crop_pad, cfg.hflip, gen)
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, total, cfg.dense_lr, warmup)
-            loss = F.cross_entropy(model(x), data.y_train[idx], label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % steps_per_epoch == 0 or step == total:
-                print(f"  {log}: step {step}/{total} loss {loss.item():.3f} "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    state = {"perm": torch.randperm(n, generator=gen), "pos": 0}
+
+    def next_batch():
+        if state["pos"] + cfg.batch_size > n:
+            state["perm"], state["pos"] = torch.randperm(n, generator=gen), 0
+        idx = state["perm"][state["pos"]:state["pos"] + cfg.batch_size]
+        state["pos"] += cfg.batch_size
+        return augment(data.x_train[idx], cfg.crop_pad, cfg.hflip, gen), data.y_train[idx]
+
+    def criterion(x, logits, y):
+        return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    run_epochs(model, criterion, next_batch, total, make_optimizer(model, cfg.dense_lr, cfg.weight_decay),
+               cfg.dense_lr, max(1, int(cfg.warmup_frac * total)), log, steps_per_epoch)
 
 
 class DistilBatches:
@@ -282,7 +301,9 @@ class DistilBatches:
     def per_epoch(self) -> int:
         return len(self.data.x_train) // self.batch
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, targets): targets packs the label and the dense model's logits in one
+        tensor (label first), which is what the engine hands to `distil_loss`."""
         if self.pos + self.batch > len(self.perm):
             self.perm = torch.randperm(len(self.data.x_train), generator=self.gen)
             self.pos = 0
@@ -293,104 +314,79 @@ class DistilBatches:
         if self.hflip:
             flip = torch.rand(len(idx), generator=self.gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return x, self.data.y_train[idx], self.teacher.get(idx, flip)
+        teacher = self.teacher.get(idx, flip)
+        return x, torch.cat([self.data.y_train[idx, None].to(teacher.dtype), teacher], 1)
 
 
-def distil_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor,
-                cfg: Config) -> torch.Tensor:
-    """KL to the dense model plus label-smoothed CE: the pruning and finetune objective."""
-    # the study's KL weight was set for a batch-mean KL: times the classes, the element-wise
-    # mean is that (T = 1); study 5 predates the reference's KL scale (issue 13 redoes it)
-    return (cfg.kl_coeff * logits.shape[-1] * kl_elementwise_mean(logits, teacher, 1.0)
-            + F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
+def distil_loss(cfg: Config):
+    """KL to the dense model plus label-smoothed CE: the pruning and finetune objective, as an
+    engine criterion over the packed targets of `DistilBatches`."""
+    def loss(x: torch.Tensor, logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        y, teacher = packed[:, 0].long(), packed[:, 1:]
+        # the study's KL weight was set for a batch-mean KL: times the classes, the element-wise
+        # mean is that (T = 1); study 5 predates the reference's KL scale (issue 13 redoes it)
+        return (cfg.kl_coeff * logits.shape[-1] * kl_elementwise_mean(logits, teacher, 1.0)
+                + F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
+    return loss
 
 
 def finetune(model: torch.nn.Module, batches: DistilBatches, cfg: Config, log: str) -> None:
     """The same finetune for every pruned model: KL + CE, AdamW, short warmup + cosine."""
     torch.manual_seed(cfg.seed + 1)
     total = max(1, int(round(cfg.ft_epochs * batches.per_epoch())))
-    warmup = max(1, int(0.05 * total))
-    opt = make_optimizer(model, cfg.ft_lr, cfg.weight_decay)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(total):
-        x, y, t = batches.next()
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, total, cfg.ft_lr, warmup)
-        loss = distil_loss(model(x), y, t, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    print(f"  {log}: finetuned {total} steps, last loss {loss.item():.3f} "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    run_epochs(model, distil_loss(cfg), batches.next, total,
+               make_optimizer(model, cfg.ft_lr, cfg.weight_decay), cfg.ft_lr,
+               max(1, int(0.05 * total)), f"{log} finetune", batches.per_epoch())
     model.eval()
 
 
 # ------------------------------------------------------------------------- pruning
-def calibrate_lambda(pruner: GlobalPruner, model: torch.nn.Module, weight: float) -> dict:
-    """Take the first saliency step and set lambda so that the median cost penalty is
-    `weight` times the median candidate score: the latency table's seconds and the
-    saliency's units are otherwise unrelated. Returns the scores for `pruner.step`."""
-    scores = pruner.saliency.step(model)
-    cands = pruner.candidates(scores)
-    drops = [c.cost_drop for c in cands if c.cost_drop > 0]
-    med_score = statistics.median(c.score for c in cands) if cands else 0.0
-    if drops and med_score > 0:
-        pruner.latency_lambda = weight * med_score / statistics.median(drops)
-    return scores
-
-
 def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: DistilBatches,
                data: Data, cfg: Config, table: LatencyTable | None,
                scales: dict | None = None) -> dict:
-    """NViT's real loop from dense weights through every budget; returns compact snapshots."""
+    """NViT's shipped loop (pruning.loop.PruningLoop over engine.train_one_epoch) from dense
+    weights through every budget; returns compact snapshots. (b) ranks by the latency table,
+    lambda calibrated at the first prune step (GlobalPruner.calibrate_lambda), and stops at
+    the MACs budget like every other method."""
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(dense).train()
     gates = Gates.attach(model)
     saliency = Saliency(gates, criterion, scales, 0.9, cfg.seed)  # None: reference scales
-    uses_grads = criterion in ("hessian", "taylor")
-    if not uses_grads:
-        for t in gates.tensors():
-            t.requires_grad_(False)
-    macs = MacsCost(model.dims)
     targets = sorted(BUDGETS, reverse=True)
-    # (b) ranks by the latency table and stops at the MACs budget like every other method
-    pruner = GlobalPruner(gates, saliency, macs, targets[0], cfg.prune_per_iter, cfg.group_sizes,
-                          rank_cost=table if cost_kind == "latency" else None)
+    pruner = GlobalPruner(gates, saliency, MacsCost(model.dims), targets[0], cfg.prune_per_iter,
+                          cfg.group_sizes, rank_cost=table if cost_kind == "latency" else None)
     opt = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
-    out, it, t0 = {}, 0, time.perf_counter()
-    max_iters = 200 * cfg.interval  # 200 prune steps at most
-    while targets and it < max_iters:
-        x, y, t = batches.next()
-        loss = distil_loss(model(x), y, t, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if uses_grads:
-            saliency.accumulate()
-            gates.zero_grad()
-        opt.step()
-        it += 1
-        if it % cfg.interval:
-            continue
-        first = cost_kind == "latency" and pruner.steps == 0
-        scores = calibrate_lambda(pruner, model, cfg.latency_weight) if first else None
-        res = pruner.step(model, scores)
-        clear_pruned_state(opt, model, res.removed_units)
-        if res.reached or res.stuck:
-            snap = compact(model).eval()
-            Gates.detach_from(snap)
-            out[targets[0]] = {"model": snap, "iterations": it, "steps": pruner.steps,
-                               "lambda": pruner.latency_lambda, "stuck": res.stuck,
-                               "seconds": time.perf_counter() - t0}
-            print(f"  {criterion}+{cost_kind}: {targets[0]:.2f} reached after {pruner.steps} "
-                  f"steps / {it} iterations, MACs ratio {res.ratio:.3f}"
-                  f"{' (STUCK at minimum widths)' if res.stuck else ''} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            targets.pop(0)
-            if res.stuck:
-                break
-            if targets:
-                pruner.target = targets[0]
+    out, t0 = {}, time.perf_counter()
+    loop = None
+
+    def on_prune(record: dict) -> None:
+        if not loop.done:
+            return
+        snap = compact(model).eval()
+        Gates.detach_from(snap)
+        out[targets[0]] = {"model": snap, "iterations": record["epoch"] * per_epoch + record["iteration"],
+                           "steps": pruner.steps, "lambda": pruner.latency_lambda,
+                           "stuck": loop.stuck, "seconds": time.perf_counter() - t0}
+        print(f"  {criterion}+{cost_kind}: {targets[0]:.2f} reached after {pruner.steps} "
+              f"steps, MACs ratio {record['ratio']:.3f}"
+              f"{' (STUCK at minimum widths)' if loop.stuck else ''} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        targets.pop(0)
+        if targets and not loop.stuck:
+            loop.continue_to(targets[0])
+
+    per_epoch = batches.per_epoch()
+    loop = PruningLoop(model, gates, saliency, pruner, distil_loss(cfg), opt,
+                       interval=cfg.interval, iters_per_epoch=per_epoch, on_prune=on_prune,
+                       lambda_weight=cfg.latency_weight if cost_kind == "latency" else None)
+    max_epochs = math.ceil(200 * cfg.interval / per_epoch)  # 200 prune steps at most
+    for epoch in range(max_epochs):
+        if loop.done:
+            break
+        batch_list = [batches.next() for _ in range(per_epoch)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine.train_one_epoch(model, loop.criterion, batch_list, opt, CPU, epoch,
+                                   print_freq=10**9, **loop.hooks(epoch))
     return out
 
 
@@ -437,7 +433,7 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
     import torch_pruning as tp
     from timm.models.vision_transformer import Attention
 
-    from tp_convert import load_nvit, nvit_to_timm_vit, timm_vit_dims, timm_vit_to_nvit
+    from models.timm_vit import load_nvit, nvit_to_timm_vit, timm_vit_dims, timm_vit_to_nvit
 
     torch.manual_seed(cfg.seed)
     vit = nvit_to_timm_vit(dense).train()
@@ -459,16 +455,15 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
         opt = make_optimizer(vit, cfg.prune_lr, cfg.weight_decay)
         params = [p for p in vit.parameters() if p.requires_grad]
         acc = [torch.zeros_like(p) for p in params]
-        for _ in range(cfg.interval):
-            x, y, t = batches.next()
-            loss = distil_loss(vit(x), y, t, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+
+        def accumulate(grad_scale: float) -> None:  # the gradient Taylor scores read
             for a, p in zip(acc, params):
                 if p.grad is not None:
                     a += p.grad
-            opt.step()
-            it += 1
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine.train_one_epoch(vit, distil_loss(cfg), [batches.next() for _ in range(cfg.interval)],
+                                   opt, CPU, step, print_freq=10**9, after_backward=accumulate)
+        it += cfg.interval
         for a, p in zip(acc, params):
             p.grad = a / cfg.interval
         pruner.step()

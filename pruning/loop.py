@@ -30,7 +30,10 @@ class PruningLoop:
                  train_module: torch.nn.Module | None = None,
                  save_every_steps: int = 0, save_every_seconds: float = 0.0,
                  on_prune: Callable[[dict], None] | None = None,
+                 lambda_weight: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """lambda_weight: at the first prune step, set the pruner's lambda by
+        `GlobalPruner.calibrate_lambda` with this weight (None: keep the given lambda)."""
         if interval < 1 or iters_per_epoch < 1:
             raise ValueError("the prune interval and the iterations per epoch must be positive")
         self.model, self.gates, self.saliency, self.pruner = model, gates, saliency, pruner
@@ -40,6 +43,7 @@ class PruningLoop:
         self.student_eval = bool(student_eval)
         self.save_every_steps, self.save_every_seconds = int(save_every_steps), float(save_every_seconds)
         self.on_prune = on_prune
+        self.lambda_weight = lambda_weight
         self.clock = clock
         # resumable state
         self.epoch, self.iteration = 0, 0  # where training continues
@@ -108,7 +112,10 @@ class PruningLoop:
         if self.saliency.criterion.needs_gradients and self.saliency.count == 0:
             print(f"prune step postponed at iteration {i + 1}: no batch with finite gradients")
             return None
-        result = self.pruner.step(self.model)
+        scores = self.saliency.step(self.model)
+        if self.lambda_weight is not None and self.pruner.steps == 0:
+            self.pruner.calibrate_lambda(scores, self.lambda_weight)
+        result = self.pruner.step(self.model, scores)
         clear_pruned_state(self.optimizer, self.model, result.removed_units)
         if self.pruner.steps == 1:  # the loss changes here: the reference restarts its EMA
             self.saliency.reset_ema()
@@ -128,6 +135,18 @@ class PruningLoop:
         if self.on_prune is not None:
             self.on_prune(record)
         return record
+
+    def continue_to(self, target: float) -> None:
+        """After a target is reached, go on pruning toward a smaller one (0 < target)."""
+        if not 0.0 < target < self.pruner.target:
+            raise ValueError(f"the next target must be in (0, {self.pruner.target}), got {target}")
+        if self.stuck or self.pruner.budget_spent:
+            raise ValueError("nothing is left to prune: the run is stuck or its budget spent")
+        self.pruner.target = float(target)
+        self.done = False
+        if self.saliency.criterion.needs_gradients:
+            for t in self.gates.tensors():
+                t.requires_grad_(True)
 
     # ------------------------------------------------------------------ saving
     def save_due(self) -> bool:

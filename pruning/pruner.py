@@ -25,6 +25,7 @@ all ranks hold the same masks and stop at the same step.
 """
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -200,6 +201,16 @@ class GlobalPruner:
             if len(live) > 1:
                 out.append(min(live, key=lambda gr: gr.value))
         return out
+
+    def calibrate_lambda(self, scores: dict, weight: float) -> None:
+        """Set lambda so that the median cost penalty of the next contenders is `weight` times
+        their median score: a rule for when the cost's units (seconds of a table) and the
+        saliency's are unrelated. Unchanged when no contender has a cost drop or a score."""
+        cands = self.candidates(scores)
+        drops = sorted(c.cost_drop for c in cands if c.cost_drop > 0)
+        med_score = statistics.median(c.score for c in cands) if cands else 0.0
+        if drops and med_score > 0:
+            self.latency_lambda = weight * med_score / statistics.median(drops)
 
     # ---------------------------------------------------------------- step
     def step(self, model=None, scores: dict | None = None) -> StepResult:

@@ -1,22 +1,19 @@
-"""The quality study's Torch-Pruning converter and its end-to-end quick run."""
+"""models/timm_vit.py (the converter the Torch-Pruning baseline needs) and the quality study's quick run."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import ROOT, run
+from helpers import run
 
 tp = pytest.importorskip("torch_pruning")
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from tp_convert import load_nvit, nvit_to_timm_vit, timm_vit_to_nvit  # noqa: E402
-
 import models  # noqa: E402
+from models.timm_vit import load_nvit, nvit_to_timm_vit, timm_vit_to_nvit  # noqa: E402
 
 
 def _small_vit(seed: int = 0) -> torch.nn.Module:

@@ -1,25 +1,17 @@
-"""Converting between our ReViT and timm's VisionTransformer, for the Torch-Pruning baseline.
+"""Converting between our ReViT and timm's VisionTransformer module (not its weights file).
 
-Torch-Pruning prunes timm ViTs (one fused `qkv` per block); the quality study prunes the same
-dense weights with it and then measures and finetunes the result as one of our models, so
-both directions are needed: `nvit_to_timm_vit` (fuse q/k/v, uniform dims only, as timm
-needs) and `timm_vit_to_nvit` (split qkv, per-block heads and widths as pruning left them).
+Tools that work on timm modules (Torch-Pruning, which prunes them in place) leave a timm ViT
+whose blocks may differ in heads and widths; `timm_vit_to_nvit` makes it one of our models
+(exact, per-block widths kept), and `nvit_to_timm_vit` builds the timm module of a uniform,
+non-distilled ReViT. Both share the `qkv` layout, so weights copy as they are.
 """
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from models.checkpoint import split_fused_qkv  # noqa: E402
-from models.dims import Dims  # noqa: E402
-from models.revit import LN_EPS, ReViT  # noqa: E402
+from .dims import Dims
+from .revit import LN_EPS, ReViT
 
 
 def _is_identity(m: nn.Module | None) -> bool:
@@ -110,7 +102,6 @@ def timm_vit_to_nvit(model: nn.Module) -> tuple[Dims, dict[str, torch.Tensor]]:
     """
     dims = timm_vit_dims(model)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    sd = split_fused_qkv(sd)
     keep = {}
     for k, v in sd.items():
         if k.startswith(("blocks.", "patch_embed.proj.", "norm.", "head.")) or k in (
@@ -144,15 +135,5 @@ def nvit_to_timm_vit(model: ReViT) -> nn.Module:
     for blk in vit.blocks:  # head width need not be embed / heads
         if blk.attn.head_dim != hd or blk.mlp.fc1.out_features != M:
             raise ValueError("timm built other widths than the ReViT has")
-    sd = {}
-    for k, v in model.state_dict().items():
-        if ".attn.q." in k:
-            p, s = k.split(".attn.q.")
-            sd[f"{p}.attn.qkv.{s}"] = torch.cat([v, model.state_dict()[f"{p}.attn.k.{s}"],
-                                                 model.state_dict()[f"{p}.attn.v.{s}"]], 0)
-        elif ".attn.k." in k or ".attn.v." in k:
-            continue
-        else:
-            sd[k] = v.detach().clone()
-    vit.load_state_dict(sd, strict=True)
+    vit.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, strict=True)
     return vit.train(model.training)
