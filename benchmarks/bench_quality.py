@@ -47,7 +47,7 @@ from common import (RESULTS, ROOT, interleaved, md_table, ratio_stats, uniform_d
 
 import engine  # noqa: E402
 import models  # noqa: E402
-from atomic import save_atomic  # noqa: E402
+from atomic import save_atomic, write_text_atomic  # noqa: E402
 from losses import kl_elementwise_mean  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning import Gates, Saliency, compact  # noqa: E402
@@ -561,19 +561,15 @@ def latency_table(cfg: Config, work: Path, num_tokens: int, times: dict) -> Late
         if data.get("meta", {}).get("study_key") == want:
             print(f"latency table: reusing {path}")
             return LatencyTable.from_dict(data)
-    from tools.build_latency_table import main as build_table
-    argv = ["--output", str(path), "--batch-size", "32", "--num-tokens", str(num_tokens),
-            "--warmup", "3", "--repeats", "10"]
-    for flag, values in grid.items():
-        argv += [flag, ",".join(str(v) for v in values)]
+    from pruning.latency import measure_table
     t0 = time.perf_counter()
-    if build_table(argv) != 0:
-        raise SystemExit("building the latency table failed")
+    data = measure_table({k.lstrip("-").replace("-", "_"): v for k, v in grid.items()},
+                         CPU, 32, num_tokens, warmup=3, repeats=10)
     times["latency_table_s"] = time.perf_counter() - t0
-    data = json.loads(path.read_text())
     data["meta"]["study_key"] = want
-    path.write_text(json.dumps(data))
-    return LatencyTable.from_dict(data)
+    table = LatencyTable.from_dict(data)
+    write_text_atomic(path, json.dumps(data))
+    return table
 
 
 # ------------------------------------------------------------------------ report

@@ -18,63 +18,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from timm.layers import PatchEmbed  # noqa: E402
 
 from atomic import write_text_atomic  # noqa: E402
 from errors import UserError  # noqa: E402
 from flags import user_message  # noqa: E402
 from models.dims import Dims  # noqa: E402
 from models.factory import name_dims  # noqa: E402
-from models.revit import LN_EPS, Attention, Mlp, StreamNorm  # noqa: E402
 from pruning.cost import LatencyTable  # noqa: E402
+from pruning.latency import measure_table  # noqa: E402
 
 DEFAULTS = {  # small: about a minute on 2 CPU cores at 198 tokens
     "embed_dims": "192,384,768", "heads": "1,2,4,8,12", "qk_dims": "8,16,32,64",
     "v_dims": "8,16,32,64", "mlp_dims": "192,768,1536,3072",
 }
-
-
-class _Residual(nn.Module):
-    """x + body(norm(x)): one sublayer of a block as the model runs it."""
-
-    def __init__(self, embed_dim: int, body: nn.Module) -> None:
-        super().__init__()
-        self.norm = StreamNorm(embed_dim, eps=LN_EPS)
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(self.norm(x))
-
-
-class _Stem(nn.Module):
-    """What ReViT runs outside its blocks, for one embed width."""
-
-    def __init__(self, dims: Dims, embed_dim: int) -> None:
-        super().__init__()
-        E = embed_dim
-        self.patch_embed = PatchEmbed(dims.img_size, dims.patch_size, dims.in_chans, E)
-        self.prefix = nn.Parameter(torch.zeros(1, dims.num_prefix_tokens, E))
-        self.pos_embed = nn.Parameter(torch.zeros(1, dims.num_tokens, E))
-        self.norm = StreamNorm(E, eps=LN_EPS)
-        self.heads = nn.ModuleList(nn.Linear(E, dims.num_classes)
-                                   for _ in range(dims.num_prefix_tokens))
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(img)
-        x = torch.cat([self.prefix.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.norm(x)
-        return sum(h(x[:, i]) for i, h in enumerate(self.heads)) / len(self.heads)
 
 
 # ------------------------------------------------------------------ arguments
@@ -162,73 +124,6 @@ def check_output(path: Path) -> None:
         raise UserError(f"--output {path} is a directory")
 
 
-# --------------------------------------------------------------------- timing
-class Timer:
-    def __init__(self, device: torch.device, warmup: int, repeats: int, amp: bool) -> None:
-        self.device, self.warmup, self.repeats = device, warmup, repeats
-        cuda = device.type == "cuda"
-        self.sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-        self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if amp else None
-
-    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
-        """Median milliseconds of one forward pass."""
-        module = module.to(self.device).eval()
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype is not None else nullcontext())
-        times = []
-        with torch.inference_mode(), autocast:
-            for _ in range(self.warmup):
-                module(x)
-            self.sync()
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                module(x)
-                self.sync()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1000.0
-
-
-def measure(args: argparse.Namespace, grid: dict[str, list[int]], model_dims: Dims | None,
-            device: torch.device, num_tokens: int) -> dict:
-    timer = Timer(device, args.warmup, args.repeats, args.amp)
-    B, N = args.batch_size, num_tokens
-    Es, Hs, Qs, Vs, Ms = (grid[k] for k in ("embed_dims", "heads", "qk_dims", "v_dims",
-                                              "mlp_dims"))
-    attention, mlp, stem = [], [], []
-    for E in Es:
-        t0 = time.perf_counter()
-        x = torch.randn(B, N, E, device=device)
-        attention.append([[[timer(_Residual(E, Attention(E, h, q, v, 1.0 / math.sqrt(q))), x)
-                            for v in Vs] for q in Qs] for h in Hs])
-        mlp.append([timer(_Residual(E, Mlp(E, m)), x) for m in Ms])
-        if model_dims is not None:
-            img = torch.randn(B, model_dims.in_chans, model_dims.img_size, model_dims.img_size,
-                              device=device)
-            stem.append(timer(_Stem(model_dims, E), img))
-        print(f"  embed {E}: {len(Hs) * len(Qs) * len(Vs)} attention + {len(Ms)} MLP points "
-              f"in {time.perf_counter() - t0:.1f} s", flush=True)
-    meta = {
-        "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "threads": torch.get_num_threads(),
-        "batch_size": B, "num_tokens": N, "torch": torch.__version__,
-        "dtype": f"autocast {str(timer.amp_dtype).replace('torch.', '')}" if args.amp
-        else "float32",
-        "amp": bool(args.amp),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "warmup": args.warmup, "repeats": args.repeats, "statistic": "median",
-        "model": args.model,
-        "timed": {"attention": "LayerNorm + Attention (q, k, v, SDPA, proj) + residual add",
-                  "mlp": "LayerNorm + Mlp (fc1, GELU, fc2) + residual add",
-                  "stem": "patch embedding, tokens + pos_embed, final LayerNorm, head(s)"},
-    }
-    return LatencyTable.make_dict(
-        meta, {"embed_dim": Es, "num_heads": Hs, "qk_dim": Qs, "v_dim": Vs}, attention,
-        {"embed_dim": Es, "mlp_dim": Ms}, mlp,
-        {"embed_dim": Es} if stem else None, stem or None)
-
-
 def write_atomic(path: Path, data: dict) -> None:
     try:
         write_text_atomic(path, json.dumps(data, indent=1) + "\n")
@@ -265,7 +160,8 @@ def run(args: argparse.Namespace) -> None:
           f"configurations on {device} (batch {args.batch_size}, {num_tokens} tokens, "
           f"{torch.get_num_threads()} threads)", flush=True)
     t0 = time.perf_counter()
-    data = measure(args, grid, model_dims, device, num_tokens)
+    data = measure_table(grid, device, args.batch_size, num_tokens, args.warmup, args.repeats,
+                         args.amp, model_dims, args.model)
     table = LatencyTable.from_dict(data)  # the table must read back before it is written
     write_atomic(output, data)
 

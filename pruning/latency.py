@@ -1,0 +1,116 @@
+"""Measuring latency tables: the model's own sublayers timed over a grid of widths.
+
+The attention sublayer (LayerNorm, q/k/v projection, SDPA, output projection, residual add)
+and the MLP sublayer (LayerNorm, fc1, GELU, fc2, residual add) are the modules ReViT runs;
+the stem is ReViT itself without blocks. Times are medians of repeated eval forwards under
+torch.inference_mode after warm-up. tools/build_latency_table.py is the command line.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from models.dims import Dims
+from models.revit import LN_EPS, Attention, Mlp, ReViT, StreamNorm
+
+from .cost import LatencyTable
+
+
+class Sublayer(nn.Module):
+    """x + body(norm(x)): one sublayer of a block as the model runs it."""
+
+    def __init__(self, embed_dim: int, body: nn.Module) -> None:
+        super().__init__()
+        self.norm = StreamNorm(embed_dim, eps=LN_EPS)
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(self.norm(x))
+
+
+def stem_of(dims: Dims, embed_dim: int) -> nn.Module:
+    """What ReViT runs outside its blocks (patch embedding, tokens, position embedding, final
+    norm, head(s)) at one embedding width: the model itself with its blocks removed."""
+    one = replace(dims, embed_dim=embed_dim, depth=1, num_heads=[1], qk_dim=[1], v_dim=[1],
+                  mlp_dim=[1], attn_scale=[1.0])
+    model = ReViT(one)
+    model.blocks = nn.ModuleList()
+    return model
+
+
+class Timer:
+    def __init__(self, device: torch.device, warmup: int, repeats: int, amp: bool) -> None:
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+        cuda = device.type == "cuda"
+        self.sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+        self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if amp else None
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
+        """Median milliseconds of one forward pass."""
+        module = module.to(self.device).eval()
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
+                    if self.amp_dtype is not None else nullcontext())
+        times = []
+        with torch.inference_mode(), autocast:
+            for _ in range(self.warmup):
+                module(x)
+            self.sync()
+            for _ in range(self.repeats):
+                t0 = time.perf_counter()
+                module(x)
+                self.sync()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000.0
+
+
+def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: int,
+                  num_tokens: int, warmup: int = 5, repeats: int = 20, amp: bool = False,
+                  model_dims: Dims | None = None, model: str | None = None) -> dict:
+    """A latency table (pruning.cost.LatencyTable's JSON) timed on `device`: per embed width,
+    every (heads, QK, V) attention sublayer and MLP sublayer of the grid, and with
+    `model_dims` the model's stem (ReViT itself with its blocks taken out)."""
+    timer = Timer(device, warmup, repeats, amp)
+    B, N = batch_size, num_tokens
+    Es, Hs, Qs, Vs, Ms = (grid[k] for k in ("embed_dims", "heads", "qk_dims", "v_dims",
+                                              "mlp_dims"))
+    attention, mlp, stem = [], [], []
+    for E in Es:
+        t0 = time.perf_counter()
+        x = torch.randn(B, N, E, device=device)
+        attention.append([[[timer(Sublayer(E, Attention(E, h, q, v, 1.0 / math.sqrt(q))), x)
+                            for v in Vs] for q in Qs] for h in Hs])
+        mlp.append([timer(Sublayer(E, Mlp(E, m)), x) for m in Ms])
+        if model_dims is not None:
+            img = torch.randn(B, model_dims.in_chans, model_dims.img_size, model_dims.img_size,
+                              device=device)
+            stem.append(timer(stem_of(model_dims, E), img))
+        print(f"  embed {E}: {len(Hs) * len(Qs) * len(Vs)} attention + {len(Ms)} MLP points "
+              f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    meta = {
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "threads": torch.get_num_threads(),
+        "batch_size": B, "num_tokens": N, "torch": torch.__version__,
+        "dtype": f"autocast {str(timer.amp_dtype).replace('torch.', '')}" if amp
+        else "float32",
+        "amp": bool(amp),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "warmup": warmup, "repeats": repeats, "statistic": "median",
+        "model": model,
+        "timed": {"attention": "LayerNorm + Attention (q, k, v, SDPA, proj) + residual add",
+                  "mlp": "LayerNorm + Mlp (fc1, GELU, fc2) + residual add",
+                  "stem": "patch embedding, tokens + pos_embed, final LayerNorm, head(s)"},
+    }
+    return LatencyTable.make_dict(
+        meta, {"embed_dim": Es, "num_heads": Hs, "qk_dim": Qs, "v_dim": Vs}, attention,
+        {"embed_dim": Es, "mlp_dim": Ms}, mlp,
+        {"embed_dim": Es} if stem else None, stem or None)
