@@ -2,8 +2,9 @@
 
 Removed units (gate 0) are dropped; live gate values are folded into the weights that
 produce their unit (a no-op for the usual value 1), so the compact model equals the gated
-one for any gate values; which weights those are is the unit map's (pruning/units.py). The per-block attention scale is kept from the original dims:
-it is part of the function and must not follow the smaller QK width.
+one for any gate values; which weights those are is the unit map's (pruning/units.py).
+The per-block attention scale is kept from the original dims: it is part of the function
+and must not follow the smaller QK width.
 """
 from __future__ import annotations
 
