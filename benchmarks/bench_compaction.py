@@ -1,7 +1,7 @@
 """Study 2: does compaction pay off? Measured CPU speedup of pruned models against MACs removed.
 
-    python benchmarks/bench_compaction.py                       # DeiT-Ti/224 at 75/50/25% MACs
-    python benchmarks/bench_compaction.py --dense D.pth --pruned P.pth [--name digits]
+    python -m benchmarks.bench_compaction                       # DeiT-Ti/224 at 75/50/25% MACs
+    python -m benchmarks.bench_compaction --dense D.pth --pruned P.pth [--name digits]
 
 The synthetic mode takes a DeiT-Ti/224 model and, for each target, removes units of all five
 kinds (embedding channels, heads, QK dims, V dims, MLP neurons) through the gates, with
@@ -17,20 +17,26 @@ from __future__ import annotations
 
 import os
 
-from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
-
 import torch
 
-import common
-from common import interleaved, md_table, ratio_stats, uniform_dims, write_results
-
 import models
+from benchmarks import common
+from benchmarks.common import (
+    interleaved,
+    md_table,
+    ratio_stats,
+    uniform_dims,
+    write_results,
+)
+from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
+    machine_note,
+    omp_policy,
+)
 from errors import UserError
 from models.flops import count_macs
 from pruning import Gates, compact
 from pruning.cost import MacsCost
 from pruning.gates import widths_to_dims
-
 
 GROUPS = {"emb": 16, "qk": 8, "v": 8, "mlp": 16}  # reference group sizes; heads: any count >= 1
 

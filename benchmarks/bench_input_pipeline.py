@@ -1,6 +1,6 @@
 """Study 4: does the input pipeline keep up? Images/s a loader delivers against images/s training consumes.
 
-    python benchmarks/bench_input_pipeline.py [--quick] [--threads N] [--data-root DIR]
+    python -m benchmarks.bench_input_pipeline [--quick] [--threads N] [--data-root DIR]
 
 Real photos from /work/shared/data (skipped, exit 0, when absent):
 
@@ -32,12 +32,9 @@ the training step and repeated:
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-
-from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
-
-import argparse
 import time
 from pathlib import Path
 
@@ -46,12 +43,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-import common
-from common import ROOT, md_table, ratio_stats, write_results
-
 import builders
 import datasets
 import models
+from benchmarks import common
+from benchmarks.common import ROOT, md_table, ratio_stats, write_results
+from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
+    machine_note,
+    omp_policy,
+)
 from revit_scratch import get_args_parser
 from samplers import RASampler, SeededDataset, SeededSampler
 

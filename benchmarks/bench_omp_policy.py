@@ -1,6 +1,6 @@
 """Should CPU runs default to OMP_WAIT_POLICY=PASSIVE? Its cost on an idle machine, its gain on a busy one.
 
-    python benchmarks/bench_omp_policy.py [--quick] [--pairs N]
+    python -m benchmarks.bench_omp_policy [--quick] [--pairs N]
 
 The wait policy is fixed when the OpenMP runtime starts, so the two policies cannot share a
 process: this study alternates child processes (default, passive, default, passive, ...),
@@ -20,6 +20,7 @@ import sys
 import time
 
 CHILD_FLAG = "--child"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child(quick: bool) -> None:
@@ -27,9 +28,8 @@ def child(quick: bool) -> None:
     import torch
     import torch.nn.functional as F
 
-    from common import interleaved
-
     import models
+    from benchmarks.common import interleaved
     torch.manual_seed(0)
     rep = 3 if quick else 10
     out = {}
@@ -63,8 +63,9 @@ def run_child(policy: str, quick: bool) -> dict:
     env.pop("OMP_WAIT_POLICY", None)
     if policy == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    cmd = [sys.executable, __file__, CHILD_FLAG] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "benchmarks.bench_omp_policy", CHILD_FLAG]
+    cmd += ["--quick"] if quick else []
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"child ({policy}) failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -82,8 +83,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--name", default=None, help="study name (default omp_policy[_quick])")
     args = p.parse_args()
-    import common
     from pathlib import Path
+
+    from benchmarks import common
     if args.out:
         common.RESULTS = Path(args.out)
     name = args.name or ("omp_policy_quick" if args.quick else "omp_policy")
@@ -133,7 +135,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if CHILD_FLAG in sys.argv:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         child("--quick" in sys.argv)
     else:
         main()

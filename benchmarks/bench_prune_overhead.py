@@ -1,6 +1,6 @@
 """Study 3: what does pruning cost per training step? The NViT loop step against plain distillation.
 
-    python benchmarks/bench_prune_overhead.py [--quick] [--threads N]
+    python -m benchmarks.bench_prune_overhead [--quick] [--threads N]
 
 Three copies of one distilled model with the same weights, each with its own optimizer
 (builders.build_optimizer: timm AdamW), the same batches and the same loss
@@ -28,24 +28,24 @@ plain steps and reported amortised over --interval_prune 100: t(pruner.step) / (
 """
 from __future__ import annotations
 
-import os
-
-from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
-
 import contextlib
 import copy
 import io
+import os
 import time
 from types import SimpleNamespace
 
 import torch
 
-import common
-from common import md_table, ratio_stats, write_results
-
 import builders
 import engine
 import models
+from benchmarks import common
+from benchmarks.common import md_table, ratio_stats, write_results
+from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
+    machine_note,
+    omp_policy,
+)
 from pruning import Gates, Saliency
 from pruning.cost import LatencyTable, MacsCost
 from pruning.loop import PruningLoop

@@ -1,6 +1,6 @@
 """Study 5: pruning quality on real data - NViT's saliency against simpler criteria and Torch-Pruning.
 
-    python benchmarks/bench_quality.py [--data cifar10|digits] [--quick] [--work-dir DIR] [--threads 2]
+    python -m benchmarks.bench_quality [--data cifar10|digits] [--quick] [--work-dir DIR] [--threads 2]
 
 One dense DeiT-style model is trained once on real images (CIFAR-10 subset from
 ../shared/data/cifar10, else scikit-learn's DIGITS) and cached in the work dir. From the
@@ -26,13 +26,12 @@ import copy
 import io
 import json
 import math
+import os
 import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import os
 
 # Spinning OpenMP threads collapse (up to 100x here) when another process shares the cores;
 # passive waiting keeps a busy machine's numbers sane. Must be set before torch loads.
@@ -42,12 +41,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import (RESULTS, ROOT, interleaved, md_table, ratio_stats, uniform_dims,  # noqa: E402
-                    write_results)
-
 import engine  # noqa: E402
 import models  # noqa: E402
 from atomic import save_atomic, write_text_atomic  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    ROOT,
+    interleaved,
+    md_table,
+    ratio_stats,
+    uniform_dims,
+    write_results,
+)
 from losses import kl_elementwise_mean  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning import Gates, Saliency, compact  # noqa: E402
@@ -433,7 +438,12 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
     import torch_pruning as tp
     from timm.models.vision_transformer import Attention
 
-    from models.timm_vit import load_nvit, nvit_to_timm_vit, timm_vit_dims, timm_vit_to_nvit
+    from models.timm_vit import (
+        load_nvit,
+        nvit_to_timm_vit,
+        timm_vit_dims,
+        timm_vit_to_nvit,
+    )
 
     torch.manual_seed(cfg.seed)
     vit = nvit_to_timm_vit(dense).train()
@@ -659,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="where the JSON/Markdown/PNG go (default benchmarks/results)")
     args = p.parse_args(argv)
     if args.results_dir:
-        import common
+        from benchmarks import common
         global RESULTS
         RESULTS = common.RESULTS = Path(args.results_dir)
     args.threads = args.threads or (1 if args.quick else 2)

@@ -1,6 +1,6 @@
 """Study 6: the real scripts on real photos. A short revit_scratch.py run, then nvit_prune.py on its result.
 
-    python benchmarks/bench_real_photos.py [--quick] [--threads N] [--data-root DIR]
+    python -m benchmarks.bench_real_photos [--quick] [--threads N] [--data-root DIR]
 
 Both entry scripts run as subprocesses, exactly as a user would start them, on Imagenette
 (`--data-set FOLDER --data-path .../imagenette_224_subset`: 3,000 train / 1,000 val real
@@ -22,20 +22,21 @@ epochs at 64 px). Skipped (exit 0) when the data directory is absent.
 from __future__ import annotations
 
 import os
-import sys
-
-from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
-
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-import common
-from common import ROOT, md_table, write_results
+from benchmarks import common
+from benchmarks.common import ROOT, md_table, write_results
+from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
+    machine_note,
+    omp_policy,
+)
 
 STUDY = "real_photos"
 DATA = ROOT.parent / "shared" / "data"
@@ -60,7 +61,7 @@ def common_flags(data_path: Path, epochs: int, workers: int, batch: int) -> list
             "--data-path", str(data_path), "--input-size", "64", "--patch-size", "8",
             "--epochs", str(epochs), "--batch-size", str(batch), "--num_workers", str(workers),
             "--device", "cpu", "--warmup-epochs", "0", "--cooldown-epochs", "0",
-            "--unscale-lr", "--no-model-ema", "--print-freq", "10", "--seed", "0"]
+            "--unscale-lr", "--print-freq", "10", "--seed", "0"]
 
 
 def run(script: str, flags: list[str], threads: int | None, timeout: int) -> dict:
@@ -141,7 +142,7 @@ def main() -> None:
             data_arg = photo_subset(data, tmp / "subset", QUICK_PER_CLASS)
         base = common_flags(data_arg, epochs, workers, batch)
         train = run("revit_scratch.py", base + [
-            "--dims", str(tmp / "dims.yaml"), "--lr", "1e-3", "--output_dir", str(tmp / "revit")],
+            "--no-model-ema", "--dims", str(tmp / "dims.yaml"), "--lr", "1e-3", "--output_dir", str(tmp / "revit")],
             args.threads, args.timeout)
         train.update(parse_revit(train["stdout"]))
         ckpt = tmp / "revit" / "checkpoint.pth"

@@ -1,6 +1,6 @@
 """Study 1: is our model as fast as timm's? ReViT with uniform dims against timm's VisionTransformer.
 
-    python benchmarks/bench_speed_vs_timm.py [--quick] [--threads N]
+    python -m benchmarks.bench_speed_vs_timm [--quick] [--threads N]
 
 Both models have the same dims and the same weights: timm's randomly initialised state dict
 is written to a file and loaded into ours with `models.build_model(name, checkpoint=FILE)`
@@ -21,9 +21,6 @@ show (see benchmarks/README.md, Findings).
 from __future__ import annotations
 
 import os
-
-from passive import machine_note, omp_policy  # before torch: sets OMP_WAIT_POLICY
-
 import resource
 import tempfile
 from pathlib import Path
@@ -32,10 +29,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import common
-from common import interleaved, md_table, ratio_stats, write_results
-
 import models
+from benchmarks import common
+from benchmarks.common import interleaved, md_table, ratio_stats, write_results
+from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
+    machine_note,
+    omp_policy,
+)
 
 STUDY = "speed_vs_timm"
 NAME = "deit_tiny_patch16_224"

@@ -34,8 +34,16 @@ def env() -> dict:
     return e
 
 
+def command(script: str) -> list[str]:
+    """How a user runs it: `python SCRIPT.py` at the top, `python -m tools.NAME` for tools and
+    benchmarks."""
+    if script.startswith(("tools/", "benchmarks/")):
+        return [sys.executable, "-m", script.removesuffix(".py").replace("/", ".")]
+    return [sys.executable, str(ROOT / script)]
+
+
 def run(script: str, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+    proc = subprocess.run([*command(script), *map(str, args)], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"

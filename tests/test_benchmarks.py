@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, env
+from helpers import ROOT, command, env
 
 DATA = ROOT.parent / "shared" / "data"
 HAVE_DATA = (DATA / "imagenette_224_subset" / "train").is_dir() and (DATA / "cifar10").is_dir()
@@ -21,7 +20,7 @@ STATS = {"median", "p25", "p75", "n"}
 
 
 def bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+    proc = subprocess.run([*command(f"benchmarks/{script}"), *args], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -57,12 +56,14 @@ def test_speed_vs_timm_quick(tmp_path):
 @pytest.mark.slow
 def test_prune_overhead_quick(tmp_path):
     data = quick("bench_prune_overhead.py", "prune_overhead", tmp_path)
-    assert data["interval_prune"] == 100 and len(data["rows"]) == 2
+    assert data["interval_prune"] == 100
+    assert [r["amp"] for r in data["rows"]] == ["fp32", "bfloat16"] * 2
     for r in data["rows"]:
         for key in ("loop_over_plain", "gates_only_over_plain", "pruner_step_macs_amortised",
                     "pruner_step_latency_amortised"):
             assert is_stats(r[key]), key
         assert sum(r["pruner_step_macs_removed"].values()) == 32 // 16  # groups
+        assert 0 < r["saved_bytes_plain"] <= r["saved_bytes_gated"]
 
 
 @pytest.mark.slow
@@ -80,8 +81,7 @@ def test_compaction_quick(tmp_path):
 
 def test_compaction_shapes_differ_across_blocks_and_kinds():
     """The synthetic pruned shapes remove all five kinds, unevenly, in group multiples."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_compaction import GROUPS, random_widths
+    from benchmarks.bench_compaction import GROUPS, random_widths
 
     import models
     from pruning.cost import MacsCost

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import models
 from errors import UserError
-from helpers import TRAIN, ROOT, run
+from helpers import TRAIN, run
 
 P, IMG, C, CLASSES = 4, 16, 3, 7
 DIM = {"EMB": 24, "head": [2, 3], "QK": [8, 4], "V": [6, 4], "MLP": [40, 16]}
@@ -145,9 +145,8 @@ def test_released_checkpoint_needs_its_dims(tmp_path):
 def test_released_checkpoint_exports_and_reports_its_size(released, tmp_path):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    sys.path.insert(0, str(ROOT / "tools"))
-    import export as export_tool
-    import model_info
+    from tools import export as export_tool
+    from tools import model_info
 
     path, sd = released
     export_tool.export(str(path), output_dir=str(tmp_path / "deploy"), name="nvit")

@@ -7,31 +7,28 @@ and the MLP part (LayerNorm, fc1, GELU, fc2, residual add; the model's own `Mlp`
 runs after warm-up. With --model the stem (patch embedding, tokens, final norm, heads) is
 timed per embed width too. The JSON format is described in pruning/cost.py (LatencyTable).
 
-    python tools/build_latency_table.py --output latency.json
-    python tools/build_latency_table.py --output latency.json --model deit_small_patch16_224
+    python -m tools.build_latency_table --output latency.json
+    python -m tools.build_latency_table --output latency.json --model deit_small_patch16_224
 """
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from atomic import write_text_atomic  # noqa: E402
-from errors import UserError  # noqa: E402
-from flags import user_message  # noqa: E402
-from models.dims import Dims  # noqa: E402
-from models.factory import name_dims  # noqa: E402
-from pruning.cost import LatencyTable  # noqa: E402
-from pruning.latency import measure_table  # noqa: E402
+from atomic import write_text_atomic
+from errors import UserError
+from flags import user_message
+from models.dims import Dims
+from models.factory import name_dims
+from pruning.cost import LatencyTable
+from pruning.latency import measure_table
 
 DEFAULTS = {  # small: about a minute on 2 CPU cores at 198 tokens
     "embed_dims": "192,384,768", "heads": "1,2,4,8,12", "qk_dims": "8,16,32,64",

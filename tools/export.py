@@ -1,6 +1,6 @@
 """Export an nvit checkpoint to ONNX and safetensors (with its dims) for deployment.
 
-    python tools/export.py OUT/pruned_checkpoint.pth --output-dir deploy --name nvit_base
+    python -m tools.export OUT/pruned_checkpoint.pth --output-dir deploy --name nvit_base
 
 writes, in the output directory (default: the checkpoint's own):
   NAME.onnx          input "images" (B, C, H, W), output "logits" (B, classes), B dynamic;
@@ -16,21 +16,18 @@ Needs `pip install -r requirements-export.txt` (onnx; onnxruntime for the check)
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import stat
 import sys
+import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import stat  # noqa: E402
-import warnings  # noqa: E402
-
-import torch  # noqa: E402
-
-from errors import UserError  # noqa: E402
-from flags import user_message  # noqa: E402
+from errors import UserError
+from flags import user_message
 
 # The legacy TorchScript exporter (dynamo=False) is used: in this torch (2.14) it exports
 # F.scaled_dot_product_attention with an explicit per-block `scale=` exactly (opset >= 14;

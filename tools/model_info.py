@@ -1,8 +1,8 @@
 """Per-block widths, parameters and MACs of a per-block-dims DeiT (ReViT / a pruned NViT).
 
-    python tools/model_info.py --model deit_base_distilled_patch16_224 --EMB 176
-    python tools/model_info.py --dims my_dims.yaml --input-size 32 --patch-size 8
-    python tools/model_info.py --checkpoint OUT/pruned_checkpoint.pth --json
+    python -m tools.model_info --model deit_base_distilled_patch16_224 --EMB 176
+    python -m tools.model_info --dims my_dims.yaml --input-size 32 --patch-size 8
+    python -m tools.model_info --checkpoint OUT/pruned_checkpoint.pth --json
 
 MACs are measured, not computed by formula: torch.utils.flop_counter.FlopCounterMode counts
 the FLOPs of a batch-1 eval forward per module, and MACs = FLOPs / 2. Parameters of a block
@@ -11,19 +11,15 @@ embedding, tokens, position embedding, final norm, classifier heads).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-import torch  # noqa: E402
-
-from errors import UserError  # noqa: E402
-from flags import user_message  # noqa: E402
-from models.flops import count_macs  # noqa: E402
+from errors import UserError
+from flags import user_message
+from models.flops import count_macs
 
 DEFAULT_MODEL = "deit_base_distilled_patch16_224"
 

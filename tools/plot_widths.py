@@ -1,6 +1,6 @@
 """Plot per-block widths of a pruned model against the original (the paper's redistribution figure).
 
-    python tools/plot_widths.py OUT/dims_history.json [--output widths.png]
+    python -m tools.plot_widths OUT/dims_history.json [--output widths.png]
 """
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from errors import UserError  # noqa: E402
-from flags import user_message  # noqa: E402
-from plots import plot_widths  # noqa: E402
+from errors import UserError
+from flags import user_message
+from plots import plot_widths
 
 
 def main() -> None:
