@@ -15,6 +15,8 @@ pairwise ratios) times the MACs ratio; 1.0 means real speed follows the arithmet
 """
 from __future__ import annotations
 
+from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+
 import os
 
 import torch
@@ -27,10 +29,6 @@ from benchmarks.common import (
     ratio_stats,
     uniform_dims,
     write_results,
-)
-from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
-    machine_note,
-    omp_policy,
 )
 from errors import UserError
 from models.flops import count_macs

@@ -32,6 +32,8 @@ the training step and repeated:
 """
 from __future__ import annotations
 
+from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+
 import argparse
 import os
 import sys
@@ -48,10 +50,6 @@ import datasets
 import models
 from benchmarks import common
 from benchmarks.common import ROOT, md_table, ratio_stats, write_results
-from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
-    machine_note,
-    omp_policy,
-)
 from revit_scratch import get_args_parser
 from samplers import RASampler, SeededDataset, SeededSampler
 

@@ -28,6 +28,8 @@ plain steps and reported amortised over --interval_prune 100: t(pruner.step) / (
 """
 from __future__ import annotations
 
+from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+
 import contextlib
 import copy
 import io
@@ -42,10 +44,6 @@ import engine
 import models
 from benchmarks import common
 from benchmarks.common import md_table, ratio_stats, write_results
-from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
-    machine_note,
-    omp_policy,
-)
 from pruning import Gates, Saliency
 from pruning.cost import LatencyTable, MacsCost
 from pruning.loop import PruningLoop

@@ -21,6 +21,8 @@ epochs at 64 px). Skipped (exit 0) when the data directory is absent.
 """
 from __future__ import annotations
 
+from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+
 import os
 import re
 import subprocess
@@ -33,10 +35,6 @@ import yaml
 
 from benchmarks import common
 from benchmarks.common import ROOT, md_table, write_results
-from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
-    machine_note,
-    omp_policy,
-)
 
 STUDY = "real_photos"
 DATA = ROOT.parent / "shared" / "data"

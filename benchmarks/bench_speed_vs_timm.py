@@ -20,6 +20,8 @@ show (see benchmarks/README.md, Findings).
 """
 from __future__ import annotations
 
+from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+
 import os
 import resource
 import tempfile
@@ -32,10 +34,6 @@ import torch.nn.functional as F
 import models
 from benchmarks import common
 from benchmarks.common import interleaved, md_table, ratio_stats, write_results
-from benchmarks.passive import (  # before torch: sets OMP_WAIT_POLICY
-    machine_note,
-    omp_policy,
-)
 
 STUDY = "speed_vs_timm"
 NAME = "deit_tiny_patch16_224"
