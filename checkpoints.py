@@ -78,7 +78,12 @@ def restore_training_state(ckpt: dict, source: str, optimizer, scheduler, scaler
     if missing:
         raise UserError(f"--resume {source} is not a training checkpoint (no {missing[0]}); "
                         f"use --finetune to start from its weights")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError:
+        raise UserError(f"--resume {source}: its optimizer state does not fit this model's "
+                        f"parameters (written by an nvit before q, k and v became one "
+                        f"projection?); use --finetune to start from its weights") from None
     scheduler.load_state_dict(ckpt["lr_scheduler"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])

@@ -34,6 +34,7 @@ import utils
 from atomic import write_text_atomic
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
 from errors import Stopped, UserError
+from models.checkpoint import has_split_qkv
 from plots import plot_widths
 from pruning import Gates, Saliency, compact
 from pruning.config import PruningConfig, parse_config
@@ -150,6 +151,9 @@ def check_resumable(ckpt: dict, source: str, original, settings: dict) -> None:
                         f"({checkpoints.PRUNING_STATE_FILE})")
     if ckpt["original_dims"] != original.to_dict():
         raise UserError(f"--resume {source} belongs to a run on another model")
+    if has_split_qkv(ckpt["model"]):
+        raise UserError(f"--resume {source} was written by an nvit before q, k and v became one "
+                        f"projection and cannot be continued exactly; start the run again")
     changed = [k for k, v in settings.items() if ckpt["settings"].get(k) != v]
     if changed:
         raise UserError(f"--resume {source} was made with other settings ({', '.join(changed)}); "
@@ -299,7 +303,7 @@ def main(args) -> None:
                             amp_dtype, args.clip_grad, args.clip_mode, None, mixup_fn,
                             args.print_freq, start_iter=skip,
                             seed_fn=utils.seed_fn(args.seed, epoch, run.rank), **loop.hooks(epoch))
-            if loop.stop_requested:
+            if loop.stop_agreed():
                 break
             stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
             print(f"Epoch {epoch}: student top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%"

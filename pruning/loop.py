@@ -102,10 +102,14 @@ class PruningLoop:
         due = not self.done and global_iter > 0 and global_iter % self.interval == 0
         if due:
             self.prune_step(epoch, i)
-        stop = False
-        if due or not _distributed():  # ranks agree on a stop only where they meet anyway
-            stop = self.stop_requested = _any_rank(self.stop_requested)
+        # ranks agree on a stop only where they meet anyway: at prune steps
+        stop = self.stop_agreed() if due or not _distributed() else False
         return self.done or stop
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop; every rank gets the same answer (a collective)."""
+        self.stop_requested = _any_rank(self.stop_requested)
+        return self.stop_requested
 
     # --------------------------------------------------------------- prune step
     def prune_step(self, epoch: int, i: int) -> dict | None:

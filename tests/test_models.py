@@ -332,3 +332,23 @@ def test_return_pair_gives_both_heads_in_eval():
         m.return_pair = True
         cls, dist = m(x)
     torch.testing.assert_close((cls + dist) / 2, mean)
+
+
+def test_checkpoint_with_separate_q_k_v_loads_as_one_projection(tmp_path):
+    """Our checkpoints written before q, k and v became one `qkv` projection still load, to
+    the same function."""
+    m = build_model(NAME, dims=small_dims(), img_size=32, patch_size=8, num_classes=5).eval()
+    old = {}
+    for k, v in m.state_dict().items():
+        if ".attn.qkv." in k:
+            a = m.blocks[int(k.split(".")[1])].attn
+            for name, part in zip("qkv", v.split(a.qkv_split)):
+                old[k.replace(".qkv.", f".{name}.")] = part.clone()
+        else:
+            old[k] = v
+    path = tmp_path / "old.pth"
+    torch.save({"model": old, "dims": m.dims.to_dict()}, path)
+    n = build_model(NAME, checkpoint=path).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(n(x), m(x), rtol=0, atol=0)
