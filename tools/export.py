@@ -17,6 +17,7 @@ Needs `pip install -r requirements-export.txt` (onnx; onnxruntime for the check)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import stat
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from atomic import atomic_path
 from errors import UserError
 from flags import user_message
 
@@ -149,32 +151,32 @@ def export(checkpoint: str, output_dir: str | None = None, name: str | None = No
     out = prepare_output_dir(output_dir, checkpoint)
     final = {"onnx": out / f"{name}.onnx", "safetensors": out / f"{name}.safetensors",
              "dims": out / f"{name}.dims.json"}
-    tmp = {k: p.with_name(f".{p.name}.tmp{os.getpid()}") for k, p in final.items()}
     try:
-        export_onnx(model, tmp["onnx"], batch_size, opset)
-        save_safetensors(model, tmp["safetensors"])
-        tmp["dims"].write_text(json.dumps(model.dims.to_dict(), indent=1) + "\n")
-        # safetensors creates its file as 0600; give it the umask's mode like the others
-        os.chmod(tmp["safetensors"], stat.S_IMODE(tmp["dims"].stat().st_mode))
-        if check:
-            diff = check_onnx(model, tmp["onnx"])
-            if diff is None:
-                print("note: onnxruntime is not installed; skipped the ONNX check "
-                      "(pip install -r requirements-export.txt)")
-            else:
-                print(f"ONNX check: max abs diff vs PyTorch on a batch of {CHECK_BATCH}: {diff:.3g}")
-                if not diff <= TOLERANCE:  # also catches NaN
-                    raise UserError(f"ONNX check failed: max abs diff {diff:.3g} > {TOLERANCE:g} "
-                                    f"(nothing written; --no-check writes the files anyway)")
-        for key in final:
-            os.replace(tmp[key], final[key])
+        with contextlib.ExitStack() as stack:  # all three files appear together, or none
+            tmp = {k: stack.enter_context(atomic_path(p)) for k, p in final.items()}
+            write_all(model, tmp, batch_size, opset, check)
     except OSError as e:
         raise UserError(f"could not write to {out}: {e.strerror or e}") from None
-    finally:
-        for p in tmp.values():
-            if p.exists():
-                p.unlink()
     return final
+
+
+def write_all(model, tmp: dict, batch_size: int, opset: int, check: bool) -> None:
+    """ONNX, safetensors and dims to the temporary paths; the ONNX file checked if asked."""
+    export_onnx(model, tmp["onnx"], batch_size, opset)
+    save_safetensors(model, tmp["safetensors"])
+    tmp["dims"].write_text(json.dumps(model.dims.to_dict(), indent=1) + "\n")
+    # safetensors creates its file as 0600; give it the umask's mode like the others
+    os.chmod(tmp["safetensors"], stat.S_IMODE(tmp["dims"].stat().st_mode))
+    if check:
+        diff = check_onnx(model, tmp["onnx"])
+        if diff is None:
+            print("note: onnxruntime is not installed; skipped the ONNX check "
+                  "(pip install -r requirements-export.txt)")
+        else:
+            print(f"ONNX check: max abs diff vs PyTorch on a batch of {CHECK_BATCH}: {diff:.3g}")
+            if not diff <= TOLERANCE:  # also catches NaN
+                raise UserError(f"ONNX check failed: max abs diff {diff:.3g} > {TOLERANCE:g} "
+                                f"(nothing written; --no-check writes the files anyway)")
 
 
 def main(argv: list[str] | None = None) -> int:
