@@ -293,7 +293,7 @@ def main(args) -> None:
     start_epoch = loop.epoch
     try:
         for epoch in range(start_epoch, args.epochs):
-            if loop.done or loop.stop_requested:
+            if loop.done or loop.stop_agreed():
                 break
             skip = loop.iteration if epoch == start_epoch else 0
             train_sampler.set_epoch(epoch, skip=skip * args.batch_size)
