@@ -26,6 +26,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Create the folder if needed and check that a file can be written in it, before any
+    work starts; a one-line error names the flag otherwise."""
+    from errors import UserError
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {out} is not writable: {e.strerror or e}") from None
+    return out
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save, atomically."""
     import torch

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from atomic import writable_dir
 from errors import Stopped, UserError
 from flags import user_message
 
@@ -107,17 +108,7 @@ def iteration_seed(seed: int, epoch: int, iteration: int, rank: int) -> int:
 
 # --------------------------------------------------------------------------- run set-up
 def prepare_output_dir(path: str | None) -> Path | None:
-    if not path:
-        return None
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--output_dir {path} is not writable: {e.strerror}") from None
-    return out
+    return writable_dir(path, "--output_dir") if path else None
 
 
 @dataclass

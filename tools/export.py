@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from atomic import atomic_path
+from atomic import atomic_path, writable_dir
 from errors import UserError
 from flags import user_message
 
@@ -82,15 +82,8 @@ def load_model(checkpoint: str) -> torch.nn.Module:
 
 
 def prepare_output_dir(output_dir: str | None, checkpoint: str) -> Path:
-    out = Path(output_dir) if output_dir else Path(checkpoint).resolve().parent
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".export_write_test{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
-    return out
+    return writable_dir(Path(output_dir) if output_dir else Path(checkpoint).resolve().parent,
+                        "--output-dir")
 
 
 def export_onnx(model: torch.nn.Module, path: Path, batch_size: int, opset: int) -> None:
