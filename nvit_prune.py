@@ -135,6 +135,20 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return full
 
 
+def attach_pruner(model, cost, config: PruningConfig, budget: int | None, args):
+    """Gates on the model, the saliency and the global pruner the flags describe."""
+    gates = Gates.attach(model, qkv_units=QKV_UNIT_FLAGS[args.qk_v_units],
+                         emb_saliency=args.emb_saliency)
+    saliency = Saliency(gates, config.criterion, config.scales, config.momentum, args.seed)
+    try:
+        pruner = GlobalPruner(gates, saliency, cost, args.latency_target, args.prune_per_iter,
+                              config.group_sizes, args.latency_regularization, budget,
+                              pace=args.group_size)
+    except ValueError as e:
+        raise UserError(f"--pruning_config: {e}") from None
+    return gates, saliency, pruner
+
+
 def run_settings(args, config: PruningConfig) -> dict:
     """What a resumed run must share with the original for its replay to be exact."""
     keys = ("batch_size", "interval_prune", "prune_per_iter", "group_size", "prune_dict", "cost",
@@ -219,15 +233,7 @@ def main(args) -> None:
         print(f"warning: {note}")
     full_model = frozen_copy(model) if args.kl_loss_coeff > 0 else None
 
-    gates = Gates.attach(model, qkv_units=QKV_UNIT_FLAGS[args.qk_v_units],
-                         emb_saliency=args.emb_saliency)
-    saliency = Saliency(gates, config.criterion, config.scales, config.momentum, args.seed)
-    try:
-        pruner = GlobalPruner(gates, saliency, cost, args.latency_target, args.prune_per_iter,
-                              config.group_sizes, args.latency_regularization, budget,
-                              pace=args.group_size)
-    except ValueError as e:
-        raise UserError(f"--pruning_config: {e}") from None
+    gates, saliency, pruner = attach_pruner(model, cost, config, budget, args)
     min_ratio = pruner.minimum_ratio()
     if min_ratio > args.latency_target > 0:
         print(f"warning: the minimum widths give {min_ratio:.3f} of the original {args.cost}; "

@@ -189,73 +189,76 @@ def clear_pruned_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
                     value.index_fill_(axis, pos.to(value.device), 0)
 
 
+def _touching(model: torch.nn.Module) -> dict:
+    """parameter name -> axis -> segment -> [(kind, slice, block)]: every unit kind that owns
+    positions along each axis of each covered parameter (segments in Q, K, V order)."""
+    out: dict[str, dict[int, dict[str | None, list]]] = {}
+    for kind in KINDS:
+        for name, s in slices(model, kind, None):
+            block = int(name.split(".")[1]) if kind != "emb" else None
+            out.setdefault(name, {}).setdefault(s.axis, {}).setdefault(s.segment, []).append(
+                (kind, s, block))
+    return out
+
+
+def _required(new_dims: Dims, name: str, kind: str, s: Slice) -> int:
+    """Positions a segment has in the compact model."""
+    if s.segment is None:
+        width = getattr(new_dims, UNIT_KINDS[kind].width)
+        return width if kind == "emb" else width[int(name.split(".")[1])]
+    block = int(name.split(".")[1])
+    width = new_dims.v_dim[block] if s.segment == "v" else new_dims.qk_dim[block]
+    return new_dims.num_heads[block] * width
+
+
+def _segment_selection(model: torch.nn.Module, name: str, entries: list, gate_of, need: int,
+                       ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions kept, factor per kept position) in one segment of one axis: live where every
+    owning kind's gate is non-zero, scaled by the gates that multiply the slice; a segment
+    pruned to nothing keeps `need` zero placeholder positions."""
+    offset, H, width = segment(model, name, entries[0][1])
+    live = torch.ones(H * width, dtype=torch.bool, device=ref.device)
+    factor = torch.ones(H * width, dtype=ref.dtype, device=ref.device)
+    for kind, s, block in entries:
+        g = gate_of(kind, block)
+        if g is None:
+            continue
+        rows = _rows_of(kind, g.detach().to(device=ref.device, dtype=ref.dtype), H, width)
+        live &= rows != 0
+        if s.gated:
+            factor = factor * rows
+    keep = torch.nonzero(live).flatten()
+    if keep.numel() == 0:  # a width pruned to 0
+        return torch.full((need,), offset, device=ref.device), ref.new_zeros(need)
+    if keep.numel() != need:
+        raise ValueError(f"{name}: {keep.numel()} live positions but the compact dims need {need}")
+    return keep + offset, factor[keep]
+
+
 def compact_state(model: torch.nn.Module, gates: dict, new_dims: Dims) -> dict:
     """The compact model's state dict: live positions kept along every covered axis, the
     values of the gates that multiply a slice folded into it, and a width pruned to 0 kept as
     zero placeholder positions (as many as `new_dims` holds) on every slice it touches.
 
-    gates: {"emb": tensor or None, "blocks": [{kind: tensor or None}]}.
+    gates: {"emb": tensor or None, "blocks": [{kind: tensor or None}] or None}.
     """
     check_covered(model)
-    sd = model.state_dict()
-    device, dtype = model.pos_embed.device, model.pos_embed.dtype
-    # param name -> axis -> segment -> list of (kind, slice, block)
-    touching: dict[str, dict[int, dict[str | None, list]]] = {}
-    for kind in KINDS:
-        for name, s in slices(model, kind, None):
-            block = int(name.split(".")[1]) if name.startswith("blocks.") and kind != "emb" else None
-            touching.setdefault(name, {}).setdefault(s.axis, {}).setdefault(s.segment, []).append(
-                (kind, s, block))
 
     def gate_of(kind: str, block: int | None) -> torch.Tensor | None:
-        g = gates["emb"] if kind == "emb" else (gates["blocks"][block].get(kind)
-                                                if gates["blocks"] is not None else None)
-        return None if g is None else g.detach().to(device=device, dtype=dtype)
+        if kind == "emb":
+            return gates["emb"]
+        return None if gates["blocks"] is None else gates["blocks"][block].get(kind)
 
-    def required(kind_list: list, name: str, s: Slice) -> int:
-        if s.segment is None:
-            kind, _, block = kind_list[0]
-            w = getattr(new_dims, UNIT_KINDS[kind].width)
-            return w if kind == "emb" else w[block]
-        block = int(name.split(".")[1])
-        width = new_dims.v_dim[block] if s.segment == "v" else new_dims.qk_dim[block]
-        return new_dims.num_heads[block] * width
-
+    touching = _touching(model)
     out = {}
-    for name, t in sd.items():
-        if name not in touching:
-            out[name] = t
-            continue
-        for axis, segs in touching[name].items():
-            idx, fac = [], []
-            for seg, entries in segs.items():
-                offset, H, width = segment(model, name, entries[0][1])
-                n = H * width
-                live = torch.ones(n, dtype=torch.bool, device=device)
-                factor = torch.ones(n, dtype=dtype, device=device)
-                for kind, s, block in entries:
-                    g = gate_of(kind, block)
-                    if g is None:
-                        continue
-                    rows = _rows_of(kind, g, H, width)
-                    live &= rows != 0
-                    if s.gated:
-                        factor = factor * rows
-                keep = torch.nonzero(live).flatten()
-                need = required(list(entries), name, entries[0][1])
-                if keep.numel() == 0:  # a width pruned to 0: zero placeholder positions
-                    keep = torch.zeros(need, dtype=torch.long, device=device)
-                    f = torch.zeros(need, dtype=dtype, device=device)
-                elif keep.numel() != need:
-                    raise ValueError(f"{name}: {keep.numel()} live positions along axis {axis} "
-                                     f"but the compact dims need {need}")
-                else:
-                    f = factor[keep]
-                idx.append(keep + offset)
-                fac.append(f)
-            idx, fac = torch.cat(idx), torch.cat(fac)
+    for name, t in model.state_dict().items():
+        for axis, segments in touching.get(name, {}).items():
+            picks = [_segment_selection(model, name, entries, gate_of,
+                                        _required(new_dims, name, entries[0][0], entries[0][1]), t)
+                     for entries in segments.values()]
             shape = [1] * t.dim()
             shape[axis] = -1
-            t = t.index_select(axis, idx) * fac.view(shape)
+            t = (t.index_select(axis, torch.cat([p[0] for p in picks]))
+                 * torch.cat([p[1] for p in picks]).view(shape))
         out[name] = t
     return out
