@@ -228,7 +228,7 @@ def main(args) -> None:
     model = load_dense_model(args, nb_classes).to(device)
     original = model.dims
     cost = build_cost_model(args.cost, original, table)
-    note = getattr(cost, "frame_note", lambda d: None)(original)
+    note = cost.frame_note(original)
     if note:
         print(f"warning: {note}")
     full_model = frozen_copy(model) if args.kl_loss_coeff > 0 else None

@@ -63,7 +63,7 @@ def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
     return frame, kwargs
 
 
-def _adapt_state_dict(sd: dict, model: ReViT, source: str) -> dict:
+def _adapt_state_dict(sd: dict, model: ReViT) -> dict:
     """For finetuning at another size or label set: resample the position embedding and the
     token scales over the patch grid (as timm does), drop mismatched classifier heads."""
     sd = dict(sd)
@@ -147,7 +147,7 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
     model = ReViT(dims, **model_kwargs)
     if state is not None:
         if adapt:
-            state = _adapt_state_dict(state, model, source)
+            state = _adapt_state_dict(state, model)
         if token_scale:  # the added scales start at 1
             state = {**{k: v for k, v in model.state_dict().items()
                         if k.endswith("attn.token_scale")}, **state}

@@ -43,6 +43,10 @@ class CostModel:
         """Everything outside the blocks (patch embedding, tokens, final norm, heads)."""
         raise NotImplementedError
 
+    def frame_note(self, dims: Dims) -> str | None:
+        """A warning for the caller when the cost was measured for another frame (None: fine)."""
+        return None
+
     def total(self, dims: Dims) -> float:
         E = dims.embed_dim
         return self.stem(dims, E) + sum(

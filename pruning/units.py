@@ -119,7 +119,7 @@ def check_covered(model: torch.nn.Module) -> None:
                              f"say which unit kinds own it, or list it as unpruned")
 
 
-def _rows_of(kind: str, gate: torch.Tensor, heads: int, width: int) -> torch.Tensor:
+def _rows_of(kind: str, gate: torch.Tensor, width: int) -> torch.Tensor:
     """A gate's values expanded to the rows of a segment (head-major)."""
     if kind == "head":
         return gate.repeat_interleave(width)
@@ -223,7 +223,7 @@ def _segment_selection(model: torch.nn.Module, name: str, entries: list, gate_of
         g = gate_of(kind, block)
         if g is None:
             continue
-        rows = _rows_of(kind, g.detach().to(device=ref.device, dtype=ref.dtype), H, width)
+        rows = _rows_of(kind, g.detach().to(device=ref.device, dtype=ref.dtype), width)
         live &= rows != 0
         if s.gated:
             factor = factor * rows
