@@ -71,16 +71,16 @@ def op_profile(model: torch.nn.Module, x: torch.Tensor, top: int = 8) -> list[di
              "calls": e.count // 3} for e in rows[:top]]
 
 
-def measure_pair(name: str, emb: int, deit: str, repeats: int, warmup: int) -> dict:
+def measure_pair(name: str, emb: int, deit: str, repeats: int, warmup: int, batch: int) -> dict:
     torch.manual_seed(0)
     revit = models.build_model(deit, dims=models.revit_dims(emb)).eval()
     dense = models.build_model(deit).eval()
-    x = torch.randn(BATCH, 3, 224, 224)
+    x = torch.randn(batch, 3, 224, 224)
     with torch.inference_mode():
         t = interleaved({"revit": lambda: revit(x), "deit": lambda: dense(x)},
                         repeats=repeats, warmup=warmup)
     macs = {k: count_macs(m)[0] for k, m in (("revit", revit), ("deit", dense))}
-    return {"pair": name, "batch": BATCH, "revit_dims": revit.dims.to_dict(),
+    return {"pair": name, "batch": batch, "revit_dims": revit.dims.to_dict(),
             "gmacs": {k: v / 1e9 for k, v in macs.items()},
             "macs_ratio": macs["deit"] / macs["revit"],
             "speed_ratio": ratio_stats(t["deit"], t["revit"]),
@@ -94,10 +94,10 @@ def main() -> None:
     p = common.study_parser(__doc__, STUDY, "one pair, few repeats (a smoke test, not a result)")
     args = p.parse_args()
     name = common.apply_study_args(args, STUDY)
-    repeats, warmup = (3, 1) if args.quick else (20, 3)
+    repeats, warmup, batch = (3, 1, 2) if args.quick else (20, 3, BATCH)
     pairs = list(PAIRS.items())[:1] if args.quick else list(PAIRS.items())
     load = os.getloadavg()
-    rows = [measure_pair(n, emb, deit, repeats, warmup) for n, (emb, deit) in pairs]
+    rows = [measure_pair(n, emb, deit, repeats, warmup, batch) for n, (emb, deit) in pairs]
     md = md_table(["pair", "GMACs ReViT / DeiT", "MACs promise (DeiT / ReViT)",
                    "speed ratio DeiT time / ReViT time (p25-p75)"],
                   [[r["pair"], f"{r['gmacs']['revit']:.3f} / {r['gmacs']['deit']:.3f}",
@@ -105,7 +105,7 @@ def main() -> None:
                     f"{r['speed_ratio']['median']:.3f} ({r['speed_ratio']['p25']:.3f}-"
                     f"{r['speed_ratio']['p75']:.3f})"] for r in rows])
     for r in rows:
-        md += f"\n\n### {r['pair']}: blocks alone, batch {BATCH}, 224 px\n\n"
+        md += f"\n\n### {r['pair']}: blocks alone, batch {batch}, 224 px\n\n"
         md += md_table(["model", "block", "heads x QK / V", "MLP", "GMACs", "ms", "ms per GMAC"],
                        [[m, b["block"], f"{b['heads']} x {b['qk']} / {b['v']}", b["mlp"],
                          f"{b['gmacs']:.4f}", f"{b['ms']:.2f}", f"{b['ms_per_gmac']:.1f}"]
@@ -115,7 +115,7 @@ def main() -> None:
                        [[m, o["op"], f"{o['ms']:.2f}", f"{100 * o['share']:.1f}%", o["calls"]]
                         for m in ("revit", "deit") for o in r["ops"][m]])
     md += (f"\n\nSpeed ratio: median of {repeats} interleaved pairs (p25-p75) of one eval forward "
-           f"at batch {BATCH}; >= the MACs promise means the shape runs at its MACs. Both models "
+           f"at batch {batch}; >= the MACs promise means the shape runs at its MACs. Both models "
            f"are nvit's ReViT (DeiT built from its timm name's uniform dims).")
     md += "\n\n" + machine_note(load)
     path = write_results(name, {"omp_wait_policy": omp_policy(), "quick": args.quick,

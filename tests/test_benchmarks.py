@@ -54,6 +54,18 @@ def test_speed_vs_timm_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_revit_shapes_quick(tmp_path):
+    data = quick("bench_revit_shapes.py", "revit_shapes", tmp_path)
+    (r,) = data["rows"]
+    assert r["pair"] == "ReViT-T vs DeiT-Ti" and is_stats(r["speed_ratio"])
+    assert r["macs_ratio"] == pytest.approx(1.261 / 1.135, abs=2e-3)  # the paper's GMACs
+    for model in ("revit", "deit"):
+        assert [b["block"] for b in r["blocks"][model]] == list(range(12))
+        assert all(b["ms"] > 0 and b["gmacs"] > 0 for b in r["blocks"][model])
+        assert r["ops"][model] and all(0 < o["share"] <= 1 for o in r["ops"][model])
+
+
+@pytest.mark.slow
 def test_prune_overhead_quick(tmp_path):
     data = quick("bench_prune_overhead.py", "prune_overhead", tmp_path)
     assert data["interval_prune"] == 100
