@@ -254,8 +254,8 @@ class GlobalPruner:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return stuck
         with torch.no_grad():
-            for t in self.gates.tensors():
-                dist.broadcast(t.data, src=0)
+            for t in self.gates.tensors():  # in place on the gate: its version counter moves,
+                dist.broadcast(t, src=0)      # so cached live channels are recomputed
             flag = torch.tensor([float(stuck)], dtype=torch.float64, device=self.gates.emb.device)
             dist.broadcast(flag, src=0)
         return bool(flag.item())

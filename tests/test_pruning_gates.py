@@ -596,3 +596,18 @@ def test_clearing_a_head_zeroes_its_q_k_v_rows_and_proj_columns_only() -> None:
     cols = opt.state[a.proj.weight]["exp_avg"].view(-1, a.num_heads, a.v_dim)
     assert bool((cols[:, 1] == 0).all()) and bool((cols[:, 0] != 0).any())
     assert bool((opt.state[model.blocks[0].attn.qkv.weight]["exp_avg"] != 0).any())
+
+
+def test_gated_norm_follows_every_in_place_change_of_the_embedding_gate() -> None:
+    """The gated LayerNorm caches the live channels by the gate's version: a forward before
+    and after zeroing a channel in place must each equal its compact model."""
+    model = tiny().eval()
+    gates = Gates.attach(model)
+    x = images()
+    with torch.no_grad():
+        for channels in ([], [3, 7], [3, 7, 20]):
+            gates.emb[channels] = 0
+            out = model(x)
+            small = compact(model)
+            torch.testing.assert_close(small(x), out, rtol=0, atol=1e-5)
+            assert small.dims.embed_dim == 48 - len(channels)
