@@ -313,3 +313,24 @@ def test_loop_state_round_trip_and_save_cadence():
     assert timed.save_due()
     timed.stop_requested = True
     assert timed.save_due()
+
+
+def test_engine_step_update_sets_each_steps_learning_rate():
+    """engine.train_one_epoch's step_update(i) runs before step i's optimizer step (the quality
+    study's per-step schedule rides on it)."""
+    import engine
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    seen, plain_step = [], opt.step
+
+    def step(*a, **k):
+        seen.append(opt.param_groups[0]["lr"])
+        return plain_step(*a, **k)
+    opt.step = step
+
+    def update(i: int) -> None:
+        opt.param_groups[0]["lr"] = 0.1 * (i + 1)
+    batches = [(torch.randn(4, 2), torch.randn(4, 1)) for _ in range(3)]
+    engine.train_one_epoch(model, lambda x, out, y: ((out - y) ** 2).mean(), batches, opt,
+                           torch.device("cpu"), 0, print_freq=1000, step_update=update)
+    assert seen == pytest.approx([0.1, 0.2, 0.3])
