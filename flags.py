@@ -38,6 +38,36 @@ def user_message(e: Exception) -> str:
     return f"{flag}: {e}" if flag else str(e)
 
 
+def ranged(kind: type, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False):
+    """An argparse type: `kind` (int or float) within [low, high] (open ends as asked), so a
+    value out of range is a one-line parse error before anything runs."""
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    span = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value != value or (low is not None and (value < low or (low_open and value == low))) \
+                or (high is not None and (value > high or (high_open and value == high))):
+            raise argparse.ArgumentTypeError(f"must be in {span}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = ranged(int, 1)
+COUNT = ranged(int, 0)  # zero allowed
+NONNEG = ranged(float, 0.0)
+POSITIVE = ranged(float, 0.0, low_open=True)
+PROB = ranged(float, 0.0, 1.0)
+RATE = ranged(float, 0.0, 1.0, high_open=True)  # dropout-like: 1 would drop everything
+
+
 def str2bool(value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "y"):
         return True
@@ -48,15 +78,15 @@ def str2bool(value: str) -> bool:
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--batch-size", default=64, type=int, help="per process")
-    g.add_argument("--epochs", default=300, type=int)
-    g.add_argument("--print-freq", default=50, type=int, help="progress line every N iterations")
+    g.add_argument("--batch-size", default=64, type=POSITIVE_INT, help="per process")
+    g.add_argument("--epochs", default=300, type=COUNT)
+    g.add_argument("--print-freq", default=50, type=POSITIVE_INT, help="progress line every N iterations")
     g.add_argument("--output_dir", "--output-dir", default="", help="where to save, empty for no saving")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on the CPU")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--dist-eval", action="store_true", help="shard evaluation over processes")
-    g.add_argument("--num_workers", "--num-workers", default=10, type=int)
+    g.add_argument("--num_workers", "--num-workers", default=10, type=COUNT)
     g.add_argument("--pin-mem", action="store_true")
     g.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
     p.set_defaults(pin_mem=True)
@@ -75,11 +105,11 @@ def add_model_args(p: argparse.ArgumentParser, widths: bool) -> None:
         g.add_argument("--dims", default=None, type=str, help="YAML/JSON dims spec (overrides --EMB)")
         g.add_argument("--scratch", action="store_true",
                        help="random initial weights (with --finetune: keep its dims, drop its weights)")
-    g.add_argument("--patch-size", default=None, type=int, help="override the name's patch size")
-    g.add_argument("--input-size", default=224, type=int)
-    g.add_argument("--drop", default=0.0, type=float, help="dropout rate")
-    g.add_argument("--attn-drop", default=0.0, type=float)
-    g.add_argument("--drop-path", default=0.1, type=float)
+    g.add_argument("--patch-size", default=None, type=POSITIVE_INT, help="override the name's patch size")
+    g.add_argument("--input-size", default=224, type=POSITIVE_INT)
+    g.add_argument("--drop", default=0.0, type=RATE, help="dropout rate")
+    g.add_argument("--attn-drop", default=0.0, type=RATE)
+    g.add_argument("--drop-path", default=0.1, type=RATE)
     g.add_argument("--pretrained", action="store_true",
                    help="timm's pretrained weights of --model (the full model of the KL term; "
                         "the student's start too unless its dims are given)")
@@ -92,32 +122,32 @@ def add_ema_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema", action="store_true")
     g.add_argument("--no-model-ema", action="store_false", dest="model_ema")
     p.set_defaults(model_ema=True)
-    g.add_argument("--model-ema-decay", type=float, default=0.99996)
+    g.add_argument("--model-ema-decay", type=PROB, default=0.99996)
     g.add_argument("--model-ema-force-cpu", action="store_true")
 
 
 def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer")
     g.add_argument("--opt", default="adamw", type=str)
-    g.add_argument("--opt-eps", default=1e-8, type=float)
+    g.add_argument("--opt-eps", default=1e-8, type=NONNEG)
     g.add_argument("--opt-betas", default=None, type=float, nargs="+")
-    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--clip-grad", type=POSITIVE, default=None)
     g.add_argument("--clip-mode", type=str, default="norm", choices=["norm", "value"])
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--weight-decay", type=NONNEG, default=0.05)
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--sched", default="cosine", type=str)
-    g.add_argument("--lr", type=float, default=5e-4, help="for a total batch of 512")
+    g.add_argument("--lr", type=NONNEG, default=5e-4, help="for a total batch of 512")
     g.add_argument("--unscale-lr", action="store_true", help="do not scale --lr by total batch / 512")
     g.add_argument("--lr-noise", type=float, nargs="+", default=None)
     g.add_argument("--lr-noise-pct", type=float, default=0.67)
     g.add_argument("--lr-noise-std", type=float, default=1.0)
-    g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--decay-epochs", type=float, default=30)
-    g.add_argument("--warmup-epochs", type=int, default=0)
-    g.add_argument("--cooldown-epochs", type=int, default=10)
-    g.add_argument("--patience-epochs", type=int, default=10)
+    g.add_argument("--warmup-lr", type=NONNEG, default=1e-6)
+    g.add_argument("--min-lr", type=NONNEG, default=1e-5)
+    g.add_argument("--decay-epochs", type=POSITIVE, default=30)
+    g.add_argument("--warmup-epochs", type=COUNT, default=0)
+    g.add_argument("--cooldown-epochs", type=COUNT, default=10)
+    g.add_argument("--patience-epochs", type=COUNT, default=10)
     g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
 
 
@@ -127,24 +157,24 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-set", default="IMNET", type=str.upper,
                    help="IMNET, FOLDER, CIFAR (= CIFAR10), CIFAR100, INAT, INAT19, DIGITS")
     g.add_argument("--inat-category", default="name", type=str)
-    g.add_argument("--eval-crop-ratio", default=0.875, type=float)
+    g.add_argument("--eval-crop-ratio", default=0.875, type=ranged(float, 0.0, 1.0, low_open=True))
     g = p.add_argument_group("augmentation")
-    g.add_argument("--color-jitter", type=float, default=0.4)
+    g.add_argument("--color-jitter", type=NONNEG, default=0.4)
     g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="'none' disables")
-    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--smoothing", type=RATE, default=0.1)
     g.add_argument("--train-interpolation", type=str, default="bicubic")
-    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (timm)")
+    g.add_argument("--hflip", type=PROB, default=0.5, help="horizontal flip probability (timm)")
     g.add_argument("--repeated-aug", action="store_true")
     g.add_argument("--no-repeated-aug", action="store_false", dest="repeated_aug")
     p.set_defaults(repeated_aug=True)
-    g.add_argument("--reprob", type=float, default=0.25)
+    g.add_argument("--reprob", type=PROB, default=0.25)
     g.add_argument("--remode", type=str, default="pixel")
-    g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--mixup", type=float, default=0.8)
-    g.add_argument("--cutmix", type=float, default=1.0)
+    g.add_argument("--recount", type=POSITIVE_INT, default=1)
+    g.add_argument("--mixup", type=NONNEG, default=0.8)
+    g.add_argument("--cutmix", type=NONNEG, default=1.0)
     g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
-    g.add_argument("--mixup-prob", type=float, default=1.0)
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
+    g.add_argument("--mixup-prob", type=PROB, default=1.0)
+    g.add_argument("--mixup-switch-prob", type=PROB, default=0.5)
     g.add_argument("--mixup-mode", type=str, default="batch", choices=["batch", "pair", "elem"])
 
 
@@ -155,13 +185,13 @@ def add_loss_args(p: argparse.ArgumentParser, kl_loss_coeff: float, student_eval
     g.add_argument("--teacher-model", default="regnety_160", type=str)
     g.add_argument("--teacher-path", type=str, default="", help="file or URL of teacher weights")
     g.add_argument("--distillation-type", default="none", choices=["none", "soft", "hard"])
-    g.add_argument("--distillation-alpha", default=0.5, type=float)
-    g.add_argument("--distillation-tau", default=1.0, type=float,
+    g.add_argument("--distillation-alpha", default=0.5, type=PROB)
+    g.add_argument("--distillation-tau", default=1.0, type=POSITIVE,
                    help="temperature of the soft teacher loss (and of the finetuning KL)")
-    g.add_argument("--kl_loss_coeff", default=kl_loss_coeff, type=float,
+    g.add_argument("--kl_loss_coeff", default=kl_loss_coeff, type=NONNEG,
                    help="weight of the KL divergence between the full pretrained --model and the "
                         "student (element-wise mean, as the reference)")
-    g.add_argument("--original_loss_coeff", default=1.0, type=float, help="weight of the DeiT loss")
+    g.add_argument("--original_loss_coeff", default=1.0, type=NONNEG, help="weight of the DeiT loss")
     g.add_argument("--base-loss-head", default="mean", choices=BASE_LOSS_HEADS,
                    help="the label loss on the mean of the two heads (the NViT reference) or on "
                         "the class head (DeiT)")
@@ -176,7 +206,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser, resume_help: str, finetune: 
         g.add_argument("--finetune", default="",
                        help="start from this checkpoint (its dims are used), or a folder holding "
                             "pruned_checkpoint.pth")
-        g.add_argument("--start_epoch", default=0, type=int)
+        g.add_argument("--start_epoch", default=0, type=COUNT)
         g.add_argument("--eval", action="store_true", help="evaluate the checkpoint, train nothing")
 
 
@@ -188,27 +218,28 @@ def add_pruning_args(p: argparse.ArgumentParser, pace: int, emb_saliency: tuple,
                    help="JSON: nvit's format (criterion, group_sizes, scales, momentum; "
                         "configs/nvit_reference.json) or an NViT reference config "
                         "(pruning_configs/group8_m23_m09.json)")
-    g.add_argument("--prune_per_iter", "--prune-per-iter", default=1024, type=int,
+    g.add_argument("--prune_per_iter", "--prune-per-iter", default=1024, type=POSITIVE_INT,
                    help="each prune step removes prune_per_iter // group_size more groups")
-    g.add_argument("--group_size", "--group-size", default=pace, type=int,
+    g.add_argument("--group_size", "--group-size", default=pace, type=POSITIVE_INT,
                    help="the divisor of --prune_per_iter and --prune_dict (the reference's; the "
                         "groups themselves are 16 channels, 2 heads, 8 QK, 8 V, 16 neurons)")
-    g.add_argument("--interval_prune", "--interval-prune", default=100, type=int,
+    g.add_argument("--interval_prune", "--interval-prune", default=100, type=POSITIVE_INT,
                    help="prune after iterations interval+1, 2*interval+1, ... (as the reference)")
     g.add_argument("--prune_dict", "--prune-dict", default='{"Global": 39000}',
                    help='JSON {"Global": N}: at most N // group_size groups removed, in at most '
                         'N // prune_per_iter + 1 prune steps')
     g.add_argument("--cost", default="latency", choices=["latency", "macs", "params"])
-    g.add_argument("--latency_target", "--latency-target", default=0.0, type=float,
+    g.add_argument("--latency_target", "--latency-target", default=0.0,
+                   type=ranged(float, 0.0, 1.0, high_open=True),
                    help="stop when cost <= target * cost of the original model (0: no target, "
                         "prune until the --prune_dict budget is spent)")
     g.add_argument("--latency_regularization", "--latency-regularization", default=0.0,
-                   type=float, help="lambda in score - lambda * cost drop (the paper: 5e-4)")
+                   type=NONNEG, help="lambda in score - lambda * cost drop (the paper: 5e-4)")
     g.add_argument("--latency_look_up_table", "--latency-look-up-table", default="",
                    help="JSON table from tools/build_latency_table.py (or the reference format)")
     g.add_argument("--pruning_exit", "--pruning-exit", action="store_true",
                    help="accepted for the reference's commands: the run always ends when pruning does")
-    g.add_argument("--kl-tau", "--kl_tau", default=3.0, type=float,
+    g.add_argument("--kl-tau", "--kl_tau", default=3.0, type=POSITIVE,
                    help="temperature of the KL term while pruning (the reference's fixed 3)")
     g.add_argument("--qk-v-units", default=qkv_units[0], choices=qkv_units,
                    help="a QK/V unit is one index shared by every head of a block (the reference) "

@@ -106,8 +106,6 @@ def check_args(args) -> None:
         raise UserError(f"--finetune {args.finetune} does not exist")
     if args.epochs <= 0 and not args.eval:
         raise UserError(f"--epochs must be positive, got {args.epochs}")
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
 
 
 def main(args) -> None:

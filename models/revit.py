@@ -7,8 +7,9 @@ Pruning attaches multiplicative gates (value 1 = kept, 0 = removed) through `set
 one embedding gate for the whole residual stream and per block head, QK, V and MLP gates.
 Each gate multiplies the output of the weights that produce its unit (applied by scaling
 those weights' rows, see `scaled`), so its gradient is `sum(theta * dL/dtheta)` over them:
-the head gate multiplies a head's q, k and v, the QK gate q only (a zero q column removes its k column's contribution too, and its
-gradient is then exactly the Q weights' sum, as the NViT reference scores QK). While an
+the head gate multiplies a head's q, k and v, the QK gate q only (a zero q column removes
+its k column's contribution too, and its gradient is then exactly the Q weights' sum, as the
+NViT reference scores QK). While an
 embedding gate is set, LayerNorm statistics are taken over live channels only, so the gated
 model computes exactly the function of its compact version. With no gates set the forward
 pass is the plain one.

@@ -260,7 +260,8 @@ def test_tool_writes_a_readable_table(tmp_path: Path) -> None:
     out = tmp_path / "table.json"
     proc = subprocess.run(
         [sys.executable, "-m", "tools.build_latency_table", "--output", str(out),
-         "--model", "deit_tiny_patch16_224", "--embed-dims", "16,32", "--heads", "1,2", "--qk-dims", "8", "--v-dims", "8,16",
+         "--model", "deit_tiny_patch16_224", "--embed-dims", "16,32", "--heads", "1,2",
+         "--qk-dims", "8", "--v-dims", "8,16",
          "--mlp-dims", "16,64", "--num-tokens", "17", "--warmup", "1", "--repeats", "2"],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

@@ -163,3 +163,29 @@ def test_bad_input_fails_cleanly(tmp_path, earlier, case):
         words = ["--eval", "no checkpoint"]
     assert_user_error(run("revit_scratch.py", *args, check=False), *words)
     unchanged(out, before)
+
+
+@pytest.mark.parametrize("script,flag,value", [
+    ("revit_scratch.py", "--clip-grad", "-1"), ("revit_scratch.py", "--patch-size", "0"),
+    ("revit_scratch.py", "--smoothing", "2"), ("revit_scratch.py", "--reprob", "2"),
+    ("revit_scratch.py", "--color-jitter", "-1"), ("revit_scratch.py", "--warmup-epochs", "-1"),
+    ("revit_scratch.py", "--eval-crop-ratio", "0"), ("revit_scratch.py", "--drop-path", "1.5"),
+    ("revit_scratch.py", "--num_workers", "-1"), ("revit_scratch.py", "--batch-size", "0"),
+    ("revit_scratch.py", "--lr", "nan"), ("revit_scratch.py", "--mixup-prob", "x"),
+    ("nvit_prune.py", "--latency_target", "1.5"), ("nvit_prune.py", "--interval_prune", "0"),
+    ("nvit_prune.py", "--kl-tau", "0"), ("nvit_prune.py", "--prune_per_iter", "-4"),
+])
+def test_out_of_range_flags_are_refused_when_parsed(script, flag, value):
+    """A value outside a flag's range is a one-line error at parse time: nothing loads or runs
+    (before, --clip-grad -1 ran gradient ascent and --patch-size 0 silently meant 16)."""
+    module = __import__(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as e:
+        module.get_args_parser().parse_args([flag, value])
+    assert e.value.code == 2
+
+
+def test_in_range_flag_values_parse_to_numbers():
+    import revit_scratch
+    args = revit_scratch.get_args_parser().parse_args(
+        ["--clip-grad", "1.5", "--patch-size", "8", "--smoothing", "0", "--drop-path", "0.3"])
+    assert (args.clip_grad, args.patch_size, args.smoothing, args.drop_path) == (1.5, 8, 0.0, 0.3)
