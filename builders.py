@@ -22,6 +22,36 @@ from losses import DistillationLoss, FullModelKLLoss
 from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
 
 
+def resolve_input_size(args, dims=None, checkpoint: str | None = None) -> None:
+    """--input-size unset: the size the model is built at (checkpoint's, dims file's or the
+    name's), so the data are never cut for one size while the model has another."""
+    planned = models.planned_img_size(args.model, dims, checkpoint)
+    if args.input_size is None:
+        args.input_size = planned
+    elif args.input_size != planned and dims is not None and dims.img_size is not None:
+        print(f"--input-size {args.input_size} replaces the dims file's img_size {dims.img_size}")
+
+
+def check_dims_frame(dims, dims_file: str | None, nb_classes: int) -> None:
+    """A dims file's frame fields must agree with the data they will be trained on."""
+    if dims is None or not dims_file:
+        return
+    if dims.num_classes is not None and dims.num_classes != nb_classes:
+        raise UserError(f"--dims {dims_file} says num_classes {dims.num_classes}, but the data set "
+                        f"has {nb_classes} classes; remove num_classes or fix it")
+    if dims.in_chans not in (None, 3):
+        raise UserError(f"--dims {dims_file} says in_chans {dims.in_chans}, but the data loaders "
+                        f"give RGB images (3 channels)")
+
+
+def check_loss_args(args) -> None:
+    """Flag combinations where a given flag would be silently ignored."""
+    if args.distillation_type == "none" and args.teacher_path:
+        raise UserError(f"--teacher-path {args.teacher_path} is given but --distillation-type is "
+                        f"none, so no teacher would be used; add --distillation-type hard (or "
+                        f"soft), or drop --teacher-path")
+
+
 def build_loaders(args, need_train: bool = True):
     """(train_loader or None, val_loader, nb_classes, train_sampler or None).
 

@@ -2,13 +2,22 @@
 
 Writes are atomic (atomic.py); reads go through `models.read_checkpoint`, which never
 unpickles arbitrary objects. A checkpoint holds tensors and plain values only.
+
+Crash consistency of a training run: each epoch writes checkpoint.pth first, and it carries
+everything the other files are made from (the log history, the best epoch), so a resume
+re-derives log.txt and best_checkpoint.pth whatever instant a kill hit.
 """
 from __future__ import annotations
 
+import json
+import os
+import signal
+import uuid
 from pathlib import Path
 
-from atomic import save_atomic
+from atomic import copy_atomic, save_atomic, write_text_atomic
 from errors import UserError
+from utils import json_lines
 
 CHECKPOINT_FILE = "checkpoint.pth"  # revit_scratch.py: the latest epoch, for --resume
 BEST_FILE = "best_checkpoint.pth"
@@ -53,6 +62,104 @@ def resume_path(resume: str, output_dir: str, default_file: str) -> str | None:
     return resume
 
 
+def new_run_id() -> str:
+    """Names a run; every checkpoint, state and model file it writes carries it."""
+    return uuid.uuid4().hex[:12]
+
+
+def _run_of(path: str) -> tuple[str | None, str]:
+    """(run id, output folder) recorded in a checkpoint, without reading its tensors."""
+    from models.checkpoint import peek_checkpoint
+    ckpt = peek_checkpoint(path)
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    return ckpt.get("run_id"), str(args.get("output_dir") or Path(path).parent)
+
+
+def refuse_foreign_resume(resume: str | None, output_dir: Path | None, own_file: str,
+                          names: tuple[str, ...]) -> None:
+    """--resume FILE must not mix two runs in one folder: FILE has to be the folder's own run
+    (same file or same run id) unless the folder holds no run yet."""
+    if not resume or output_dir is None or not any((output_dir / n).exists() for n in names):
+        return
+    own = output_dir / own_file
+    if own.is_file() and not is_url(resume) and os.path.samefile(resume, own):
+        return
+    theirs, their_dir = _run_of(resume)
+    ours = _run_of(str(own))[0] if own.is_file() else None
+    if theirs is not None and theirs == ours:
+        return
+    raise UserError(f"--resume {resume} is a checkpoint of the run in {their_dir} (id {theirs}), "
+                    f"but --output_dir {output_dir} already holds another run (id {ours}); "
+                    f"continue it in its own folder or in a new --output_dir")
+
+
+def check_run_files(resume: str | None, output_dir: Path, own_file: str,
+                    names: tuple[str, ...]) -> None:
+    """Before any work: a fresh run needs a folder without a run, a resume the folder's own."""
+    if resume:
+        refuse_foreign_resume(resume, output_dir, own_file, names)
+    else:
+        refuse_to_overwrite(output_dir, names)
+
+
+def crash_point(name: str, epoch: int) -> None:
+    """Test hook for the fault tests: NVIT_TEST_KILL_AT=name:epoch kills this process
+    (SIGKILL, nothing flushed) at that point of the epoch's writes."""
+    if os.environ.get("NVIT_TEST_KILL_AT") == f"{name}:{epoch}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_epoch_records(output_dir: Path, save_checkpoint, epoch: int, improved: bool,
+                        history: list[dict]) -> None:
+    """An epoch's files in crash-safe order: the checkpoint (holding the history and best
+    epoch) first, then the best copy and log.txt, both re-derivable from it."""
+    latest = output_dir / CHECKPOINT_FILE
+    save_checkpoint(latest)
+    crash_point("checkpoint", epoch)
+    if improved:
+        copy_atomic(latest, output_dir / BEST_FILE)
+    crash_point("best", epoch)
+    write_text_atomic(output_dir / LOG_FILE, json_lines(history))
+    crash_point("log", epoch)
+
+
+def read_log(path: Path) -> list[dict]:
+    """log.txt's records; lines that are not JSON records (a torn last line) are left out."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def restore_epoch_records(ckpt: dict, resume: str, output_dir: Path | None) -> list[dict]:
+    """On resume: the log history up to the checkpoint's epoch, with log.txt rewritten from it
+    and best_checkpoint.pth restored if a kill came between the checkpoint and its copy."""
+    epoch = ckpt["epoch"]
+    history = ckpt.get("log")
+    if history is None:  # written before checkpoints carried the log: trust log.txt's lines
+        history = [r for r in read_log(output_dir / LOG_FILE) if r.get("epoch", -1) <= epoch] \
+            if output_dir is not None else []
+    if output_dir is None:
+        return list(history)
+    write_text_atomic(output_dir / LOG_FILE, json_lines(history))
+    best = output_dir / BEST_FILE
+    if ckpt.get("best_epoch") == epoch:
+        best_epoch = None
+        if best.is_file():
+            from models.checkpoint import peek_checkpoint
+            best_epoch = peek_checkpoint(best).get("epoch")
+        if best_epoch != epoch:
+            copy_atomic(resume, best)
+            print(f"--resume: {best} restored (epoch {epoch}, written before the run stopped)")
+    return list(history)
+
+
 def refuse_to_overwrite(output_dir: Path, names: tuple[str, ...]) -> None:
     """A fresh run must not replace an earlier run's results: ask for --resume or a new dir."""
     taken = [n for n in names if (output_dir / n).exists()]
@@ -90,20 +197,23 @@ def restore_training_state(ckpt: dict, source: str, optimizer, scheduler, scaler
 
 
 def save_training_checkpoint(path: Path, model, optimizer, scheduler, scaler, model_ema,
-                             epoch: int, args, max_accuracy: float) -> None:
+                             epoch: int, args, max_accuracy: float, best_epoch: int | None,
+                             history: list[dict], run_id: str) -> None:
     save_atomic({**model_entry(model), **training_state(optimizer, scheduler, scaler),
                  "epoch": epoch,
                  "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
-                 "max_accuracy": max_accuracy, "args": plain(vars(args))}, path)
+                 "max_accuracy": max_accuracy, "best_epoch": best_epoch, "log": plain(history),
+                 "run_id": run_id, "args": plain(vars(args))}, path)
 
 
 def save_pruning_state(path: Path, model, loop, optimizer, scheduler, scaler, settings: dict,
-                       original_dims, args) -> None:
+                       original_dims, args, run_id: str, top1_dense: float | None) -> None:
     """nvit_prune.py's resumable state: the gated model's weights, the pruning loop's state
     (masks, saliency, pruner, position, history), the optimizer's, and what must not change."""
     save_atomic({**model_entry(model), **loop.state_dict(),
                  **training_state(optimizer, scheduler, scaler), "settings": settings,
-                 "original_dims": original_dims.to_dict(), "args": plain(vars(args))}, path)
+                 "original_dims": original_dims.to_dict(), "run_id": run_id,
+                 "top1_dense": top1_dense, "args": plain(vars(args))}, path)
 
 
 def save_model_file(path: Path, model, args, **extra) -> None:

@@ -68,6 +68,32 @@ PROB = ranged(float, 0.0, 1.0)
 RATE = ranged(float, 0.0, 1.0, high_open=True)  # dropout-like: 1 would drop everything
 
 
+SCHEDULERS = ["constant", "cosine", "multistep", "plateau", "poly", "rsqrt", "step", "tanh"]
+INTERPOLATIONS = ["random", "bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"]
+
+
+def optimizer_name(value: str) -> str:
+    """--opt: a timm optimizer, optionally prefixed as timm allows (`lookahead_adamw`)."""
+    from timm.optim import list_optimizers
+    if value.lower().split("_")[-1] not in list_optimizers():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a timm optimizer (adamw, sgd, lamb, ...)")
+    return value
+
+
+def auto_augment(value: str) -> str:
+    """--aa: a spec timm's transform factory accepts (checked by building it once)."""
+    if value.strip().lower() in ("", "none"):
+        return value
+    from timm.data import create_transform
+    try:
+        create_transform(32, is_training=True, auto_augment=value)
+    except Exception as e:  # timm asserts or raises KeyError/ValueError on a bad spec
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise argparse.ArgumentTypeError(f"{value!r} is not a timm auto-augment spec "
+                                         f"(rand-m9-mstd0.5-inc1, augmix, v0, none): {detail}") from None
+    return value
+
+
 def str2bool(value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "y"):
         return True
@@ -101,12 +127,14 @@ def add_model_args(p: argparse.ArgumentParser, widths: bool) -> None:
     g.add_argument("--model", default="deit_base_distilled_patch16_224", type=str,
                    help="timm DeiT name: fixes patch, image size, depth and distillation")
     if widths:
-        g.add_argument("--EMB", default=None, type=int, help="embedding width of the ReViT rule")
+        g.add_argument("--EMB", default=None, type=POSITIVE_INT, help="embedding width of the ReViT rule")
         g.add_argument("--dims", default=None, type=str, help="YAML/JSON dims spec (overrides --EMB)")
         g.add_argument("--scratch", action="store_true",
                        help="random initial weights (with --finetune: keep its dims, drop its weights)")
     g.add_argument("--patch-size", default=None, type=POSITIVE_INT, help="override the name's patch size")
-    g.add_argument("--input-size", default=224, type=POSITIVE_INT)
+    g.add_argument("--input-size", default=None, type=POSITIVE_INT,
+                   help="image size; default: the checkpoint's, else the dims file's, else the "
+                        "--model name's (224 for *_224)")
     g.add_argument("--drop", default=0.0, type=RATE, help="dropout rate")
     g.add_argument("--attn-drop", default=0.0, type=RATE)
     g.add_argument("--drop-path", default=0.1, type=RATE)
@@ -128,7 +156,7 @@ def add_ema_args(p: argparse.ArgumentParser) -> None:
 
 def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer")
-    g.add_argument("--opt", default="adamw", type=str)
+    g.add_argument("--opt", default="adamw", type=optimizer_name, help="a timm optimizer name")
     g.add_argument("--opt-eps", default=1e-8, type=NONNEG)
     g.add_argument("--opt-betas", default=None, type=float, nargs="+")
     g.add_argument("--clip-grad", type=POSITIVE, default=None)
@@ -136,7 +164,7 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=NONNEG, default=0.05)
     g = p.add_argument_group("learning-rate schedule")
-    g.add_argument("--sched", default="cosine", type=str)
+    g.add_argument("--sched", default="cosine", choices=SCHEDULERS)
     g.add_argument("--lr", type=NONNEG, default=5e-4, help="for a total batch of 512")
     g.add_argument("--unscale-lr", action="store_true", help="do not scale --lr by total batch / 512")
     g.add_argument("--lr-noise", type=float, nargs="+", default=None)
@@ -157,18 +185,23 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-set", default="IMNET", type=str.upper,
                    help="IMNET, FOLDER, CIFAR (= CIFAR10), CIFAR100, INAT, INAT19, DIGITS")
     g.add_argument("--inat-category", default="name", type=str)
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="replace an unreadable image by the next good one and count it in the log, "
+                        "instead of stopping (tools/check_data.py lists them all)")
     g.add_argument("--eval-crop-ratio", default=0.875, type=ranged(float, 0.0, 1.0, low_open=True))
     g = p.add_argument_group("augmentation")
     g.add_argument("--color-jitter", type=NONNEG, default=0.4)
-    g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", help="'none' disables")
+    g.add_argument("--aa", type=auto_augment, default="rand-m9-mstd0.5-inc1",
+                   help="timm auto-augment spec; 'none' disables")
     g.add_argument("--smoothing", type=RATE, default=0.1)
-    g.add_argument("--train-interpolation", type=str, default="bicubic")
+    g.add_argument("--train-interpolation", default="bicubic", choices=INTERPOLATIONS)
     g.add_argument("--hflip", type=PROB, default=0.5, help="horizontal flip probability (timm)")
     g.add_argument("--repeated-aug", action="store_true")
     g.add_argument("--no-repeated-aug", action="store_false", dest="repeated_aug")
     p.set_defaults(repeated_aug=True)
     g.add_argument("--reprob", type=PROB, default=0.25)
-    g.add_argument("--remode", type=str, default="pixel")
+    g.add_argument("--remode", default="pixel", choices=["const", "rand", "pixel"],
+                   help="random erasing fill (timm)")
     g.add_argument("--recount", type=POSITIVE_INT, default=1)
     g.add_argument("--mixup", type=NONNEG, default=0.8)
     g.add_argument("--cutmix", type=NONNEG, default=1.0)

@@ -108,6 +108,7 @@ def check_args(args) -> None:
     if not (args.pretrained or args.pretrained_path):
         raise UserError("nvit_prune.py prunes a pretrained model: pass --pretrained-path FILE "
                         "or --pretrained (timm's weights of --model)")
+    builders.check_loss_args(args)
 
 
 def load_dense_model(args, nb_classes: int):
@@ -213,6 +214,7 @@ def main(args) -> None:
     resume = checkpoints.resume_path(args.resume, args.output_dir, checkpoints.PRUNING_STATE_FILE)
     run = utils.setup_run(args)
     device, output_dir = run.device, run.output_dir
+    builders.resolve_input_size(args, None, args.pretrained_path or None)
     if config.ignored:
         print(f"--pruning_config {args.pruning_config}: keys without effect, as in the reference "
               f"(set by flags here, or unused): {', '.join(config.ignored)}")
@@ -223,14 +225,18 @@ def main(args) -> None:
     cost = build_cost_model(args.cost, original, table)
     note = cost.frame_note(original)
     if note:
-        print(f"warning: {note}")
+        raise UserError(f"{note}; build a table for this model (tools/build_latency_table.py "
+                        f"--model {args.model} --input-size {args.input_size})", field="latency_table")
     full_model = frozen_copy(model) if args.kl_loss_coeff > 0 else None
 
     gates, saliency, pruner = attach_pruner(model, cost, config, budget, args)
     min_ratio = pruner.minimum_ratio()
     if min_ratio > args.latency_target > 0:
-        print(f"warning: the minimum widths give {min_ratio:.3f} of the original {args.cost}; "
-              f"--latency_target {args.latency_target} cannot be reached")
+        coverage = cost.coverage_note(original)
+        raise UserError(f"--latency_target {args.latency_target} cannot be reached: "
+                        + (f"the latency table does not cover this model: {coverage}" if coverage
+                           else f"the minimum widths (one group of each kind per block) give "
+                                f"{min_ratio:.3f} of the original {args.cost}"))
 
     model_without_ddp = model
     if args.distributed:
@@ -245,21 +251,25 @@ def main(args) -> None:
                                          per_head=False, full_model=full_model)
 
     settings = run_settings(args, config)
+    run_id, top1_dense = checkpoints.new_run_id(), None
 
     def save_state() -> None:
         if run.is_main:
             checkpoints.save_pruning_state(output_dir / checkpoints.PRUNING_STATE_FILE,
                                            model_without_ddp, loop, optimizer, scheduler, scaler,
-                                           settings, original, args)
+                                           settings, original, args, run_id, top1_dense)
         loop.mark_saved()
+
+    def write_history() -> None:
+        if run.is_main:
+            write_text_atomic(output_dir / checkpoints.HISTORY_FILE, json.dumps(
+                {"original": widths_of(original), "steps": loop.history}, indent=1))
 
     def on_prune(record: dict) -> None:
         print(prune_step_line(record, loop, args), flush=True)
         if loop.save_due():
             save_state()
-        if run.is_main:
-            write_text_atomic(output_dir / checkpoints.HISTORY_FILE, json.dumps(
-                {"original": widths_of(original), "steps": loop.history}, indent=1))
+        write_history()
 
     save_steps, save_seconds = args.save_every
     loop = PruningLoop(model_without_ddp, gates, saliency, pruner, criterion, optimizer,
@@ -273,13 +283,18 @@ def main(args) -> None:
         model_without_ddp.load_state_dict(ckpt["model"])
         loop.load_state_dict(ckpt)
         checkpoints.restore_training_state(ckpt, resume, optimizer, scheduler, scaler)
+        run_id = ckpt.get("run_id") or run_id
+        top1_dense = ckpt.get("top1_dense")
         print(f"resumed from {resume}: epoch {loop.epoch}, iteration {loop.iteration}, "
               f"{pruner.steps} prune steps done, cost ratio {pruner.ratio():.3f}")
-    elif run.is_main:
-        checkpoints.refuse_to_overwrite(output_dir, checkpoints.PRUNING_RUN_FILES)
+        del ckpt
 
-    top1_dense = None
-    if not resume:
+    # every input has passed: from here on the folder is ours
+    utils.claim_output_dir(run, check=lambda: checkpoints.check_run_files(
+        resume, output_dir, checkpoints.PRUNING_STATE_FILE, checkpoints.PRUNING_RUN_FILES))
+    if resume:
+        write_history()  # the state holds the history: a kill after the state lost nothing
+    else:
         dense_stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
         top1_dense = dense_stats["acc1"]
         print(f"before pruning: top-1 {dense_stats['acc1']:.2f}%  top-5 {dense_stats['acc5']:.2f}%")
@@ -327,7 +342,7 @@ def main(args) -> None:
     if run.is_main:
         checkpoints.save_model_file(
             output_dir / checkpoints.PRUNED_FILE, compact(model_without_ddp), args,
-            original_dims=original.to_dict(), cost=args.cost, cost_ratio=ratio,
+            run_id=run_id, original_dims=original.to_dict(), cost=args.cost, cost_ratio=ratio,
             top1_dense=top1_dense, top1_pruned=stats["acc1"])
         if loop.history:
             plot_widths(widths_of(original), loop.history[-1]["dims"], output_dir / "widths.png")

@@ -16,7 +16,6 @@ import checkpoints
 import flags
 import models
 import utils
-from atomic import copy_atomic
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
 from errors import UserError
 from models import Dims, revit_dims
@@ -60,13 +59,21 @@ def requested_dims(args) -> Dims | None:
     return None
 
 
-def create_student(args, nb_classes: int, resume: str | None) -> torch.nn.Module:
+def student_source(args, resume: str | None) -> str | None:
+    """The checkpoint the student's weights (and dims) come from, if any."""
+    if resume or args.finetune:
+        return resume or args.finetune
+    if args.pretrained_path and not args.scratch and not (args.dims or args.EMB):
+        return args.pretrained_path
+    return None
+
+
+def create_student(args, dims: Dims | None, nb_classes: int, resume: str | None) -> torch.nn.Module:
     """Which weights and dims the student starts from: resume > finetune > pretrained > random."""
     frame = dict(img_size=args.input_size, num_classes=nb_classes,
                  drop_rate=args.drop, attn_drop_rate=args.attn_drop, drop_path_rate=args.drop_path)
     if args.patch_size:
         frame["patch_size"] = args.patch_size
-    dims = requested_dims(args)
     source = resume or args.finetune or None
     if source:
         model = models.build_model(args.model, dims=dims, checkpoint=source,
@@ -106,6 +113,9 @@ def check_args(args) -> None:
         raise UserError(f"--finetune {args.finetune} does not exist")
     if args.epochs <= 0 and not args.eval:
         raise UserError(f"--epochs must be positive, got {args.epochs}")
+    if args.dims and args.EMB is not None:
+        raise UserError("--dims and --EMB both choose the dims; give one of them")
+    builders.check_loss_args(args)
 
 
 def main(args) -> None:
@@ -113,13 +123,16 @@ def main(args) -> None:
     run = utils.setup_run(args, after_init=finetune_folder_defaults if args.finetune else None)
     device = run.device
     output_dir = run.output_dir if run.is_main else None
-
-    train_loader, val_loader, nb_classes, train_sampler = builders.build_loaders(
-        args, need_train=not args.eval)
     resume = checkpoints.resume_path(args.resume, args.output_dir, checkpoints.CHECKPOINT_FILE)
     if args.eval and args.resume and not resume:
         raise UserError(f"--eval --resume: there is no checkpoint in {args.output_dir} to evaluate")
-    model = create_student(args, nb_classes, resume).to(device)
+    dims = requested_dims(args)
+    builders.resolve_input_size(args, dims, student_source(args, resume))
+
+    train_loader, val_loader, nb_classes, train_sampler = builders.build_loaders(
+        args, need_train=not args.eval)
+    builders.check_dims_frame(dims, args.dims, nb_classes)
+    model = create_student(args, dims, nb_classes, resume).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, dims {json.dumps(model.dims.to_dict())}")
     amp_dtype = amp_dtype_for(device, args.amp)
@@ -143,7 +156,8 @@ def main(args) -> None:
                                          kl_tau=args.distillation_tau, per_head=True)
     student_eval = bool(args.finetune) if args.student_eval is None else args.student_eval
     model_without_ddp.return_pair = student_eval  # both heads for the losses in eval mode
-    max_accuracy = 0.0
+    max_accuracy, best_epoch, history, run_id = 0.0, None, [], checkpoints.new_run_id()
+    ckpt = None
     if resume:
         ckpt = models.read_checkpoint(resume)
         checkpoints.restore_training_state(ckpt, resume, optimizer, scheduler, scaler)
@@ -151,10 +165,16 @@ def main(args) -> None:
             model_ema.module.load_state_dict(ckpt["model_ema"])
         args.start_epoch = ckpt["epoch"] + 1
         max_accuracy = ckpt.get("max_accuracy", 0.0)
+        best_epoch = ckpt.get("best_epoch")
+        run_id = ckpt.get("run_id") or run_id
         print(f"resumed from {resume} at epoch {args.start_epoch}")
-    elif output_dir is not None:
-        checkpoints.refuse_to_overwrite(output_dir, checkpoints.TRAINING_RUN_FILES)
 
+    # every input has passed: from here on the folder is ours
+    utils.claim_output_dir(run, check=lambda: checkpoints.check_run_files(
+        resume, run.output_dir, checkpoints.CHECKPOINT_FILE, checkpoints.TRAINING_RUN_FILES))
+    if ckpt is not None:
+        history = checkpoints.restore_epoch_records(ckpt, resume, output_dir)
+        del ckpt
     writer = None
     if output_dir is not None:
         try:
@@ -177,7 +197,8 @@ def main(args) -> None:
             seed_fn=utils.seed_fn(args.seed, epoch, run.rank), train_mode=not student_eval)
         test_stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
         improved = test_stats["acc1"] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        if improved:
+            max_accuracy, best_epoch = test_stats["acc1"], epoch
         line = (f"Epoch {epoch}: top-1 {test_stats['acc1']:.2f}%  top-5 {test_stats['acc5']:.2f}%"
                 f"  (best top-1 {max_accuracy:.2f}%)  train loss {train_stats['loss']:.4f}")
         log = {"epoch": epoch, "n_parameters": n_params,
@@ -189,13 +210,13 @@ def main(args) -> None:
             line += f"  EMA top-1 {ema_stats['acc1']:.2f}%"
             log.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
         print(line, flush=True)
+        history.append(log)
         if output_dir is not None:
-            latest = output_dir / checkpoints.CHECKPOINT_FILE
-            checkpoints.save_training_checkpoint(latest, model_without_ddp, optimizer, scheduler,
-                                                 scaler, model_ema, epoch, args, max_accuracy)
-            if improved:
-                copy_atomic(latest, output_dir / checkpoints.BEST_FILE)
-            utils.append_json_line(output_dir / checkpoints.LOG_FILE, log)
+            checkpoints.write_epoch_records(
+                output_dir, lambda path: checkpoints.save_training_checkpoint(
+                    path, model_without_ddp, optimizer, scheduler, scaler, model_ema, epoch, args,
+                    max_accuracy, best_epoch, history, run_id),
+                epoch, improved, history)
             if writer is not None:
                 for k, v in log.items():
                     if isinstance(v, (int, float)) and k != "epoch":

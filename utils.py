@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import random
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from atomic import writable_dir
+import run_folder
 from errors import Stopped, UserError
 from flags import user_message
 
@@ -107,17 +108,13 @@ def iteration_seed(seed: int, epoch: int, iteration: int, rank: int) -> int:
 
 
 # --------------------------------------------------------------------------- run set-up
-def prepare_output_dir(path: str | None) -> Path | None:
-    return writable_dir(path, "--output_dir") if path else None
-
-
 @dataclass
 class Run:
     """Where and how this process runs."""
     device: torch.device
     rank: int
     world_size: int
-    output_dir: Path | None  # None without --output_dir
+    output_dir: Path | None  # None without --output_dir; created by claim_output_dir
     sharded_eval: bool  # --dist-eval over several processes: counts summed over shards
 
     @property
@@ -126,16 +123,44 @@ class Run:
 
 
 def setup_run(args, after_init=None) -> Run:
-    """Join the process group, pick the device, seed this rank, check the output folder.
-    `after_init(args)` runs once the process group exists (so only rank 0 prints)."""
+    """Join the process group, pick the device, seed this rank, check (not create) the output
+    folder. `after_init(args)` runs once the process group exists (so only rank 0 prints)."""
     init_distributed_mode(args)
     if after_init is not None:
         after_init(args)
     device = resolve_device(args.device)
     rank = get_rank()
     seed_everything(args.seed + rank)
-    output_dir = prepare_output_dir(args.output_dir)  # every rank checks it is writable
+    output_dir = run_folder.check_output_dir(args.output_dir) if args.output_dir else None
     return Run(device, rank, get_world_size(), output_dir, args.distributed and args.dist_eval)
+
+
+def on_main_process(fn):
+    """fn() on rank 0 only; a UserError there is raised on every rank, so that none waits
+    for the others in a collective (all ranks leave with the same one-line message)."""
+    message = None
+    if is_main_process():
+        try:
+            fn()
+        except UserError as e:
+            message = user_message(e)
+    if is_dist():
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise UserError(message)
+
+
+def claim_output_dir(run: Run, check=None) -> None:
+    """Once every input has passed: `check()` the folder's contents (does it hold another
+    run?), then create the output folder and lock it for this run."""
+    def claim() -> None:
+        if check is not None:
+            check()
+        run_folder.claim(run.output_dir)
+    if run.output_dir is not None:
+        on_main_process(claim)
 
 
 def seed_fn(seed: int, epoch: int, rank: int):
@@ -183,9 +208,20 @@ class ProgressLogger:
         return time.perf_counter() - self.start
 
 
-def append_json_line(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def json_safe(value):
+    """Non-finite floats (a diverged loss) as null, so that log files stay strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_lines(records: list[dict]) -> str:
+    """log.txt's content: one strict-JSON record per line."""
+    return "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in records)
 
 
 def run_main(main, args) -> None:
@@ -193,6 +229,7 @@ def run_main(main, args) -> None:
     try:
         main(args)
     except UserError as e:
+        run_folder.release_all()
         where = f"[rank {get_rank()}] " if is_dist() else ""
         sys.stderr.write(f"error: {where}{user_message(e)}\n")
         sys.stderr.flush()

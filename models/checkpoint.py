@@ -74,6 +74,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def peek_checkpoint(path: str | os.PathLike) -> dict:
+    """read_checkpoint, but a local PyTorch file is memory-mapped: only what is looked at is
+    read. For looking, not for training state (the tensors share the file's pages)."""
+    path = str(path)
+    if os.path.isfile(path) and not path.endswith(".safetensors"):
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(ckpt, dict):
+                return ckpt
+        except Exception:  # an old-format or broken file: read_checkpoint says what is wrong
+            pass
+    return read_checkpoint(path)
+
+
 def state_dict_of(ckpt: dict, source: str) -> dict[str, torch.Tensor]:
     """The model weights inside a checkpoint dict, with DDP's `module.` prefix removed."""
     for key in ("model", "state_dict", "model_ema"):

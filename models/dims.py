@@ -61,6 +61,8 @@ class Dims:
             self.depth = len(self.num_heads)
         if self.attn_scale is None:
             self.attn_scale = [1.0 / math.sqrt(q) if q > 0 else 1.0 for q in self.qk_dim]
+        elif isinstance(self.attn_scale, (int, float)):
+            self.attn_scale = [float(self.attn_scale)] * self.depth
         else:
             self.attn_scale = [float(s) for s in self.attn_scale]
         self.validate()
@@ -144,6 +146,8 @@ class Dims:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "dims") -> "Dims":
+        """A spec from a file or a checkpoint, strictly typed: 12.5, true or "16" where an
+        integer belongs is refused (naming field and block), never rounded or coerced."""
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of dims fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
@@ -153,6 +157,7 @@ class Dims:
         missing = [n for n in ("embed_dim", *BLOCK_LISTS) if n not in data]
         if missing:
             raise UserError(f"{source}: missing dims field(s) {missing}")
+        _check_types(data, source)
         try:
             return cls(**data)
         except (TypeError, ValueError) as e:
@@ -173,7 +178,10 @@ class Dims:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"dims file not found: {path}")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"dims file {path} is not a text file (expected YAML or JSON)") from None
         try:
             if path.suffix in (".yaml", ".yml"):
                 import yaml
@@ -184,6 +192,45 @@ class Dims:
             raise UserError(f"dims file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
                             f"{str(e).splitlines()[0]}") from None
         return cls.from_dict(data, source=f"dims file {path}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# the type each field must have in a file: (test, what the message calls it)
+_SCALAR_TYPES = {
+    "embed_dim": (_is_int, "an integer"), "depth": (_is_int, "an integer"),
+    "token_scale": (lambda v: isinstance(v, bool), "true or false"),
+    "init": (lambda v: isinstance(v, str), "a string"),
+    "img_size": (_is_int, "an integer"), "patch_size": (_is_int, "an integer"),
+    "in_chans": (_is_int, "an integer"), "num_classes": (_is_int, "an integer"),
+    "distilled": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check_types(data: dict, source: str) -> None:
+    for name, (ok, what) in _SCALAR_TYPES.items():
+        value = data.get(name)
+        if value is not None and not ok(value):
+            raise UserError(f"{source}: {name} must be {what}, got {value!r}")
+    for name in (*BLOCK_LISTS, "attn_scale"):
+        value = data.get(name)
+        ok, what = (_is_number, "a number") if name == "attn_scale" else (_is_int, "an integer")
+        if value is None and name == "attn_scale":
+            continue
+        if ok(value):  # one value for every block
+            continue
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {name} must be {what} or a list with one per block, "
+                            f"got {value!r}")
+        for i, v in enumerate(value):
+            if not ok(v):
+                raise UserError(f"{source}: {name} of block {i} must be {what}, got {v!r}")
 
 
 def _revit_factors(emb: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from timm.layers import resample_abs_pos_embed
 from errors import UserError
 
 from .checkpoint import (check_fits, fuse_split_qkv, has_split_qkv, infer_uniform_dims,
-                         is_fused_qkv, read_checkpoint, state_dict_of)
+                         is_fused_qkv, peek_checkpoint, read_checkpoint, state_dict_of)
 from .dims import FRAME_FIELDS, Dims
 from .nvit_reference import from_reference, is_reference_layout
 from .revit import ReViT
@@ -112,19 +112,7 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
         else:
             source = f"timm's pretrained {name}"
             ckpt = _timm_pretrained_state(name)
-        state = state_dict_of(ckpt, source)
-        if is_reference_layout(state):  # an NViT reference model (released or masked)
-            ck_dims, state = from_reference(ckpt, state, source)
-            state = fuse_split_qkv(state)
-        elif "dims" in ckpt:
-            ck_dims = Dims.from_dict(ckpt["dims"], source=f"dims in {source}")
-            if has_split_qkv(state):  # written before q, k and v were one tensor
-                state = fuse_split_qkv(state)
-        elif is_fused_qkv(state):
-            ck_dims = infer_uniform_dims(state, base.num_heads[0], source)
-        else:
-            raise UserError(f"{source} is neither a timm/DeiT state dict nor an nvit checkpoint "
-                            f"(no fused qkv and no dims)")
+        ck_dims, state = _checkpoint_dims(ckpt, base, source)
         if dims is not None and _widths(dims) != _widths(ck_dims):
             raise UserError(f"{source} holds a model of other dims than the ones given "
                             f"(give none: the checkpoint's dims are used)", field="dims")
@@ -144,6 +132,7 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
     if token_scale and not dims.token_scale:
         dims = replace(dims, token_scale=True)
     dims.validate()
+    _check_fits_in_memory(dims)
     model = ReViT(dims, **model_kwargs)
     if state is not None:
         if adapt:
@@ -154,6 +143,67 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
         check_fits(model, state, source)
         model.load_state_dict(state)
     return model
+
+
+def parameter_count(dims: Dims) -> int:
+    """Parameters of the model `dims` describes, counted without allocating them."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in ReViT(dims).parameters())
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the OS can still give this process (Linux), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits_in_memory(dims: Dims) -> None:
+    """Refuse a model whose fp32 weights alone exceed the free memory, instead of letting
+    the allocation take the machine down (--EMB 100000 asks for tens of GB)."""
+    free = available_memory()
+    if free is None:
+        return
+    n = parameter_count(dims)
+    if 4 * n > free:
+        raise UserError(f"these dims give {n:,} parameters ({4 * n / 2**30:.1f} GiB in fp32), "
+                        f"more than the {free / 2**30:.1f} GiB of free memory", field="dims")
+
+
+def _checkpoint_dims(ckpt: dict, base: Dims, source: str) -> tuple[Dims, dict]:
+    """The dims a checkpoint holds (or implies) and its weights in our layout."""
+    state = state_dict_of(ckpt, source)
+    if is_reference_layout(state):  # an NViT reference model (released or masked)
+        ck_dims, state = from_reference(ckpt, state, source)
+        return ck_dims, fuse_split_qkv(state)
+    if "dims" in ckpt:
+        ck_dims = Dims.from_dict(ckpt["dims"], source=f"dims in {source}")
+        if has_split_qkv(state):  # written before q, k and v were one tensor
+            state = fuse_split_qkv(state)
+        return ck_dims, state
+    if is_fused_qkv(state):
+        return infer_uniform_dims(state, base.num_heads[0], source), state
+    raise UserError(f"{source} is neither a timm/DeiT state dict nor an nvit checkpoint "
+                    f"(no fused qkv and no dims)")
+
+
+def planned_img_size(name: str, dims: Dims | None = None,
+                     checkpoint: str | os.PathLike | None = None) -> int:
+    """The image size build_model gives when none is asked for: the checkpoint's, else the
+    dims spec's, else the name's. Lets a script size its data transforms before building the
+    model; a local checkpoint is memory-mapped, not read."""
+    base = name_dims(name)
+    if checkpoint is not None:
+        ckpt = peek_checkpoint(checkpoint)
+        return _checkpoint_dims(ckpt, base, str(checkpoint))[0].img_size or base.img_size
+    if dims is not None and dims.img_size is not None:
+        return dims.img_size
+    return base.img_size
 
 
 def _widths(d: Dims) -> tuple:

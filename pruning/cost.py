@@ -47,6 +47,10 @@ class CostModel:
         """A warning for the caller when the cost was measured for another frame (None: fine)."""
         return None
 
+    def coverage_note(self, dims: Dims) -> str | None:
+        """Why pruning `dims` cannot lower this cost on some axis (None: it can)."""
+        return None
+
     def total(self, dims: Dims) -> float:
         E = dims.embed_dim
         return self.stem(dims, E) + sum(
@@ -253,6 +257,19 @@ class LatencyTable(CostModel):
         if n is not None and dims.complete and n != dims.num_tokens:
             return (f"the latency table was measured with {n} tokens but the model has "
                     f"{dims.num_tokens}; latencies are estimates for the table's token count")
+        return None
+
+    def coverage_note(self, dims: Dims) -> str | None:
+        """A grid that starts above the model's widest layer on some axis holds the latency
+        there constant (clamped), so pruning along that axis looks free of effect."""
+        for part, grid in self.parts.items():
+            for axis, pts in zip(grid.axes, grid.points):
+                values = getattr(dims, axis)
+                widest = max(values) if isinstance(values, list) else values
+                if len(pts) > 1 and widest <= pts[0]:
+                    return (f"its {part} grid starts at {axis} {pts[0]:g}, above the model's "
+                            f"widest {axis} {widest}, so pruning {axis} changes no latency; "
+                            f"build a table for this model with tools/build_latency_table.py")
         return None
 
     # ------------------------------------------------------------- building

@@ -129,7 +129,8 @@ def unchanged(out, before):
                                   "eval_nothing"])
 def test_bad_input_fails_cleanly(tmp_path, earlier, case):
     out, before = earlier
-    base = [*TRAIN, "--epochs", "1", "--output_dir", out]
+    fresh = tmp_path / "fresh"
+    base = [*TRAIN, "--epochs", "1", "--output_dir", fresh]
     if case == "no_data_path":
         args, words = [*base, "--data-set", "IMNET"], ["--data-path"]
     elif case == "bad_data_set":
@@ -140,7 +141,7 @@ def test_bad_input_fails_cleanly(tmp_path, earlier, case):
                                                   "mlp_dim": [48, 48]})
         args, words = [*base, "--dims", dims], ["num_heads", "block 1"]
     elif case == "emb0":
-        args, words = [*base, "--EMB", "0"], ["--EMB", "EMB 0"]
+        args, words = [*base, "--EMB", "0"], ["--EMB", "got 0"]
     elif case == "emb50":
         args, words = [*base, "--EMB", "50"], ["--EMB", "EMB 50", "EMB >="]
     elif case == "other_shape":
@@ -156,13 +157,15 @@ def test_bad_input_fails_cleanly(tmp_path, earlier, case):
         args = [*base, "--distillation-type", "hard", "--teacher-path", tmp_path / "nope.pth"]
         words = ["--teacher-path", "nope.pth"]
     elif case == "overwrite":  # a fresh run into a used output dir
-        args, words = [*base, "--dims", out / "dims.yaml"], ["already holds a run", "--resume"]
+        args = [*TRAIN, "--epochs", "1", "--output_dir", out, "--dims", out / "dims.yaml"]
+        words = ["already holds a run", "--resume"]
     else:
         (tmp_path / "empty").mkdir()
         args = [*TRAIN, "--eval", "--resume", "--output_dir", tmp_path / "empty"]
         words = ["--eval", "no checkpoint"]
     assert_user_error(run("revit_scratch.py", *args, check=False), *words)
     unchanged(out, before)
+    assert not fresh.exists()  # nothing is created before the inputs pass
 
 
 @pytest.mark.parametrize("script,flag,value", [
