@@ -9,12 +9,14 @@ that names the flag to fix.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
+import sys
 from functools import lru_cache
 from typing import Any, Callable, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
@@ -49,11 +51,61 @@ def _arg(args: Any, name: str) -> Any:
     return _DEFAULTS[name] if value is None else value
 
 
+class BadImage(UserError):
+    """An image file that cannot be read (corrupt, truncated, not an image, unreadable)."""
+
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        if reason is None:  # re-raised by a DataLoader worker with its whole message
+            super().__init__(path)
+        else:
+            super().__init__(f"--data-path: cannot read image {path}: {reason} (--skip-bad-images "
+                             f"skips such files; tools/check_data.py lists them all)")
+        self.path, self.reason = path, reason
+
+
 def _load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB: some real sets contain grayscale or CMYK JPEGs."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")
+    """Open an image as RGB (some real sets contain grayscale or CMYK JPEGs); a file that
+    cannot be decoded is a BadImage naming it (PIL's own errors do not, for truncated JPEGs)."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise BadImage(path, "not an image file PIL can decode") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadImage(path, str(e) or type(e).__name__) from None
+
+
+# --------------------------------------------------------------------------- bad images
+_SKIPPED = mp.Value("q", 0)  # shared with forked DataLoader workers
+
+
+def skipped_images() -> int:
+    """How many unreadable images SkipBadImages has replaced so far in this run."""
+    return _SKIPPED.value
+
+
+class SkipBadImages(Dataset):
+    """--skip-bad-images: an unreadable image is replaced by the next readable one, reported
+    once on stderr and counted (skipped_images)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.classes = getattr(dataset, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        n = len(self.dataset)
+        for k in range(n):
+            try:
+                return self.dataset[(i + k) % n]
+            except BadImage as e:
+                with _SKIPPED.get_lock():
+                    _SKIPPED.value += 1
+                sys.stderr.write(f"warning: skipped unreadable image {e.path}: {e.reason}\n")
+        raise UserError("--skip-bad-images: no image of the data set can be read")
 
 
 # --------------------------------------------------------------------------- transforms
@@ -328,7 +380,7 @@ def _image_folder(data_path: Optional[str], is_train: bool, data_set: str,
     if not os.path.isdir(split_dir):
         raise UserError(f"--data-path {root} has no '{split}/' folder; expected {layout}")
     try:
-        ds = datasets.ImageFolder(split_dir, transform=transform)
+        ds = datasets.ImageFolder(split_dir, transform=transform, loader=_load_rgb)
     except FileNotFoundError as e:
         raise UserError(f"--data-path {split_dir}: {e} Expected {layout}") from e
     # Labels come from sorted folder names, so val must have exactly train's classes.
@@ -382,4 +434,7 @@ def build_dataset(is_train: bool, args: Any) -> tuple[Dataset, int]:
                          category=_arg(args, "inat_category"), transform=transform)
     else:  # DIGITS
         ds = DigitsDataset(train=is_train, transform=transform)
-    return ds, len(ds.classes)
+    n_classes = len(ds.classes)
+    if getattr(args, "skip_bad_images", False):
+        ds = SkipBadImages(ds)
+    return ds, n_classes

@@ -16,6 +16,7 @@ import checkpoints
 import flags
 import models
 import utils
+from datasets import skipped_images
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
 from errors import UserError
 from models import Dims, revit_dims
@@ -204,6 +205,8 @@ def main(args) -> None:
         log = {"epoch": epoch, "n_parameters": n_params,
                **{f"train_{k}": v for k, v in train_stats.items()},
                **{f"test_{k}": v for k, v in test_stats.items()}}
+        if args.skip_bad_images:
+            log["skipped_images"] = skipped_images()
         if model_ema is not None:
             ema_device = next(model_ema.module.parameters()).device  # --model-ema-force-cpu
             ema_stats = evaluate(val_loader, model_ema.module, ema_device, amp_dtype, run.sharded_eval)

@@ -224,6 +224,16 @@ def json_lines(records: list[dict]) -> str:
     return "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in records)
 
 
+def one_line(message: str) -> str:
+    """A user error raised in a DataLoader worker arrives wrapped in the worker's traceback
+    ("Caught BadImage in DataLoader worker process 0. Original Traceback ..."): keep its
+    own message, the traceback's last line after the exception's name."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def run_main(main, args) -> None:
     """Run an entry script's main(); user mistakes end with one line on stderr and exit 2."""
     try:
@@ -231,7 +241,7 @@ def run_main(main, args) -> None:
     except UserError as e:
         run_folder.release_all()
         where = f"[rank {get_rank()}] " if is_dist() else ""
-        sys.stderr.write(f"error: {where}{user_message(e)}\n")
+        sys.stderr.write(f"error: {where}{one_line(user_message(e))}\n")
         sys.stderr.flush()
         if is_dist():
             dist.destroy_process_group()
