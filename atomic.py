@@ -21,6 +21,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
@@ -31,19 +32,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def writable_dir(path: str | os.PathLike, flag: str) -> Path:
-    """Create the folder if needed and check that a file can be written in it, before any
-    work starts; a one-line error names the flag otherwise."""
+def check_output_file(path: str | os.PathLike, flag: str, force: bool = False) -> Path:
+    """Before any work: an output file must be new (or --force given) and its folder, or the
+    nearest existing parent that will hold it, writable. Creates nothing."""
     from errors import UserError
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{flag} {out} is not writable: {e.strerror or e}") from None
-    return out
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder, not a file")
+    if path.exists() and not force:
+        raise UserError(f"{flag} {path} already exists; pass --force to replace it")
+    base = path.absolute().parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path} is not writable ({base} is not a writable folder)")
+    return path
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:

@@ -19,6 +19,7 @@ import utils
 from datasets import build_dataset
 from errors import UserError
 from losses import DistillationLoss, FullModelKLLoss
+from models.hub import download_problem
 from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
 
 
@@ -137,6 +138,10 @@ def build_teacher(args, nb_classes: int, device) -> torch.nn.Module | None:
                                 f"{args.teacher_model} with {nb_classes} classes") from None
     else:
         name = DEIT_TEACHERS.get(args.teacher_model, args.teacher_model)
+        problem = download_problem(name)
+        if problem:
+            raise UserError(f"--teacher-model {args.teacher_model}: timm cannot download the "
+                            f"weights of {name}: {problem}; pass --teacher-path FILE")
         print(f"teacher: timm's pretrained {name} (no --teacher-path given)")
         try:
             teacher = timm.create_model(name, pretrained=True, num_classes=nb_classes)

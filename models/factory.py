@@ -18,6 +18,7 @@ from errors import UserError
 from .checkpoint import (check_fits, fuse_split_qkv, has_split_qkv, infer_uniform_dims,
                          is_fused_qkv, peek_checkpoint, read_checkpoint, state_dict_of)
 from .dims import FRAME_FIELDS, Dims
+from .hub import download_problem
 from .nvit_reference import from_reference, is_reference_layout
 from .revit import ReViT
 
@@ -211,6 +212,10 @@ def _widths(d: Dims) -> tuple:
 
 
 def _timm_pretrained_state(name: str) -> dict:
+    problem = download_problem(name)
+    if problem:
+        raise UserError(f"timm cannot download the weights of {name}: {problem}; use a local "
+                        f"file of them instead", field="pretrained")
     try:
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as e:

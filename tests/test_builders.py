@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import builders
+from errors import UserError
 
 
 def teacher_args(**kw) -> SimpleNamespace:
@@ -27,9 +28,19 @@ def test_teacher_without_path_is_deits(monkeypatch, capsys, name, expected):
         return torch.nn.Linear(2, kw.get("num_classes", 1000))
 
     monkeypatch.setattr(builders.timm, "create_model", fake_create_model)
+    monkeypatch.setattr(builders, "download_problem", lambda name: None)  # as if online
     builders.build_teacher(teacher_args(teacher_model=name), 10, torch.device("cpu"))
     assert asked == {"name": expected, "pretrained": True, "num_classes": 10}
     assert f"teacher: timm's pretrained {expected}" in capsys.readouterr().out
+
+
+def test_offline_teacher_name_fails_at_once(monkeypatch):
+    """No network (or HF_HUB_OFFLINE) and no cached weights: one line naming --teacher-path,
+    before timm waits for the hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(builders.timm, "create_model", lambda *a, **k: pytest.fail("tried timm"))
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE.*--teacher-path FILE"):
+        builders.build_teacher(teacher_args(teacher_model="regnety_160"), 10, torch.device("cpu"))
 
 
 def test_no_teacher_without_distillation():

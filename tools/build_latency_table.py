@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from atomic import write_text_atomic
+from atomic import check_output_file, write_text_atomic
 from errors import UserError
-from flags import user_message
+from flags import COUNT, POSITIVE_INT, Parser, user_message
 from models.dims import Dims
 from models.factory import name_dims
 from pruning.cost import LatencyTable
@@ -38,12 +37,12 @@ DEFAULTS = {  # small: about a minute on 2 CPU cores at 198 tokens
 
 # ------------------------------------------------------------------ arguments
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="JSON file to write")
+    p = Parser(__doc__.split("\n\n")[0])
+    p.add_argument("--output", required=True, help="JSON file to write (folders are created)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--num-tokens", type=int, default=None,
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=1)
+    p.add_argument("--num-tokens", type=POSITIVE_INT, default=None,
                    help="tokens per image (default: the --model's, else 198 = DeiT at 224 px "
                         "with class and distillation tokens)")
     p.add_argument("--model", default=None,
@@ -55,9 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(flag, default=None,
                        help=f"comma-separated widths (default {DEFAULTS[key]}, or derived "
                             f"from --model)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--warmup", type=COUNT, default=5)
+    p.add_argument("--repeats", type=POSITIVE_INT, default=20)
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="CPU threads for torch (default: torch's choice); time with the "
                         "thread count you will deploy with, on an otherwise idle machine")
     p.add_argument("--amp", action="store_true",
@@ -111,37 +110,15 @@ def resolve_device(text: str) -> torch.device:
     return device
 
 
-def check_output(path: Path) -> None:
-    parent = path.parent
-    if not parent.is_dir():
-        raise UserError(f"--output {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--output {path}: directory {parent} is not writable")
-    if path.is_dir():
-        raise UserError(f"--output {path} is a directory")
-
-
 def write_atomic(path: Path, data: dict) -> None:
-    try:
-        write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-    except OSError as e:
-        raise UserError(f"--output {path}: cannot write ({e.strerror or e})") from None
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def run(args: argparse.Namespace) -> None:
-    output = Path(args.output)
-    check_output(output)
+    output = check_output_file(args.output, "--output", args.force)
     device = resolve_device(args.device)
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--warmup", args.warmup, 0),
-                             ("--repeats", args.repeats, 1)):
-        if value < low:
-            raise UserError(f"{flag} must be at least {low}, got {value}")
     if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.num_tokens is not None and args.num_tokens < 1:
-        raise UserError(f"--num-tokens must be positive, got {args.num_tokens}")
     defaults, model_dims = dict(DEFAULTS), None
     if args.model is not None:
         defaults, model_dims = model_grid(args.model)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from atomic import atomic_path, writable_dir
+from atomic import atomic_path, check_output_file
 from errors import UserError
-from flags import user_message
+from flags import POSITIVE_INT, Parser, user_message
 
 # The legacy TorchScript exporter (dynamo=False) is used: in this torch (2.14) it exports
 # F.scaled_dot_product_attention with an explicit per-block `scale=` exactly (opset >= 14;
@@ -44,7 +44,7 @@ BUILD_NAME = "deit_base_distilled_patch16_224"  # frame comes from the checkpoin
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export an nvit checkpoint to ONNX and safetensors.")
+    p = Parser("Export an nvit checkpoint to ONNX and safetensors.")
     p.add_argument("checkpoint", metavar="CKPT",
                    help="an nvit checkpoint holding 'model' and 'dims' (pruned_checkpoint.pth, "
                         "a training checkpoint.pth or an exported .safetensors), or a published "
@@ -52,10 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None,
                    help="where to write the files (default: the checkpoint's directory)")
     p.add_argument("--name", default=None, help="base name of the files (default: checkpoint stem)")
-    p.add_argument("--batch-size", type=int, default=1,
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=1,
                    help="batch size of the example input used for tracing (the axis stays dynamic)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset ({EXPORTER_OPSETS[0]}-{EXPORTER_OPSETS[1]}, default {DEFAULT_OPSET})")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
     p.add_argument("--no-check", action="store_true",
                    help="skip the onnxruntime vs PyTorch comparison")
     return p
@@ -81,9 +82,14 @@ def load_model(checkpoint: str) -> torch.nn.Module:
     return models.build_model(BUILD_NAME, checkpoint=checkpoint).eval()
 
 
-def prepare_output_dir(output_dir: str | None, checkpoint: str) -> Path:
-    return writable_dir(Path(output_dir) if output_dir else Path(checkpoint).resolve().parent,
-                        "--output-dir")
+def output_files(output_dir: str | None, checkpoint: str, name: str, force: bool) -> dict[str, Path]:
+    """The three files to write, checked (new or --force, folder writable) before any work."""
+    out = Path(output_dir) if output_dir else Path(checkpoint).resolve().parent
+    final = {"onnx": out / f"{name}.onnx", "safetensors": out / f"{name}.safetensors",
+             "dims": out / f"{name}.dims.json"}
+    for path in final.values():
+        check_output_file(path, "--output-dir", force)
+    return final
 
 
 def export_onnx(model: torch.nn.Module, path: Path, batch_size: int, opset: int) -> None:
@@ -130,7 +136,8 @@ def check_onnx(model: torch.nn.Module, path: Path) -> float | None:
 
 
 def export(checkpoint: str, output_dir: str | None = None, name: str | None = None,
-           batch_size: int = 1, opset: int = DEFAULT_OPSET, check: bool = True) -> dict[str, Path]:
+           batch_size: int = 1, opset: int = DEFAULT_OPSET, check: bool = True,
+           force: bool = False) -> dict[str, Path]:
     """Write NAME.onnx, NAME.safetensors and NAME.dims.json; returns their paths."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
@@ -140,10 +147,9 @@ def export(checkpoint: str, output_dir: str | None = None, name: str | None = No
     name = name if name is not None else Path(checkpoint).stem
     if not name or "/" in name or os.sep in name or name in (".", ".."):
         raise UserError(f"--name {name!r} must be a plain file name without directories")
+    final = output_files(output_dir, checkpoint, name, force)
+    out = final["onnx"].parent
     model = load_model(checkpoint)
-    out = prepare_output_dir(output_dir, checkpoint)
-    final = {"onnx": out / f"{name}.onnx", "safetensors": out / f"{name}.safetensors",
-             "dims": out / f"{name}.dims.json"}
     try:
         with contextlib.ExitStack() as stack:  # all three files appear together, or none
             tmp = {k: stack.enter_context(atomic_path(p)) for k, p in final.items()}
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         paths = export(args.checkpoint, args.output_dir, args.name, args.batch_size, args.opset,
-                       check=not args.no_check)
+                       check=not args.no_check, force=args.force)
     except UserError as e:
         sys.stderr.write(f"error: {user_message(e)}\n")
         return 2

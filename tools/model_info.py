@@ -18,26 +18,27 @@ import sys
 import torch
 
 from errors import UserError
-from flags import user_message
+from flags import POSITIVE_INT, Parser, user_message
 from models.flops import count_macs
 
 DEFAULT_MODEL = "deit_base_distilled_patch16_224"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Per-block widths, parameters and MACs of a ReViT / NViT model.")
+    p = Parser("Per-block widths, parameters and MACs of a ReViT / NViT model.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"timm DeiT name giving the frame and uniform dims (default {DEFAULT_MODEL})")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--EMB", type=int, default=None,
+    src.add_argument("--EMB", type=POSITIVE_INT, default=None,
                      help="embedding width of the ReViT rule (e.g. 176 or 384)")
     src.add_argument("--dims", default=None, help="YAML/JSON dims spec file")
     src.add_argument("--checkpoint", default=None,
                      help="an nvit checkpoint (dims read from it) or a timm/DeiT state dict")
-    p.add_argument("--input-size", type=int, default=None, help="image size (default: the model's)")
-    p.add_argument("--patch-size", type=int, default=None, help="patch size (default: the model's)")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--input-size", type=POSITIVE_INT, default=None,
+                   help="image size (default: the model's)")
+    p.add_argument("--patch-size", type=POSITIVE_INT, default=None,
+                   help="patch size (default: the model's)")
+    p.add_argument("--num-classes", type=POSITIVE_INT, default=None,
                    help="classifier classes (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
@@ -51,8 +52,6 @@ def build_from_args(args: argparse.Namespace) -> torch.nn.Module:
                       ("num_classes", "num_classes")):
         value = getattr(args, flag)
         if value is not None:
-            if value <= 0:
-                raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
             frame[key] = value
     if args.EMB is not None:
         return models.build_model(args.model, dims=models.revit_dims(args.EMB), **frame)
