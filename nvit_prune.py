@@ -78,8 +78,9 @@ def read_json_file(path: str, flag: str):
 def pruning_config(args) -> PruningConfig:
     if not args.pruning_config:
         return PruningConfig()
+    data = read_json_file(args.pruning_config, "--pruning_config")
     try:
-        return parse_config(read_json_file(args.pruning_config, "--pruning_config"))
+        return parse_config(data)
     except ValueError as e:
         raise UserError(f"--pruning_config {args.pruning_config}: {e}") from None
 
@@ -227,16 +228,18 @@ def main(args) -> None:
     if note:
         raise UserError(f"{note}; build a table for this model (tools/build_latency_table.py "
                         f"--model {args.model} --input-size {args.input_size})", field="latency_table")
+    coverage = cost.coverage_note(original)
+    if coverage:
+        raise UserError(f"the latency table does not cover this model: {coverage}",
+                        field="latency_table")
     full_model = frozen_copy(model) if args.kl_loss_coeff > 0 else None
 
     gates, saliency, pruner = attach_pruner(model, cost, config, budget, args)
     min_ratio = pruner.minimum_ratio()
     if min_ratio > args.latency_target > 0:
-        coverage = cost.coverage_note(original)
-        raise UserError(f"--latency_target {args.latency_target} cannot be reached: "
-                        + (f"the latency table does not cover this model: {coverage}" if coverage
-                           else f"the minimum widths (one group of each kind per block) give "
-                                f"{min_ratio:.3f} of the original {args.cost}"))
+        raise UserError(f"--latency_target {args.latency_target} cannot be reached: the minimum "
+                        f"widths (one group of each kind per block) give {min_ratio:.3f} of the "
+                        f"original {args.cost}")
 
     model_without_ddp = model
     if args.distributed:

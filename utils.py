@@ -239,7 +239,7 @@ def run_main(main, args) -> None:
     try:
         main(args)
     except UserError as e:
-        run_folder.release_all()
+        run_folder.release_all()  # before the exit: another run may start at once
         where = f"[rank {get_rank()}] " if is_dist() else ""
         sys.stderr.write(f"error: {where}{one_line(user_message(e))}\n")
         sys.stderr.flush()
@@ -252,6 +252,8 @@ def run_main(main, args) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        run_folder.release_all()
     if is_dist():
         dist.destroy_process_group()
 
