@@ -114,6 +114,12 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
     assert not killed["done"], "the run finished before it could be killed"
     run("nvit_prune.py", *common, "--output_dir", part, "--resume")
     assert masks_of(part) == masks_of(full)
+    dense_top1 = torch.load(full / "pruned_checkpoint.pth", weights_only=True)["top1_dense"]
+    assert dense_top1 is not None
+    assert torch.load(part / "pruned_checkpoint.pth", weights_only=True)["top1_dense"] == dense_top1
+    # --resume of a finished run writes the same result again, with the dense model's top-1
+    run("nvit_prune.py", *common, "--output_dir", full, "--resume")
+    assert torch.load(full / "pruned_checkpoint.pth", weights_only=True)["top1_dense"] == dense_top1
     # resuming with other settings would not replay the run: refused
     changed = run("nvit_prune.py", *common, "--prune_per_iter", "8", "--output_dir", part,
                   "--resume", check=False)
