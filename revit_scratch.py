@@ -121,7 +121,8 @@ def check_args(args) -> None:
 
 def main(args) -> None:
     check_args(args)
-    run = utils.setup_run(args, after_init=finetune_folder_defaults if args.finetune else None)
+    run = utils.setup_run(args, after_init=finetune_folder_defaults if args.finetune else None,
+                          writes=not args.eval)
     device = run.device
     output_dir = run.output_dir if run.is_main else None
     resume = checkpoints.resume_path(args.resume, args.output_dir, checkpoints.CHECKPOINT_FILE)

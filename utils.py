@@ -122,16 +122,19 @@ class Run:
         return self.rank == 0
 
 
-def setup_run(args, after_init=None) -> Run:
+def setup_run(args, after_init=None, writes: bool = True) -> Run:
     """Join the process group, pick the device, seed this rank, check (not create) the output
-    folder. `after_init(args)` runs once the process group exists (so only rank 0 prints)."""
+    folder, unless the run `writes` nothing there (--eval may read a folder a live run holds).
+    `after_init(args)` runs once the process group exists (so only rank 0 prints)."""
     init_distributed_mode(args)
     if after_init is not None:
         after_init(args)
     device = resolve_device(args.device)
     rank = get_rank()
     seed_everything(args.seed + rank)
-    output_dir = run_folder.check_output_dir(args.output_dir) if args.output_dir else None
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and writes:
+        run_folder.check_output_dir(output_dir)
     return Run(device, rank, get_world_size(), output_dir, args.distributed and args.dist_eval)
 
 

@@ -1,9 +1,11 @@
 """Cost models against the built model (flop_counter, numel), latency tables and their tool."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -282,21 +284,38 @@ def _load_tool():
     return module
 
 
+TINY_GRID = ["--embed-dims", "16", "--heads", "1", "--qk-dims", "8", "--v-dims", "8",
+             "--mlp-dims", "16", "--repeats", "1", "--warmup", "0"]
+
+
+def test_tool_creates_folders_and_keeps_tables(tmp_path: Path, capsys) -> None:
+    """The output's folders are made; an existing table is replaced only with --force; the
+    file gets the umask's mode like any other."""
+    tool = _load_tool()
+    out = tmp_path / "tables" / "cpu" / "t.json"
+    assert tool.main(["--output", str(out), *TINY_GRID]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    first = out.read_text()
+    assert tool.main(["--output", str(out), *TINY_GRID]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_text() == first
+    assert tool.main(["--output", str(out), *TINY_GRID, "--force"]) == 0
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--heads", "1,x"], "--heads"),
     (["--mlp-dims", "0,8"], "--mlp-dims"),
     (["--repeats", "0"], "--repeats"),
     (["--threads", "0"], "--threads"),
-    (["--output-dir-missing"], "does not exist"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA")]))
 def test_tool_user_errors(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
     tool = _load_tool()
     out = tmp_path / "t.json"
-    if extra == ["--output-dir-missing"]:
-        extra, out = [], tmp_path / "missing" / "t.json"
-    code = tool.main(["--output", str(out), "--embed-dims", "16", "--heads", "1",
-                      "--qk-dims", "8", "--v-dims", "8", "--mlp-dims", "16",
-                      "--repeats", "1", "--warmup", "0", *extra])
+    try:
+        code = tool.main(["--output", str(out), *TINY_GRID, *extra])
+    except SystemExit as e:  # flags out of range stop when parsed
+        code = e.code
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1

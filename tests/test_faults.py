@@ -130,6 +130,10 @@ def test_second_live_run_into_one_folder_is_refused(tmp_path):
         second = run("revit_scratch.py", *args, "--resume", check=False)
         assert second.returncode == 2
         assert f"in use by another run: process {first.pid}" in second.stderr
+        # evaluating the live run's checkpoint writes nothing there, so it is allowed
+        evaluated = run("revit_scratch.py", *TRAIN, "--dims", dims, "--eval", "--resume",
+                        "--output_dir", out)
+        assert "Accuracy of the network" in evaluated.stdout
         assert first.poll() is None  # the first run goes on undisturbed
     finally:
         first.kill()
