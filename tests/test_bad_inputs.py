@@ -300,3 +300,31 @@ def test_bad_input_is_refused_in_one_line(row, world, tmp_path, monkeypatch, cap
     if holder:
         before.pop(run_folder.LOCK_FILE, None)
     assert snapshot(world / "runA") == before  # an earlier run is never touched
+
+
+# ------------------------------------------------------------------ bad images, listed or skipped
+def test_check_data_lists_every_bad_image(world, capsys):
+    import tools.check_data as check_data
+    for folder, bad in (("images", []), ("corrupt_images", ["corrupt.jpg"]),
+                        ("truncated_images", ["trunc.jpg"])):
+        args = check_data.get_args_parser().parse_args(
+            ["--data-set", "FOLDER", "--data-path", str(world / folder), "--num_workers", "0"])
+        found = check_data.bad_images(args)
+        assert [Path(line.split(":")[0]).name for line in found] == bad
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        check_data.main(args)
+    assert e.value.code == 1 and "bad image" in capsys.readouterr().out
+
+
+def test_skip_bad_images_trains_and_counts_them(world, tmp_path, capsys):
+    """--skip-bad-images: the run goes on with the next readable image, names the skipped file
+    on stderr and counts replacements in log.txt (each of an epoch's draws of the file)."""
+    out = tmp_path / "o"
+    run_script("revit_scratch", [*TRAIN, "--epochs", "1", "--dims", world / "tiny.yaml",
+                                 "--data-set", "FOLDER", "--data-path", world / "corrupt_images",
+                                 "--batch-size", "8", "--no-repeated-aug", "--skip-bad-images",
+                                 "--output_dir", out])
+    assert "skipped unreadable image" in capsys.readouterr().err
+    log = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert log["skipped_images"] >= 1
