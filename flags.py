@@ -11,6 +11,7 @@ import argparse
 
 import torch
 
+from datasets import INAT_CATEGORIES
 from losses import BASE_LOSS_HEADS
 
 FLAG_OF_FIELD = {
@@ -158,25 +159,25 @@ def add_optimizer_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer")
     g.add_argument("--opt", default="adamw", type=optimizer_name, help="a timm optimizer name")
     g.add_argument("--opt-eps", default=1e-8, type=NONNEG)
-    g.add_argument("--opt-betas", default=None, type=float, nargs="+")
+    g.add_argument("--opt-betas", default=None, type=RATE, nargs="+")
     g.add_argument("--clip-grad", type=POSITIVE, default=None)
     g.add_argument("--clip-mode", type=str, default="norm", choices=["norm", "value"])
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=RATE, default=0.9)
     g.add_argument("--weight-decay", type=NONNEG, default=0.05)
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--sched", default="cosine", choices=SCHEDULERS)
     g.add_argument("--lr", type=NONNEG, default=5e-4, help="for a total batch of 512")
     g.add_argument("--unscale-lr", action="store_true", help="do not scale --lr by total batch / 512")
-    g.add_argument("--lr-noise", type=float, nargs="+", default=None)
-    g.add_argument("--lr-noise-pct", type=float, default=0.67)
-    g.add_argument("--lr-noise-std", type=float, default=1.0)
+    g.add_argument("--lr-noise", type=NONNEG, nargs="+", default=None)
+    g.add_argument("--lr-noise-pct", type=PROB, default=0.67)
+    g.add_argument("--lr-noise-std", type=NONNEG, default=1.0)
     g.add_argument("--warmup-lr", type=NONNEG, default=1e-6)
     g.add_argument("--min-lr", type=NONNEG, default=1e-5)
     g.add_argument("--decay-epochs", type=POSITIVE, default=30)
     g.add_argument("--warmup-epochs", type=COUNT, default=0)
     g.add_argument("--cooldown-epochs", type=COUNT, default=10)
     g.add_argument("--patience-epochs", type=COUNT, default=10)
-    g.add_argument("--decay-rate", "--dr", type=float, default=0.1)
+    g.add_argument("--decay-rate", "--dr", type=POSITIVE, default=0.1)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -184,7 +185,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-path", default=None, type=str)
     g.add_argument("--data-set", default="IMNET", type=str.upper,
                    help="IMNET, FOLDER, CIFAR (= CIFAR10), CIFAR100, INAT, INAT19, DIGITS")
-    g.add_argument("--inat-category", default="name", type=str)
+    g.add_argument("--inat-category", default="name", choices=INAT_CATEGORIES)
     g.add_argument("--skip-bad-images", action="store_true",
                    help="replace an unreadable image by the next good one and count it in the log, "
                         "instead of stopping (tools/check_data.py lists them all)")
@@ -205,7 +206,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recount", type=POSITIVE_INT, default=1)
     g.add_argument("--mixup", type=NONNEG, default=0.8)
     g.add_argument("--cutmix", type=NONNEG, default=1.0)
-    g.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
+    g.add_argument("--cutmix-minmax", type=ranged(float, 0.0, 1.0, low_open=True), nargs=2,
+                   default=None)
     g.add_argument("--mixup-prob", type=PROB, default=1.0)
     g.add_argument("--mixup-switch-prob", type=PROB, default=0.5)
     g.add_argument("--mixup-mode", type=str, default="batch", choices=["batch", "pair", "elem"])

@@ -128,6 +128,11 @@ ROWS = [
      ["--train-interpolation"], "fresh"),
     ("emb_0", "revit_scratch", [*T, "--EMB", "0"], ["--EMB"], "fresh"),
     ("lr_nan", "revit_scratch", [*T, "--lr", "nan"], ["--lr"], "fresh"),
+    ("momentum_1_5", "revit_scratch", [*T, "--momentum", "1.5"], ["--momentum"], "fresh"),
+    ("cutmix_minmax_one_value", "revit_scratch", [*T, "--cutmix-minmax", "0.3"],
+     ["--cutmix-minmax"], "fresh"),
+    ("inat_category_bogus", "revit_scratch", [*T, "--inat-category", "species"],
+     ["--inat-category"], "fresh"),
     # ---- revit_scratch.py: dims files
     ("dims_float", "revit_scratch", [*T, "--dims", "{W}/float.yaml"],
      ["float.yaml", "qk_dim of block 1", "12.5"], "fresh"),
