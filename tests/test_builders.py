@@ -45,3 +45,22 @@ def test_offline_teacher_name_fails_at_once(monkeypatch):
 
 def test_no_teacher_without_distillation():
     assert builders.build_teacher(teacher_args(distillation_type="none"), 10, "cpu") is None
+
+
+def test_input_size_follows_the_model_unless_given(capsys):
+    """Without --input-size the data are sized for the model: the name's 384 px, a dims
+    file's img_size; an explicit flag wins, and says so when it overrides the dims file."""
+    import argparse
+    from models import revit_dims
+
+    def size(model, dims=None, given=None):
+        args = argparse.Namespace(model=model, input_size=given)
+        builders.resolve_input_size(args, dims)
+        return args.input_size
+    assert size("deit_base_distilled_patch16_384", revit_dims(176)) == 384
+    assert size("deit_tiny_patch16_224") == 224
+    sixty_four = revit_dims(176).with_frame(img_size=64, patch_size=16)
+    assert size("deit_base_distilled_patch16_384", sixty_four) == 64
+    capsys.readouterr()
+    assert size("deit_base_distilled_patch16_384", sixty_four, given=32) == 32
+    assert "--input-size 32 replaces the dims file's img_size 64" in capsys.readouterr().out
