@@ -194,14 +194,12 @@ def prune_step_line(record: dict, loop: PruningLoop, args) -> str:
             f"{record.get('loss_deit', 0.0):.4g})  img/s {imgs:.1f}  eta {eta}")
 
 
-def not_reached_reason(loop: PruningLoop, min_ratio: float, args) -> str:
+def not_reached_reason(loop: PruningLoop) -> str:
     if loop.stuck:
         return "the minimum widths (one group of each kind per block) are reached"
     if loop.pruner.budget_spent:
         return (f"the --prune_dict budget of {loop.pruner.max_steps} prune steps "
                 f"(N // prune_per_iter + 1) is spent")
-    if min_ratio > args.latency_target:
-        return f"the minimum widths give {min_ratio:.3f}"
     return "the run ended first (more --epochs, or a larger --prune_per_iter)"
 
 
@@ -355,7 +353,7 @@ def main(args) -> None:
     print(f"wrote {output_dir / checkpoints.PRUNED_FILE}")
     if ratio > args.latency_target > 0:
         raise UserError(f"--latency_target {args.latency_target} not reached: {args.cost} ratio "
-                        f"{ratio:.4f}, {not_reached_reason(loop, min_ratio, args)}; the smallest "
+                        f"{ratio:.4f}, {not_reached_reason(loop)}; the smallest "
                         f"model reached was saved")
 
 
