@@ -171,7 +171,6 @@ ROWS = [
                                             "--data-path", "{W}/none"], ["--data-path", "none"], "fresh"),
     ("batch_larger_than_data", "revit_scratch", [*T, "--dims", "{W}/tiny.yaml",
                                                  "--batch-size", "5000"], ["--batch-size"], "fresh"),
-    ("cuda_missing", "revit_scratch", [*T, "--device", "cuda"], ["--device", "CUDA"], "fresh"),
     ("corrupt_image", "revit_scratch",
      [*TRAIN, "--epochs", "1", "--dims", "{W}/tiny.yaml", "--data-set", "FOLDER", "--batch-size", "8",
       "--data-path", "{W}/corrupt_images", "--no-repeated-aug"], ["corrupt.jpg", "--data-path"], None),
@@ -234,6 +233,11 @@ ROWS = [
      ["--data-path"], None),
     ("model_info_emb_negative", "tools.model_info", ["--EMB", "-5"], ["--EMB"], None),
 ]
+
+
+if not torch.cuda.is_available():
+    ROWS.append(("cuda_missing", "revit_scratch", [*T, "--device", "cuda"], ["--device", "CUDA"],
+                 "fresh"))
 
 
 def test_at_least_forty_rows():
