@@ -60,6 +60,7 @@ def build_loaders(args, need_train: bool = True):
     """
     dataset_val, nb_classes = build_dataset(False, args)
     train_loader = sampler_train = None
+    pin = args.pin_mem and str(args.device).startswith("cuda")  # the chosen device, not the machine
     world, rank = utils.get_world_size(), utils.get_rank()
     if need_train:
         dataset_train, nb_train = build_dataset(True, args)
@@ -77,14 +78,14 @@ def build_loaders(args, need_train: bool = True):
             raise UserError(f"--batch-size {args.batch_size} is larger than the {len(base)} "
                             f"training images each process gets per epoch")
         train_loader = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                  num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(),
+                                  num_workers=args.num_workers, pin_memory=pin,
                                   drop_last=True)
     if args.distributed and args.dist_eval:
         sampler_val = ShardSampler(dataset_val, world, rank)
     else:
         sampler_val = SequentialSampler(dataset_val)
     val_loader = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
-                            num_workers=args.num_workers, pin_memory=args.pin_mem and torch.cuda.is_available(), drop_last=False)
+                            num_workers=args.num_workers, pin_memory=pin, drop_last=False)
     return train_loader, val_loader, nb_classes, sampler_train
 
 

@@ -41,6 +41,23 @@ def plain(value):
     return str(value)
 
 
+def cpu_tensors(value):
+    """Every tensor of a checkpoint on the CPU, so that a plain torch.load works on a machine
+    without the GPU it was written on (CPU tensors are not copied)."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: cpu_tensors(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(cpu_tensors(v) for v in value)
+    return value
+
+
+def _save(obj: dict, path: Path) -> None:
+    save_atomic(cpu_tensors(obj), path)
+
+
 def is_url(path: str) -> bool:
     return path.startswith(("http://", "https://"))
 
@@ -199,7 +216,7 @@ def restore_training_state(ckpt: dict, source: str, optimizer, scheduler, scaler
 def save_training_checkpoint(path: Path, model, optimizer, scheduler, scaler, model_ema,
                              epoch: int, args, max_accuracy: float, best_epoch: int | None,
                              history: list[dict], run_id: str) -> None:
-    save_atomic({**model_entry(model), **training_state(optimizer, scheduler, scaler),
+    _save({**model_entry(model), **training_state(optimizer, scheduler, scaler),
                  "epoch": epoch,
                  "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
                  "max_accuracy": max_accuracy, "best_epoch": best_epoch, "log": plain(history),
@@ -210,7 +227,7 @@ def save_pruning_state(path: Path, model, loop, optimizer, scheduler, scaler, se
                        original_dims, args, run_id: str, top1_dense: float | None) -> None:
     """nvit_prune.py's resumable state: the gated model's weights, the pruning loop's state
     (masks, saliency, pruner, position, history), the optimizer's, and what must not change."""
-    save_atomic({**model_entry(model), **loop.state_dict(),
+    _save({**model_entry(model), **loop.state_dict(),
                  **training_state(optimizer, scheduler, scaler), "settings": settings,
                  "original_dims": original_dims.to_dict(), "run_id": run_id,
                  "top1_dense": top1_dense, "args": plain(vars(args))}, path)
@@ -218,5 +235,5 @@ def save_pruning_state(path: Path, model, loop, optimizer, scheduler, scaler, se
 
 def save_model_file(path: Path, model, args, **extra) -> None:
     """A model to --finetune, --eval, export or build_model: weights, dims, the run's flags."""
-    save_atomic({**model_entry(model), "args": plain(vars(args)), **plain(extra)}, path)
+    _save({**model_entry(model), "args": plain(vars(args)), **plain(extra)}, path)
 

@@ -132,7 +132,7 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
         count += n
     if sharded:
         correct1, correct5, loss_sum, count = utils.all_reduce_sum(
-            [correct1, correct5, loss_sum, count], device)
+            [correct1, correct5, loss_sum, count])
     count = max(count, 1)
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count,
             "loss": loss_sum / count, "n": int(count)}

@@ -45,6 +45,7 @@ def init_distributed_mode(args) -> None:
         return
     use_cuda = str(args.device).startswith("cuda")
     if use_cuda:
+        args.gpu = local_cuda_index(args.gpu, torch.cuda.device_count())
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
     backend = "nccl" if use_cuda else "gloo"
@@ -53,6 +54,15 @@ def init_distributed_mode(args) -> None:
                             timeout=datetime.timedelta(minutes=30))
     dist.barrier()
     quiet_other_ranks(args.rank == 0)
+
+
+def local_cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of this process: its local rank, or, when the launcher shows each
+    process only its own GPU(s) (srun/mpirun with per-task CUDA_VISIBLE_DEVICES), that rank
+    modulo the visible count (set_device(LOCAL_RANK) would fail there)."""
+    if visible <= 0:
+        raise UserError("--device cuda: no CUDA device is visible to this process")
+    return local_rank if local_rank < visible else local_rank % visible
 
 
 def quiet_other_ranks(is_master: bool) -> None:
@@ -78,9 +88,17 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
+def collective_device() -> torch.device:
+    """Where the process group's collectives run: NCCL reduces CUDA tensors only, gloo CPU
+    ones (a CPU tensor on an NCCL group fails: --model-ema-force-cpu --dist-eval did)."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few numbers over ranks (exact counts for --dist-eval)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if is_dist():
         dist.all_reduce(t)
     return t.tolist()
@@ -130,6 +148,8 @@ def setup_run(args, after_init=None, writes: bool = True) -> Run:
     if after_init is not None:
         after_init(args)
     device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the conv patch embedding and CNN teachers
     rank = get_rank()
     seed_everything(args.seed + rank)
     output_dir = Path(args.output_dir) if args.output_dir else None

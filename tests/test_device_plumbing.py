@@ -1,0 +1,61 @@
+"""Device and process-group plumbing that the first GPU run depends on, checked on the CPU."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import builders
+import checkpoints
+import utils
+from errors import UserError
+
+
+@pytest.mark.parametrize("local_rank,visible,expected", [(3, 8, 3), (0, 1, 0), (3, 1, 0),
+                                                          (5, 2, 1)])
+def test_local_cuda_index(local_rank, visible, expected):
+    """One visible GPU per process (srun, mpirun): LOCAL_RANK 3 is that process's device 0."""
+    assert utils.local_cuda_index(local_rank, visible) == expected
+
+
+def test_local_cuda_index_without_devices():
+    with pytest.raises(UserError, match="no CUDA device"):
+        utils.local_cuda_index(0, 0)
+
+
+def loader_args(device: str) -> argparse.Namespace:
+    return argparse.Namespace(data_set="DIGITS", data_path=None, input_size=32, aa="none",
+                              batch_size=16, num_workers=0, pin_mem=True, seed=0,
+                              repeated_aug=False, distributed=False, dist_eval=False,
+                              device=device, skip_bad_images=False)
+
+
+@pytest.mark.parametrize("device,pinned", [("cpu", False), ("cuda", True), ("cuda:1", True)])
+def test_memory_pinned_for_the_chosen_device(monkeypatch, device, pinned):
+    """A --device cpu run on a GPU machine must not pin memory (it would open a CUDA context)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    train, val, _, _ = builders.build_loaders(loader_args(device))
+    assert train.pin_memory is pinned and val.pin_memory is pinned
+
+
+def test_collectives_on_the_groups_device(tmp_path):
+    """gloo reduces CPU tensors (an NCCL group gets CUDA ones: see tests/gpu)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        assert utils.collective_device() == torch.device("cpu")
+        assert utils.all_reduce_sum([1.0, 2.5]) == [1.0, 2.5]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoint_tensors_on_cpu_without_copies():
+    """cpu_tensors keeps the structure, detaches, and does not copy what is already on the CPU."""
+    w = torch.ones(3, requires_grad=True)
+    state = {"model": {"w": w}, "opt": [{"step": torch.tensor(2.0), "betas": (0.9, 0.99)}], "n": 1}
+    out = checkpoints.cpu_tensors(state)
+    assert out["n"] == 1 and out["opt"][0]["betas"] == (0.9, 0.99)
+    assert not out["model"]["w"].requires_grad
+    assert out["model"]["w"].data_ptr() == w.data_ptr()
