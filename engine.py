@@ -71,11 +71,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
         parts = getattr(criterion, "last_parts", {})
-        values = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())]).tolist()
-        losses = dict(zip(["loss", *parts], values))
-        loss_value = losses["loss"]
-        if not math.isfinite(loss_value):
-            raise UserError(f"loss is {loss_value} at epoch {epoch}, iteration {i}; "
+        local = loss.detach().float()
+        # the sum over processes is non-finite when any process's loss is: all stop together
+        values = torch.stack([local, *(v.float() for v in parts.values()),
+                              utils.sum_over_ranks(local.clone())]).tolist()
+        losses = dict(zip(["loss", *parts], values[:-1]))
+        if not math.isfinite(values[-1]):
+            where = "" if math.isfinite(losses["loss"]) else f" (here {losses['loss']})"
+            raise UserError(f"loss is not finite at epoch {epoch}, iteration {i}{where}; "
                             f"training diverged (lower --lr, or set --clip-grad)")
         optimizer.zero_grad(set_to_none=True)
         if grad_scaler is not None:

@@ -96,6 +96,13 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over processes, in place (the tensor is on the group's device already)."""
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few numbers over ranks (exact counts for --dist-eval)."""
     t = torch.tensor(values, dtype=torch.float64, device=collective_device())

@@ -59,3 +59,34 @@ def test_checkpoint_tensors_on_cpu_without_copies():
     assert out["n"] == 1 and out["opt"][0]["betas"] == (0.9, 0.99)
     assert not out["model"]["w"].requires_grad
     assert out["model"]["w"].data_ptr() == w.data_ptr()
+
+
+def _train_where_rank_1_diverges(rank: int, folder: str) -> None:
+    import engine
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    data = [(torch.randn(3, 4), torch.tensor([0, 1, 0]))] * 3
+
+    def criterion(samples, outputs, targets):
+        loss = torch.nn.functional.cross_entropy(outputs, targets)
+        return loss * float("nan") if rank == 1 else loss
+    try:
+        engine.train_one_epoch(model, criterion, data, torch.optim.SGD(model.parameters(), 0.1),
+                               torch.device("cpu"), 0, print_freq=100)
+        result = "trained on"
+    except UserError as e:
+        result = str(e)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{folder}/rank{rank}", "w") as f:
+        f.write(result)
+
+
+def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
+    """Raised on one rank only, the error would leave the others waiting in the next
+    collective until the timeout: every rank learns of it in the same step."""
+    torch.multiprocessing.spawn(_train_where_rank_1_diverges, args=(str(tmp_path),), nprocs=2)
+    results = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    assert all("loss is not finite at epoch 0, iteration 0" in r for r in results), results
+    assert "(here nan)" in results[1] and "(here" not in results[0]
