@@ -226,6 +226,9 @@ def main(args) -> None:
     if note:
         raise UserError(f"{note}; build a table for this model (tools/build_latency_table.py "
                         f"--model {args.model} --input-size {args.input_size})", field="latency_table")
+    note = cost.settings_note(device.type, args.amp)
+    if note:
+        print(f"warning: {note}")
     coverage = cost.coverage_note(original)
     if coverage:
         raise UserError(f"the latency table does not cover this model: {coverage}",

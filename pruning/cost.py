@@ -51,6 +51,11 @@ class CostModel:
         """Why pruning `dims` cannot lower this cost on some axis (None: it can)."""
         return None
 
+    def settings_note(self, device_type: str, amp: bool) -> str | None:
+        """A warning when the cost was measured on another kind of device or precision than
+        the run's (None: same, or not a measured cost)."""
+        return None
+
     def total(self, dims: Dims) -> float:
         E = dims.embed_dim
         return self.stem(dims, E) + sum(
@@ -258,6 +263,23 @@ class LatencyTable(CostModel):
             return (f"the latency table was measured with {n} tokens but the model has "
                     f"{dims.num_tokens}; latencies are estimates for the table's token count")
         return None
+
+    def settings_note(self, device_type: str, amp: bool) -> str | None:
+        """Timed on a CPU for a CUDA run, or in fp32 for an --amp run (or the reverse): the
+        ranking then follows that device and precision. A warning, not an error: the table
+        should describe where the model will be deployed, which may not be where it is pruned."""
+        timed_on = str(self.meta.get("device", "")).split(":")[0] or None
+        timed_amp = self.meta.get("amp")
+        differs = (timed_on is not None and timed_on != device_type) or \
+            (isinstance(timed_amp, bool) and timed_amp != amp)
+        if not differs:
+            return None
+        precision = {True: "with --amp", False: "in fp32", None: "in an unrecorded precision"}
+        return (f"the latency table was timed on {timed_on or 'an unrecorded device'} "
+                f"{precision[timed_amp if isinstance(timed_amp, bool) else None]} (batch "
+                f"{self.meta.get('batch_size', '?')}), this run prunes on {device_type} "
+                f"{precision[amp]}: the ranking follows the table's device and precision; build "
+                f"the table where and as you deploy")
 
     def coverage_note(self, dims: Dims) -> str | None:
         """A grid that starts above the model's widest layer on some axis holds the latency

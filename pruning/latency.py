@@ -100,6 +100,7 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
                         else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(),
         "batch_size": B, "num_tokens": N, "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "dtype": f"autocast {str(timer.amp_dtype).replace('torch.', '')}" if amp
         else "float32",
         "amp": bool(amp),

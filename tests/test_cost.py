@@ -158,6 +158,22 @@ def test_frame_note() -> None:
                                  num_classes=10, distilled=False)) is None
 
 
+def test_settings_note_names_device_and_precision() -> None:
+    """A table timed on another kind of device or precision than the run's is pointed out."""
+    cpu_fp32 = LatencyTable.from_dict(hand_table())  # meta: device cpu, amp not recorded
+    assert cpu_fp32.settings_note("cpu", False) is None
+    assert "timed on cpu" in cpu_fp32.settings_note("cuda", False)
+    data = hand_table()
+    data["meta"].update(device="cuda:1", amp=True, batch_size=256)
+    gpu_amp = LatencyTable.from_dict(data)
+    assert gpu_amp.settings_note("cuda", True) is None
+    assert gpu_amp.settings_note("cuda", False) == (
+        "the latency table was timed on cuda with --amp (batch 256), this run prunes on cuda "
+        "in fp32: the ranking follows the table's device and precision; build the table where "
+        "and as you deploy")
+    assert LatencyTable.from_dict(reference_table()).settings_note("cuda", True) is None
+
+
 # ----------------------------------------------------------- NViT reference format
 def reference_table() -> dict:
     """EMB_{e} -> QK_{heads}_{qk} -> V_{v} -> MLP_{m} -> seconds for one block."""
