@@ -111,6 +111,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output_dir", "--output-dir", default="", help="where to save, empty for no saving")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on the CPU")
+    g.add_argument("--tf32", action="store_true",
+                   help="TF32 tensor cores for fp32 matmuls and convolutions on CUDA (Ampere and "
+                        "later: faster, 10-bit mantissa); default: PyTorch's (matmuls in full fp32)")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--dist-eval", action="store_true", help="shard evaluation over processes")
     g.add_argument("--num_workers", "--num-workers", default=10, type=COUNT)

@@ -120,6 +120,16 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name} is not a device name (cpu, cuda, cuda:1)") from None
 
 
+def configure_cuda(device: torch.device, tf32: bool) -> None:
+    """cudnn.benchmark for the conv patch embedding and CNN teachers; TF32 only if asked."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 # ------------------------------------------------------------------------------ seeding
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -155,8 +165,7 @@ def setup_run(args, after_init=None, writes: bool = True) -> Run:
     if after_init is not None:
         after_init(args)
     device = resolve_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # the conv patch embedding and CNN teachers
+    configure_cuda(device, getattr(args, "tf32", False))
     rank = get_rank()
     seed_everything(args.seed + rank)
     output_dir = Path(args.output_dir) if args.output_dir else None

@@ -90,3 +90,18 @@ def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
     results = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
     assert all("loss is not finite at epoch 0, iteration 0" in r for r in results), results
     assert "(here nan)" in results[1] and "(here" not in results[0]
+
+
+def test_cuda_math_settings(monkeypatch):
+    """CUDA runs: cudnn.benchmark on, TF32 only with --tf32; a CPU run changes nothing."""
+    for flag in ("benchmark", "allow_tf32"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    utils.configure_cuda(torch.device("cpu"), tf32=True)
+    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    utils.configure_cuda(torch.device("cuda"), tf32=False)
+    assert torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+    utils.configure_cuda(torch.device("cuda"), tf32=True)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    import revit_scratch
+    assert revit_scratch.get_args_parser().parse_args(["--tf32"]).tf32
