@@ -72,14 +72,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
             loss = criterion(samples, outputs, targets)
         parts = getattr(criterion, "last_parts", {})
         local = loss.detach().float()
-        # the sum over processes is non-finite when any process's loss is: all stop together
+        # the sum over processes is non-finite when any process's loss is: all stop together.
+        # Read after the optimizer step, so that the host never waits for the GPU before
+        # launching backward (a diverged step only changes weights that are then dropped).
         values = torch.stack([local, *(v.float() for v in parts.values()),
-                              utils.sum_over_ranks(local.clone())]).tolist()
-        losses = dict(zip(["loss", *parts], values[:-1]))
-        if not math.isfinite(values[-1]):
-            where = "" if math.isfinite(losses["loss"]) else f" (here {losses['loss']})"
-            raise UserError(f"loss is not finite at epoch {epoch}, iteration {i}{where}; "
-                            f"training diverged (lower --lr, or set --clip-grad)")
+                              utils.sum_over_ranks(local.clone())])
         optimizer.zero_grad(set_to_none=True)
         if grad_scaler is not None:
             grad_scaler.scale(loss).backward()
@@ -101,6 +98,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
             grad_scaler.update()
         else:
             optimizer.step()
+        values = values.tolist()  # the step's one host sync
+        losses = dict(zip(["loss", *parts], values[:-1]))
+        if not math.isfinite(values[-1]):
+            where = "" if math.isfinite(losses["loss"]) else f" (here {losses['loss']})"
+            raise UserError(f"loss is not finite at epoch {epoch}, iteration {i}{where}; "
+                            f"training diverged (lower --lr, or set --clip-grad)")
         if model_ema is not None:
             model_ema.update(model)
         log.update(**losses, lr=optimizer.param_groups[0]["lr"])
