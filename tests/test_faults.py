@@ -172,3 +172,35 @@ def test_folder_lock_of_dead_or_foreign_process(tmp_path, capsys):
     lock.write_text(json.dumps({"pid": os.getppid(), "host": "elsewhere"}))
     with pytest.raises(Exception, match="on elsewhere .*remove .*run.lock"):
         run_folder.check_output_dir(out)
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    """A 600 KB tmpfs (room for two tiny checkpoints, not three), where mounting is allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_real_full_disk_then_resume_after_freeing_space(uninterrupted, small_tmpfs):
+    """The whole script on a disk that fills up in epoch 1: one line naming the file and "No
+    space left on device", epoch 0's files intact; with room again, --resume ends where an
+    uninterrupted run ends."""
+    dims, whole = uninterrupted
+    args = [*LEARNS, "--dims", dims, "--epochs", "3"]
+    out = small_tmpfs / "run"
+    full = run("revit_scratch.py", *args, "--output_dir", out, check=False)
+    assert full.returncode == 2 and "Traceback" not in full.stderr
+    assert (f"error: could not write {out / 'checkpoint.pth'}: No space left on device; the "
+            f"previous checkpoint.pth is unchanged") in full.stderr
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["best_checkpoint.pth", "checkpoint.pth",
+                                                     "log.txt"]
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
+    run("revit_scratch.py", *args, "--output_dir", out, "--resume")
+    assert records(out) == records(whole)
