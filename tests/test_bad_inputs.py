@@ -177,6 +177,10 @@ ROWS = [
     ("truncated_image", "revit_scratch",
      [*TRAIN, "--epochs", "1", "--dims", "{W}/tiny.yaml", "--data-set", "FOLDER", "--batch-size", "8",
       "--data-path", "{W}/truncated_images", "--no-repeated-aug"], ["trunc.jpg", "truncated"], None),
+    ("truncated_image_in_a_worker", "revit_scratch",
+     [*TRAIN, "--epochs", "1", "--dims", "{W}/tiny.yaml", "--data-set", "FOLDER", "--batch-size", "8",
+      "--data-path", "{W}/truncated_images", "--no-repeated-aug", "--num_workers", "1"],
+     ["trunc.jpg", "truncated"], None),
     # ---- revit_scratch.py: checkpoints and output folders
     ("resume_missing", "revit_scratch", [*T, "--dims", "{W}/tiny.yaml", "--resume", "{W}/nope.pth"],
      ["--resume", "nope.pth"], "fresh"),
