@@ -41,11 +41,17 @@ def check_output_file(path: str | os.PathLike, flag: str, force: bool = False) -
         raise UserError(f"{flag} {path} is a folder, not a file")
     if path.exists() and not force:
         raise UserError(f"{flag} {path} already exists; pass --force to replace it")
-    base = path.absolute().parent
-    while not base.exists():
-        base = base.parent
+    base = nearest_existing(path.parent)
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path} is not writable ({base} is not a writable folder)")
+    return path
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """`path` or its nearest existing parent: where a file or folder to be made would live."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
     return path
 
 

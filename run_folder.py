@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from atomic import nearest_existing
 from errors import UserError
 
 LOCK_FILE = "run.lock"
@@ -63,19 +64,12 @@ def _holder(lock: Path) -> str | None:
     return None
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def check_output_dir(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
     """Refuse, before any work, a folder that cannot be written or that a live run holds."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file, not a folder")
-    base = _nearest_existing(out)
+    base = nearest_existing(out)
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {out} is not writable ({base} does not allow it)")
     holder = _holder(out / LOCK_FILE) if out.is_dir() else None
