@@ -32,17 +32,17 @@ CPU_SDPA_FLOPS = {
 
 @contextlib.contextmanager
 def exact_attention_widths(model: torch.nn.Module):
-    """Turn off the CPU zero-padding of unequal QK/V widths in this model's attention modules
-    (a kernel detail, not model arithmetic) and restore each module's setting afterwards."""
-    mods = [m for m in model.modules() if hasattr(m, "pad_unequal")]
-    old = [m.pad_unequal for m in mods]
+    """Turn off the zero-padding of head widths in this model's attention modules (a kernel
+    choice, not model arithmetic; models.revit.sdpa_widths) and restore it afterwards."""
+    mods = [m for m in model.modules() if hasattr(m, "pad_widths")]
+    old = [m.pad_widths for m in mods]
     for m in mods:
-        m.pad_unequal = False
+        m.pad_widths = False
     try:
         yield
     finally:
         for m, o in zip(mods, old):
-            m.pad_unequal = o
+            m.pad_widths = o
 
 
 def flop_counter() -> FlopCounterMode:

@@ -72,21 +72,48 @@ class StreamNorm(nn.LayerNorm):
         return y.new_zeros(x.shape).index_copy(-1, idx, y)
 
 
+FLASH_MAX_WIDTH = 256  # widest head SDPA's CUDA flash kernel takes (sdp_utils.cpp)
+CUDA_ALIGN = 8  # head widths CUDA's fused kernels take in 16-bit (fp32 needs 4)
+
+
+def sdpa_widths(dq: int, dv: int, device_type: str, dtype: torch.dtype) -> tuple[int, int]:
+    """The (QK, V) head widths to zero-pad to so that SDPA reaches a fused kernel.
+
+    Zero QK columns add nothing to q.k and zero V columns are cut off again, so any widths
+    at least the model's own give the same function; these are chosen by construction from
+    PyTorch's kernel rules (aten/.../sdp_utils): the CPU's fused kernel and CUDA's flash
+    kernel (16-bit, width <= 256) need equal widths; CUDA's memory-efficient kernel takes
+    unequal QK and V widths if each is a multiple of 8 (fp32: 4). Equal widths are chosen
+    wherever a kernel for them exists, so a narrower block never runs slower than the wider
+    one it pads to, as the latency table's monotone reading assumes.
+    """
+    if device_type == "cpu":
+        return (max(dq, dv),) * 2
+    if device_type != "cuda":
+        return dq, dv
+    def up(d: int) -> int:
+        return -(-d // CUDA_ALIGN) * CUDA_ALIGN
+    if dtype in (torch.float16, torch.bfloat16) and up(max(dq, dv)) <= FLASH_MAX_WIDTH:
+        return (up(max(dq, dv)),) * 2
+    return up(dq), up(dv)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
-              scale: float, pad_unequal: bool = True) -> torch.Tensor:
+              scale: float, pad: bool = True) -> torch.Tensor:
     """SDPA over (B, H, N, d) tensors whose QK width may differ from the V width.
 
-    On the CPU, SDPA has a fused kernel only for equal QK and V widths; otherwise it takes
-    its unfused math path, up to 3.7x slower for pruned shapes (benchmarks/README.md,
-    finding 2). Zero-padding the narrower side (`pad_unequal`) is exact and reaches the
-    fused kernel; models/flops.py turns it off per module, to count the model's arithmetic.
+    With `pad`, the head widths are zero-padded to `sdpa_widths` (exact) so that a fused
+    kernel runs: without it, unequal widths take SDPA's unfused math path on the CPU (up to
+    3.7x slower, benchmarks/README.md finding 2) and on CUDA whenever a width is not a
+    multiple of 8. models/flops.py turns it off per module, to count the model's arithmetic.
     """
     dq, dv = q.shape[-1], v.shape[-1]
-    if dq == dv or q.device.type != "cpu" or not pad_unequal:
+    pq, pv = sdpa_widths(dq, dv, q.device.type, q.dtype) if pad else (dq, dv)
+    if (pq, pv) == (dq, dv):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    d = max(dq, dv)  # zero QK columns add nothing to q.k; zero V columns are cut off again
-    q, k, v = F.pad(q, (0, d - dq)), F.pad(k, (0, d - dq)), F.pad(v, (0, d - dv))
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)[..., :dv]
+    q, k, v = F.pad(q, (0, pq - dq)), F.pad(k, (0, pq - dq)), F.pad(v, (0, pv - dv))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return out if pv == dv else out[..., :dv]
 
 
 class Attention(nn.Module):
@@ -112,7 +139,7 @@ class Attention(nn.Module):
         self.head_gate: torch.Tensor | None = None  # (H,)
         self.qk_gate: torch.Tensor | None = None  # (H, qk_dim)
         self.v_gate: torch.Tensor | None = None  # (H, v_dim)
-        self.pad_unequal = True  # see `attention`
+        self.pad_widths = True  # see `attention`
 
     @property
     def qkv_split(self) -> list[int]:
@@ -141,7 +168,7 @@ class Attention(nn.Module):
         k = k.view(B, N, H, self.qk_dim)
         v = v.view(B, N, H, self.v_dim)
         x = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                      self.attn_drop if self.training else 0.0, self.scale, self.pad_unequal)
+                      self.attn_drop if self.training else 0.0, self.scale, self.pad_widths)
         x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
         if emb is None:
             return self.proj_drop(self.proj(x))

@@ -188,20 +188,25 @@ def test_attention_uses_per_block_scale():
     assert not torch.allclose(a(x), b(x))
 
 
-@pytest.mark.parametrize("qk,v", [(4, 12), (12, 4)])
-def test_cpu_padding_of_unequal_qk_v_widths_is_exact(qk, v):
-    """On the CPU unequal QK/V widths are zero-padded to reach the fused SDPA kernel: the
-    same outputs and gradients as SDPA on the unpadded tensors, and MACs still counted on
-    the model's own widths (with the padding back on afterwards)."""
+@pytest.mark.parametrize("qk,v,padded", [(4, 12, None), (12, 4, None), (5, 12, (8, 16)),
+                                         (12, 5, (16, 8))])
+def test_padding_of_head_widths_is_exact(qk, v, padded, monkeypatch):
+    """Head widths zero-padded to reach a fused SDPA kernel (on the CPU to equal widths; a
+    CUDA plan such as (8, 16) is forced here): the same outputs and gradients as SDPA on the
+    unpadded tensors, and MACs still counted on the model's own widths (with the padding
+    back on afterwards)."""
+    from models import revit
     from models.flops import count_macs
     from models.revit import attention
     from pruning.cost import MacsCost
+    if padded is not None:
+        monkeypatch.setattr(revit, "sdpa_widths", lambda *a: padded)
     torch.manual_seed(0)
     q, k = torch.randn(2, 3, 9, qk, requires_grad=True), torch.randn(2, 3, 9, qk, requires_grad=True)
     val = torch.randn(2, 3, 9, v, requires_grad=True)
     grads = []
     for pad in (True, False):
-        out = attention(q, k, val, 0.0, 0.37, pad_unequal=pad)
+        out = attention(q, k, val, 0.0, 0.37, pad=pad)
         assert out.shape == (2, 3, 9, v)
         grads.append((out, torch.autograd.grad((out * torch.arange(v)).sum(), (q, k, val))))
     torch.testing.assert_close(grads[0][0], grads[1][0])
@@ -211,7 +216,25 @@ def test_cpu_padding_of_unequal_qk_v_widths_is_exact(qk, v):
              num_classes=3, distilled=False)
     model = models.ReViT(d)
     assert count_macs(model)[0] == MacsCost(d).total(d)
-    assert all(b.attn.pad_unequal for b in model.blocks)  # count_macs restored it
+    assert all(b.attn.pad_widths for b in model.blocks)  # count_macs restored it
+
+
+@pytest.mark.parametrize("dq,dv", [(16, 64), (8, 64), (32, 64), (64, 64), (40, 24), (5, 3),
+                                   (96, 320), (300, 300)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_sdpa_widths_meet_the_fused_kernels_rules(dq, dv, dtype):
+    """The padded widths never narrow a head and meet PyTorch's rules for a fused kernel
+    (sdp_utils): on the CPU equal widths; on CUDA in 16-bit equal multiples of 8 up to 256
+    (flash), otherwise multiples of 8 (memory-efficient, which takes unequal QK and V)."""
+    from models.revit import sdpa_widths
+    cpu = sdpa_widths(dq, dv, "cpu", dtype)
+    assert cpu == (max(dq, dv),) * 2
+    pq, pv = sdpa_widths(dq, dv, "cuda", dtype)
+    assert pq >= dq and pv >= dv and pq % 8 == 0 and pv % 8 == 0
+    assert pq - dq < 8 or pq == pv, "QK padded beyond alignment only to equal V"
+    assert pv - dv < 8 or pq == pv, "V padded beyond alignment only to equal QK"
+    flash = dtype != torch.float32 and max(pq, pv) <= 256
+    assert (pq == pv) == (flash or -(-dq // 8) == -(-dv // 8))
 
 
 # -------------------------------------------------------------------- timm equivalence
