@@ -103,6 +103,14 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def add_tf32_arg(p) -> None:
+    """--tf32, shared by the scripts and tools/build_latency_table.py (a table is timed as the
+    run computes)."""
+    p.add_argument("--tf32", action="store_true",
+                   help="TF32 tensor cores for fp32 matmuls and convolutions on CUDA (Ampere and "
+                        "later: faster, 10-bit mantissa); default: PyTorch's (matmuls in full fp32)")
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", default=64, type=POSITIVE_INT, help="per process")
@@ -111,9 +119,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output_dir", "--output-dir", default="", help="where to save, empty for no saving")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on the CPU")
-    g.add_argument("--tf32", action="store_true",
-                   help="TF32 tensor cores for fp32 matmuls and convolutions on CUDA (Ampere and "
-                        "later: faster, 10-bit mantissa); default: PyTorch's (matmuls in full fp32)")
+    add_tf32_arg(g)
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--dist-eval", action="store_true", help="shard evaluation over processes")
     g.add_argument("--num_workers", "--num-workers", default=10, type=COUNT)

@@ -226,7 +226,8 @@ def main(args) -> None:
     if note:
         raise UserError(f"{note}; build a table for this model (tools/build_latency_table.py "
                         f"--model {args.model} --input-size {args.input_size})", field="latency_table")
-    note = cost.settings_note(device.type, args.amp)
+    note = cost.settings_note(device.type, args.amp, torch.cuda.get_device_name(device)
+                              if device.type == "cuda" else None)
     if note:
         print(f"warning: {note}")
     coverage = cost.coverage_note(original)

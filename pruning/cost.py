@@ -51,9 +51,10 @@ class CostModel:
         """Why pruning `dims` cannot lower this cost on some axis (None: it can)."""
         return None
 
-    def settings_note(self, device_type: str, amp: bool) -> str | None:
-        """A warning when the cost was measured on another kind of device or precision than
-        the run's (None: same, or not a measured cost)."""
+    def settings_note(self, device_type: str, amp: bool, device_name: str | None = None
+                      ) -> str | None:
+        """A warning when the cost was measured on another kind of device, GPU model or
+        precision than the run's (None: same, or not a measured cost)."""
         return None
 
     def total(self, dims: Dims) -> float:
@@ -130,8 +131,9 @@ class _Grid:
     """A table on a rectilinear grid, read by multilinear interpolation.
 
     With `monotone` (our own tables), made non-decreasing along every axis at construction,
-    because timing noise must not
-    make removing a unit look like a slowdown: a running minimum from the large end of each
+    because timing noise must not make removing a unit look like a slowdown (and a narrower
+    attention shape can run as the wider one it is zero-padded to, models.revit.sdpa_widths,
+    so a slower narrow point is not a property of the shape): a running minimum from the large end of each
     axis in turn gives the largest monotone table below the measured one. Timing noise is
     mostly upward (other load), and this way a slow outlier changes only its own point,
     where a running maximum would lift every wider point. `lowered` counts the points
@@ -264,20 +266,27 @@ class LatencyTable(CostModel):
                     f"{dims.num_tokens}; latencies are estimates for the table's token count")
         return None
 
-    def settings_note(self, device_type: str, amp: bool) -> str | None:
-        """Timed on a CPU for a CUDA run, or in fp32 for an --amp run (or the reverse): the
-        ranking then follows that device and precision. A warning, not an error: the table
-        should describe where the model will be deployed, which may not be where it is pruned."""
+    def settings_note(self, device_type: str, amp: bool, device_name: str | None = None
+                      ) -> str | None:
+        """Timed on a CPU for a CUDA run, on another GPU model, or in fp32 for an --amp run
+        (or the reverse): the ranking then follows that device and precision. A warning, not
+        an error: the table should describe where the model will be deployed, which may not
+        be where it is pruned."""
         timed_on = str(self.meta.get("device", "")).split(":")[0] or None
         timed_amp = self.meta.get("amp")
-        differs = (timed_on is not None and timed_on != device_type) or \
+        timed_name = self.meta.get("device_name")
+        other_gpu = (device_type == "cuda" and timed_on == "cuda" and device_name is not None
+                     and timed_name is not None and timed_name != device_name)
+        differs = (timed_on is not None and timed_on != device_type) or other_gpu or \
             (isinstance(timed_amp, bool) and timed_amp != amp)
         if not differs:
             return None
         precision = {True: "with --amp", False: "in fp32", None: "in an unrecorded precision"}
-        return (f"the latency table was timed on {timed_on or 'an unrecorded device'} "
+        where = f"{timed_on} ({timed_name})" if other_gpu else timed_on or "an unrecorded device"
+        here = f"{device_type} ({device_name})" if other_gpu else device_type
+        return (f"the latency table was timed on {where} "
                 f"{precision[timed_amp if isinstance(timed_amp, bool) else None]} (batch "
-                f"{self.meta.get('batch_size', '?')}), this run prunes on {device_type} "
+                f"{self.meta.get('batch_size', '?')}), this run prunes on {here} "
                 f"{precision[amp]}: the ranking follows the table's device and precision; build "
                 f"the table where and as you deploy")
 

@@ -47,28 +47,56 @@ def stem_of(dims: Dims, embed_dim: int) -> nn.Module:
 
 
 class Timer:
+    """Median milliseconds of one eval forward of a module.
+
+    On the CPU each forward is timed with the wall clock. On CUDA the host only queues
+    kernels, so a sample is CUDA events around `CUDA_FORWARDS_PER_SAMPLE` forwards queued
+    back to back, divided by their number: the GPU's time, not the launch overhead a
+    synchronise per forward would add.
+    """
+
+    CUDA_FORWARDS_PER_SAMPLE = 10
+
     def __init__(self, device: torch.device, warmup: int, repeats: int, amp: bool) -> None:
         self.device, self.warmup, self.repeats = device, warmup, repeats
-        cuda = device.type == "cuda"
-        self.sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-        self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if amp else None
+        self.cuda = device.type == "cuda"
+        self.amp_dtype = (torch.float16 if self.cuda else torch.bfloat16) if amp else None
+
+    @property
+    def method(self) -> str:
+        if self.cuda:
+            return f"CUDA events around {self.CUDA_FORWARDS_PER_SAMPLE} queued forwards per sample"
+        return "wall clock per forward"
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
-        """Median milliseconds of one forward pass."""
         module = module.to(self.device).eval()
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else nullcontext())
         times = []
         with torch.inference_mode(), autocast:
-            for _ in range(self.warmup):
+            for _ in range(self.warmup):  # also lets cudnn.benchmark settle on its algorithm
                 module(x)
-            self.sync()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
             for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                module(x)
-                self.sync()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1000.0
+                times.append(self._cuda_sample(module, x) if self.cuda
+                             else self._cpu_sample(module, x))
+        return statistics.median(times)
+
+    @staticmethod
+    def _cpu_sample(module: nn.Module, x: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        module(x)
+        return (time.perf_counter() - t0) * 1000.0
+
+    def _cuda_sample(self, module: nn.Module, x: torch.Tensor) -> float:
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        for _ in range(self.CUDA_FORWARDS_PER_SAMPLE):
+            module(x)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / self.CUDA_FORWARDS_PER_SAMPLE
 
 
 def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: int,
@@ -100,10 +128,14 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
                         else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(),
         "batch_size": B, "num_tokens": N, "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "dtype": f"autocast {str(timer.amp_dtype).replace('torch.', '')}" if amp
         else "float32",
         "amp": bool(amp),
+        "tf32": (torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" and not amp
+                 else None),
+        "timing": timer.method,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "warmup": warmup, "repeats": repeats, "statistic": "median",
         "model": model,

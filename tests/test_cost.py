@@ -172,6 +172,11 @@ def test_settings_note_names_device_and_precision() -> None:
         "in fp32: the ranking follows the table's device and precision; build the table where "
         "and as you deploy")
     assert LatencyTable.from_dict(reference_table()).settings_note("cuda", True) is None
+    data["meta"]["device_name"] = "NVIDIA V100"
+    v100 = LatencyTable.from_dict(data)
+    assert v100.settings_note("cuda", True, "NVIDIA V100") is None
+    assert "timed on cuda (NVIDIA V100) with --amp (batch 256), this run prunes on cuda " \
+           "(NVIDIA A100) with --amp" in v100.settings_note("cuda", True, "NVIDIA A100")
 
 
 # ----------------------------------------------------------- NViT reference format
@@ -317,6 +322,21 @@ def test_tool_creates_folders_and_keeps_tables(tmp_path: Path, capsys) -> None:
     assert tool.main(["--output", str(out), *TINY_GRID]) == 2
     assert "--force" in capsys.readouterr().err and out.read_text() == first
     assert tool.main(["--output", str(out), *TINY_GRID, "--force"]) == 0
+
+
+def test_tool_records_what_it_timed(tmp_path: Path) -> None:
+    """On the CPU the defaults are batch 1 in fp32 timed by the wall clock; --amp times bf16
+    autocast; both are recorded for nvit_prune.py's comparison with its run."""
+    tool = _load_tool()
+    meta = []
+    for extra in ([], ["--amp", "--batch-size", "3"]):
+        out = tmp_path / f"t{len(meta)}.json"
+        assert tool.main(["--output", str(out), *TINY_GRID, *extra]) == 0
+        meta.append(json.loads(out.read_text())["meta"])
+    assert (meta[0]["batch_size"], meta[0]["amp"], meta[0]["dtype"]) == (1, False, "float32")
+    assert (meta[1]["batch_size"], meta[1]["amp"], meta[1]["dtype"]) == (3, True,
+                                                                          "autocast bfloat16")
+    assert meta[0]["timing"] == "wall clock per forward" and meta[0]["cudnn"] is None
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -7,6 +7,11 @@ and the MLP part (LayerNorm, fc1, GELU, fc2, residual add; the model's own `Mlp`
 runs after warm-up. With --model the stem (patch embedding, tokens, final norm, heads) is
 timed per embed width too. The JSON format is described in pruning/cost.py (LatencyTable).
 
+Time where and as you deploy: on CUDA the defaults are batch 256 under fp16 autocast (what
+nvit_prune.py --amp runs), timed with CUDA events over queued forwards; on the CPU batch 1
+in fp32. The table records device, versions, batch, precision and token count, which
+nvit_prune.py compares with its run.
+
     python -m tools.build_latency_table --output latency.json
     python -m tools.build_latency_table --output latency.json --model deit_small_patch16_224
 """
@@ -23,12 +28,14 @@ import torch
 
 from atomic import check_output_file, write_text_atomic
 from errors import UserError
-from flags import COUNT, POSITIVE_INT, Parser, user_message
+from flags import COUNT, POSITIVE_INT, Parser, add_tf32_arg, user_message
 from models.dims import Dims
 from models.factory import name_dims
 from pruning.cost import LatencyTable
 from pruning.latency import measure_table
+from utils import configure_cuda
 
+DEFAULT_BATCH = {"cuda": 256, "cpu": 1}
 DEFAULTS = {  # small: about a minute on 2 CPU cores at 198 tokens
     "embed_dims": "192,384,768", "heads": "1,2,4,8,12", "qk_dims": "8,16,32,64",
     "v_dims": "8,16,32,64", "mlp_dims": "192,768,1536,3072",
@@ -41,7 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="JSON file to write (folders are created)")
     p.add_argument("--force", action="store_true", help="replace an existing --output")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=1)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None,
+                   help=f"images per forward (default {DEFAULT_BATCH['cuda']} on CUDA, the "
+                        f"NViT paper's V100 batch; {DEFAULT_BATCH['cpu']} on the CPU): the "
+                        f"batch you deploy with")
     p.add_argument("--num-tokens", type=POSITIVE_INT, default=None,
                    help="tokens per image (default: the --model's, else 198 = DeiT at 224 px "
                         "with class and distillation tokens)")
@@ -59,8 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=POSITIVE_INT, default=None,
                    help="CPU threads for torch (default: torch's choice); time with the "
                         "thread count you will deploy with, on an otherwise idle machine")
-    p.add_argument("--amp", action="store_true",
-                   help="time under autocast (float16 on CUDA, bfloat16 on CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="time under autocast, float16 on CUDA and bfloat16 on the CPU (default: "
+                        "on for CUDA, as nvit_prune.py --amp runs; off on the CPU)")
+    add_tf32_arg(p)
     return p.parse_args(argv)
 
 
@@ -117,6 +129,11 @@ def write_atomic(path: Path, data: dict) -> None:
 def run(args: argparse.Namespace) -> None:
     output = check_output_file(args.output, "--output", args.force)
     device = resolve_device(args.device)
+    configure_cuda(device, args.tf32)  # as the pruning run: cudnn.benchmark, TF32 if asked
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH[device.type]
+    if args.amp is None:
+        args.amp = device.type == "cuda"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     defaults, model_dims = dict(DEFAULTS), None
@@ -132,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
     n_att = math.prod(len(grid[k]) for k in ("embed_dims", "heads", "qk_dims", "v_dims"))
     print(f"timing {n_att} attention and {len(grid['embed_dims']) * len(grid['mlp_dims'])} MLP "
           f"configurations on {device} (batch {args.batch_size}, {num_tokens} tokens, "
-          f"{torch.get_num_threads()} threads)", flush=True)
+          f"{'autocast' if args.amp else 'fp32'}, {torch.get_num_threads()} threads)", flush=True)
     t0 = time.perf_counter()
     data = measure_table(grid, device, args.batch_size, num_tokens, args.warmup, args.repeats,
                          args.amp, model_dims, args.model)
@@ -148,7 +165,8 @@ def run(args: argparse.Namespace) -> None:
     lowered = sum(g.lowered for g in table.parts.values())
     if lowered:
         print(f"note: {lowered} measured point(s) were slower than a wider configuration and "
-              f"are read as that one's time (timing noise: is the machine busy?)")
+              f"are read as that one's time (timing noise, is the machine busy? or, on CUDA, a "
+              f"kernel or alignment the narrower shape does not reach)")
     if model_dims is not None:
         print(f"{args.model}: estimated {table.total(model_dims):.2f} ms per batch of "
               f"{args.batch_size} (stem {table.stem(model_dims, model_dims.embed_dim):.3f} ms)")
