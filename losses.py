@@ -34,8 +34,10 @@ def kl_elementwise_mean(student_logits: Tensor, target_logits: Tensor, tau: floa
     """KL(target || student) at temperature `tau`, averaged over every element (batch x
     classes), no tau^2: the NViT reference's `KLDivLoss()(log_softmax(s / T), softmax(t / T))`."""
     t = float(tau)
-    log_p_student = F.log_softmax(student_logits / t, dim=-1)
-    log_p_target = F.log_softmax(target_logits / t, dim=-1)
+    # in fp32 as CUDA autocast runs log_softmax; CPU autocast keeps bf16, whose rounding
+    # makes this tiny KL negative once scaled by the reference's --kl_loss_coeff 1e5
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_target = F.log_softmax(target_logits.float() / t, dim=-1)
     return F.kl_div(log_p_student, log_p_target, reduction="none", log_target=True).mean()
 
 
@@ -112,9 +114,9 @@ class DistillationLoss(nn.Module):
         if self.distillation_type == "soft":
             t = self.tau
             distill_loss = (
-                F.kl_div(
-                    F.log_softmax(dist_out / t, dim=1),
-                    F.log_softmax(teacher / t, dim=1),
+                F.kl_div(  # in fp32, as kl_elementwise_mean
+                    F.log_softmax(dist_out.float() / t, dim=1),
+                    F.log_softmax(teacher.float() / t, dim=1),
                     reduction="sum",
                     log_target=True,
                 )

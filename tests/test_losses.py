@@ -246,6 +246,38 @@ def test_kl_zero_for_identical_logits() -> None:
     torch.testing.assert_close(kl_elementwise_mean(s, s.clone(), 2.0), torch.tensor(0.0))
 
 
+class _Fixed(nn.Module):
+    """A 'teacher' that answers with given logits."""
+
+    def __init__(self, logits: Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits
+
+
+@pytest.mark.parametrize("kind", ["kl", "soft"])
+def test_kl_in_bf16_autocast_is_taken_in_fp32(kind: str) -> None:
+    """Under CPU bf16 autocast (--amp on the CPU) the KL of bf16 logits is computed in fp32,
+    as CUDA autocast computes log_softmax: it equals the fp32 KL of the same logits and is
+    never negative (bf16 rounding made it about -20 at --kl_loss_coeff 1e5)."""
+    torch.manual_seed(0)
+    s = torch.randn(64, 1000).bfloat16()
+    t = (s.float() + 1e-3 * torch.randn(64, 1000)).bfloat16()
+    y = torch.zeros(64, dtype=torch.long)
+
+    def loss(a: Tensor, b: Tensor) -> Tensor:
+        if kind == "kl":
+            return kl_elementwise_mean(a, b, 3.0)
+        return DistillationLoss(nn.CrossEntropyLoss(), _Fixed(b), "soft", 1.0, 3.0)(a, (a, a), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = loss(s, t)
+    exact = loss(s.float(), t.float())
+    assert amp.dtype == torch.float32 and amp >= 0
+    torch.testing.assert_close(amp, exact, rtol=1e-3, atol=1e-9)
+
+
 # ---------------------------------------------------------------- FullModelKLLoss
 
 
