@@ -120,6 +120,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on the CPU")
     add_tf32_arg(g)
+    g.add_argument("--deterministic", action="store_true",
+                   help="PyTorch's deterministic algorithms (CUDA runs then repeat bitwise on the "
+                        "same machine and software, more slowly); CPU runs are bitwise without it")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--dist-eval", action="store_true", help="shard evaluation over processes")
     g.add_argument("--num_workers", "--num-workers", default=10, type=COUNT)

@@ -120,11 +120,21 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device {name} is not a device name (cpu, cuda, cuda:1)") from None
 
 
-def configure_cuda(device: torch.device, tf32: bool) -> None:
-    """cudnn.benchmark for the conv patch embedding and CNN teachers; TF32 only if asked."""
+def configure_math(device: torch.device, tf32: bool, deterministic: bool = False) -> None:
+    """cudnn.benchmark for the conv patch embedding and CNN teachers; TF32 only if asked.
+
+    `deterministic` (--deterministic): PyTorch's deterministic algorithms everywhere (flash
+    and memory-efficient attention then take their deterministic backward, cuBLAS a fixed
+    workspace, cuDNN fixed algorithms), so a CUDA run repeats bitwise on the same machine,
+    more slowly; an op without a deterministic version is reported by run_main.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    torch.use_deterministic_algorithms(deterministic)
     if device.type != "cuda":
         return
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
     if tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -165,7 +175,7 @@ def setup_run(args, after_init=None, writes: bool = True) -> Run:
     if after_init is not None:
         after_init(args)
     device = resolve_device(args.device)
-    configure_cuda(device, getattr(args, "tf32", False))
+    configure_math(device, getattr(args, "tf32", False), getattr(args, "deterministic", False))
     rank = get_rank()
     seed_everything(args.seed + rank)
     output_dir = Path(args.output_dir) if args.output_dir else None
@@ -273,6 +283,9 @@ def one_line(message: str) -> str:
     return last.split(": ", 1)[1] if ": " in last else last
 
 
+NOT_DETERMINISTIC = "does not have a deterministic implementation"  # PyTorch's message
+
+
 def run_main(main, args) -> None:
     """Run an entry script's main(); user mistakes end with one line on stderr and exit 2."""
     try:
@@ -284,6 +297,14 @@ def run_main(main, args) -> None:
         sys.stderr.flush()
         if is_dist():
             dist.destroy_process_group()
+        sys.exit(2)
+    except RuntimeError as e:
+        if NOT_DETERMINISTIC not in str(e):
+            raise
+        run_folder.release_all()
+        op = str(e).split(NOT_DETERMINISTIC)[0].strip()
+        sys.stderr.write(f"error: --deterministic: {op} has no deterministic implementation in "
+                         f"PyTorch {torch.__version__}; run without --deterministic\n")
         sys.exit(2)
     except Stopped as e:
         sys.stderr.write(f"{e}\n")

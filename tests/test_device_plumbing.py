@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -97,11 +98,45 @@ def test_cuda_math_settings(monkeypatch):
     for flag in ("benchmark", "allow_tf32"):
         monkeypatch.setattr(torch.backends.cudnn, flag, False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    utils.configure_cuda(torch.device("cpu"), tf32=True)
+    utils.configure_math(torch.device("cpu"), tf32=True)
     assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-    utils.configure_cuda(torch.device("cuda"), tf32=False)
+    utils.configure_math(torch.device("cuda"), tf32=False)
     assert torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-    utils.configure_cuda(torch.device("cuda"), tf32=True)
+    utils.configure_math(torch.device("cuda"), tf32=True)
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     import revit_scratch
     assert revit_scratch.get_args_parser().parse_args(["--tf32"]).tf32
+
+
+def test_deterministic_mode(monkeypatch):
+    """--deterministic: PyTorch's deterministic algorithms, fixed cuDNN algorithms and a
+    fixed cuBLAS workspace on CUDA (set before cuBLAS starts); off without the flag."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    try:
+        utils.configure_math(torch.device("cuda"), tf32=False, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    utils.configure_math(torch.device("cuda"), tf32=False)
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+
+
+def test_an_op_without_a_deterministic_version_is_one_line(capsys):
+    """PyTorch raises for an op with no deterministic version under --deterministic: the run
+    ends with one line naming the op and the flag, not a traceback."""
+    def main(args):
+        raise RuntimeError("scatter_reduce_cuda does not have a deterministic implementation, "
+                           "but you set 'torch.use_deterministic_algorithms(True)'.")
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(main, None)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --deterministic: scatter_reduce_cuda has no deterministic")
+    assert err.count("\n") == 1
+    with pytest.raises(RuntimeError):  # any other RuntimeError is a bug: its traceback stays
+        utils.run_main(lambda args: (_ for _ in ()).throw(RuntimeError("shape")), None)
