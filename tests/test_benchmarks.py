@@ -128,6 +128,20 @@ def test_omp_policy_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_step_memory_quick(tmp_path):
+    """The memory study's rows, and the bound it exists for: a 16-bit pruning step (gates
+    attached, a quarter of the units removed) within 1.25x a plain step's memory per image."""
+    data = quick("bench_step_memory.py", "step_memory", tmp_path)
+    rows = {(r["precision"], r["variant"]): r for r in data["rows"]}
+    assert set(rows) == {(p, v) for p in ("fp32", "bf16", "fp16")
+                         for v in ("plain", "gated", "gated, 25% pruned")}
+    for (precision, variant), r in rows.items():
+        assert r["mib_per_image"] > 0
+        if precision != "fp32":
+            assert r["per_image_over_plain"] <= 1.25 and r["peak_over_plain"] <= 1.25, r
+
+
+@pytest.mark.slow
 @needs_data
 def test_input_pipeline_quick(tmp_path):
     data = quick("bench_input_pipeline.py", "input_pipeline", tmp_path)

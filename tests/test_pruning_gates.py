@@ -611,3 +611,29 @@ def test_gated_norm_follows_every_in_place_change_of_the_embedding_gate() -> Non
             small = compact(model)
             torch.testing.assert_close(small(x), out, rtol=0, atol=1e-5)
             assert small.dims.embed_dim == 48 - len(channels)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_step_needs_no_more_activation_memory(dtype):
+    """Gates scale weights, not activations, and stay out of autocast's way: a 16-bit step
+    with gates attached allocates at its peak no more than a plain step (up to the gates'
+    own few kilobytes), and one with a
+    quarter of the units pruned (live-channel LayerNorm) stays within 1.25x (the budget
+    that keeps the README's batch on a 16-24 GB GPU)."""
+    from benchmarks.bench_step_memory import step_peak_bytes, variants
+    torch.manual_seed(0)
+    dense = build_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=4,
+                        num_classes=10, dims=Dims.uniform(64, 2, 2, 128))
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    cpu = torch.device("cpu")
+    peaks = {}
+    for name, model in variants(dense).items():
+        def step():
+            with torch.autocast("cpu", dtype=dtype):
+                cls, dist_ = model(x)
+                loss = F.cross_entropy(cls, y) + F.cross_entropy(dist_, y)
+            loss.backward()
+        step()
+        peaks[name] = step_peak_bytes(step, cpu)
+    assert peaks["gated"] <= 1.01 * peaks["plain"]
+    assert peaks["gated, 25% pruned"] <= 1.25 * peaks["plain"]
