@@ -20,6 +20,10 @@ FAST = ["--model", "deit_tiny_distilled_patch16_224", "--patch-size", "8", "--in
         "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0",
         "--drop-path", "0", "--print-freq", "1000"]
 TRAIN = [*FAST, "--no-model-ema"]  # revit_scratch.py: no weight EMA (nvit_prune.py has none)
+# nvit_prune.py's pruning flags at the reference's settings, fast; the cost model is added
+PRUNE_FLAGS = ["--pruning", "--kl_loss_coeff", "100000", "--original_loss_coeff", "1",
+               "--interval_prune", "4", "--prune_per_iter", "48", "--student_eval", "true",
+               "--pruning_config", str(ROOT / "configs" / "nvit_reference.json")]
 
 
 def write_dims(path: Path, dims: dict = TINY_DIMS) -> Path:

@@ -13,15 +13,13 @@ import torch
 
 import models
 from models.flops import count_macs
-from helpers import FAST, TRAIN, ROOT, assert_user_error, env, run
+from helpers import FAST, PRUNE_FLAGS, TRAIN, ROOT, assert_user_error, env, run
 
 pytestmark = pytest.mark.slow
 
 DENSE_DIMS = models.Dims(embed_dim=64, num_heads=[4, 4, 4], qk_dim=[16, 16, 16],
                          v_dim=[16, 16, 16], mlp_dim=[128, 128, 128])
-PRUNE = ["--pruning", "--cost", "macs", "--kl_loss_coeff", "100000", "--original_loss_coeff", "1",
-         "--interval_prune", "4", "--prune_per_iter", "48", "--student_eval", "true",
-         "--pruning_config", str(ROOT / "configs" / "nvit_reference.json")]
+PRUNE = [PRUNE_FLAGS[0], "--cost", "macs", *PRUNE_FLAGS[1:]]
 STEP_LINE = (r"prune step 1: macs ratio [\d.]+ \(target 0.6\)  removed groups: [a-z]+ 1  emb \d+  "
              r"heads \d+  qk \[[\d, ]+\]  v \[[\d, ]+\]  mlp \d+  loss [\d.]+ \(kl 0, deit [\d.]+\)"
              r"  img/s [\d.]+  eta")

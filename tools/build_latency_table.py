@@ -33,7 +33,7 @@ from models.dims import Dims
 from models.factory import name_dims
 from pruning.cost import LatencyTable
 from pruning.latency import measure_table
-from utils import configure_cuda
+from utils import configure_math
 
 DEFAULT_BATCH = {"cuda": 256, "cpu": 1}
 DEFAULTS = {  # small: about a minute on 2 CPU cores at 198 tokens
@@ -129,7 +129,7 @@ def write_atomic(path: Path, data: dict) -> None:
 def run(args: argparse.Namespace) -> None:
     output = check_output_file(args.output, "--output", args.force)
     device = resolve_device(args.device)
-    configure_cuda(device, args.tf32)  # as the pruning run: cudnn.benchmark, TF32 if asked
+    configure_math(device, args.tf32)  # as the pruning run: cudnn.benchmark, TF32 if asked
     if args.batch_size is None:
         args.batch_size = DEFAULT_BATCH[device.type]
     if args.amp is None:
