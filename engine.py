@@ -60,7 +60,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
     log = utils.ProgressLogger(header or f"Epoch [{epoch}]", total, print_freq, batch_size,
                                first=start_iter)
     params = [p for p in model.parameters() if p.requires_grad]
-    for i, (samples, targets) in enumerate(data_loader, start=start_iter):
+    batches = iter(data_loader)
+    for i in range(start_iter, total):
+        samples, targets = utils.next_on_every_rank(batches)
         if seed_fn is not None:
             seed_fn(i)
         samples = samples.to(device, non_blocking=True)
@@ -123,7 +125,18 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
-    for images, target in data_loader:
+    error = None  # a bad image in this rank's shard: every rank stops at the sum below
+    batches = iter(data_loader)
+    while True:
+        try:
+            images, target = next(batches)
+        except StopIteration:
+            break
+        except UserError as e:
+            if not sharded:
+                raise  # every rank reads the whole set and meets the same image
+            error = e
+            break
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
@@ -137,8 +150,9 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
         loss_sum += criterion(output, target).item()
         count += n
     if sharded:
-        correct1, correct5, loss_sum, count = utils.all_reduce_sum(
-            [correct1, correct5, loss_sum, count])
+        correct1, correct5, loss_sum, count, failed = utils.all_reduce_sum(
+            [correct1, correct5, loss_sum, count, float(error is not None)])
+        utils.raise_on_every_rank(error, failed > 0)
     count = max(count, 1)
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count,
             "loss": loss_sum / count, "n": int(count)}

@@ -10,6 +10,7 @@ import random
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,43 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if is_dist():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def raise_on_every_rank(error: UserError | None, anywhere: bool) -> None:
+    """Once a collective has told every rank whether some rank failed (`anywhere`): every
+    rank raises the error of the lowest failing rank, its message sent to all, so that no
+    rank is left waiting in a collective for one that stopped."""
+    if not anywhere:
+        return
+    if not is_dist():
+        raise error
+    device = collective_device()
+    first = torch.tensor([get_rank() if error is not None else get_world_size()], device=device)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    src = int(first.item())
+    box = [user_message(error) if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, device=device)
+    if get_rank() == src:
+        raise error
+    raise UserError(box[0])
+
+
+def next_on_every_rank(batches: Iterator):
+    """next(batches), where a UserError from one rank's data (a bad image: each rank reads
+    its own shard) stops every rank with its message. One tiny collective per batch in a
+    distributed run, taken before the step's forward is launched."""
+    error = None
+    try:
+        batch = next(batches)
+    except UserError as e:
+        error, batch = e, None
+    if is_dist():
+        failed = torch.tensor([float(error is not None)], device=collective_device())
+        dist.all_reduce(failed)
+        raise_on_every_rank(error, bool(failed.item()))
+    elif error is not None:
+        raise error
+    return batch
 
 
 def resolve_device(name: str) -> torch.device:

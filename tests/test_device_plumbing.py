@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 
 import pytest
@@ -91,6 +92,57 @@ def test_a_loss_diverging_on_one_rank_stops_every_rank(tmp_path):
     results = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
     assert all("loss is not finite at epoch 0, iteration 0" in r for r in results), results
     assert "(here nan)" in results[1] and "(here" not in results[0]
+
+
+class _Shard:
+    """Three batches of one rank's shard; on rank 1 the second holds an unreadable image."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return 3
+
+    def __iter__(self):
+        from datasets import BadImage
+        for i in range(3):
+            if self.rank == 1 and i == 1:
+                raise BadImage("/data/train/n01/bad.JPEG", "truncated file")
+            yield torch.randn(3, 4), torch.tensor([0, 1, 0])
+
+
+def _bad_image_on_rank_1(rank: int, folder: str, phase: str) -> None:
+    import engine
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))  # a regression fails, not hangs
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    try:
+        if phase == "train":
+            engine.train_one_epoch(ddp, lambda s, o, t: torch.nn.functional.cross_entropy(o, t),
+                                   _Shard(rank), torch.optim.SGD(model.parameters(), 0.1),
+                                   torch.device("cpu"), 0, print_freq=100)
+        else:
+            engine.evaluate(_Shard(rank), model, torch.device("cpu"), sharded=True)
+        result = "went on"
+    except UserError as e:
+        result = str(e)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{folder}/rank{rank}", "w") as f:
+        f.write(result)
+
+
+@pytest.mark.parametrize("phase", ["train", "sharded_eval"])
+def test_a_bad_image_on_one_rank_stops_every_rank(tmp_path, phase):
+    """Each rank reads its own shard, so a bad image is met by one rank only: raised there
+    alone, the others would wait in the next collective until the timeout (torchrun kills
+    them, srun and mpirun do not). Every rank stops with the file's message."""
+    torch.multiprocessing.spawn(_bad_image_on_rank_1, args=(str(tmp_path), phase), nprocs=2)
+    results = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    assert results[0] == results[1], results
+    assert "cannot read image /data/train/n01/bad.JPEG: truncated file" in results[0]
 
 
 def test_cuda_math_settings(monkeypatch):
