@@ -133,14 +133,15 @@ class _Grid:
     With `monotone` (our own tables), made non-decreasing along every axis at construction,
     because timing noise must not make removing a unit look like a slowdown (and a narrower
     attention shape can run as the wider one it is zero-padded to, models.revit.sdpa_widths,
-    so a slower narrow point is not a property of the shape): a running minimum from the large end of each
-    axis in turn gives the largest monotone table below the measured one. Timing noise is
-    mostly upward (other load), and this way a slow outlier changes only its own point,
-    where a running maximum would lift every wider point. `lowered` counts the points
-    changed. Multilinear interpolation of a monotone grid is monotone. Outside the grid: below the smallest point of an axis the
-    value is held (clamped); above the largest it grows in proportion to the width
-    (value at the edge * x / x_max), a linear extrapolation through zero, which keeps the
-    result monotone and non-negative even when several axes are beyond the grid.
+    so a slower narrow point is not a property of the shape): a running minimum from the
+    large end of each axis in turn gives the largest monotone table below the measured one.
+    Timing noise is mostly upward (other load), and this way a slow outlier changes only its
+    own point, where a running maximum would lift every wider point. `lowered` counts the
+    points changed. Multilinear interpolation of a monotone grid is monotone. Outside the
+    grid: below the smallest point of an axis the value is held (clamped); above the largest
+    it grows in proportion to the width (value at the edge * x / x_max), a linear
+    extrapolation through zero, which keeps the result monotone and non-negative even when
+    several axes are beyond the grid.
     """
 
     def __init__(self, axes: Sequence[str], points: Sequence[Sequence[float]],
