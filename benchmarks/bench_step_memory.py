@@ -34,6 +34,7 @@ import models
 from benchmarks import common
 from benchmarks.bench_prune_overhead import loss_args
 from benchmarks.common import md_table, write_results
+from models.dims import Dims
 from pruning import Gates
 
 STUDY = "step_memory"
@@ -42,8 +43,9 @@ CASES = {  # name -> (timm name, frame, batch sizes)
     "DeiT-Ti/224 distilled": ("deit_tiny_distilled_patch16_224", dict(num_classes=1000), (4, 8)),
 }
 QUICK_CASES = {
-    "cpu-sized (32 px, patch 4, E 192)": ("deit_tiny_distilled_patch16_224",
-                                          dict(img_size=32, patch_size=4, num_classes=10), (8, 16)),
+    "cpu-sized (32 px, patch 4, E 64, depth 2)": (
+        "deit_tiny_distilled_patch16_224",
+        dict(img_size=32, patch_size=4, num_classes=10, dims=Dims.uniform(64, 2, 2, 128)), (8, 16)),
 }
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRUNED_SHARE = 0.25
