@@ -17,6 +17,7 @@ from pathlib import Path
 
 from atomic import copy_atomic, save_atomic, write_text_atomic
 from errors import UserError
+from flags import plain
 from utils import json_lines
 
 CHECKPOINT_FILE = "checkpoint.pth"  # revit_scratch.py: the latest epoch, for --resume
@@ -28,17 +29,6 @@ HISTORY_FILE = "dims_history.json"
 TRAINING_RUN_FILES = (CHECKPOINT_FILE, BEST_FILE, LOG_FILE)
 PRUNING_RUN_FILES = (PRUNING_STATE_FILE, PRUNED_FILE, HISTORY_FILE)
 TRAINING_KEYS = ("optimizer", "lr_scheduler", "epoch")
-
-
-def plain(value):
-    """Reduce argparse values to types torch.load(weights_only=True) accepts."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def cpu_tensors(value):

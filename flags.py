@@ -8,9 +8,14 @@ pruning/) in an error is mapped to the flag that sets it.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
 import torch
+import yaml
 
+from atomic import write_text_atomic
 from datasets import INAT_CATEGORIES
 from losses import BASE_LOSS_HEADS
 
@@ -22,15 +27,151 @@ FLAG_OF_FIELD = {
 }
 
 
+class Args(argparse.Namespace):
+    """Parsed flags; `resolved` (kept out of vars(), so out of checkpoints' "args") holds every
+    flag's value as parsed, before the run derives anything from them: OUTPUT_DIR/args.yaml."""
+
+    __slots__ = ("resolved",)
+
+
+CONFIG_FLAGS = ("-c", "--config")
+ARGS_FILE = "args.yaml"  # in OUTPUT_DIR: the run's flags, readable by --config
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the scripts' error style: one `error:` line and exit 2, not the usage
-    block of ninety flags; no abbreviated flags (`--eval` must not mean `--eval-crop-ratio`)."""
+    block of ninety flags; no abbreviated flags (`--eval` must not mean `--eval-crop-ratio`).
 
-    def __init__(self, description: str) -> None:
+    With `config`, `-c/--config FILE.yaml` (timm's convention) gives flag values as a YAML
+    mapping (keys: flag names, `batch_size` or `batch-size`); flags on the command line win,
+    an unknown key is an error naming it. The file's entries are read as if typed before the
+    command line, so they pass the same type and range checks.
+    """
+
+    def __init__(self, description: str, config: bool = False) -> None:
         super().__init__(description=description, allow_abbrev=False)
+        self.takes_config = config
+        if config:
+            self.add_argument(*CONFIG_FLAGS, default=None, metavar="FILE.yaml",
+                              help="flag values from a YAML file (as OUTPUT_DIR/args.yaml holds "
+                                   "them); flags on the command line override it")
+
+    _reading_config: str | None = None  # the config file whose values are being checked
 
     def error(self, message: str):
+        if self._reading_config is not None:
+            message = f"--config {self._reading_config}: {message}"
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None) -> Args:
+        argv = list(sys.argv[1:] if args is None else args)
+        path = config_path(argv) if self.takes_config else None
+        if path is not None:
+            tokens = self.config_tokens(path)
+            self._reading_config = path  # its values alone first: errors name the file
+            try:
+                super().parse_args(tokens, Args())
+            finally:
+                self._reading_config = None
+            argv = tokens + argv
+        parsed = super().parse_args(argv, Args() if namespace is None else namespace)
+        if isinstance(parsed, Args):
+            parsed.resolved = {a.dest: getattr(parsed, a.dest) for a in self._actions
+                               if a.dest not in ("help", "config")}
+        return parsed
+
+    def config_tokens(self, path: str) -> list[str]:
+        """The command-line tokens a config file stands for."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            self.error(f"--config {path}: cannot read it ({e.strerror})")
+        except yaml.YAMLError as e:
+            self.error(f"--config {path}: not valid YAML ({one_line_yaml(e)})")
+        if data is None:
+            return []
+        if not isinstance(data, dict):
+            self.error(f"--config {path}: expected a mapping of flag names to values, got "
+                       f"{type(data).__name__}")
+        by_dest: dict[str, list[argparse.Action]] = {}
+        for action in self._actions:
+            if action.dest not in ("help", "config"):
+                by_dest.setdefault(action.dest, []).append(action)
+        tokens = []
+        for key, value in data.items():
+            actions = by_dest.get(str(key).lstrip("-").replace("-", "_"))
+            if not actions:
+                self.error(f"--config {path}: unknown key {key!r} (not a flag of {self.prog})")
+            try:
+                tokens += flag_tokens(actions, value)
+            except ValueError as e:
+                self.error(f"--config {path}: {key}: {e}")
+        return tokens
+
+
+def config_path(argv: list[str]) -> str | None:
+    """The value of the last -c/--config in a command line."""
+    path = None
+    for i, token in enumerate(argv):
+        if token in CONFIG_FLAGS and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif token.startswith("--config="):
+            path = token.split("=", 1)[1]
+    return path
+
+
+def one_line_yaml(e: Exception) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def flag_tokens(actions: list[argparse.Action], value) -> list[str]:
+    """Command-line tokens that set one flag's destination to `value`."""
+    def text(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v) if isinstance(v, dict) else str(v)
+    switches = [a for a in actions if a.nargs == 0]
+    if value is None:
+        return []  # the flag's default
+    if isinstance(value, bool) and switches:
+        for a in switches:
+            if isinstance(a, argparse.BooleanOptionalAction):
+                return [a.option_strings[0] if value else a.option_strings[-1]]
+            if a.const is value:
+                return [a.option_strings[-1]]
+        if all(a.default == value for a in switches):
+            return []
+        raise ValueError(f"cannot be {text(value)} (no flag sets that)")
+    action = next((a for a in actions if a.nargs != 0), None)
+    if action is None:
+        raise ValueError(f"expected true or false, got {value!r}")
+    flag = action.option_strings[-1]
+    if action.nargs == "?" and value is True:
+        return [flag]
+    if isinstance(value, list):
+        if action.nargs in (None, "?"):
+            raise ValueError(f"expected one value, got a list {value}")
+        return [flag, *map(text, value)]
+    return [flag, text(value)]
+
+
+def write_args_yaml(args: Args, path) -> None:
+    """OUTPUT_DIR/args.yaml: every flag's value as parsed; `-c` on it repeats the run."""
+    write_text_atomic(Path(path), yaml.safe_dump(plain(args.resolved), sort_keys=False))
+
+
+def plain(value):
+    """argparse values as plain scalars, lists and mappings: what YAML, JSON and
+    torch.load(weights_only=True) accept (args.yaml, checkpoints' "args")."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def user_message(e: Exception) -> str:
@@ -300,7 +441,7 @@ def add_pruning_args(p: argparse.ArgumentParser, pace: int, emb_saliency: tuple,
     g.add_argument("--token_scale", "--token-scale", default=True, type=str2bool,
                    help="give the student the reference's learnable token scale on q, k, v "
                         "(initialised to 1) if it has none")
-    g.add_argument("--save-every", default="10m", type=save_cadence,
+    g.add_argument("--save-every", default="10m", type=save_cadence_text,
                    help="write the resumable state every N prune steps (\"25\") or minutes "
                         "(\"10m\"), besides at each epoch's end, at the end and on a stop "
                         "(Ctrl-C / SIGTERM); \"0\": only those")
@@ -322,3 +463,10 @@ def save_cadence(value: str) -> tuple[int, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a number of prune steps (25) or minutes (10m), got {value!r}") from None
+
+
+def save_cadence_text(value: str) -> str:
+    """--save-every is checked when parsed but kept as typed, so that args.yaml holds it as a
+    user writes it; save_cadence reads it."""
+    save_cadence(value)
+    return value

@@ -48,7 +48,7 @@ assert set(QKV_UNIT_FLAGS.values()) == set(QKV_UNITS)
 
 
 def get_args_parser() -> flags.Parser:
-    p = flags.Parser("NViT global structural pruning of a pretrained DeiT")
+    p = flags.Parser("NViT global structural pruning of a pretrained DeiT", config=True)
     flags.add_run_args(p)
     flags.add_model_args(p, widths=False)
     flags.add_optimizer_args(p)
@@ -276,7 +276,7 @@ def main(args) -> None:
             save_state()
         write_history()
 
-    save_steps, save_seconds = args.save_every
+    save_steps, save_seconds = flags.save_cadence(args.save_every)
     loop = PruningLoop(model_without_ddp, gates, saliency, pruner, criterion, optimizer,
                        interval=args.interval_prune, iters_per_epoch=len(train_loader),
                        student_eval=args.student_eval, train_module=model,
@@ -296,7 +296,8 @@ def main(args) -> None:
 
     # every input has passed: from here on the folder is ours
     utils.claim_output_dir(run, check=lambda: checkpoints.check_run_files(
-        resume, output_dir, checkpoints.PRUNING_STATE_FILE, checkpoints.PRUNING_RUN_FILES))
+        resume, output_dir, checkpoints.PRUNING_STATE_FILE, checkpoints.PRUNING_RUN_FILES),
+        args=args)
     if resume:
         write_history()  # the state holds the history: a kill after the state lost nothing
     else:

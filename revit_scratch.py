@@ -38,7 +38,7 @@ def dims_for_emb(EMB: int) -> Dims:
 
 
 def get_args_parser() -> flags.Parser:
-    p = flags.Parser("ReViT training, finetuning and evaluation")
+    p = flags.Parser("ReViT training, finetuning and evaluation", config=True)
     flags.add_run_args(p)
     flags.add_model_args(p, widths=True)
     flags.add_ema_args(p)
@@ -173,7 +173,8 @@ def main(args) -> None:
 
     # every input has passed: from here on the folder is ours
     utils.claim_output_dir(run, check=lambda: checkpoints.check_run_files(
-        resume, run.output_dir, checkpoints.CHECKPOINT_FILE, checkpoints.TRAINING_RUN_FILES))
+        resume, run.output_dir, checkpoints.CHECKPOINT_FILE, checkpoints.TRAINING_RUN_FILES),
+        args=args)
     if ckpt is not None:
         history = checkpoints.restore_epoch_records(ckpt, resume, output_dir)
         del ckpt

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import run_folder
 from errors import Stopped, UserError
+import flags
 from flags import user_message
 
 
@@ -239,13 +240,16 @@ def on_main_process(fn):
         raise UserError(message)
 
 
-def claim_output_dir(run: Run, check=None) -> None:
+def claim_output_dir(run: Run, check=None, args=None) -> None:
     """Once every input has passed: `check()` the folder's contents (does it hold another
-    run?), then create the output folder and lock it for this run."""
+    run?), then create the output folder, lock it for this run and write the run's flags to
+    args.yaml (timm's convention; `-c OUTPUT_DIR/args.yaml` repeats the run)."""
     def claim() -> None:
         if check is not None:
             check()
         run_folder.claim(run.output_dir)
+        if isinstance(args, flags.Args):
+            flags.write_args_yaml(args, run.output_dir / flags.ARGS_FILE)
     if run.output_dir is not None:
         on_main_process(claim)
 
