@@ -13,8 +13,16 @@ from errors import UserError
 from losses import mean_of_heads
 
 
-def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
-    """--amp means fp16 autocast (with a grad scaler) on CUDA and bf16 autocast on the CPU."""
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}  # --amp-dtype
+
+
+def amp_dtype_for(device: torch.device, amp: bool, name: str | None = None
+                  ) -> torch.dtype | None:
+    """--amp means fp16 autocast (with a grad scaler) on CUDA and bf16 autocast on the CPU, as
+    the reference; --amp-dtype NAME (which implies --amp) chooses: bf16 needs no scaler and
+    does not overflow where fp16 can (DeiT-B)."""
+    if name is not None:
+        return AMP_DTYPES[name]
     if not amp:
         return None
     return torch.float16 if device.type == "cuda" else torch.bfloat16

@@ -244,6 +244,13 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def add_amp_dtype_arg(p) -> None:
+    """--amp-dtype, shared by the scripts and tools/build_latency_table.py."""
+    p.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"],
+                   help="autocast dtype (implies --amp; default: float16 on CUDA, bfloat16 on "
+                        "the CPU); bfloat16 needs no grad scaler and has fp32's range")
+
+
 def add_tf32_arg(p) -> None:
     """--tf32, shared by the scripts and tools/build_latency_table.py (a table is timed as the
     run computes)."""
@@ -260,6 +267,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output_dir", "--output-dir", default="", help="where to save, empty for no saving")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on the CPU")
+    add_amp_dtype_arg(g)
     add_tf32_arg(g)
     g.add_argument("--deterministic", action="store_true",
                    help="PyTorch's deterministic algorithms (CUDA runs then repeat bitwise on the "

@@ -38,7 +38,7 @@ from models.checkpoint import has_split_qkv
 from plots import plot_widths
 from pruning import Gates, Saliency, compact
 from pruning.config import PruningConfig, parse_config
-from pruning.cost import build_cost_model
+from pruning.cost import build_cost_model, precision_name
 from pruning.gates import EMB_SALIENCY, QKV_UNITS
 from pruning.loop import PruningLoop
 from pruning.pruner import DEFAULT_PACE, GlobalPruner
@@ -226,8 +226,9 @@ def main(args) -> None:
     if note:
         raise UserError(f"{note}; build a table for this model (tools/build_latency_table.py "
                         f"--model {args.model} --input-size {args.input_size})", field="latency_table")
-    note = cost.settings_note(device.type, args.amp, torch.cuda.get_device_name(device)
-                              if device.type == "cuda" else None)
+    amp_dtype = amp_dtype_for(device, args.amp, args.amp_dtype)
+    note = cost.settings_note(device.type, precision_name(amp_dtype),
+                              torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     if note:
         print(f"warning: {note}")
     coverage = cost.coverage_note(original)
@@ -247,7 +248,6 @@ def main(args) -> None:
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = amp_dtype_for(device, args.amp)
     optimizer = builders.build_optimizer(args, model_without_ddp)
     scheduler = builders.build_scheduler(args, optimizer)
     scaler = make_grad_scaler(device, amp_dtype)

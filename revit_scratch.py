@@ -137,7 +137,7 @@ def main(args) -> None:
     model = create_student(args, dims, nb_classes, resume).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, dims {json.dumps(model.dims.to_dict())}")
-    amp_dtype = amp_dtype_for(device, args.amp)
+    amp_dtype = amp_dtype_for(device, args.amp, args.amp_dtype)
 
     if args.eval:
         stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)

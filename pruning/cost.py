@@ -51,7 +51,7 @@ class CostModel:
         """Why pruning `dims` cannot lower this cost on some axis (None: it can)."""
         return None
 
-    def settings_note(self, device_type: str, amp: bool, device_name: str | None = None
+    def settings_note(self, device_type: str, precision: str, device_name: str | None = None
                       ) -> str | None:
         """A warning when the cost was measured on another kind of device, GPU model or
         precision than the run's (None: same, or not a measured cost)."""
@@ -127,6 +127,15 @@ class ParamsCost(CostModel):
 
 
 # ------------------------------------------------------------------------- latency
+FP32 = "float32"
+
+
+def precision_name(amp_dtype) -> str:
+    """How a latency table records, and a run compares, the precision it computes in:
+    "float32", or "autocast float16" / "autocast bfloat16" for a torch dtype."""
+    return FP32 if amp_dtype is None else f"autocast {str(amp_dtype).replace('torch.', '')}"
+
+
 class _Grid:
     """A table on a rectilinear grid, read by multilinear interpolation.
 
@@ -267,29 +276,30 @@ class LatencyTable(CostModel):
                     f"{dims.num_tokens}; latencies are estimates for the table's token count")
         return None
 
-    def settings_note(self, device_type: str, amp: bool, device_name: str | None = None
+    def settings_note(self, device_type: str, precision: str, device_name: str | None = None
                       ) -> str | None:
-        """Timed on a CPU for a CUDA run, on another GPU model, or in fp32 for an --amp run
-        (or the reverse): the ranking then follows that device and precision. A warning, not
-        an error: the table should describe where the model will be deployed, which may not
-        be where it is pruned."""
+        """Timed on a CPU for a CUDA run, on another GPU model, or in another precision
+        (`precision_name`: fp32 for an --amp run, fp16 for a bf16 one, ...): the ranking then
+        follows that device and precision. A warning, not an error: the table should describe
+        where the model will be deployed, which may not be where it is pruned."""
         timed_on = str(self.meta.get("device", "")).split(":")[0] or None
-        timed_amp = self.meta.get("amp")
         timed_name = self.meta.get("device_name")
+        timed_precision = self.meta.get("dtype")  # older tables: only whether autocast was on
+        if timed_precision is None and isinstance(self.meta.get("amp"), bool):
+            timed_precision = "autocast" if self.meta["amp"] else FP32
+        same_precision = timed_precision is None or timed_precision == precision or (
+            timed_precision == "autocast" and precision.startswith("autocast"))
         other_gpu = (device_type == "cuda" and timed_on == "cuda" and device_name is not None
                      and timed_name is not None and timed_name != device_name)
-        differs = (timed_on is not None and timed_on != device_type) or other_gpu or \
-            (isinstance(timed_amp, bool) and timed_amp != amp)
-        if not differs:
+        if (timed_on is None or timed_on == device_type) and not other_gpu and same_precision:
             return None
-        precision = {True: "with --amp", False: "in fp32", None: "in an unrecorded precision"}
         where = f"{timed_on} ({timed_name})" if other_gpu else timed_on or "an unrecorded device"
         here = f"{device_type} ({device_name})" if other_gpu else device_type
-        return (f"the latency table was timed on {where} "
-                f"{precision[timed_amp if isinstance(timed_amp, bool) else None]} (batch "
-                f"{self.meta.get('batch_size', '?')}), this run prunes on {here} "
-                f"{precision[amp]}: the ranking follows the table's device and precision; build "
-                f"the table where and as you deploy")
+        return (f"the latency table was timed on {where} in "
+                f"{timed_precision or 'an unrecorded precision'} (batch "
+                f"{self.meta.get('batch_size', '?')}), this run prunes on {here} in {precision}: "
+                f"the ranking follows the table's device and precision; build the table where "
+                f"and as you deploy")
 
     def coverage_note(self, dims: Dims) -> str | None:
         """A grid that starts above the model's widest layer on some axis holds the latency

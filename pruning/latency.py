@@ -21,7 +21,7 @@ from torch import nn
 from models.dims import Dims
 from models.revit import LN_EPS, Attention, Mlp, ReViT, StreamNorm
 
-from .cost import LatencyTable
+from .cost import LatencyTable, precision_name
 
 
 class Sublayer(nn.Module):
@@ -57,10 +57,11 @@ class Timer:
 
     CUDA_FORWARDS_PER_SAMPLE = 10
 
-    def __init__(self, device: torch.device, warmup: int, repeats: int, amp: bool) -> None:
+    def __init__(self, device: torch.device, warmup: int, repeats: int,
+                 amp_dtype: torch.dtype | None) -> None:
         self.device, self.warmup, self.repeats = device, warmup, repeats
         self.cuda = device.type == "cuda"
-        self.amp_dtype = (torch.float16 if self.cuda else torch.bfloat16) if amp else None
+        self.amp_dtype = amp_dtype
 
     @property
     def method(self) -> str:
@@ -100,12 +101,13 @@ class Timer:
 
 
 def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: int,
-                  num_tokens: int, warmup: int = 5, repeats: int = 20, amp: bool = False,
-                  model_dims: Dims | None = None, model: str | None = None) -> dict:
+                  num_tokens: int, warmup: int = 5, repeats: int = 20,
+                  amp_dtype: torch.dtype | None = None, model_dims: Dims | None = None,
+                  model: str | None = None) -> dict:
     """A latency table (pruning.cost.LatencyTable's JSON) timed on `device`: per embed width,
     every (heads, QK, V) attention sublayer and MLP sublayer of the grid, and with
     `model_dims` the model's stem (ReViT itself with its blocks taken out)."""
-    timer = Timer(device, warmup, repeats, amp)
+    timer = Timer(device, warmup, repeats, amp_dtype)
     B, N = batch_size, num_tokens
     Es, Hs, Qs, Vs, Ms = (grid[k] for k in ("embed_dims", "heads", "qk_dims", "v_dims",
                                               "mlp_dims"))
@@ -130,11 +132,10 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         "batch_size": B, "num_tokens": N, "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "dtype": f"autocast {str(timer.amp_dtype).replace('torch.', '')}" if amp
-        else "float32",
-        "amp": bool(amp),
-        "tf32": (torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" and not amp
-                 else None),
+        "dtype": precision_name(timer.amp_dtype),
+        "amp": amp_dtype is not None,
+        "tf32": (torch.backends.cuda.matmul.allow_tf32
+                 if device.type == "cuda" and amp_dtype is None else None),
         "timing": timer.method,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "warmup": warmup, "repeats": repeats, "statistic": "median",

@@ -159,24 +159,32 @@ def test_frame_note() -> None:
 
 
 def test_settings_note_names_device_and_precision() -> None:
-    """A table timed on another kind of device or precision than the run's is pointed out."""
-    cpu_fp32 = LatencyTable.from_dict(hand_table())  # meta: device cpu, amp not recorded
-    assert cpu_fp32.settings_note("cpu", False) is None
-    assert "timed on cpu" in cpu_fp32.settings_note("cuda", False)
+    """A table timed on another kind of device, GPU model or precision than the run's is
+    pointed out."""
+    from pruning.cost import precision_name
+    fp32, fp16, bf16 = (precision_name(d) for d in (None, torch.float16, torch.bfloat16))
+    assert (fp32, fp16, bf16) == ("float32", "autocast float16", "autocast bfloat16")
+    cpu_fp32 = LatencyTable.from_dict(hand_table())  # meta: device cpu, precision not recorded
+    assert cpu_fp32.settings_note("cpu", fp32) is None
+    assert "timed on cpu" in cpu_fp32.settings_note("cuda", fp32)
     data = hand_table()
-    data["meta"].update(device="cuda:1", amp=True, batch_size=256)
+    data["meta"].update(device="cuda:1", amp=True, dtype=fp16, batch_size=256)
     gpu_amp = LatencyTable.from_dict(data)
-    assert gpu_amp.settings_note("cuda", True) is None
-    assert gpu_amp.settings_note("cuda", False) == (
-        "the latency table was timed on cuda with --amp (batch 256), this run prunes on cuda "
-        "in fp32: the ranking follows the table's device and precision; build the table where "
-        "and as you deploy")
-    assert LatencyTable.from_dict(reference_table()).settings_note("cuda", True) is None
-    data["meta"]["device_name"] = "NVIDIA V100"
+    assert gpu_amp.settings_note("cuda", fp16) is None
+    assert gpu_amp.settings_note("cuda", fp32) == (
+        "the latency table was timed on cuda in autocast float16 (batch 256), this run prunes on "
+        "cuda in float32: the ranking follows the table's device and precision; build the table "
+        "where and as you deploy")
+    assert "this run prunes on cuda in autocast bfloat16" in gpu_amp.settings_note("cuda", bf16)
+    del data["meta"]["dtype"]  # an older table: only whether autocast was on
+    assert LatencyTable.from_dict(data).settings_note("cuda", bf16) is None
+    assert "in autocast (batch 256)" in LatencyTable.from_dict(data).settings_note("cuda", fp32)
+    assert LatencyTable.from_dict(reference_table()).settings_note("cuda", fp16) is None
+    data["meta"].update(device_name="NVIDIA V100", dtype=fp16)
     v100 = LatencyTable.from_dict(data)
-    assert v100.settings_note("cuda", True, "NVIDIA V100") is None
-    assert "timed on cuda (NVIDIA V100) with --amp (batch 256), this run prunes on cuda " \
-           "(NVIDIA A100) with --amp" in v100.settings_note("cuda", True, "NVIDIA A100")
+    assert v100.settings_note("cuda", fp16, "NVIDIA V100") is None
+    assert "timed on cuda (NVIDIA V100) in autocast float16 (batch 256), this run prunes on " \
+           "cuda (NVIDIA A100) in autocast float16" in v100.settings_note("cuda", fp16, "NVIDIA A100")
 
 
 # ----------------------------------------------------------- NViT reference format
@@ -329,7 +337,7 @@ def test_tool_records_what_it_timed(tmp_path: Path) -> None:
     autocast; both are recorded for nvit_prune.py's comparison with its run."""
     tool = _load_tool()
     meta = []
-    for extra in ([], ["--amp", "--batch-size", "3"]):
+    for extra in ([], ["--amp", "--batch-size", "3"], ["--amp-dtype", "float16"]):
         out = tmp_path / f"t{len(meta)}.json"
         assert tool.main(["--output", str(out), *TINY_GRID, *extra]) == 0
         meta.append(json.loads(out.read_text())["meta"])
@@ -337,6 +345,7 @@ def test_tool_records_what_it_timed(tmp_path: Path) -> None:
     assert (meta[1]["batch_size"], meta[1]["amp"], meta[1]["dtype"]) == (3, True,
                                                                           "autocast bfloat16")
     assert meta[0]["timing"] == "wall clock per forward" and meta[0]["cudnn"] is None
+    assert (meta[2]["amp"], meta[2]["dtype"]) == (True, "autocast float16")  # implies --amp
 
 
 @pytest.mark.parametrize("extra,message", [

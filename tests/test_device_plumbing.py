@@ -145,6 +145,23 @@ def test_a_bad_image_on_one_rank_stops_every_rank(tmp_path, phase):
     assert "cannot read image /data/train/n01/bad.JPEG: truncated file" in results[0]
 
 
+def test_amp_dtype_choice():
+    """--amp: fp16 (with a grad scaler) on CUDA, bf16 on the CPU, as the reference;
+    --amp-dtype chooses and implies --amp; only fp16 gets a scaler."""
+    from engine import amp_dtype_for, make_grad_scaler
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype_for(cpu, False) is None and amp_dtype_for(cuda, False) is None
+    assert amp_dtype_for(cpu, True) == torch.bfloat16 and amp_dtype_for(cuda, True) == torch.float16
+    assert amp_dtype_for(cuda, False, "bfloat16") == torch.bfloat16
+    assert amp_dtype_for(cpu, True, "float16") == torch.float16
+    assert make_grad_scaler(cpu, torch.bfloat16) is None
+    assert make_grad_scaler(cpu, torch.float16) is not None
+    import nvit_prune
+    import revit_scratch
+    for script in (revit_scratch, nvit_prune):
+        assert script.get_args_parser().parse_args(["--amp-dtype", "bfloat16"]).amp_dtype == "bfloat16"
+
+
 def test_cuda_math_settings(monkeypatch):
     """CUDA runs: cudnn.benchmark on, TF32 only with --tf32; a CPU run changes nothing."""
     for flag in ("benchmark", "allow_tf32"):

@@ -94,13 +94,13 @@ def test_latency_table_cost(tmp_path, dense):
     assert torch.load(out / "pruned_checkpoint.pth", weights_only=True)["cost_ratio"] <= 0.9
     # a table timed on a GPU with autocast steers this CPU fp32 run: said before pruning
     data = json.loads(table.read_text())
-    data["meta"].update(device="cuda:0", amp=True)
+    data["meta"].update(device="cuda:0", amp=True, dtype="autocast float16")
     table.write_text(json.dumps(data))
     proc = run("nvit_prune.py", *FAST, *PRUNE[:2], "latency", *PRUNE[3:], "--pretrained-path", dense,
                "--epochs", "1", "--latency_target", "0.9", "--latency_look_up_table", table,
                "--pruning_exit", "--output_dir", tmp_path / "q", check=False)
-    assert ("warning: the latency table was timed on cuda with --amp (batch 64), this run "
-            "prunes on cpu in fp32") in proc.stdout, proc.stdout[-2000:]
+    assert ("warning: the latency table was timed on cuda in autocast float16 (batch 64), this run "
+            "prunes on cpu in float32") in proc.stdout, proc.stdout[-2000:]
 
 
 def test_resume_after_kill_reaches_same_masks(tmp_path, dense):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -97,6 +98,18 @@ def test_torchrun_two_processes_end_identical(tmp_path):
     assert "total batch of 64" in proc.stdout
     m = re.search(r"Epoch 0: top-1 [\d.]+%", proc.stdout)
     assert m and proc.stdout.count("Epoch 0: top-1") == 1  # printed by rank 0 only
+
+
+def test_fp16_autocast_with_a_grad_scaler(tmp_path):
+    """--amp-dtype float16 on the CPU runs the grad-scaler path CUDA's --amp takes."""
+    dims = write_dims(tmp_path / "dims.yaml")
+    out = tmp_path / "o"
+    proc = run("revit_scratch.py", *TRAIN, "--dims", dims, "--epochs", "1",
+               "--amp-dtype", "float16", "--output_dir", out)
+    assert "Epoch 0: top-1" in proc.stdout
+    (record,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert math.isfinite(record["train_loss"])
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["scaler"] is not None
 
 
 def test_hard_distillation_with_teacher_file(tmp_path):

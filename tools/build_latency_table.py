@@ -28,10 +28,11 @@ import torch
 
 from atomic import check_output_file, write_text_atomic
 from errors import UserError
-from flags import COUNT, POSITIVE_INT, Parser, add_tf32_arg, user_message
+from engine import amp_dtype_for
+from flags import COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, add_tf32_arg, user_message
 from models.dims import Dims
 from models.factory import name_dims
-from pruning.cost import LatencyTable
+from pruning.cost import LatencyTable, precision_name
 from pruning.latency import measure_table
 from utils import configure_math
 
@@ -72,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="time under autocast, float16 on CUDA and bfloat16 on the CPU (default: "
                         "on for CUDA, as nvit_prune.py --amp runs; off on the CPU)")
+    add_amp_dtype_arg(p)
     add_tf32_arg(p)
     return p.parse_args(argv)
 
@@ -132,8 +134,8 @@ def run(args: argparse.Namespace) -> None:
     configure_math(device, args.tf32)  # as the pruning run: cudnn.benchmark, TF32 if asked
     if args.batch_size is None:
         args.batch_size = DEFAULT_BATCH[device.type]
-    if args.amp is None:
-        args.amp = device.type == "cuda"
+    amp_dtype = amp_dtype_for(device, args.amp if args.amp is not None else
+                              device.type == "cuda", args.amp_dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     defaults, model_dims = dict(DEFAULTS), None
@@ -149,10 +151,10 @@ def run(args: argparse.Namespace) -> None:
     n_att = math.prod(len(grid[k]) for k in ("embed_dims", "heads", "qk_dims", "v_dims"))
     print(f"timing {n_att} attention and {len(grid['embed_dims']) * len(grid['mlp_dims'])} MLP "
           f"configurations on {device} (batch {args.batch_size}, {num_tokens} tokens, "
-          f"{'autocast' if args.amp else 'fp32'}, {torch.get_num_threads()} threads)", flush=True)
+          f"{precision_name(amp_dtype)}, {torch.get_num_threads()} threads)", flush=True)
     t0 = time.perf_counter()
     data = measure_table(grid, device, args.batch_size, num_tokens, args.warmup, args.repeats,
-                         args.amp, model_dims, args.model)
+                         amp_dtype, model_dims, args.model)
     table = LatencyTable.from_dict(data)  # the table must read back before it is written
     write_atomic(output, data)
 

@@ -193,12 +193,12 @@ def test_prune_with_amp_and_a_table_timed_here(tmp_path, dense):
     compact = models.build_model("deit_tiny_patch16_224",
                                  checkpoint=tmp_path / "p" / "pruned_checkpoint.pth")
     assert compact.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    meta.update(device="cpu", amp=False)
+    meta.update(device="cpu", amp=False, dtype="float32")
     data = json.loads(table.read_text())
     data["meta"] = meta
     table.write_text(json.dumps(data))
     proc = run(*prune, "--amp", "--output_dir", tmp_path / "q")
-    assert "warning: the latency table was timed on cpu in fp32" in proc.stdout
+    assert "warning: the latency table was timed on cpu in float32" in proc.stdout
 
 
 def _torchrun(nproc: int, script: str, *args) -> subprocess.CompletedProcess:
