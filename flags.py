@@ -314,6 +314,12 @@ def add_ema_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(model_ema=True)
     g.add_argument("--model-ema-decay", type=PROB, default=0.99996)
     g.add_argument("--model-ema-force-cpu", action="store_true")
+    g.add_argument("--use-ema", action="store_true",
+                   help="--eval or --finetune the checkpoint's weight EMA instead of its model "
+                        "weights (timm validate.py's flag)")
+    g.add_argument("--best-on-ema", action="store_true",
+                   help="choose best_checkpoint.pth by the EMA's top-1 (default: the model's, "
+                        "as DeiT)")
 
 
 def add_optimizer_args(p: argparse.ArgumentParser) -> None:

@@ -78,7 +78,8 @@ def create_student(args, dims: Dims | None, nb_classes: int, resume: str | None)
     source = resume or args.finetune or None
     if source:
         model = models.build_model(args.model, dims=dims, checkpoint=source,
-                                   adapt=bool(args.finetune) and not resume and not args.eval, **frame)
+                                   adapt=bool(args.finetune) and not resume and not args.eval,
+                                   ema=args.use_ema and (args.eval or not resume), **frame)
         if args.scratch and not resume:
             model.reset_parameters()
         return model
@@ -116,6 +117,11 @@ def check_args(args) -> None:
         raise UserError(f"--epochs must be positive, got {args.epochs}")
     if args.dims and args.EMB is not None:
         raise UserError("--dims and --EMB both choose the dims; give one of them")
+    if args.use_ema and not (args.eval or args.finetune):
+        raise UserError("--use-ema takes a checkpoint's EMA weights for --eval or --finetune; "
+                        "a resumed run keeps both")
+    if args.best_on_ema and not args.model_ema:
+        raise UserError("--best-on-ema needs the weight EMA (drop --no-model-ema)")
     builders.check_loss_args(args)
 
 
@@ -166,6 +172,10 @@ def main(args) -> None:
         if model_ema is not None and ckpt.get("model_ema"):
             model_ema.module.load_state_dict(ckpt["model_ema"])
         args.start_epoch = ckpt["epoch"] + 1
+        if bool((ckpt.get("args") or {}).get("best_on_ema")) != args.best_on_ema:
+            raise UserError(f"--resume {resume}: that run chose its best checkpoint "
+                            f"{'without' if args.best_on_ema else 'with'} --best-on-ema; resume "
+                            f"it the same way")
         max_accuracy = ckpt.get("max_accuracy", 0.0)
         best_epoch = ckpt.get("best_epoch")
         run_id = ckpt.get("run_id") or run_id
@@ -199,22 +209,24 @@ def main(args) -> None:
             args.clip_grad, args.clip_mode, model_ema, mixup_fn, args.print_freq,
             seed_fn=utils.seed_fn(args.seed, epoch, run.rank), train_mode=not student_eval)
         test_stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
-        improved = test_stats["acc1"] > max_accuracy
-        if improved:
-            max_accuracy, best_epoch = test_stats["acc1"], epoch
-        line = (f"Epoch {epoch}: top-1 {test_stats['acc1']:.2f}%  top-5 {test_stats['acc5']:.2f}%"
-                f"  (best top-1 {max_accuracy:.2f}%)  train loss {train_stats['loss']:.4f}")
         log = {"epoch": epoch, "n_parameters": n_params,
                **{f"train_{k}": v for k, v in train_stats.items()},
                **{f"test_{k}": v for k, v in test_stats.items()}}
-        if args.skip_bad_images:
-            log["skipped_images"] = skipped_images()
+        ema_note = ""
         if model_ema is not None:
             ema_device = next(model_ema.module.parameters()).device  # --model-ema-force-cpu
             ema_stats = evaluate(val_loader, model_ema.module, ema_device, amp_dtype, run.sharded_eval)
-            line += f"  EMA top-1 {ema_stats['acc1']:.2f}%"
+            ema_note = f"  EMA top-1 {ema_stats['acc1']:.2f}%"
             log.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
-        print(line, flush=True)
+        score = log["test_ema_acc1" if args.best_on_ema else "test_acc1"]
+        improved = score > max_accuracy
+        if improved:
+            max_accuracy, best_epoch = score, epoch
+        print(f"Epoch {epoch}: top-1 {test_stats['acc1']:.2f}%  top-5 {test_stats['acc5']:.2f}%"
+              f"  (best {'EMA ' if args.best_on_ema else ''}top-1 {max_accuracy:.2f}%)  train "
+              f"loss {train_stats['loss']:.4f}{ema_note}", flush=True)
+        if args.skip_bad_images:
+            log["skipped_images"] = skipped_images()
         history.append(log)
         if output_dir is not None:
             checkpoints.write_epoch_records(
@@ -231,7 +243,8 @@ def main(args) -> None:
         if not utils.replicas_identical(model_without_ddp):
             raise RuntimeError("processes ended with different weights: DDP lost synchronisation")
         print(f"all {run.world_size} processes hold identical weights")
-    print(f"training time {time.time() - start:.0f}s; best top-1 {max_accuracy:.2f}%")
+    print(f"training time {time.time() - start:.0f}s; best {'EMA ' if args.best_on_ema else ''}"
+          f"top-1 {max_accuracy:.2f}%")
 
 
 if __name__ == "__main__":

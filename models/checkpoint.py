@@ -89,14 +89,24 @@ def peek_checkpoint(path: str | os.PathLike) -> dict:
     return read_checkpoint(path)
 
 
-def state_dict_of(ckpt: dict, source: str) -> dict[str, torch.Tensor]:
-    """The model weights inside a checkpoint dict, with DDP's `module.` prefix removed."""
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(ckpt.get(key), dict):
-            sd = ckpt[key]
-            break
+EMA_KEYS = ("model_ema", "state_dict_ema")  # ours and DeiT's; timm's train.py
+
+
+def state_dict_of(ckpt: dict, source: str, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights inside a checkpoint dict (with `ema`, the weight EMA kept beside
+    them), with DDP's `module.` prefix removed."""
+    if ema:
+        sd = next((ckpt[k] for k in EMA_KEYS if isinstance(ckpt.get(k), dict)), None)
+        if sd is None:
+            raise UserError(f"{source} holds no EMA weights (none of {', '.join(EMA_KEYS)}; "
+                            f"trained with --no-model-ema?)")
     else:
-        sd = ckpt
+        for key in ("model", "state_dict", "model_ema"):
+            if isinstance(ckpt.get(key), dict):
+                sd = ckpt[key]
+                break
+        else:
+            sd = ckpt
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{source} holds no model weights (expected a state dict of tensors)")
     return {k.removeprefix("module."): v for k, v in sd.items()}

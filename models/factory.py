@@ -84,7 +84,7 @@ def _adapt_state_dict(sd: dict, model: ReViT) -> dict:
 
 def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLike | None = None,
                 pretrained: bool = False, adapt: bool = False, token_scale: bool = False,
-                **kwargs) -> ReViT:
+                ema: bool = False, **kwargs) -> ReViT:
     """Build a ReViT.
 
     name: a timm DeiT name; fixes patch, image size, depth (for uniform dims) and
@@ -99,6 +99,7 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
         on another data set needs; otherwise a mismatch is an error.
     token_scale: give the model a token scale (at 1, so the function is unchanged) if its
         dims or weights have none, as the NViT reference's pruning model has.
+    ema: take the checkpoint's weight EMA instead of its model weights.
     kwargs: frame fields (img_size, num_classes, patch_size, in_chans, distilled) and
         drop_rate, attn_drop_rate, drop_path_rate.
     """
@@ -113,7 +114,7 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
         else:
             source = f"timm's pretrained {name}"
             ckpt = _timm_pretrained_state(name)
-        ck_dims, state = _checkpoint_dims(ckpt, base, source)
+        ck_dims, state = _checkpoint_dims(ckpt, base, source, ema)
         if dims is not None and _widths(dims) != _widths(ck_dims):
             raise UserError(f"{source} holds a model of other dims than the ones given "
                             f"(give none: the checkpoint's dims are used)", field="dims")
@@ -176,9 +177,10 @@ def _check_fits_in_memory(dims: Dims) -> None:
                         f"more than the {free / 2**30:.1f} GiB of free memory", field="dims")
 
 
-def _checkpoint_dims(ckpt: dict, base: Dims, source: str) -> tuple[Dims, dict]:
-    """The dims a checkpoint holds (or implies) and its weights in our layout."""
-    state = state_dict_of(ckpt, source)
+def _checkpoint_dims(ckpt: dict, base: Dims, source: str, ema: bool = False
+                     ) -> tuple[Dims, dict]:
+    """The dims a checkpoint holds (or implies) and its weights (or their EMA) in our layout."""
+    state = state_dict_of(ckpt, source, ema)
     if is_reference_layout(state):  # an NViT reference model (released or masked)
         ck_dims, state = from_reference(ckpt, state, source)
         return ck_dims, fuse_split_qkv(state)

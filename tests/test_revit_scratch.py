@@ -60,6 +60,28 @@ def test_eval_of_checkpoint_reports_its_accuracy(trained):
         assert "Epoch" not in proc.stdout  # nothing trained
 
 
+def test_ema_weights_for_best_eval_and_finetune(tmp_path):
+    """--best-on-ema picks best_checkpoint.pth by the EMA's top-1; --use-ema evaluates (and
+    finetunes from) a checkpoint's EMA weights (refusals: tests/test_bad_inputs.py)."""
+    from helpers import FAST
+    dims = write_dims(tmp_path / "dims.yaml")
+    out = tmp_path / "o"
+    run("revit_scratch.py", *FAST, "--dims", dims, "--epochs", "2", "--model-ema-decay", "0.9",
+        "--best-on-ema", "--output_dir", out)
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    best = max(range(2), key=lambda e: (log[e]["test_ema_acc1"], -e))
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["best_epoch"] == best and ckpt["max_accuracy"] == log[best]["test_ema_acc1"]
+    assert not torch.equal(ckpt["model"]["head.weight"], ckpt["model_ema"]["head.weight"])
+    for extra, key in (([], "test_acc1"), (["--use-ema"], "test_ema_acc1")):
+        proc = run("revit_scratch.py", *FAST, "--eval", "--resume", out / "checkpoint.pth", *extra)
+        m = re.search(r"top-1 ([\d.]+)%", proc.stdout)
+        assert float(m.group(1)) == pytest.approx(log[-1][key], abs=0.006), (extra, proc.stdout)
+    import models  # what --finetune CKPT --use-ema starts from
+    start = models.build_model("deit_tiny_patch16_224", checkpoint=out / "checkpoint.pth", ema=True)
+    assert all(torch.equal(v, ckpt["model_ema"][k]) for k, v in start.state_dict().items())
+
+
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     dims = write_dims(tmp_path / "dims.yaml")
     full, part = tmp_path / "full", tmp_path / "part"
