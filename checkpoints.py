@@ -27,7 +27,7 @@ PRUNED_FILE = "pruned_checkpoint.pth"  # nvit_prune.py's compact model; --finetu
 PRUNING_STATE_FILE = "pruning_state.pth"  # nvit_prune.py's resumable state
 HISTORY_FILE = "dims_history.json"
 TRAINING_RUN_FILES = (CHECKPOINT_FILE, BEST_FILE, LOG_FILE)
-PRUNING_RUN_FILES = (PRUNING_STATE_FILE, PRUNED_FILE, HISTORY_FILE)
+PRUNING_RUN_FILES = (PRUNING_STATE_FILE, PRUNED_FILE, HISTORY_FILE, LOG_FILE)
 TRAINING_KEYS = ("optimizer", "lr_scheduler", "epoch")
 
 
@@ -214,13 +214,16 @@ def save_training_checkpoint(path: Path, model, optimizer, scheduler, scaler, mo
 
 
 def save_pruning_state(path: Path, model, loop, optimizer, scheduler, scaler, settings: dict,
-                       original_dims, args, run_id: str, top1_dense: float | None) -> None:
+                       original_dims, args, run_id: str, top1_dense: float | None,
+                       epoch_log: list[dict]) -> None:
     """nvit_prune.py's resumable state: the gated model's weights, the pruning loop's state
-    (masks, saliency, pruner, position, history), the optimizer's, and what must not change."""
+    (masks, saliency, pruner, position, prune-step history), the optimizer's, the epochs'
+    log records, and what must not change."""
     _save({**model_entry(model), **loop.state_dict(),
-                 **training_state(optimizer, scheduler, scaler), "settings": settings,
-                 "original_dims": original_dims.to_dict(), "run_id": run_id,
-                 "top1_dense": top1_dense, "args": plain(vars(args))}, path)
+           **training_state(optimizer, scheduler, scaler), "settings": settings,
+           "original_dims": original_dims.to_dict(), "run_id": run_id,
+           "top1_dense": top1_dense, "epoch_log": plain(epoch_log), "args": plain(vars(args))},
+          path)
 
 
 def save_model_file(path: Path, model, args, **extra) -> None:

@@ -15,6 +15,7 @@ cost reaches --latency_target (0: no target), the --prune_dict budget is spent, 
 is left to remove. Outputs in --output_dir: pruned_checkpoint.pth (the compact model,
 loadable by revit_scratch.py --finetune/--eval), pruning_state.pth (for --resume; written
 on the --save-every cadence, at each epoch's end, at the end and on Ctrl-C / SIGTERM),
+log.txt (a JSON line per prune step and per epoch), TensorBoard scalars in tb/, args.yaml,
 dims_history.json and widths.png.
 """
 from __future__ import annotations
@@ -186,12 +187,22 @@ def prune_step_line(record: dict, loop: PruningLoop, args) -> str:
     mean_seconds = sum(r["seconds"] for r in loop.history) / done
     eta = "?" if drop <= 0 or target == 0 else \
         f"{max(0.0, (record['ratio'] - target) / drop) * mean_seconds:.0f}s"
-    imgs = args.interval_prune * args.batch_size * utils.get_world_size() / max(record["seconds"], 1e-9)
     removed = ", ".join(f"{k} {n}" for k, n in record["removed_groups"].items() if n) or "none"
     return (f"prune step {record['step']}: {args.cost} ratio {record['ratio']:.4f} (target "
             f"{target})  removed groups: {removed}  {width_summary(record['dims'])}  loss "
             f"{record['loss']:.4f} (kl {record.get('loss_kl', 0.0):.4g}, deit "
-            f"{record.get('loss_deit', 0.0):.4g})  img/s {imgs:.1f}  eta {eta}")
+            f"{record.get('loss_deit', 0.0):.4g})  img/s {record['img_s']:.1f}  eta {eta}")
+
+
+def log_records(top1_dense: float | None, prune_steps: list[dict], epochs: list[dict]
+                ) -> list[dict]:
+    """log.txt of a pruning run, one JSON line each, in the order they happened: the dense
+    model's top-1, every prune step (cost ratio, widths, loss parts, lr, img/s) and every
+    epoch (top-1, cost ratio, training loss parts)."""
+    lines = [{"kind": "prune_step", **r} for r in prune_steps] + \
+        [{"kind": "epoch", **r} for r in epochs]
+    lines.sort(key=lambda r: (r["epoch"], r["kind"] == "epoch", r.get("iteration", 0)))
+    return ([] if top1_dense is None else [{"kind": "dense", "test_acc1": top1_dense}]) + lines
 
 
 def not_reached_reason(loop: PruningLoop) -> str:
@@ -258,23 +269,33 @@ def main(args) -> None:
     settings = run_settings(args, config)
     run_id, top1_dense = checkpoints.new_run_id(), None
 
+    epoch_log: list[dict] = []
+    writer = None
+
     def save_state() -> None:
         if run.is_main:
             checkpoints.save_pruning_state(output_dir / checkpoints.PRUNING_STATE_FILE,
                                            model_without_ddp, loop, optimizer, scheduler, scaler,
-                                           settings, original, args, run_id, top1_dense)
+                                           settings, original, args, run_id, top1_dense,
+                                           epoch_log)
         loop.mark_saved()
 
-    def write_history() -> None:
+    def write_logs() -> None:
+        """dims_history.json and log.txt, whole, from what the state holds."""
         if run.is_main:
             write_text_atomic(output_dir / checkpoints.HISTORY_FILE, json.dumps(
                 {"original": widths_of(original), "steps": loop.history}, indent=1))
+            write_text_atomic(output_dir / checkpoints.LOG_FILE, utils.json_lines(
+                log_records(top1_dense, loop.history, epoch_log)))
 
     def on_prune(record: dict) -> None:
+        record["img_s"] = (args.interval_prune * args.batch_size * utils.get_world_size()
+                           / max(record["seconds"], 1e-9))
         print(prune_step_line(record, loop, args), flush=True)
         if loop.save_due():
             save_state()
-        write_history()
+        write_logs()
+        utils.add_scalars(writer, {f"prune/{k}": v for k, v in record.items()}, record["step"])
 
     save_steps, save_seconds = flags.save_cadence(args.save_every)
     loop = PruningLoop(model_without_ddp, gates, saliency, pruner, criterion, optimizer,
@@ -290,6 +311,7 @@ def main(args) -> None:
         checkpoints.restore_training_state(ckpt, resume, optimizer, scheduler, scaler)
         run_id = ckpt.get("run_id") or run_id
         top1_dense = ckpt.get("top1_dense")
+        epoch_log = list(ckpt.get("epoch_log") or [])
         print(f"resumed from {resume}: epoch {loop.epoch}, iteration {loop.iteration}, "
               f"{pruner.steps} prune steps done, cost ratio {pruner.ratio():.3f}")
         del ckpt
@@ -298,12 +320,12 @@ def main(args) -> None:
     utils.claim_output_dir(run, check=lambda: checkpoints.check_run_files(
         resume, output_dir, checkpoints.PRUNING_STATE_FILE, checkpoints.PRUNING_RUN_FILES),
         args=args)
-    if resume:
-        write_history()  # the state holds the history: a kill after the state lost nothing
-    else:
+    writer = utils.tensorboard(output_dir if run.is_main else None)
+    if not resume:
         dense_stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
         top1_dense = dense_stats["acc1"]
         print(f"before pruning: top-1 {dense_stats['acc1']:.2f}%  top-5 {dense_stats['acc5']:.2f}%")
+    write_logs()  # on resume from the state: a kill after the state lost nothing
 
     # Ctrl-C / SIGTERM: finish the step, save the state, stop (resume with --resume)
     def request_stop(signum, frame) -> None:
@@ -319,17 +341,23 @@ def main(args) -> None:
             train_sampler.set_epoch(epoch, skip=skip * args.batch_size)
             scheduler.step(0 if args.pruning_lr == "constant" else epoch)
             loop.set_phase()
-            train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, scaler,
-                            amp_dtype, args.clip_grad, args.clip_mode, None, mixup_fn,
-                            args.print_freq, start_iter=skip,
-                            seed_fn=utils.seed_fn(args.seed, epoch, run.rank), **loop.hooks(epoch))
+            train_stats = train_one_epoch(
+                model, criterion, train_loader, optimizer, device, epoch, scaler, amp_dtype,
+                args.clip_grad, args.clip_mode, None, mixup_fn, args.print_freq, start_iter=skip,
+                seed_fn=utils.seed_fn(args.seed, epoch, run.rank), **loop.hooks(epoch))
             if loop.stop_agreed():
                 break
             stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
             print(f"Epoch {epoch}: student top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%"
                   f"  {args.cost} ratio {pruner.ratio():.4f}")
+            record = {"epoch": epoch, "ratio": pruner.ratio(), "prune_steps": pruner.steps,
+                      **{f"train_{k}": v for k, v in train_stats.items()},
+                      **{f"test_{k}": v for k, v in stats.items()}}
+            epoch_log.append(record)
             if not loop.done:
                 save_state()
+            write_logs()
+            utils.add_scalars(writer, {f"epoch/{k}": v for k, v in record.items()}, epoch)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -188,13 +188,7 @@ def main(args) -> None:
     if ckpt is not None:
         history = checkpoints.restore_epoch_records(ckpt, resume, output_dir)
         del ckpt
-    writer = None
-    if output_dir is not None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(log_dir=str(output_dir / "tb"))
-        except ImportError:
-            pass
+    writer = utils.tensorboard(output_dir)
 
     print(f"training for {args.epochs} epochs from epoch {args.start_epoch}; "
           f"lr {builders.scaled_lr(args):.3g} for a total batch of "
@@ -234,11 +228,7 @@ def main(args) -> None:
                     path, model_without_ddp, optimizer, scheduler, scaler, model_ema, epoch, args,
                     max_accuracy, best_epoch, history, run_id),
                 epoch, improved, history)
-            if writer is not None:
-                for k, v in log.items():
-                    if isinstance(v, (int, float)) and k != "epoch":
-                        writer.add_scalar(k, v, epoch)
-                writer.flush()
+            utils.add_scalars(writer, log, epoch)
     if args.distributed:
         if not utils.replicas_identical(model_without_ddp):
             raise RuntimeError("processes ended with different weights: DDP lost synchronisation")

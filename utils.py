@@ -310,6 +310,27 @@ def json_safe(value):
     return value
 
 
+def tensorboard(output_dir: Path | None):
+    """A TensorBoard writer into OUTPUT_DIR/tb when tensorboard is installed (else None)."""
+    if output_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(output_dir / "tb"))
+
+
+def add_scalars(writer, record: dict, step: int, prefix: str = "") -> None:
+    """A log record's numbers as TensorBoard scalars at `step`."""
+    if writer is None:
+        return
+    for k, v in record.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
+            writer.add_scalar(prefix + k, v, step)
+    writer.flush()
+
+
 def json_lines(records: list[dict]) -> str:
     """log.txt's content: one strict-JSON record per line."""
     return "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in records)

@@ -129,7 +129,8 @@ class PruningLoop:
         self._losses = {}
         record = {"step": self.pruner.steps, "epoch": epoch, "iteration": i + 1,
                   "ratio": result.ratio, "removed_groups": result.removed,
-                  "dims": self.gates.widths(), "seconds": now - self._last_step_time, **means}
+                  "dims": self.gates.widths(), "seconds": now - self._last_step_time,
+                  "lr": self.optimizer.param_groups[0]["lr"], **means}
         self._last_step_time = now
         self.history.append(record)
         self.done = result.reached or result.stuck or result.budget_spent
@@ -170,7 +171,9 @@ class PruningLoop:
         return {"masks": self.gates.state_dict(), "saliency": self.saliency.state_dict(),
                 "pruner": self.pruner.state_dict(), "epoch": self.epoch,
                 "iteration": self.iteration, "done": self.done, "stuck": self.stuck,
-                "history": list(self.history)}
+                "history": list(self.history),
+                # the losses since the last prune step, whose means the next record logs
+                "pending_losses": {k: list(v) for k, v in self._losses.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.gates.load_state_dict(state["masks"])
@@ -179,6 +182,7 @@ class PruningLoop:
         self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
         self.done, self.stuck = bool(state["done"]), bool(state["stuck"])
         self.history = list(state["history"])
+        self._losses = {k: list(v) for k, v in state.get("pending_losses", {}).items()}
         self._last_save_step = self.pruner.steps
         if self.done:
             self._freeze()

@@ -108,8 +108,8 @@ def test_full_disk_leaves_previous_checkpoint(tmp_path, monkeypatch, capsys):
     assert "previous checkpoint.pth is unchanged" in err[0]
     assert (out / "checkpoint.pth").read_bytes() == before
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["best_checkpoint.pth", "checkpoint.pth",
-                                                     "log.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.yaml", "best_checkpoint.pth",
+                                                     "checkpoint.pth", "log.txt", "tb"]
 
 
 @pytest.mark.slow
@@ -199,8 +199,8 @@ def test_real_full_disk_then_resume_after_freeing_space(uninterrupted, small_tmp
     assert (f"error: could not write {out / 'checkpoint.pth'}: No space left on device; the "
             f"previous checkpoint.pth is unchanged") in full.stderr
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["best_checkpoint.pth", "checkpoint.pth",
-                                                     "log.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.yaml", "best_checkpoint.pth",
+                                                     "checkpoint.pth", "log.txt", "tb"]
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_tmpfs)], check=True)
     run("revit_scratch.py", *args, "--output_dir", out, "--resume")
     assert records(out) == records(whole)

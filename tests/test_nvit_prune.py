@@ -65,6 +65,19 @@ def test_prune_finetune_eval(tmp_path, dense):
     assert 1 <= sum(second["removed_groups"].values()) <= 2
     assert hist["steps"][-1]["dims"]["mlp_dim"] == compact.dims.mlp_dim
     assert (out / "widths.png").stat().st_size > 1000
+    # log.txt: the dense top-1, one line per prune step (as dims_history.json), one per epoch
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert log[0] == {"kind": "dense", "test_acc1": pytest.approx(log[0]["test_acc1"])}
+    steps = [r for r in log if r["kind"] == "prune_step"]
+    assert [r["step"] for r in steps] == [r["step"] for r in hist["steps"]] == \
+        list(range(1, len(steps) + 1))
+    assert all({"ratio", "dims", "loss_kl", "loss_deit", "lr", "img_s"} <= set(r) for r in steps)
+    epochs = [r for r in log if r["kind"] == "epoch"]
+    assert epochs and all({"test_acc1", "ratio", "train_loss", "train_loss_kl"} <= set(r)
+                          for r in epochs)
+    order = [(r["epoch"], r["kind"] == "epoch") for r in log[1:]]
+    assert order == sorted(order)
+    assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
     # the compact model scores what the masked student scored
     top1 = float(re.search(r"pruned model: .* top-1 ([\d.]+)%", proc.stdout).group(1))
     ev = run("revit_scratch.py", *TRAIN, "--finetune", out / "pruned_checkpoint.pth", "--eval")
@@ -124,6 +137,12 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
     assert not killed["done"], "the run finished before it could be killed"
     run("nvit_prune.py", *common, "--output_dir", part, "--resume")
     assert masks_of(part) == masks_of(full)
+
+    def logged(folder):  # log.txt without its timings
+        timing = {"seconds", "img_s", "train_epoch_time"}
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (folder / "log.txt").read_text().splitlines()]
+    assert logged(part) == logged(full)
     dense_top1 = torch.load(full / "pruned_checkpoint.pth", weights_only=True)["top1_dense"]
     assert dense_top1 is not None
     assert torch.load(part / "pruned_checkpoint.pth", weights_only=True)["top1_dense"] == dense_top1
