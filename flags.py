@@ -117,6 +117,8 @@ def config_path(argv: list[str]) -> str | None:
             path = argv[i + 1]
         elif token.startswith("--config="):
             path = token.split("=", 1)[1]
+        elif token.startswith("-c") and len(token) > 2 and not token.startswith("--"):
+            path = token[2:]  # -cFILE, as argparse reads it
     return path
 
 

@@ -35,6 +35,8 @@ def test_config_values_are_defaults_and_flags_win(tmp_path):
     assert args.drop == 0.0 and args.resume == "auto"  # null: the default; true: the bare flag
     assert args.epochs == 300 and args.config == str(config)  # untouched flags keep defaults
     assert parse(revit_scratch).lr == parse(revit_scratch, "-c", write(tmp_path / "e.yaml", "")).lr
+    for spelling in ([f"--config={config}"], [f"-c{config}"], ["--config", config]):
+        assert parse(revit_scratch, *spelling).lr == 3e-4, spelling
 
 
 @pytest.mark.parametrize("content,words", [
