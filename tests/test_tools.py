@@ -1,6 +1,7 @@
 """tools/model_info.py and tools/export.py: paper shapes, JSON output, ONNX/safetensors round trip."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 
@@ -150,3 +151,61 @@ def test_export_mismatch_writes_nothing(tiny_ckpt, tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ONNX check failed")
     assert list(out.iterdir()) == []  # no final files and no temporary ones
+
+
+# ------------------------------------------------------------------------- speed report
+def _pruned_pair(tmp_path):
+    """A dense model's dims and a compact file as nvit_prune.py writes it (original_dims)."""
+    import checkpoints
+    from argparse import Namespace
+    frame = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, distilled=True)
+    dense = Dims(64, [4, 4], [16, 16], [16, 16], [128, 128], **frame)
+    compact = models.ReViT(Dims(32, [2, 4], [8, 16], [16, 8], [64, 32], **frame))
+    path = tmp_path / "pruned_checkpoint.pth"
+    checkpoints.save_model_file(path, compact, Namespace(), original_dims=dense.to_dict())
+    return dense, compact, path
+
+
+def test_speed_report_measures_and_compares(tmp_path, capsys):
+    """The report times the dense model rebuilt from original_dims against the compact one
+    and puts the measured speedup beside the MACs ratio (counted by torch's flop counter) and
+    a latency table's prediction."""
+    from models.flops import count_macs
+    from pruning.cost import LatencyTable
+    from tools import speed_report
+    dense_dims, compact, path = _pruned_pair(tmp_path)
+    macs = count_macs(compact)[0] / count_macs(models.ReViT(dense_dims))[0]
+    table = tmp_path / "t.json"
+    assert importlib.import_module("tools.build_latency_table").main(
+        ["--output", str(table), "--num-tokens", str(dense_dims.num_tokens), "--embed-dims",
+         "32,64", "--heads", "1,4", "--qk-dims", "8,16", "--v-dims", "8,16", "--mlp-dims",
+         "32,128", "--warmup", "0", "--repeats", "1"]) == 0
+    capsys.readouterr()
+    assert speed_report.main([str(path), "--pairs", "3", "--repeats", "2", "--batch-size", "4",
+                              "--latency-table", str(table), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["macs_ratio"] == pytest.approx(macs, rel=1e-12) and r["macs_speedup"] > 1
+    assert r["dense_ms"] > 0 and r["compact_ms"] > 0 and r["pairs"] == 3 and r["batch_size"] == 4
+    assert r["speedup_p25"] <= r["speedup"] <= r["speedup_p75"]
+    t = LatencyTable.from_dict(json.loads(table.read_text()))
+    assert r["table_speedup"] == pytest.approx(t.total(dense_dims) / t.total(compact.dims))
+    for dense in ("deit_tiny_distilled_patch16_224", str(path)):  # named, or a file
+        assert speed_report.main([str(path), "--dense", dense, "--pairs", "1", "--json"]) == 0
+        other = json.loads(capsys.readouterr().out)
+        assert (other["macs_ratio"] == 1.0) == (dense == str(path))
+    lines = speed_report.report_lines({**r, "speedup": 0.5 * r["macs_speedup"]})
+    assert lines[1].startswith("measured speedup") and lines[2].startswith("warning:")
+    assert len(speed_report.report_lines({**r, "speedup": r["macs_speedup"]})) == 2
+
+
+def test_speed_report_needs_the_dense_model(tmp_path, capsys):
+    from tools import speed_report
+    compact = models.ReViT(Dims(32, [2], [8], [8], [64], img_size=32, patch_size=8, in_chans=3,
+                                num_classes=10, distilled=False))
+    path = tmp_path / "m.pth"
+    torch.save({"model": compact.state_dict(), "dims": compact.dims.to_dict()}, path)
+    assert speed_report.main([str(path), "--pairs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no original_dims" in err and "--dense" in err
+    assert speed_report.main([str(tmp_path / "nope.pth")]) == 2
+    assert "nope.pth" in capsys.readouterr().err
