@@ -457,6 +457,10 @@ def add_pruning_args(p: argparse.ArgumentParser, pace: int, emb_saliency: tuple,
     g.add_argument("--token_scale", "--token-scale", default=True, type=str2bool,
                    help="give the student the reference's learnable token scale on q, k, v "
                         "(initialised to 1) if it has none")
+    g.add_argument("--speed-report-pairs", default=10, type=COUNT,
+                   help="at the end, time the dense against the compact model in this many "
+                        "interleaved pairs at --batch-size and report the speedup beside the "
+                        "MACs/latency promise (tools/speed_report.py); 0: skip")
     g.add_argument("--save-every", default="10m", type=save_cadence_text,
                    help="write the resumable state every N prune steps (\"25\") or minutes "
                         "(\"10m\"), besides at each epoch's end, at the end and on a stop "

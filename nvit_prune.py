@@ -15,8 +15,9 @@ cost reaches --latency_target (0: no target), the --prune_dict budget is spent, 
 is left to remove. Outputs in --output_dir: pruned_checkpoint.pth (the compact model,
 loadable by revit_scratch.py --finetune/--eval), pruning_state.pth (for --resume; written
 on the --save-every cadence, at each epoch's end, at the end and on Ctrl-C / SIGTERM),
-log.txt (a JSON line per prune step and per epoch), TensorBoard scalars in tb/, args.yaml,
-dims_history.json and widths.png.
+log.txt (a JSON line per prune step and per epoch, and the final speed report: dense
+against compact, timed here), TensorBoard scalars in tb/, args.yaml, dims_history.json and
+widths.png.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from models.checkpoint import has_split_qkv
 from plots import plot_widths
 from pruning import Gates, Saliency, compact
 from pruning.config import PruningConfig, parse_config
-from pruning.cost import build_cost_model, precision_name
+from pruning.cost import LatencyTable, build_cost_model, precision_name
+from pruning.latency import report_lines, speed_report
 from pruning.gates import EMB_SALIENCY, QKV_UNITS
 from pruning.loop import PruningLoop
 from pruning.pruner import DEFAULT_PACE, GlobalPruner
@@ -194,15 +196,16 @@ def prune_step_line(record: dict, loop: PruningLoop, args) -> str:
             f"{record.get('loss_deit', 0.0):.4g})  img/s {record['img_s']:.1f}  eta {eta}")
 
 
-def log_records(top1_dense: float | None, prune_steps: list[dict], epochs: list[dict]
-                ) -> list[dict]:
+def log_records(top1_dense: float | None, prune_steps: list[dict], epochs: list[dict],
+                speed: dict | None = None) -> list[dict]:
     """log.txt of a pruning run, one JSON line each, in the order they happened: the dense
-    model's top-1, every prune step (cost ratio, widths, loss parts, lr, img/s) and every
-    epoch (top-1, cost ratio, training loss parts)."""
+    model's top-1, every prune step (cost ratio, widths, loss parts, lr, img/s), every epoch
+    (top-1, cost ratio, training loss parts) and the final speed report."""
     lines = [{"kind": "prune_step", **r} for r in prune_steps] + \
         [{"kind": "epoch", **r} for r in epochs]
     lines.sort(key=lambda r: (r["epoch"], r["kind"] == "epoch", r.get("iteration", 0)))
-    return ([] if top1_dense is None else [{"kind": "dense", "test_acc1": top1_dense}]) + lines
+    head = [] if top1_dense is None else [{"kind": "dense", "test_acc1": top1_dense}]
+    return head + lines + ([] if speed is None else [{"kind": "speed", **speed}])
 
 
 def not_reached_reason(loop: PruningLoop) -> str:
@@ -270,7 +273,7 @@ def main(args) -> None:
     run_id, top1_dense = checkpoints.new_run_id(), None
 
     epoch_log: list[dict] = []
-    writer = None
+    writer, speed = None, None
 
     def save_state() -> None:
         if run.is_main:
@@ -286,7 +289,7 @@ def main(args) -> None:
             write_text_atomic(output_dir / checkpoints.HISTORY_FILE, json.dumps(
                 {"original": widths_of(original), "steps": loop.history}, indent=1))
             write_text_atomic(output_dir / checkpoints.LOG_FILE, utils.json_lines(
-                log_records(top1_dense, loop.history, epoch_log)))
+                log_records(top1_dense, loop.history, epoch_log, speed)))
 
     def on_prune(record: dict) -> None:
         record["img_s"] = (args.interval_prune * args.batch_size * utils.get_world_size()
@@ -374,10 +377,17 @@ def main(args) -> None:
         stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
     ratio = pruner.ratio()
     if run.is_main:
+        compact_model = compact(model_without_ddp)
+        if args.speed_report_pairs:  # promised against delivered, on this device
+            speed = speed_report(models.ReViT(original).to(device), compact_model.eval(), device,
+                                 args.batch_size, amp_dtype, args.speed_report_pairs, repeats=3,
+                                 table=cost if isinstance(cost, LatencyTable) else None)
+            print("\n".join(report_lines(speed)))
+            write_logs()
         checkpoints.save_model_file(
-            output_dir / checkpoints.PRUNED_FILE, compact(model_without_ddp), args,
+            output_dir / checkpoints.PRUNED_FILE, compact_model, args,
             run_id=run_id, original_dims=original.to_dict(), cost=args.cost, cost_ratio=ratio,
-            top1_dense=top1_dense, top1_pruned=stats["acc1"])
+            top1_dense=top1_dense, top1_pruned=stats["acc1"], speed=speed)
         if loop.history:
             plot_widths(widths_of(original), loop.history[-1]["dims"], output_dir / "widths.png")
     dense_note = "" if top1_dense is None else f" (dense {top1_dense:.2f}%)"

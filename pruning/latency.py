@@ -1,4 +1,5 @@
-"""Measuring latency tables: the model's own sublayers timed over a grid of widths.
+"""Measuring latency tables (the model's own sublayers timed over a grid of widths) and the
+speedup a compact model delivers against what its MACs and a table promised.
 
 The attention sublayer (LayerNorm, q/k/v projection, SDPA, output projection, residual add)
 and the MLP sublayer (LayerNorm, fc1, GELU, fc2, residual add) are the modules ReViT runs;
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from models.dims import Dims
+from models.flops import count_macs
 from models.revit import LN_EPS, Attention, Mlp, ReViT, StreamNorm
 
 from .cost import LatencyTable, precision_name
@@ -148,3 +150,45 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         meta, {"embed_dim": Es, "num_heads": Hs, "qk_dim": Qs, "v_dim": Vs}, attention,
         {"embed_dim": Es, "mlp_dim": Ms}, mlp,
         {"embed_dim": Es} if stem else None, stem or None)
+
+
+SHORT_OF_MACS = 0.8  # warn below this fraction of the speedup the MACs ratio promises
+
+
+def speed_report(dense: ReViT, compact: ReViT, device: torch.device, batch: int,
+                 amp_dtype, pairs: int, repeats: int, table: LatencyTable | None = None) -> dict:
+    """Measured and promised speedups of `compact` over `dense` (see the module docstring)."""
+    macs_ratio = count_macs(compact)[0] / count_macs(dense)[0]
+    d = dense.dims
+    x = torch.randn(batch, d.in_chans, d.img_size, d.img_size, device=device)
+    timer = Timer(device, warmup=2, repeats=repeats, amp_dtype=amp_dtype)
+    times = {"dense": [], "compact": []}
+    for _ in range(pairs):
+        times["dense"].append(timer(dense, x))
+        times["compact"].append(timer(compact, x))
+    ratios = sorted(a / b for a, b in zip(times["dense"], times["compact"]))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    report = {"device": str(device), "batch_size": batch, "precision": precision_name(amp_dtype),
+              "timing": timer.method, "pairs": pairs,
+              "dense_ms": statistics.median(times["dense"]),
+              "compact_ms": statistics.median(times["compact"]),
+              "speedup": statistics.median(ratios), "speedup_p25": q[0], "speedup_p75": q[2],
+              "macs_ratio": macs_ratio, "macs_speedup": 1 / macs_ratio}
+    if table is not None:
+        report["table_speedup"] = table.total(dense.dims) / table.total(compact.dims)
+    return report
+
+
+def report_lines(r: dict) -> list[str]:
+    lines = [f"dense {r['dense_ms']:.3f} ms, compact {r['compact_ms']:.3f} ms per batch of "
+             f"{r['batch_size']} on {r['device']} ({r['precision']}, {r['pairs']} pairs)",
+             f"measured speedup {r['speedup']:.2f}x (p25-p75 {r['speedup_p25']:.2f}-"
+             f"{r['speedup_p75']:.2f})  promised by MACs {r['macs_speedup']:.2f}x (ratio "
+             f"{r['macs_ratio']:.4f})" + (f"  by the latency table {r['table_speedup']:.2f}x"
+                                          if "table_speedup" in r else "")]
+    if r["speedup"] < SHORT_OF_MACS * r["macs_speedup"]:
+        lines.append(f"warning: the compact model runs {r['speedup']:.2f}x faster where its MACs "
+                     f"promise {r['macs_speedup']:.2f}x: at this size and batch, fixed costs "
+                     f"(small matrix products, kernel launches, LayerNorm, copies) dominate; a "
+                     f"latency table built here ranks by what this device does")
+    return lines

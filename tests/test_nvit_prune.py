@@ -75,9 +75,15 @@ def test_prune_finetune_eval(tmp_path, dense):
     epochs = [r for r in log if r["kind"] == "epoch"]
     assert epochs and all({"test_acc1", "ratio", "train_loss", "train_loss_kl"} <= set(r)
                           for r in epochs)
-    order = [(r["epoch"], r["kind"] == "epoch") for r in log[1:]]
+    order = [(r["epoch"], r["kind"] == "epoch") for r in log[1:-1]]  # the last: speed
     assert order == sorted(order)
     assert list((out / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
+    # promised against delivered, timed at the end: in the output, the file and log.txt
+    assert re.search(r"measured speedup [\d.]+x \(p25-p75 [\d.]+-[\d.]+\)  promised by MACs "
+                     r"[\d.]+x \(ratio ([\d.]+)\)", proc.stdout), proc.stdout[-2000:]
+    assert ckpt["speed"]["macs_ratio"] == pytest.approx(ratio, rel=1e-9)
+    assert ckpt["speed"]["pairs"] == 10 and ckpt["speed"]["batch_size"] == 64
+    assert log[-1]["kind"] == "speed" and log[-1]["speedup"] == ckpt["speed"]["speedup"]
     # the compact model scores what the masked student scored
     top1 = float(re.search(r"pruned model: .* top-1 ([\d.]+)%", proc.stdout).group(1))
     ev = run("revit_scratch.py", *TRAIN, "--finetune", out / "pruned_checkpoint.pth", "--eval")
@@ -140,8 +146,9 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
 
     def logged(folder):  # log.txt without its timings
         timing = {"seconds", "img_s", "train_epoch_time"}
-        return [{k: v for k, v in json.loads(line).items() if k not in timing}
-                for line in (folder / "log.txt").read_text().splitlines()]
+        records = [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in timing} for r in records
+                if r["kind"] != "speed"]
     assert logged(part) == logged(full)
     dense_top1 = torch.load(full / "pruned_checkpoint.pth", weights_only=True)["top1_dense"]
     assert dense_top1 is not None
