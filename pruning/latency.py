@@ -175,11 +175,13 @@ def speed_report(dense: ReViT, compact: ReViT, device: torch.device, batch: int,
               "speedup": statistics.median(ratios), "speedup_p25": q[0], "speedup_p75": q[2],
               "macs_ratio": macs_ratio, "macs_speedup": 1 / macs_ratio}
     if table is not None:
-        report["table_speedup"] = table.total(dense.dims) / table.total(compact.dims)
+        report["table_speedup"] = float(table.total(dense.dims) / table.total(compact.dims))
     return report
 
 
 def report_lines(r: dict) -> list[str]:
+    """A speed report as printed: times, measured against promised speedups, and a warning
+    when the compact model falls well short of its MACs ratio."""
     lines = [f"dense {r['dense_ms']:.3f} ms, compact {r['compact_ms']:.3f} ms per batch of "
              f"{r['batch_size']} on {r['device']} ({r['precision']}, {r['pairs']} pairs)",
              f"measured speedup {r['speedup']:.2f}x (p25-p75 {r['speedup_p25']:.2f}-"

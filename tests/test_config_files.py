@@ -79,6 +79,17 @@ def test_args_yaml_round_trip(tmp_path, name):
     assert "resolved" not in vars(args)  # kept out of checkpoints' "args"
 
 
+def test_plain_values_load_without_unpickling(tmp_path):
+    """flags.plain turns numpy numbers (a latency table's values) into Python's, so a
+    checkpoint holding them still loads with weights_only=True."""
+    import numpy as np
+    value = flags.plain({"a": np.float64(1.5), "b": [np.int64(3), (True, None)], "c": Path("x")})
+    assert value == {"a": 1.5, "b": [3, [True, None]], "c": "x"}
+    assert type(value["a"]) is float and type(value["b"][0]) is int
+    torch.save(value, tmp_path / "v.pth")
+    assert torch.load(tmp_path / "v.pth", weights_only=True) == value
+
+
 def script_of(config: Path):
     return nvit_prune if "prune" in config.stem else revit_scratch
 
