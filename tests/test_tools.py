@@ -209,3 +209,8 @@ def test_speed_report_needs_the_dense_model(tmp_path, capsys):
     assert err.count("\n") == 1 and "holds no original_dims" in err and "--dense" in err
     assert speed_report.main([str(tmp_path / "nope.pth")]) == 2
     assert "nope.pth" in capsys.readouterr().err
+    (tmp_path / "t.json").write_text("{not json")
+    assert speed_report.main([str(path), "--dense", str(path), "--latency-table",
+                              str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--latency-table" in err and "not JSON" in err

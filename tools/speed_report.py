@@ -74,8 +74,13 @@ def run(args) -> dict:
     dense = dense_of(args, ckpt, compact).to(device).eval()
     table = None
     if args.latency_table is not None:
-        with open(args.latency_table) as f:
-            table = LatencyTable.from_dict(json.load(f), source=f"--latency-table {args.latency_table}")
+        source = f"--latency-table {args.latency_table}"
+        try:
+            with open(args.latency_table) as f:
+                data = json.load(f)
+        except ValueError as e:
+            raise UserError(f"{source}: not JSON ({e})") from None
+        table = LatencyTable.from_dict(data, source=source)
     batch = args.batch_size or (256 if device.type == "cuda" else 1)
     return speed_report(dense, compact, device, batch, amp_dtype, args.pairs, args.repeats, table)
 
