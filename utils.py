@@ -3,6 +3,7 @@ of the entry scripts."""
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import os
@@ -359,6 +360,10 @@ def run_main(main, args) -> None:
         sys.stderr.write(f"error: {where}{one_line(user_message(e))}\n")
         sys.stderr.flush()
         if is_dist():
+            # the traceback holds the run's frames, a DDP model among them: free it before
+            # its process group goes, or its destructor can abort the process at exit
+            e.__traceback__ = None
+            gc.collect()
             dist.destroy_process_group()
         sys.exit(2)
     except RuntimeError as e:

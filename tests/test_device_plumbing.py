@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 
 import pytest
@@ -117,9 +118,9 @@ def _bad_image_on_rank_1(rank: int, folder: str, phase: str) -> None:
                             timeout=datetime.timedelta(seconds=30))  # a regression fails, not hangs
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
     try:
         if phase == "train":
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
             engine.train_one_epoch(ddp, lambda s, o, t: torch.nn.functional.cross_entropy(o, t),
                                    _Shard(rank), torch.optim.SGD(model.parameters(), 0.1),
                                    torch.device("cpu"), 0, print_freq=100)
@@ -129,6 +130,8 @@ def _bad_image_on_rank_1(rank: int, folder: str, phase: str) -> None:
     except UserError as e:
         result = str(e)
     finally:
+        ddp = None  # DDP's reducer must go before its process group (else an abort at exit)
+        gc.collect()
         dist.destroy_process_group()
     with open(f"{folder}/rank{rank}", "w") as f:
         f.write(result)
