@@ -79,3 +79,19 @@ def qkv_parts(attn) -> list:
             w.grad, b.grad = grads[0][i].clone(), grads[1][i].clone()
         out.append(SimpleNamespace(weight=w, bias=b))
     return out
+
+
+DENSE_DIMS = {"embed_dim": 64, "num_heads": [4, 4, 4], "qk_dim": [16, 16, 16],
+              "v_dim": [16, 16, 16], "mlp_dim": [128, 128, 128]}
+
+
+def write_dense_model(path: Path) -> Path:
+    """A 'pretrained' dense DeiT for the pruning runs (DENSE_DIMS, 32 px, patch 8, 10
+    classes): random weights are enough for the mechanics."""
+    import torch
+    import models
+    torch.manual_seed(0)
+    m = models.build_model("deit_tiny_distilled_patch16_224", dims=models.Dims(**DENSE_DIMS),
+                           img_size=32, patch_size=8, num_classes=10)
+    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
+    return path

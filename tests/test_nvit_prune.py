@@ -13,12 +13,12 @@ import torch
 
 import models
 from models.flops import count_macs
-from helpers import FAST, PRUNE_FLAGS, TRAIN, ROOT, assert_user_error, env, run
+from helpers import DENSE_DIMS as DENSE
+from helpers import FAST, PRUNE_FLAGS, TRAIN, ROOT, assert_user_error, env, run, write_dense_model
 
 pytestmark = pytest.mark.slow
 
-DENSE_DIMS = models.Dims(embed_dim=64, num_heads=[4, 4, 4], qk_dim=[16, 16, 16],
-                         v_dim=[16, 16, 16], mlp_dim=[128, 128, 128])
+DENSE_DIMS = models.Dims(**DENSE)
 PRUNE = [PRUNE_FLAGS[0], "--cost", "macs", *PRUNE_FLAGS[1:]]
 STEP_LINE = (r"prune step 1: macs ratio [\d.]+ \(target 0.6\)  removed groups: [a-z]+ 1  emb \d+  "
              r"heads \d+  qk \[[\d, ]+\]  v \[[\d, ]+\]  mlp \d+  loss [\d.]+ \(kl 0, deit [\d.]+\)"
@@ -27,13 +27,7 @@ STEP_LINE = (r"prune step 1: macs ratio [\d.]+ \(target 0.6\)  removed groups: [
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
-    """A 'pretrained' dense model: random weights are enough for the mechanics."""
-    torch.manual_seed(0)
-    m = models.build_model("deit_tiny_distilled_patch16_224", dims=DENSE_DIMS, img_size=32,
-                           patch_size=8, num_classes=10)
-    path = tmp_path_factory.mktemp("dense") / "dense.pth"
-    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
-    return path
+    return write_dense_model(tmp_path_factory.mktemp("dense") / "dense.pth")
 
 
 def masks_of(out):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import models
-from helpers import FAST, PRUNE_FLAGS, ROOT, env, run
+from helpers import FAST, PRUNE_FLAGS, ROOT, env, run, write_dense_model
 
 DEVICE = os.environ.get("NVIT_GPU_TESTS_DEVICE", "cuda")
 CUDA = torch.cuda.is_available()
@@ -27,20 +27,13 @@ pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not CUDA, reason="needs CUD
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA itself")
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 ON_DEVICE = [a if a != "cpu" else DEVICE for a in FAST]  # FAST with --device DEVICE
-DENSE_DIMS = models.Dims(embed_dim=64, num_heads=[4, 4, 4], qk_dim=[16, 16, 16],
-                         v_dim=[16, 16, 16], mlp_dim=[128, 128, 128])
 TINY_REVIT = {"embed_dim": 64, "num_heads": [4, 2], "qk_dim": [8, 16], "v_dim": [16, 16],
               "mlp_dim": [128, 96]}
 
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
-    torch.manual_seed(0)
-    m = models.build_model("deit_tiny_distilled_patch16_224", dims=DENSE_DIMS, img_size=32,
-                           patch_size=8, num_classes=10)
-    path = tmp_path_factory.mktemp("dense") / "dense.pth"
-    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
-    return path
+    return write_dense_model(tmp_path_factory.mktemp("dense") / "dense.pth")
 
 
 # ----------------------------------------------------------------------- attention kernels
