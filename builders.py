@@ -74,8 +74,9 @@ def build_loaders(args, need_train: bool = True):
             base = DistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
         sampler_train = SeededSampler(base, args.seed, rank)
         dataset_train = SeededDataset(dataset_train)
-        if len(base) < args.batch_size:
-            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(base)} "
+        if len(base) < args.batch_size * args.grad_accum_steps:
+            raise UserError(f"--batch-size {args.batch_size} x --grad-accum-steps "
+                            f"{args.grad_accum_steps} is larger than the {len(base)} "
                             f"training images each process gets per epoch")
         train_loader = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
                                   num_workers=args.num_workers, pin_memory=pin,
@@ -184,10 +185,15 @@ def build_criterion(args, nb_classes: int, mixup_fn, device, kl_tau: float, per_
 
 
 def scaled_lr(args) -> float:
-    """DeiT: the learning rate is given for a total batch of 512."""
+    """DeiT: the learning rate is given for a total batch (per optimizer step) of 512."""
     if args.unscale_lr:
         return args.lr
-    return args.lr * args.batch_size * utils.get_world_size() / 512.0
+    return args.lr * total_batch(args) / 512.0
+
+
+def total_batch(args) -> int:
+    """The images per optimizer step, over all processes and accumulation steps."""
+    return args.batch_size * args.grad_accum_steps * utils.get_world_size()
 
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:

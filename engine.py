@@ -50,7 +50,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                     after_step: Callable[[int, dict[str, float]], bool] | None = None,
                     start_iter: int = 0, seed_fn: Callable[[int], None] | None = None,
                     train_mode: bool = True,
-                    step_update: Callable[[int], None] | None = None) -> dict[str, float]:
+                    step_update: Callable[[int], None] | None = None,
+                    accum_steps: int = 1) -> dict[str, float]:
     """One pass over the loader; returns the epoch's mean loss (and its parts) and last lr.
 
     start_iter: iterations of this epoch already done (the loader then yields the rest).
@@ -61,37 +62,51 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
     early. train_mode False trains the model in eval mode (no dropout, no drop-path), as the
     NViT reference prunes and finetunes. step_update(i) runs before step i's optimizer step
     (a per-iteration learning-rate schedule, as timm's `scheduler.step_update`).
+
+    accum_steps N (--grad-accum-steps): an iteration is one optimizer step over N loader
+    batches, each backward on loss / N, so it computes what one batch N times larger would
+    (DDP syncs gradients on the last only); the hooks, the logged losses (means over the N)
+    and `start_iter` count optimizer steps, and the epoch's last len % N batches are left out,
+    as drop_last would leave them out of the larger batch.
     """
     model.train(train_mode)
-    total = start_iter + len(data_loader)
-    batch_size = getattr(data_loader, "batch_size", None) or 1
+    accum = max(1, int(accum_steps))
+    total = start_iter + len(data_loader) // accum
+    batch_size = (getattr(data_loader, "batch_size", None) or 1) * accum
     log = utils.ProgressLogger(header or f"Epoch [{epoch}]", total, print_freq, batch_size,
                                first=start_iter)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(data_loader)
     for i in range(start_iter, total):
-        samples, targets = utils.next_on_every_rank(batches)
-        if seed_fn is not None:
-            seed_fn(i)
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
-        with autocast(device, amp_dtype):
-            outputs = model(samples)
-            loss = criterion(samples, outputs, targets)
-        parts = getattr(criterion, "last_parts", {})
-        local = loss.detach().float()
+        optimizer.zero_grad(set_to_none=True)
+        micro = []
+        for k in range(accum):
+            samples, targets = utils.next_on_every_rank(batches)
+            if seed_fn is not None and k == 0:
+                seed_fn(i)
+            samples = samples.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                samples, targets = mixup_fn(samples, targets)
+            last = k == accum - 1
+            with contextlib.nullcontext() if last else _no_sync(model):
+                with autocast(device, amp_dtype):
+                    outputs = model(samples)
+                    loss = criterion(samples, outputs, targets)
+                parts = getattr(criterion, "last_parts", {})
+                micro.append(torch.stack([loss.detach().float(),
+                                          *(v.detach().float() for v in parts.values())]))
+                if accum > 1:
+                    loss = loss / accum
+                if grad_scaler is not None:
+                    grad_scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+        means = micro[0] if accum == 1 else torch.stack(micro).mean(0)
         # the sum over processes is non-finite when any process's loss is: all stop together.
         # Read after the optimizer step, so that the host never waits for the GPU before
-        # launching backward (a diverged step only changes weights that are then dropped).
-        values = torch.stack([local, *(v.float() for v in parts.values()),
-                              utils.sum_over_ranks(local.clone())])
-        optimizer.zero_grad(set_to_none=True)
-        if grad_scaler is not None:
-            grad_scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        # the step (a diverged step only changes weights that are then dropped).
+        values = torch.cat([means, utils.sum_over_ranks(means[:1].clone())])
         if after_backward is not None:
             after_backward(grad_scaler.get_scale() if grad_scaler is not None else 1.0)
         if grad_scaler is not None:
@@ -123,6 +138,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
     stats = log.averages()
     stats["epoch_time"] = log.elapsed()
     return stats
+
+
+def _no_sync(model: torch.nn.Module):
+    """DDP's no_sync (gradients stay local on an accumulation micro-step), else nothing."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 @torch.no_grad()

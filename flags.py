@@ -269,6 +269,9 @@ def add_tf32_arg(p) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--batch-size", default=64, type=POSITIVE_INT, help="per process")
+    g.add_argument("--grad-accum-steps", default=1, type=POSITIVE_INT,
+                   help="optimizer step every N batches (each process's effective batch is "
+                        "N x --batch-size; the lr scaling and the prune interval count it)")
     g.add_argument("--epochs", default=300, type=COUNT)
     g.add_argument("--print-freq", default=50, type=POSITIVE_INT, help="progress line every N iterations")
     g.add_argument("--output_dir", "--output-dir", default="", help="where to save, empty for no saving")

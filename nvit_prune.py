@@ -9,8 +9,9 @@ The flags mean what they meant in the NViT reference's main_full_global_latency.
 weights train on original_loss_coeff * DeiT loss, plus, from the first prune step on,
 kl_loss_coeff * KL(student || frozen full model) at --kl-tau; with --student_eval the
 student trains in eval mode from that step, and the saliency EMA restarts there. The
-learning rate stays at its first value. Every --interval_prune iterations a prune step
-removes --prune_per_iter // --group_size more groups of any kind; the run ends when the
+learning rate stays at its first value. Every --interval_prune iterations (optimizer
+steps, of --grad-accum-steps batches each) a prune step removes --prune_per_iter //
+--group_size more groups of any kind; the run ends when the
 cost reaches --latency_target (0: no target), the --prune_dict budget is spent, or nothing
 is left to remove. Outputs in --output_dir: pruned_checkpoint.pth (the compact model,
 loadable by revit_scratch.py --finetune/--eval), pruning_state.pth (for --resume; written
@@ -149,12 +150,17 @@ def attach_pruner(model, cost, config: PruningConfig, budget: int | None, args):
 
 def run_settings(args, config: PruningConfig) -> dict:
     """What a resumed run must share with the original for its replay to be exact."""
-    keys = ("batch_size", "interval_prune", "prune_per_iter", "group_size", "prune_dict", "cost",
-            "latency_target", "latency_regularization", "seed", "data_set", "input_size",
+    keys = ("batch_size", "grad_accum_steps", "interval_prune", "prune_per_iter", "group_size",
+            "prune_dict", "cost", "latency_target", "latency_regularization", "seed", "data_set",
+            "input_size",
             "kl_loss_coeff", "original_loss_coeff", "kl_tau", "qk_v_units", "emb_saliency",
             "pruning_lr", "student_eval", "token_scale", "base_loss_head")
     return checkpoints.plain({"config": config.as_dict(), "world_size": utils.get_world_size(),
                               **{k: getattr(args, k) for k in keys}})
+
+
+# run settings added since pruning states were first written, with the value older runs had
+SETTINGS_BEFORE_THEY_EXISTED = {"grad_accum_steps": 1}
 
 
 def check_resumable(ckpt: dict, source: str, original, settings: dict) -> None:
@@ -166,7 +172,8 @@ def check_resumable(ckpt: dict, source: str, original, settings: dict) -> None:
     if has_split_qkv(ckpt["model"]):
         raise UserError(f"--resume {source} was written by an nvit before q, k and v became one "
                         f"projection and cannot be continued exactly; start the run again")
-    changed = [k for k, v in settings.items() if ckpt["settings"].get(k) != v]
+    saved = {**SETTINGS_BEFORE_THEY_EXISTED, **ckpt["settings"]}
+    changed = [k for k, v in settings.items() if saved.get(k) != v]
     if changed:
         raise UserError(f"--resume {source} was made with other settings ({', '.join(changed)}); "
                         f"resume with the same flags, or start a new --output_dir")
@@ -292,7 +299,7 @@ def main(args) -> None:
                 log_records(top1_dense, loop.history, epoch_log, speed)))
 
     def on_prune(record: dict) -> None:
-        record["img_s"] = (args.interval_prune * args.batch_size * utils.get_world_size()
+        record["img_s"] = (args.interval_prune * builders.total_batch(args)
                            / max(record["seconds"], 1e-9))
         print(prune_step_line(record, loop, args), flush=True)
         if loop.save_due():
@@ -302,7 +309,8 @@ def main(args) -> None:
 
     save_steps, save_seconds = flags.save_cadence(args.save_every)
     loop = PruningLoop(model_without_ddp, gates, saliency, pruner, criterion, optimizer,
-                       interval=args.interval_prune, iters_per_epoch=len(train_loader),
+                       interval=args.interval_prune,
+                       iters_per_epoch=len(train_loader) // args.grad_accum_steps,
                        student_eval=args.student_eval, train_module=model,
                        save_every_steps=save_steps, save_every_seconds=save_seconds,
                        on_prune=on_prune)
@@ -341,13 +349,14 @@ def main(args) -> None:
             if loop.done or loop.stop_agreed():
                 break
             skip = loop.iteration if epoch == start_epoch else 0
-            train_sampler.set_epoch(epoch, skip=skip * args.batch_size)
+            train_sampler.set_epoch(epoch, skip=skip * args.batch_size * args.grad_accum_steps)
             scheduler.step(0 if args.pruning_lr == "constant" else epoch)
             loop.set_phase()
             train_stats = train_one_epoch(
                 model, criterion, train_loader, optimizer, device, epoch, scaler, amp_dtype,
                 args.clip_grad, args.clip_mode, None, mixup_fn, args.print_freq, start_iter=skip,
-                seed_fn=utils.seed_fn(args.seed, epoch, run.rank), **loop.hooks(epoch))
+                seed_fn=utils.seed_fn(args.seed, epoch, run.rank),
+                accum_steps=args.grad_accum_steps, **loop.hooks(epoch))
             if loop.stop_agreed():
                 break
             stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)

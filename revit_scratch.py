@@ -192,7 +192,7 @@ def main(args) -> None:
 
     print(f"training for {args.epochs} epochs from epoch {args.start_epoch}; "
           f"lr {builders.scaled_lr(args):.3g} for a total batch of "
-          f"{args.batch_size * run.world_size}; student in "
+          f"{builders.total_batch(args)}; student in "
           f"{'eval' if student_eval else 'train'} mode")
     start = time.time()
     for epoch in range(args.start_epoch, args.epochs):
@@ -201,7 +201,8 @@ def main(args) -> None:
         train_stats = train_one_epoch(
             model, criterion, train_loader, optimizer, device, epoch, scaler, amp_dtype,
             args.clip_grad, args.clip_mode, model_ema, mixup_fn, args.print_freq,
-            seed_fn=utils.seed_fn(args.seed, epoch, run.rank), train_mode=not student_eval)
+            seed_fn=utils.seed_fn(args.seed, epoch, run.rank), train_mode=not student_eval,
+            accum_steps=args.grad_accum_steps)
         test_stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
         log = {"epoch": epoch, "n_parameters": n_params,
                **{f"train_{k}": v for k, v in train_stats.items()},

@@ -26,7 +26,7 @@ from PIL import Image
 import models
 import run_folder
 import utils
-from helpers import FAST, TRAIN, TINY_DIMS, write_dims
+from helpers import FAST, TRAIN, TINY_DIMS, run_script, write_dims
 from pruning.cost import LatencyTable
 
 PRUNE = ["--pruning", "--cost", "macs", "--kl_loss_coeff", "1", "--interval_prune", "4",
@@ -66,12 +66,6 @@ def world(tmp_path_factory):
     (root / "existing.json").write_text("{}")
     (root / "existing.onnx").write_text("")
     return root
-
-
-def run_script(module_name: str, argv: list) -> None:
-    """A script's main in this process, as `python SCRIPT.py ARGV` would run it."""
-    module = importlib.import_module(module_name)
-    utils.run_main(module.main, module.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 def latency_table(path: Path, embed: list[int], num_tokens: int) -> Path:
