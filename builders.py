@@ -74,10 +74,11 @@ def build_loaders(args, need_train: bool = True):
             base = DistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
         sampler_train = SeededSampler(base, args.seed, rank)
         dataset_train = SeededDataset(dataset_train)
-        if len(base) < args.batch_size * args.grad_accum_steps:
-            raise UserError(f"--batch-size {args.batch_size} x --grad-accum-steps "
-                            f"{args.grad_accum_steps} is larger than the {len(base)} "
-                            f"training images each process gets per epoch")
+        accum = getattr(args, "grad_accum_steps", 1)
+        if len(base) < args.batch_size * accum:
+            raise UserError(f"--batch-size {args.batch_size} x --grad-accum-steps {accum} is "
+                            f"larger than the {len(base)} training images each process gets "
+                            f"per epoch")
         train_loader = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
                                   num_workers=args.num_workers, pin_memory=pin,
                                   drop_last=True)
@@ -88,6 +89,21 @@ def build_loaders(args, need_train: bool = True):
     val_loader = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
                             num_workers=args.num_workers, pin_memory=pin, drop_last=False)
     return train_loader, val_loader, nb_classes, sampler_train
+
+
+def compile_model(args, model: torch.nn.Module) -> torch.nn.Module:
+    """--torchcompile BACKEND: the model torch.compile'd (after DDP, as timm does, so DDP's
+    hooks stay outside the graphs); unchanged without the flag."""
+    if not args.torchcompile:
+        return model
+    if args.torchcompile_mode and args.torchcompile != "inductor":
+        raise UserError(f"--torchcompile-mode is inductor's; --torchcompile {args.torchcompile} "
+                        f"takes none")
+    try:
+        torch._dynamo.lookup_backend(args.torchcompile)
+    except Exception as e:  # an unknown name: dynamo's InvalidBackend, with its list
+        raise UserError(f"--torchcompile {args.torchcompile}: {e}") from None
+    return torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
 
 def build_mixup(args, nb_classes: int):
@@ -193,7 +209,7 @@ def scaled_lr(args) -> float:
 
 def total_batch(args) -> int:
     """The images per optimizer step, over all processes and accumulation steps."""
-    return args.batch_size * args.grad_accum_steps * utils.get_world_size()
+    return args.batch_size * getattr(args, "grad_accum_steps", 1) * utils.get_world_size()
 
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:

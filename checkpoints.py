@@ -25,6 +25,7 @@ BEST_FILE = "best_checkpoint.pth"
 LOG_FILE = "log.txt"
 PRUNED_FILE = "pruned_checkpoint.pth"  # nvit_prune.py's compact model; --finetune FOLDER finds it
 PRUNING_STATE_FILE = "pruning_state.pth"  # nvit_prune.py's resumable state
+PARETO_FILE = "pareto.png"  # nvit_prune.py with several targets: top-1 against cost
 HISTORY_FILE = "dims_history.json"
 TRAINING_RUN_FILES = (CHECKPOINT_FILE, BEST_FILE, LOG_FILE)
 PRUNING_RUN_FILES = (PRUNING_STATE_FILE, PRUNED_FILE, HISTORY_FILE, LOG_FILE)
@@ -224,6 +225,11 @@ def save_pruning_state(path: Path, model, loop, optimizer, scheduler, scaler, se
            "original_dims": original_dims.to_dict(), "run_id": run_id,
            "top1_dense": top1_dense, "epoch_log": plain(epoch_log), "args": plain(vars(args))},
           path)
+
+
+def target_file(target: float) -> str:
+    """nvit_prune.py's compact model at one of several --latency_target values."""
+    return f"pruned_{target:g}.pth"
 
 
 def save_model_file(path: Path, model, args, **extra) -> None:

@@ -279,9 +279,19 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA, bf16 on the CPU")
     add_amp_dtype_arg(g)
     add_tf32_arg(g)
+    g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model for training and evaluation (bare flag: "
+                        "inductor); the first steps then take minutes to compile")
+    g.add_argument("--torchcompile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode (default: its default)")
     g.add_argument("--deterministic", action="store_true",
                    help="PyTorch's deterministic algorithms (CUDA runs then repeat bitwise on the "
                         "same machine and software, more slowly); CPU runs are bitwise without it")
+    g.add_argument("--log-wandb", action="store_true",
+                   help="also log the scalars to Weights & Biases (needs the wandb package)")
+    g.add_argument("--wandb-project", default="nvit", help="the W&B project of --log-wandb")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--dist-eval", action="store_true", help="shard evaluation over processes")
     g.add_argument("--num_workers", "--num-workers", default=10, type=COUNT)
@@ -441,10 +451,11 @@ def add_pruning_args(p: argparse.ArgumentParser, pace: int, emb_saliency: tuple,
                    help='JSON {"Global": N}: at most N // group_size groups removed, in at most '
                         'N // prune_per_iter + 1 prune steps')
     g.add_argument("--cost", default="latency", choices=["latency", "macs", "params"])
-    g.add_argument("--latency_target", "--latency-target", default=0.0,
-                   type=ranged(float, 0.0, 1.0, high_open=True),
+    g.add_argument("--latency_target", "--latency-target", default="0", type=cost_targets_text,
                    help="stop when cost <= target * cost of the original model (0: no target, "
-                        "prune until the --prune_dict budget is spent)")
+                        "prune until the --prune_dict budget is spent); several, as "
+                        "0.54,0.39,0.19: go on pruning after each and write pruned_<target>.pth "
+                        "each time one is reached, and pareto.png")
     g.add_argument("--latency_regularization", "--latency-regularization", default=0.0,
                    type=NONNEG, help="lambda in score - lambda * cost drop (the paper: 5e-4)")
     g.add_argument("--latency_look_up_table", "--latency-look-up-table", default="",
@@ -497,4 +508,24 @@ def save_cadence_text(value: str) -> str:
     """--save-every is checked when parsed but kept as typed, so that args.yaml holds it as a
     user writes it; save_cadence reads it."""
     save_cadence(value)
+    return value
+
+
+_TARGET = ranged(float, 0.0, 1.0, high_open=True)
+
+
+def cost_targets(value: str) -> tuple[float, ...]:
+    """--latency_target: one cost ratio (0: none) or several separated by commas, returned
+    from the largest down (the order the run reaches them)."""
+    targets = sorted({_TARGET(t.strip()) for t in str(value).split(",")}, reverse=True)
+    if len(targets) > 1 and targets[-1] == 0:
+        raise argparse.ArgumentTypeError(f"0 means no target and cannot be one of several, "
+                                         f"got {value!r}")
+    return tuple(targets)
+
+
+def cost_targets_text(value: str) -> str:
+    """--latency_target is checked when parsed and kept as typed (args.yaml holds it as
+    written, one number or a comma-separated list); cost_targets reads it."""
+    cost_targets(value)
     return value

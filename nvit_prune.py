@@ -13,7 +13,9 @@ learning rate stays at its first value. Every --interval_prune iterations (optim
 steps, of --grad-accum-steps batches each) a prune step removes --prune_per_iter //
 --group_size more groups of any kind; the run ends when the
 cost reaches --latency_target (0: no target), the --prune_dict budget is spent, or nothing
-is left to remove. Outputs in --output_dir: pruned_checkpoint.pth (the compact model,
+is left to remove. With several targets (--latency_target 0.54,0.39,0.19) it goes on
+after each and writes pruned_<target>.pth, scored when reached, and pareto.png; the run ends
+at the last. Outputs in --output_dir: pruned_checkpoint.pth (the compact model at the end,
 loadable by revit_scratch.py --finetune/--eval), pruning_state.pth (for --resume; written
 on the --save-every cadence, at each epoch's end, at the end and on Ctrl-C / SIGTERM),
 log.txt (a JSON line per prune step and per epoch, and the final speed report: dense
@@ -38,7 +40,7 @@ from atomic import write_text_atomic
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
 from errors import Stopped, UserError
 from models.checkpoint import has_split_qkv
-from plots import plot_widths
+from plots import plot_pareto, plot_widths
 from pruning import Gates, Saliency, compact
 from pruning.config import PruningConfig, parse_config
 from pruning.cost import LatencyTable, build_cost_model, precision_name
@@ -114,6 +116,7 @@ def check_args(args) -> None:
         raise UserError("nvit_prune.py prunes a pretrained model: pass --pretrained-path FILE "
                         "or --pretrained (timm's weights of --model)")
     builders.check_loss_args(args)
+    utils.require_wandb(args)
 
 
 def load_dense_model(args, nb_classes: int):
@@ -134,13 +137,14 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return full
 
 
-def attach_pruner(model, cost, config: PruningConfig, budget: int | None, args):
-    """Gates on the model, the saliency and the global pruner the flags describe."""
+def attach_pruner(model, cost, config: PruningConfig, budget: int | None, target: float, args):
+    """Gates on the model, the saliency and the global pruner the flags describe, aiming at
+    `target` (the first of several)."""
     gates = Gates.attach(model, qkv_units=QKV_UNIT_FLAGS[args.qk_v_units],
                          emb_saliency=args.emb_saliency)
     saliency = Saliency(gates, config.criterion, config.scales, config.momentum, args.seed)
     try:
-        pruner = GlobalPruner(gates, saliency, cost, args.latency_target, args.prune_per_iter,
+        pruner = GlobalPruner(gates, saliency, cost, target, args.prune_per_iter,
                               config.group_sizes, args.latency_regularization, budget,
                               pace=args.group_size)
     except ValueError as e:
@@ -155,8 +159,11 @@ def run_settings(args, config: PruningConfig) -> dict:
             "input_size",
             "kl_loss_coeff", "original_loss_coeff", "kl_tau", "qk_v_units", "emb_saliency",
             "pruning_lr", "student_eval", "token_scale", "base_loss_head")
+    settings = {k: getattr(args, k) for k in keys}
+    targets = flags.cost_targets(args.latency_target)  # one: a number, as states always held
+    settings["latency_target"] = targets[0] if len(targets) == 1 else list(targets)
     return checkpoints.plain({"config": config.as_dict(), "world_size": utils.get_world_size(),
-                              **{k: getattr(args, k) for k in keys}})
+                              **settings})
 
 
 # run settings added since pruning states were first written, with the value older runs had
@@ -190,7 +197,7 @@ def widths_of(dims) -> dict:
 
 
 def prune_step_line(record: dict, loop: PruningLoop, args) -> str:
-    target = args.latency_target
+    target = (record.get("targets_reached") or [loop.pruner.target])[-1]
     done = len(loop.history)
     drop = (1 - record["ratio"]) / record["step"]
     mean_seconds = sum(r["seconds"] for r in loop.history) / done
@@ -227,6 +234,7 @@ def not_reached_reason(loop: PruningLoop) -> str:
 # -------------------------------------------------------------------------------- main
 def main(args) -> None:
     check_args(args)
+    targets = flags.cost_targets(args.latency_target)
     config = pruning_config(args)
     budget = prune_budget(args)
     table = read_json_file(args.latency_look_up_table, "--latency_look_up_table") \
@@ -258,10 +266,10 @@ def main(args) -> None:
                         field="latency_table")
     full_model = frozen_copy(model) if args.kl_loss_coeff > 0 else None
 
-    gates, saliency, pruner = attach_pruner(model, cost, config, budget, args)
+    gates, saliency, pruner = attach_pruner(model, cost, config, budget, targets[0], args)
     min_ratio = pruner.minimum_ratio()
-    if min_ratio > args.latency_target > 0:
-        raise UserError(f"--latency_target {args.latency_target} cannot be reached: the minimum "
+    if min_ratio > targets[-1] > 0:
+        raise UserError(f"--latency_target {targets[-1]:g} cannot be reached: the minimum "
                         f"widths (one group of each kind per block) give {min_ratio:.3f} of the "
                         f"original {args.cost}")
 
@@ -269,6 +277,9 @@ def main(args) -> None:
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    # compiled with the gates in it: a prune step changes their values, never a shape, so
+    # it does not recompile (models.revit.StreamNorm.masked)
+    model = builders.compile_model(args, model)
     optimizer = builders.build_optimizer(args, model_without_ddp)
     scheduler = builders.build_scheduler(args, optimizer)
     scaler = make_grad_scaler(device, amp_dtype)
@@ -280,7 +291,7 @@ def main(args) -> None:
     run_id, top1_dense = checkpoints.new_run_id(), None
 
     epoch_log: list[dict] = []
-    writer, speed = None, None
+    scalars, speed = None, None
 
     def save_state() -> None:
         if run.is_main:
@@ -298,14 +309,39 @@ def main(args) -> None:
             write_text_atomic(output_dir / checkpoints.LOG_FILE, utils.json_lines(
                 log_records(top1_dense, loop.history, epoch_log, speed)))
 
+    def save_target_models(record: dict) -> None:
+        """Several targets: the compact model at each one reached, scored now (the student is
+        evaluated mid-epoch, then put back in its training mode), and pareto.png."""
+        stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
+        loop.set_phase()
+        record["target_models"] = [
+            {"target": t, "file": checkpoints.target_file(t), "ratio": record["ratio"],
+             "test_acc1": stats["acc1"], "test_acc5": stats["acc5"]}
+            for t in record["targets_reached"]]
+        for entry in record["target_models"]:
+            print(f"target {entry['target']:g} reached: {args.cost} ratio {record['ratio']:.4f}, "
+                  f"top-1 {stats['acc1']:.2f}%; wrote {output_dir / entry['file']}")
+        if not run.is_main:
+            return
+        compact_model = compact(model_without_ddp)
+        for entry in record["target_models"]:
+            checkpoints.save_model_file(
+                output_dir / entry["file"], compact_model, args, run_id=run_id,
+                original_dims=original.to_dict(), cost=args.cost, cost_ratio=record["ratio"],
+                target=entry["target"], top1_dense=top1_dense, top1_pruned=stats["acc1"])
+        points = [e for r in loop.history for e in r.get("target_models", [])]
+        plot_pareto(points, top1_dense, args.cost, output_dir / checkpoints.PARETO_FILE)
+
     def on_prune(record: dict) -> None:
         record["img_s"] = (args.interval_prune * builders.total_batch(args)
                            / max(record["seconds"], 1e-9))
         print(prune_step_line(record, loop, args), flush=True)
-        if loop.save_due():
+        if len(targets) > 1 and record.get("targets_reached"):
+            save_target_models(record)
+        if loop.save_due() or record.get("target_models"):
             save_state()
         write_logs()
-        utils.add_scalars(writer, {f"prune/{k}": v for k, v in record.items()}, record["step"])
+        scalars.add(record, record["step"], axis="prune/step", prefix="prune/")
 
     save_steps, save_seconds = flags.save_cadence(args.save_every)
     loop = PruningLoop(model_without_ddp, gates, saliency, pruner, criterion, optimizer,
@@ -313,7 +349,7 @@ def main(args) -> None:
                        iters_per_epoch=len(train_loader) // args.grad_accum_steps,
                        student_eval=args.student_eval, train_module=model,
                        save_every_steps=save_steps, save_every_seconds=save_seconds,
-                       on_prune=on_prune)
+                       on_prune=on_prune, later_targets=targets[1:])
     if resume:
         ckpt = models.read_checkpoint(resume)
         check_resumable(ckpt, resume, original, settings)
@@ -331,7 +367,7 @@ def main(args) -> None:
     utils.claim_output_dir(run, check=lambda: checkpoints.check_run_files(
         resume, output_dir, checkpoints.PRUNING_STATE_FILE, checkpoints.PRUNING_RUN_FILES),
         args=args)
-    writer = utils.tensorboard(output_dir if run.is_main else None)
+    scalars = utils.scalar_log(output_dir if run.is_main else None, args)
     if not resume:
         dense_stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
         top1_dense = dense_stats["acc1"]
@@ -369,7 +405,7 @@ def main(args) -> None:
             if not loop.done:
                 save_state()
             write_logs()
-            utils.add_scalars(writer, {f"epoch/{k}": v for k, v in record.items()}, epoch)
+            scalars.add(record, epoch, axis="epoch/epoch", prefix="epoch/")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -399,12 +435,13 @@ def main(args) -> None:
             top1_dense=top1_dense, top1_pruned=stats["acc1"], speed=speed)
         if loop.history:
             plot_widths(widths_of(original), loop.history[-1]["dims"], output_dir / "widths.png")
+    scalars.close()
     dense_note = "" if top1_dense is None else f" (dense {top1_dense:.2f}%)"
     print(f"pruned model: {args.cost} ratio {ratio:.4f} of the original, top-1 {stats['acc1']:.2f}%"
           f"{dense_note}; dims {json.dumps(gates.widths())}")
     print(f"wrote {output_dir / checkpoints.PRUNED_FILE}")
-    if ratio > args.latency_target > 0:
-        raise UserError(f"--latency_target {args.latency_target} not reached: {args.cost} ratio "
+    if ratio > targets[-1] > 0:
+        raise UserError(f"--latency_target {targets[-1]:g} not reached: {args.cost} ratio "
                         f"{ratio:.4f}, {not_reached_reason(loop)}; the smallest "
                         f"model reached was saved")
 

@@ -1,4 +1,5 @@
-"""Figures of a pruning run: per-block widths of the pruned model against the original."""
+"""Figures of a pruning run: per-block widths of the pruned model against the original, and
+top-1 against cost for the models of a run with several targets."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,34 @@ def plot_widths(original: dict, pruned: dict, path: str | os.PathLike, title: st
         ax.set_xticks(blocks)
     axes[0].legend()
     fig.suptitle(title or f"embedding width {original['embed_dim']} -> {pruned['embed_dim']}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def plot_pareto(points: list[dict], dense_top1: float | None, cost: str,
+                path: str | os.PathLike) -> None:
+    """Top-1 against cost ratio: the dense model at 1 and one point per target reached
+    (`points`: dicts with "ratio", "test_acc1", "target"); written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [p["ratio"] for p in points]
+    ys = [p["test_acc1"] for p in points]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if dense_top1 is not None:
+        xs, ys = [1.0, *xs], [dense_top1, *ys]
+        ax.annotate("dense", (1.0, dense_top1), textcoords="offset points", xytext=(-30, 6))
+    ax.plot(xs, ys, "o-", color="#3b75af")
+    for p in points:
+        ax.annotate(f"target {p['target']:g}", (p["ratio"], p["test_acc1"]),
+                    textcoords="offset points", xytext=(4, 6))
+    ax.set_xlabel(f"{cost} ratio to the dense model")
+    ax.set_ylabel("top-1 (%) when the target is reached")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)

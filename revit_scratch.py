@@ -123,6 +123,7 @@ def check_args(args) -> None:
     if args.best_on_ema and not args.model_ema:
         raise UserError("--best-on-ema needs the weight EMA (drop --no-model-ema)")
     builders.check_loss_args(args)
+    utils.require_wandb(args)
 
 
 def main(args) -> None:
@@ -146,7 +147,8 @@ def main(args) -> None:
     amp_dtype = amp_dtype_for(device, args.amp, args.amp_dtype)
 
     if args.eval:
-        stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
+        stats = evaluate(val_loader, builders.compile_model(args, model), device, amp_dtype,
+                         run.sharded_eval)
         print(f"Accuracy of the network on the {stats['n']} test images: "
               f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f}")
         return
@@ -155,6 +157,7 @@ def main(args) -> None:
     if args.distributed:  # DDP broadcasts rank 0's weights, so the EMA is made after it
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = builders.compile_model(args, model)
     model_ema = builders.init_model_ema(args, model_without_ddp)
     optimizer = builders.build_optimizer(args, model_without_ddp)
     scheduler = builders.build_scheduler(args, optimizer)
@@ -188,7 +191,7 @@ def main(args) -> None:
     if ckpt is not None:
         history = checkpoints.restore_epoch_records(ckpt, resume, output_dir)
         del ckpt
-    writer = utils.tensorboard(output_dir)
+    scalars = utils.scalar_log(output_dir, args)
 
     print(f"training for {args.epochs} epochs from epoch {args.start_epoch}; "
           f"lr {builders.scaled_lr(args):.3g} for a total batch of "
@@ -229,7 +232,8 @@ def main(args) -> None:
                     path, model_without_ddp, optimizer, scheduler, scaler, model_ema, epoch, args,
                     max_accuracy, best_epoch, history, run_id),
                 epoch, improved, history)
-            utils.add_scalars(writer, log, epoch)
+            scalars.add(log, epoch, axis="epoch")
+    scalars.close()
     if args.distributed:
         if not utils.replicas_identical(model_without_ddp):
             raise RuntimeError("processes ended with different weights: DDP lost synchronisation")

@@ -311,25 +311,61 @@ def json_safe(value):
     return value
 
 
-def tensorboard(output_dir: Path | None):
-    """A TensorBoard writer into OUTPUT_DIR/tb when tensorboard is installed (else None)."""
-    if output_dir is None:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=str(output_dir / "tb"))
+class ScalarLog:
+    """A run's scalars: TensorBoard in OUTPUT_DIR/tb (when tensorboard is installed) and,
+    with --log-wandb, the same to Weights & Biases (imported only then). Each series has its
+    own x axis (`axis`: "epoch", "prune/step", ...), as wandb needs one per series."""
+
+    def __init__(self, output_dir: Path | None, wandb_config: dict | None = None) -> None:
+        self.writer = self.wandb = None
+        self._defined: set[str] = set()  # wandb metrics given their x axis
+        if output_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tb"))
+        except ImportError:
+            pass
+        if wandb_config is not None:
+            import wandb
+            self.wandb = wandb.init(project=wandb_config.get("wandb_project") or "nvit",
+                                    name=output_dir.name, dir=str(output_dir),
+                                    config=wandb_config)
+
+    def add(self, record: dict, step: int, axis: str, prefix: str = "") -> None:
+        """A log record's numbers (not booleans, lists or text) at `step` of the series `axis`."""
+        numbers = {prefix + k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k not in ("epoch", "step")}
+        if self.writer is not None:
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            for k in (axis, *numbers):
+                if k not in self._defined:
+                    self._defined.add(k)
+                    self.wandb.define_metric(k, **({} if k == axis else {"step_metric": axis}))
+            self.wandb.log({**numbers, axis: step})
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-def add_scalars(writer, record: dict, step: int, prefix: str = "") -> None:
-    """A log record's numbers as TensorBoard scalars at `step`."""
-    if writer is None:
-        return
-    for k, v in record.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
-            writer.add_scalar(prefix + k, v, step)
-    writer.flush()
+def scalar_log(output_dir: Path | None, args) -> ScalarLog:
+    """The run's ScalarLog (no output folder, as on ranks other than 0: logs nothing)."""
+    config = flags.plain(args.resolved) if getattr(args, "log_wandb", False) else None
+    return ScalarLog(output_dir, config)
+
+
+def require_wandb(args) -> None:
+    """--log-wandb without the package: refused before any work, not a silent no-op."""
+    import importlib.util
+    if getattr(args, "log_wandb", False) and importlib.util.find_spec("wandb") is None:
+        raise UserError("--log-wandb needs the wandb package (pip install wandb)")
 
 
 def json_lines(records: list[dict]) -> str:

@@ -365,24 +365,22 @@ def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: Dis
     loop = None
 
     def on_prune(record: dict) -> None:
-        if not loop.done:
-            return
-        snap = compact(model).eval()
-        Gates.detach_from(snap)
-        out[targets[0]] = {"model": snap, "iterations": record["epoch"] * per_epoch + record["iteration"],
+        for target in record.get("targets_reached", []):
+            snap = compact(model).eval()
+            Gates.detach_from(snap)
+            out[target] = {"model": snap,
+                           "iterations": record["epoch"] * per_epoch + record["iteration"],
                            "steps": pruner.steps, "lambda": pruner.latency_lambda,
                            "stuck": loop.stuck, "seconds": time.perf_counter() - t0}
-        print(f"  {criterion}+{cost_kind}: {targets[0]:.2f} reached after {pruner.steps} "
-              f"steps, MACs ratio {record['ratio']:.3f}"
-              f"{' (STUCK at minimum widths)' if loop.stuck else ''} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        targets.pop(0)
-        if targets and not loop.stuck:
-            loop.continue_to(targets[0])
+            print(f"  {criterion}+{cost_kind}: {target:.2f} reached after {pruner.steps} "
+                  f"steps, MACs ratio {record['ratio']:.3f}"
+                  f"{' (STUCK at minimum widths)' if loop.stuck else ''} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     per_epoch = batches.per_epoch()
     loop = PruningLoop(model, gates, saliency, pruner, distil_loss(cfg), opt,
                        interval=cfg.interval, iters_per_epoch=per_epoch, on_prune=on_prune,
+                       later_targets=targets[1:],
                        lambda_weight=cfg.latency_weight if cost_kind == "latency" else None)
     max_epochs = math.ceil(200 * cfg.interval / per_epoch)  # 200 prune steps at most
     for epoch in range(max_epochs):

@@ -63,6 +63,8 @@ class StreamNorm(nn.LayerNorm):
         if gate is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         weight, bias = scaled(self.weight, self.bias, gate)
+        if torch.compiler.is_compiling():
+            return self.masked(x, gate, weight, bias)
         idx = self.live_channels(gate)
         if idx is None:
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
@@ -70,6 +72,19 @@ class StreamNorm(nn.LayerNorm):
             return x * 0
         y = F.layer_norm(x.index_select(-1, idx), (idx.numel(),), weight[idx], bias[idx], self.eps)
         return y.new_zeros(x.shape).index_copy(-1, idx, y)
+
+    def masked(self, x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor) -> torch.Tensor:
+        """The same function with shapes that do not depend on the gate's values, for
+        torch.compile: a prune step then changes no shape and recompiles nothing (the exact
+        live-channel gather above has a data-dependent width). Equal up to rounding."""
+        live = (gate.detach() != 0).float()
+        xf = x.float()
+        n = live.sum().clamp_min(1.0)
+        centred = (xf - (xf * live).sum(-1, keepdim=True) / n) * live
+        var = (centred * centred).sum(-1, keepdim=True) / n
+        y = centred * torch.rsqrt(var + self.eps) * weight.float() + bias.float()
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
 FLASH_MAX_WIDTH = 256  # widest head SDPA's CUDA flash kernel takes (sdp_utils.cpp)

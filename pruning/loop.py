@@ -4,10 +4,10 @@
 collecting the saliency after each backward, a prune step in the iteration after every
 `interval`-th one (the NViT reference's timing), the switch at the first prune step (KL
 term on, EMA restarted, the student in eval mode with `student_eval`), clearing the
-optimizer state of removed weights, when the run is done (target reached, nothing left to
-remove, budget spent), a history of every prune step, when a resumable state is due, and
-a requested stop. It knows nothing of files or flags: the caller's `on_prune(record)` prints
-and saves.
+optimizer state of removed weights, moving on to the next of several targets, when the run
+is done (last target reached, nothing left to remove, budget spent), a history of every
+prune step, when a resumable state is due, and a requested stop. It knows nothing of files
+or flags: the caller's `on_prune(record)` prints and saves.
 """
 from __future__ import annotations
 
@@ -30,10 +30,12 @@ class PruningLoop:
                  train_module: torch.nn.Module | None = None,
                  save_every_steps: int = 0, save_every_seconds: float = 0.0,
                  on_prune: Callable[[dict], None] | None = None,
-                 lambda_weight: float | None = None,
+                 lambda_weight: float | None = None, later_targets: tuple[float, ...] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
         """lambda_weight: at the first prune step, set the pruner's lambda by
-        `GlobalPruner.calibrate_lambda` with this weight (None: keep the given lambda)."""
+        `GlobalPruner.calibrate_lambda` with this weight (None: keep the given lambda).
+        later_targets: smaller cost ratios to go on pruning toward once the pruner's target is
+        reached, in order; the run is done at the last (several targets in one run)."""
         if interval < 1 or iters_per_epoch < 1:
             raise ValueError("the prune interval and the iterations per epoch must be positive")
         self.model, self.gates, self.saliency, self.pruner = model, gates, saliency, pruner
@@ -45,7 +47,11 @@ class PruningLoop:
         self.on_prune = on_prune
         self.lambda_weight = lambda_weight
         self.clock = clock
+        targets = [pruner.target, *later_targets]
+        if any(not 0.0 < b < a for a, b in zip(targets, targets[1:])):
+            raise ValueError(f"several targets must decrease and stay above 0, got {targets}")
         # resumable state
+        self.later_targets = [float(t) for t in later_targets]
         self.epoch, self.iteration = 0, 0  # where training continues
         self.done, self.stuck = False, False
         self.history: list[dict] = []
@@ -132,6 +138,9 @@ class PruningLoop:
                   "dims": self.gates.widths(), "seconds": now - self._last_step_time,
                   "lr": self.optimizer.param_groups[0]["lr"], **means}
         self._last_step_time = now
+        reached = self._pass_targets(result)
+        if reached:
+            record["targets_reached"] = reached
         self.history.append(record)
         self.done = result.reached or result.stuck or result.budget_spent
         self.stuck = result.stuck
@@ -141,17 +150,18 @@ class PruningLoop:
             self.on_prune(record)
         return record
 
-    def continue_to(self, target: float) -> None:
-        """After a target is reached, go on pruning toward a smaller one (0 < target)."""
-        if not 0.0 < target < self.pruner.target:
-            raise ValueError(f"the next target must be in (0, {self.pruner.target}), got {target}")
-        if self.stuck or self.pruner.budget_spent:
-            raise ValueError("nothing is left to prune: the run is stuck or its budget spent")
-        self.pruner.target = float(target)
-        self.done = False
-        if self.saliency.criterion.needs_gradients:
-            for t in self.gates.tensors():
-                t.requires_grad_(True)
+    def _pass_targets(self, result) -> list[float]:
+        """The targets this step reached (one step can pass several); with targets left and
+        units to remove, the pruner moves on to the next and the result is not `reached`."""
+        if not result.reached:
+            return []
+        reached = [self.pruner.target]
+        while self.later_targets and result.ratio <= self.later_targets[0]:
+            reached.append(self.later_targets.pop(0))
+        if self.later_targets and not (result.stuck or result.budget_spent):
+            self.pruner.target = self.later_targets.pop(0)
+            result.reached = False
+        return reached
 
     # ------------------------------------------------------------------ saving
     def save_due(self) -> bool:
@@ -172,6 +182,7 @@ class PruningLoop:
                 "pruner": self.pruner.state_dict(), "epoch": self.epoch,
                 "iteration": self.iteration, "done": self.done, "stuck": self.stuck,
                 "history": list(self.history),
+                "targets": [self.pruner.target, *self.later_targets],
                 # the losses since the last prune step, whose means the next record logs
                 "pending_losses": {k: list(v) for k, v in self._losses.items()}}
 
@@ -182,6 +193,8 @@ class PruningLoop:
         self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
         self.done, self.stuck = bool(state["done"]), bool(state["stuck"])
         self.history = list(state["history"])
+        if "targets" in state:  # the targets not yet reached (states before several targets: one)
+            self.pruner.target, *self.later_targets = (float(t) for t in state["targets"])
         self._losses = {k: list(v) for k, v in state.get("pending_losses", {}).items()}
         self._last_save_step = self.pruner.steps
         if self.done:

@@ -142,6 +142,21 @@ def test_step_memory_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_quick(tmp_path):
+    """The compile study's rows; a prune step (gate values changed) recompiles nothing."""
+    data = quick("bench_compile.py", "compile", tmp_path)
+    assert data["backend"] == "aot_eager"
+    assert [(r["variant"], r["amp"]) for r in data["rows"]] == [
+        ("training step", "fp32"), ("pruning step", "fp32"),
+        ("training step", "bfloat16"), ("pruning step", "bfloat16")]
+    for r in data["rows"]:
+        assert is_stats(r["compiled_over_eager"]) and r["eager_step_s"] > 0
+        assert r["compiled_graphs"] >= 1 and r["eager_graphs"] == 0
+        if r["variant"] == "pruning step":
+            assert r["recompiled_after_prune_step"] == 0
+
+
+@pytest.mark.slow
 @needs_data
 def test_input_pipeline_quick(tmp_path):
     data = quick("bench_input_pipeline.py", "input_pipeline", tmp_path)

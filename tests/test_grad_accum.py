@@ -15,6 +15,8 @@ import models
 from engine import train_one_epoch
 from helpers import FAST, PRUNE_FLAGS, TINY_DIMS, TRAIN, run_script, write_dense_model, write_dims
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
+
 
 class PartsLoss:
     """Cross-entropy with two logged parts, as the scripts' criteria report theirs."""

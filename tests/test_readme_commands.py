@@ -6,6 +6,7 @@ import re
 import shlex
 
 
+import flags
 import nvit_prune
 import revit_scratch
 from helpers import ROOT
@@ -31,7 +32,7 @@ def test_nvit_b_pruning_command():
     args = nvit_prune.get_args_parser().parse_args(cmd)
     assert (args.kl_loss_coeff, args.original_loss_coeff, args.student_eval) == (1e5, 1.0, True)
     assert (args.prune_per_iter, args.group_size, args.interval_prune) == (32, 16, 100)
-    assert (args.latency_regularization, args.latency_target) == (5e-4, 0.54)
+    assert (args.latency_regularization, flags.cost_targets(args.latency_target)) == (5e-4, (0.54,))
     assert args.kl_tau == 3 and args.pruning_lr == "constant" and args.qk_v_units == "shared"
     assert nvit_prune.prune_budget(args) == 39000 and args.distillation_type == "hard"
     assert args.teacher_path == ""  # DeiT's teacher through timm
