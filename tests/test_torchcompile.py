@@ -81,8 +81,8 @@ def dense(tmp_path_factory):
 
 
 def test_pruning_script_runs_compiled(tmp_path, dense):
-    """nvit_prune.py --torchcompile (aot_eager: dynamo and autograd tracing without the C++
-    compile): the run prunes as the eager one does."""
+    """nvit_prune.py --torchcompile (backend "eager": dynamo's capture and guards, which decide
+    recompiles, without inductor's build): the run prunes as the eager one does."""
     def prune(out, *extra):
         run_script("nvit_prune", [
             *FAST, *PRUNE_FLAGS, "--cost", "macs", "--pretrained-path", dense, "--epochs", "1",
@@ -90,7 +90,7 @@ def test_pruning_script_runs_compiled(tmp_path, dense):
             "--output_dir", out, *extra])
         return json.loads((out / "dims_history.json").read_text())["steps"]
     eager = prune(tmp_path / "eager")
-    compiled = prune(tmp_path / "compiled", "--torchcompile", "aot_eager")
+    compiled = prune(tmp_path / "compiled", "--torchcompile", "eager")
     assert [r["dims"] for r in compiled] == [r["dims"] for r in eager] and len(eager) >= 2
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-4)
 
@@ -98,7 +98,7 @@ def test_pruning_script_runs_compiled(tmp_path, dense):
 def test_training_script_runs_and_evaluates_compiled(tmp_path, capsys):
     dims = write_dims(tmp_path / "d.yaml")
     logs = {}
-    for name, extra in {"eager": [], "compiled": ["--torchcompile", "aot_eager"]}.items():
+    for name, extra in {"eager": [], "compiled": ["--torchcompile", "eager"]}.items():
         out = tmp_path / name
         run_script("revit_scratch", [*TRAIN, "--dims", dims, "--epochs", "1", "--output_dir", out,
                                      *extra])
@@ -107,7 +107,7 @@ def test_training_script_runs_and_evaluates_compiled(tmp_path, capsys):
     assert logs["compiled"]["test_acc1"] == pytest.approx(logs["eager"]["test_acc1"], abs=0.3)
     capsys.readouterr()
     run_script("revit_scratch", [*TRAIN, "--eval", "--resume", tmp_path / "compiled" /
-                                 "checkpoint.pth", "--torchcompile", "aot_eager"])
+                                 "checkpoint.pth", "--torchcompile", "eager"])
     assert f"top-1 {logs['compiled']['test_acc1']:.2f}%" in capsys.readouterr().out
 
 
