@@ -18,8 +18,8 @@ autocast:
   the compiled model did not recompile (dynamo's graph count).
 
 Headline: step time compiled / eager (median of pairs, p25-p75; < 1: compiled faster).
---quick runs a CPU-sized model with the aot_eager backend (the dynamo and autograd tracing
-without inductor's C++ build), to exercise the study's code in seconds.
+--quick runs a CPU-sized model in fp32 with the aot_eager backend (the dynamo and autograd
+tracing without inductor's C++ build), to exercise the study's code in seconds.
 """
 from __future__ import annotations
 
@@ -124,8 +124,8 @@ def fmt(s: dict) -> str:
 
 
 def main() -> None:
-    p = common.study_parser(__doc__, STUDY, "CPU-sized model, aot_eager, few repeats (a smoke "
-                                            "test, not a result)")
+    p = common.study_parser(__doc__, STUDY, "CPU-sized model, fp32, aot_eager, few repeats (a "
+                                            "smoke test, not a result)")
     p.add_argument("--backend", default=None,
                    help="torch.compile backend (default inductor; aot_eager with --quick)")
     args = p.parse_args()
@@ -135,7 +135,7 @@ def main() -> None:
     load = os.getloadavg()
     start = time.perf_counter()
     rows = [row for case, (frame, batch) in (QUICK_CASES if args.quick else CASES).items()
-            for amp in (None, torch.bfloat16)
+            for amp in ((None,) if args.quick else (None, torch.bfloat16))
             for row in measure_case(case, frame, batch, backend, amp, repeats, warmup, steps)]
     table = [[r["case"], r["variant"], r["amp"], r["batch"], fmt(r["compiled_over_eager"]),
               f"{r['eager_step_s'] * 1e3:.0f}", f"{r['compile_seconds']:.0f}",

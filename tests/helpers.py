@@ -35,6 +35,23 @@ def run_script(module_name: str, argv: list) -> None:
     utils.run_main(module.main, module.get_args_parser().parse_args([str(a) for a in argv]))
 
 
+def run_here(script: str, *args) -> subprocess.CompletedProcess:
+    """`run(script, ..., check=False)` in this process: the exit code, stdout and stderr as a
+    subprocess would give them, without paying the torch import. For runs whose result is not
+    compared bitwise with a subprocess's (threads differ: OMP_NUM_THREADS=1 there)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_script(script.removesuffix(".py"), list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(),
+                                       err.getvalue())
+
+
 def write_dims(path: Path, dims: dict = TINY_DIMS) -> Path:
     path.write_text(yaml.safe_dump(dims))
     return path

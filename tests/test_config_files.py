@@ -10,7 +10,7 @@ import yaml
 import flags
 import nvit_prune
 import revit_scratch
-from helpers import ROOT, run
+from helpers import ROOT, run_script
 
 RUNS = ROOT / "configs" / "runs"
 SCRIPTS = {"revit_scratch.py": revit_scratch, "nvit_prune.py": nvit_prune}
@@ -127,14 +127,15 @@ def test_paper_configs_are_the_reference_commands(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_run_repeats_from_its_args_yaml(tmp_path):
+def test_a_run_repeats_from_its_args_yaml(tmp_path, monkeypatch):
     """The README's training demo config (one epoch here) writes args.yaml; `-c` on it into
     another folder ends with the same weights."""
+    monkeypatch.chdir(ROOT)  # the config names its dims file relative to the repository
     first, second = tmp_path / "a", tmp_path / "b"
-    run("revit_scratch.py", "-c", RUNS / "digits_train.yaml", "--epochs", "1",
-        "--num_workers", "0", "--output_dir", first)
+    run_script("revit_scratch", ["-c", RUNS / "digits_train.yaml", "--epochs", "1",
+                                 "--num_workers", "0", "--output_dir", first])
     recorded = yaml.safe_load((first / flags.ARGS_FILE).read_text())
     assert recorded["epochs"] == 1 and recorded["dims"] == "configs/revit_digits.yaml"
-    run("revit_scratch.py", "-c", first / flags.ARGS_FILE, "--output_dir", second)
+    run_script("revit_scratch", ["-c", first / flags.ARGS_FILE, "--output_dir", second])
     a, b = (torch.load(d / "checkpoint.pth", weights_only=True)["model"] for d in (first, second))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -14,7 +14,8 @@ import torch
 import models
 from models.flops import count_macs
 from helpers import DENSE_DIMS as DENSE
-from helpers import FAST, PRUNE_FLAGS, TRAIN, ROOT, assert_user_error, env, run, write_dense_model
+from helpers import FAST, PRUNE_FLAGS, TRAIN, ROOT, assert_user_error, env, run, run_here
+from helpers import write_dense_model
 
 pytestmark = pytest.mark.slow
 
@@ -98,10 +99,11 @@ def test_latency_table_cost(tmp_path, dense):
         "--mlp-dims", "32,128", "--warmup", "1", "--repeats", "3")
     out = tmp_path / "p"
     # with our variants of the units and the embedding score, the paper's lambda
-    proc = run("nvit_prune.py", *FAST, *PRUNE[:2], "latency", *PRUNE[3:], "--pretrained-path", dense,
-               "--epochs", "3", "--latency_target", "0.9", "--latency_look_up_table", table,
-               "--latency_regularization", "5e-4", "--qk-v-units", "per-head",
-               "--emb-saliency", "reference", "--pruning_exit", "--output_dir", out)
+    proc = run_here("nvit_prune.py", *FAST, *PRUNE[:2], "latency", *PRUNE[3:], "--pretrained-path",
+                    dense, "--epochs", "3", "--latency_target", "0.9", "--latency_look_up_table",
+                    table, "--latency_regularization", "5e-4", "--qk-v-units", "per-head",
+                    "--emb-saliency", "reference", "--pruning_exit", "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "latency ratio" in proc.stdout
     assert "warning: the latency table" not in proc.stdout  # timed here, in fp32, as the run
     assert torch.load(out / "pruned_checkpoint.pth", weights_only=True)["cost_ratio"] <= 0.9
@@ -109,9 +111,9 @@ def test_latency_table_cost(tmp_path, dense):
     data = json.loads(table.read_text())
     data["meta"].update(device="cuda:0", amp=True, dtype="autocast float16")
     table.write_text(json.dumps(data))
-    proc = run("nvit_prune.py", *FAST, *PRUNE[:2], "latency", *PRUNE[3:], "--pretrained-path", dense,
-               "--epochs", "1", "--latency_target", "0.9", "--latency_look_up_table", table,
-               "--pruning_exit", "--output_dir", tmp_path / "q", check=False)
+    proc = run_here("nvit_prune.py", *FAST, *PRUNE[:2], "latency", *PRUNE[3:], "--pretrained-path",
+                    dense, "--epochs", "1", "--latency_target", "0.9", "--latency_look_up_table",
+                    table, "--pruning_exit", "--output_dir", tmp_path / "q")
     assert ("warning: the latency table was timed on cuda in autocast float16 (batch 64), this run "
             "prunes on cpu in float32") in proc.stdout, proc.stdout[-2000:]
 
@@ -184,8 +186,9 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
 def test_torchrun_ranks_agree(tmp_path, dense):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--master_port=29733", str(ROOT / "nvit_prune.py"), *FAST, *PRUNE, "--pretrained-path",
-           str(dense), "--epochs", "3", "--batch-size", "32", "--latency_target", "0.6",
-           "--pruning_exit", "--dist-eval", "--output_dir", str(tmp_path / "o")]
+           str(dense), "--epochs", "3", "--batch-size", "16", "--grad-accum-steps", "2",
+           "--latency_target", "0.6", "--pruning_exit", "--dist-eval",
+           "--output_dir", str(tmp_path / "o")]  # accumulation: DDP's no_sync on real ranks
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = re.search(r"all 2 processes hold identical masks after (\d+) prune steps", proc.stdout)
@@ -247,10 +250,13 @@ def test_bad_input_fails_cleanly(tmp_path, dense, case):
         torch.save({"model": other.state_dict(), "dims": other.dims.to_dict()}, tmp_path / "o.pth")
         args = [a if a != dense else tmp_path / "o.pth" for a in base]
         words = ["o.pth", "num_classes=7"]
-    e = env()
-    e["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run([sys.executable, str(ROOT / "nvit_prune.py"), *map(str, args)], cwd=ROOT,
-                          env=e, capture_output=True, text=True, timeout=300)
+    if case == "offline_pretrained":  # the hub reads HF_HUB_OFFLINE when imported
+        e = env()
+        e["HF_HUB_OFFLINE"] = "1"
+        proc = subprocess.run([sys.executable, str(ROOT / "nvit_prune.py"), *map(str, args)],
+                              cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    else:
+        proc = run_here("nvit_prune.py", *args)
     assert_user_error(proc, *words)
     assert (out / "pruned_checkpoint.pth").read_bytes() == b"earlier result"
 
@@ -342,7 +348,8 @@ def test_reference_pruning_config_is_read(tmp_path, dense):
     (tmp_path / "ref.json").write_text(json.dumps(ref))
     args = [*FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "2", "--latency_target", "0.8",
             "--pruning_config", tmp_path / "ref.json"]
-    proc = run("nvit_prune.py", *args, "--output_dir", tmp_path / "a")
+    proc = run_here("nvit_prune.py", *args, "--output_dir", tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"keys without effect.*frequency, prune_per_iteration", proc.stdout)
     state = torch.load(tmp_path / "a" / "pruning_state.pth", weights_only=True)
     assert state["settings"]["config"]["momentum"] == 0.9
@@ -351,6 +358,6 @@ def test_reference_pruning_config_is_read(tmp_path, dense):
                        ({**ref, "fixed_layer": 3}, ["fixed_layer"]),
                        ({**ref, "bogus": 1}, ["bogus"])):
         (tmp_path / "bad.json").write_text(json.dumps(bad))
-        proc = run("nvit_prune.py", *args[:-1], tmp_path / "bad.json", "--output_dir",
-                   tmp_path / "b", check=False)
+        proc = run_here("nvit_prune.py", *args[:-1], tmp_path / "bad.json", "--output_dir",
+                        tmp_path / "b")
         assert_user_error(proc, "--pruning_config", *words)

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from helpers import TRAIN, ROOT, assert_user_error, env, run, write_dims
+from helpers import TRAIN, ROOT, assert_user_error, env, run, run_here, write_dims
 
 pytestmark = pytest.mark.slow
 
@@ -198,7 +198,7 @@ def test_bad_input_fails_cleanly(tmp_path, earlier, case):
         (tmp_path / "empty").mkdir()
         args = [*TRAIN, "--eval", "--resume", "--output_dir", tmp_path / "empty"]
         words = ["--eval", "no checkpoint"]
-    assert_user_error(run("revit_scratch.py", *args, check=False), *words)
+    assert_user_error(run_here("revit_scratch.py", *args), *words)
     unchanged(out, before)
     assert not fresh.exists()  # nothing is created before the inputs pass
 
