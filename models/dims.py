@@ -87,10 +87,14 @@ class Dims:
             if bad:
                 raise UserError(
                     f"dims: {name} must be positive in every block; block {bad[0]} has {value[bad[0]]}")
-        for name in ("img_size", "patch_size", "in_chans", "num_classes"):
+        for name in ("img_size", "patch_size", "in_chans"):
             value = getattr(self, name)
             if value is not None and (int(value) != value or value <= 0):
                 raise UserError(f"dims: {name} must be a positive integer, got {value!r}")
+        if self.num_classes is not None and (int(self.num_classes) != self.num_classes
+                                             or self.num_classes < 0):
+            raise UserError(f"dims: num_classes must be an integer >= 0 (0: no classifier, a "
+                            f"backbone), got {self.num_classes!r}")
         if self.img_size is not None and self.patch_size is not None:
             if self.img_size % self.patch_size:
                 raise UserError(
@@ -122,6 +126,11 @@ class Dims:
         return {n: getattr(self, n)[i] for n in (*BLOCK_LISTS, "attn_scale")}
 
     # ----------------------------------------------------------- derivations
+    def truncated(self, depth: int) -> "Dims":
+        """The first `depth` blocks (a backbone cut after an intermediate layer)."""
+        return replace(self, depth=depth, attn_scale=self.attn_scale[:depth],
+                       **{n: getattr(self, n)[:depth] for n in BLOCK_LISTS})
+
     def with_frame(self, **frame) -> "Dims":
         """Fill frame fields: given non-None values win over what the spec already holds."""
         unknown = set(frame) - set(FRAME_FIELDS)

@@ -1,26 +1,45 @@
-"""timm registration, so `timm.create_model('revit_tiny_distilled_patch16_224')` works."""
+"""timm registration, so `timm.create_model('revit_tiny_distilled_patch16_224')` works, through
+timm's own builder: pretrained_cfg/default_cfg, `features_only=True` (feature extraction by
+`forward_intermediates`) and the other `create_model` arguments behave as for timm's ViTs."""
 from __future__ import annotations
 
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from errors import UserError
 
 from .dims import FRAME_FIELDS, Dims, revit_dims
-from .revit import ReViT
+from .revit import ReViT, pretrained_cfg
 
 _DEFAULT_FRAME = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, distilled=True)
-_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+_SHAPES = {"revit_tiny_distilled_patch16_224": 176, "revit_small_distilled_patch16_224": 384}
+
+# timm reads a module's default_cfgs when register_model runs below
+default_cfgs = generate_default_cfgs({
+    name: pretrained_cfg(revit_dims(emb).with_frame(**_DEFAULT_FRAME))
+    for name, emb in {**_SHAPES, "revit": 176}.items()})  # revit: overlaid by its dims
 
 
 def _create(name: str, dims: Dims, pretrained: bool, kwargs: dict) -> ReViT:
-    for key in _TIMM_ONLY:
-        kwargs.pop(key, None)
     if pretrained:
         raise UserError(f"{name} has no published weights; load a checkpoint with "
                         f"models.build_model(..., checkpoint=FILE) instead")
     frame = {k: kwargs.pop(k) for k in FRAME_FIELDS if k in kwargs}
     dims = dims.with_frame(**{k: v for k, v in _DEFAULT_FRAME.items() if getattr(dims, k) is None})
-    return ReViT(dims.with_frame(**frame), **kwargs)
+    dims = dims.with_frame(**frame)
+    # the cfg describes these dims (input size, classes, heads), whatever cfg timm resolved
+    # for the name; a caller's overlay still wins
+    kwargs["pretrained_cfg_overlay"] = {**pretrained_cfg(dims),
+                                        **(kwargs.get("pretrained_cfg_overlay") or {})}
+
+    def build(**model_kwargs) -> ReViT:
+        for key in FRAME_FIELDS:
+            model_kwargs.pop(key, None)  # already in dims
+        return ReViT(dims, **model_kwargs)
+    # features_only: the last 3 blocks unless out_indices says otherwise, as timm's ViTs
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(build, name, pretrained=False,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                                **kwargs)
 
 
 @register_model

@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
+from timm.models._features import feature_take_indices
 
 from .dims import Dims
 
@@ -85,6 +87,13 @@ class StreamNorm(nn.LayerNorm):
         var = (centred * centred).sum(-1, keepdim=True) / n
         y = centred * torch.rsqrt(var + self.eps) * weight.float() + bias.float()
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+
+
+class NoNorm(nn.Module):
+    """StreamNorm's place after prune_intermediate_layers(prune_norm=True): the identity."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return x
 
 
 FLASH_MAX_WIDTH = 256  # widest head SDPA's CUDA flash kernel takes (sdp_utils.cpp)
@@ -233,6 +242,18 @@ class Block(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x, emb), emb))
 
 
+def pretrained_cfg(dims: Dims) -> dict:
+    """timm's pretrained_cfg of a model with these dims: its input, DeiT's ImageNet
+    preprocessing and classifier names (what timm's data config, validate.py and
+    benchmark.py read); no weights URL, there are none to fetch."""
+    from timm.models import PretrainedCfg
+    return PretrainedCfg(
+        input_size=(dims.in_chans, dims.img_size, dims.img_size), fixed_input_size=True,
+        crop_pct=0.875, interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225), num_classes=dims.num_classes, first_conv="patch_embed.proj",
+        classifier=("head", "head_dist") if dims.distilled else "head").to_dict()
+
+
 class ReViT(nn.Module):
     """DeiT with per-block dims; cls (+ dist) token, two heads as DeiT when distilled.
 
@@ -247,7 +268,7 @@ class ReViT(nn.Module):
         if not dims.complete:
             raise ValueError("ReViT needs a dims spec with its frame filled (use Dims.with_frame)")
         self.dims = dims
-        E = self.embed_dim = self.num_features = dims.embed_dim
+        E = self.embed_dim = self.num_features = self.head_hidden_size = dims.embed_dim
         self.num_classes = dims.num_classes
         self.distilled = bool(dims.distilled)
         self.num_prefix_tokens = dims.num_prefix_tokens
@@ -263,17 +284,16 @@ class ReViT(nn.Module):
                   num_tokens=tokens)
             for i in range(dims.depth))
         self.norm = StreamNorm(E, eps=LN_EPS)
-        self.head = nn.Linear(E, dims.num_classes)
-        self.head_dist = nn.Linear(E, dims.num_classes) if self.distilled else None
+        self.head = self._classifier(dims.num_classes)
+        self.head_dist = self._classifier(dims.num_classes) if self.distilled else None
         self.emb_gate: torch.Tensor | None = None
         self.emb_frame_gate: torch.Tensor | None = None
         self.return_pair = False
-        self.pretrained_cfg = {
-            "input_size": (dims.in_chans, dims.img_size, dims.img_size), "crop_pct": 0.875,
-            "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "num_classes": dims.num_classes,
-            "classifier": ("head", "head_dist") if self.distilled else "head",
-        }
+        self.grad_checkpointing = False
+        # timm's feature API: every block's output, at the patch grid's stride
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=E, reduction=dims.patch_size)
+                             for i in range(dims.depth)]
+        self.pretrained_cfg = self.default_cfg = pretrained_cfg(dims)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -301,22 +321,40 @@ class ReViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "dist_token"}
 
+    def _classifier(self, num_classes: int) -> nn.Module:
+        """A head: Linear to the classes, or Identity for a backbone (num_classes 0), as timm."""
+        return nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, as timm's ViT (layer-wise lr decay)."""
+        return dict(stem=r"^cls_token|dist_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations (timm's API);
+        gates and their saliency gradients pass through unchanged."""
+        self.grad_checkpointing = enable
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """New classifier head(s) for another label set (used by --finetune on new data)."""
-        device = self.head.weight.device
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New classifier head(s) for another label set (used by --finetune on new data);
+        0: Identity heads, a backbone. Pooling is the class token's (timm's 'token') only."""
+        if global_pool not in (None, "token"):
+            raise ValueError(f"ReViT pools the class token only ('token'), got {global_pool!r}")
+        device = self.pos_embed.device
         self.num_classes = num_classes
         self.dims = self.dims.with_frame(num_classes=num_classes)
-        self.head = nn.Linear(self.embed_dim, num_classes).to(device)
-        heads = [self.head]
+        self.head = self._classifier(num_classes).to(device)
         if self.distilled:
-            self.head_dist = nn.Linear(self.embed_dim, num_classes).to(device)
-            heads.append(self.head_dist)
-        for h in heads:
-            trunc_normal_(h.weight, std=0.02)
-            nn.init.zeros_(h.bias)
+            self.head_dist = self._classifier(num_classes).to(device)
+        for h in (self.head, self.head_dist):
+            if isinstance(h, nn.Linear):
+                trunc_normal_(h.weight, std=0.02)
+                nn.init.zeros_(h.bias)
 
     # ---------------------------------------------------------------- gates
     def set_gates(self, emb: torch.Tensor | None, blocks: list[dict] | None,
@@ -346,7 +384,8 @@ class ReViT(nn.Module):
         x = F.conv2d(x, *scaled(pe.proj.weight, pe.proj.bias, emb), pe.proj.stride, pe.proj.padding)
         return pe.norm(x.flatten(2).transpose(1, 2))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Image -> the stream the blocks read: prefix tokens, patches, position embedding."""
         emb, frame = self.emb_gate, self.emb_frame_gate
         x = self.embed_patches(x, emb)
         tokens = [self.cls_token, self.dist_token] if self.dist_token is not None else [self.cls_token]
@@ -355,15 +394,64 @@ class ReViT(nn.Module):
             tokens = [t * frame for t in tokens]
             pos = pos * frame
         tokens = [t.expand(x.shape[0], -1, -1) for t in tokens]
-        x = torch.cat([*tokens, x], dim=1) + pos
-        x = self.pos_drop(x)
+        return self.pos_drop(torch.cat([*tokens, x], dim=1) + pos)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(x)
         for blk in self.blocks:
-            x = blk(x, emb)
-        return self.norm(x, frame)
+            x = self._run_block(blk, x, self.emb_gate)
+        return self.norm(x, self.emb_frame_gate)
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, emb: torch.Tensor | None):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, emb, use_reentrant=False)
+        return blk(x, emb)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's ViT API: the outputs of the blocks `indices` names (int: the last n; None:
+        all) as (B, C, H, W) maps of the patch tokens ("NCHW") or (B, L, C) ("NLC"), with the
+        class/distillation tokens too if asked; returns (final features, intermediates)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        B, _, height, width = x.shape
+        emb, frame = self.emb_gate, self.emb_frame_gate
+        grid = (height // self.dims.patch_size, width // self.dims.patch_size)
+        x = self.embed_tokens(x)
+        n_prefix = self.num_prefix_tokens
+        intermediates = []
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x, emb)
+            if i in take:
+                y = self.norm(x, frame) if norm else x
+                prefix, patches = y[:, :n_prefix], y[:, n_prefix:]
+                if output_fmt == "NCHW":
+                    patches = patches.reshape(B, *grid, -1).permute(0, 3, 1, 2).contiguous()
+                intermediates.append((patches, prefix) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x, frame), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """timm's API: drop the blocks after the last of `indices` (and the norm, the heads)."""
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self.dims = self.dims.truncated(max_index + 1)
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm:
+            self.norm = NoNorm()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        if pre_logits:
-            return x[:, 0]
+        if pre_logits:  # timm's DeiT: the mean of the class and distillation tokens
+            return (x[:, 0] + x[:, 1]) / 2 if self.distilled else x[:, 0]
         cls = self.head(x[:, 0])
         if not self.distilled:
             return cls

@@ -1,0 +1,172 @@
+"""timm's model API on our models as timm's own ViTs honour it (part of issue 11): the cfg
+machinery, head_hidden_size, reset_classifier(0), forward_intermediates, features_only,
+prune_intermediate_layers, group_matcher and gradient checkpointing; on registered names, on
+what build_model returns, on a pruned compact model, and against timm's DeiT itself."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.data import resolve_data_config
+from timm.optim import create_optimizer_v2
+
+import models
+from pruning import Gates, compact
+
+DIMS = {"embed_dim": 32, "num_heads": [2, 4, 2], "qk_dim": [8, 8, 16], "v_dim": [8, 16, 8],
+        "mlp_dim": [48, 64, 32]}
+FRAME = dict(img_size=32, patch_size=8)
+
+
+def registered(name: str, **kw):
+    if name == "revit":
+        kw["dims"] = DIMS
+    return timm.create_model(name, **FRAME, num_classes=10, **kw)
+
+
+def pruned_compact():
+    torch.manual_seed(0)
+    model = models.build_model("deit_tiny_distilled_patch16_224", dims=models.Dims(**DIMS),
+                               num_classes=10, **FRAME)
+    gates = Gates.attach(model)
+    gates.remove("emb", None, [1, 7, 30])
+    gates.remove("head", 1, [0])
+    gates.remove("qk", 2, [3])
+    gates.remove("mlp", 0, list(range(10)))
+    return compact(model)
+
+
+MODELS = {
+    "revit_tiny_distilled_patch16_224": lambda: registered("revit_tiny_distilled_patch16_224"),
+    "revit_small_distilled_patch16_224": lambda: registered("revit_small_distilled_patch16_224"),
+    "revit": lambda: registered("revit"),
+    "build_model (DeiT, no distillation)": lambda: models.build_model(
+        "deit_tiny_patch16_224", dims=models.Dims(**DIMS), num_classes=10, **FRAME),
+    "pruned compact": pruned_compact,
+}
+
+
+@pytest.fixture(params=list(MODELS), ids=list(MODELS))
+def model(request):
+    torch.manual_seed(0)
+    return MODELS[request.param]().eval()
+
+
+def test_cfg_describes_the_model(model):
+    assert model.default_cfg is model.pretrained_cfg or model.default_cfg == model.pretrained_cfg
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert model.pretrained_cfg["num_classes"] == model.num_classes == 10
+    assert model.pretrained_cfg["first_conv"] == "patch_embed.proj"
+    assert resolve_data_config({}, model=model)["input_size"] == (3, 32, 32)
+    assert model.head_hidden_size == model.num_features == model.embed_dim
+
+
+def test_reset_classifier_to_a_backbone(model):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+        model.reset_classifier(0)
+        assert isinstance(model.get_classifier(), torch.nn.Identity)
+        assert model.num_classes == 0 and model.dims.num_classes == 0
+        torch.testing.assert_close(model(x), pre)
+        model.reset_classifier(7)
+        assert model(x).shape == (2, 7)
+
+
+def test_forward_intermediates_are_the_block_outputs(model):
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o)) for b in model.blocks]
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, indices=[0, 2])
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(final, model.forward_features(x))
+        n = model.num_prefix_tokens
+        for m, out in zip(maps, (seen[0], seen[2])):
+            assert m.shape == (2, model.embed_dim, 4, 4)
+            torch.testing.assert_close(m.flatten(2).transpose(1, 2), out[:, n:])
+        last = model.forward_intermediates(x, indices=1, output_fmt="NLC", intermediates_only=True,
+                                           return_prefix_tokens=True, norm=True)
+        (patches, prefix), = last
+        assert patches.shape == (2, 16, model.embed_dim) and prefix.shape[1] == n
+        torch.testing.assert_close(torch.cat([prefix, patches], 1), final)
+        with pytest.raises(ValueError, match="output_fmt"):
+            model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_prune_intermediate_layers_keeps_what_is_asked(model):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, (want,) = model.forward_intermediates(x, indices=[1])
+        assert model.prune_intermediate_layers([1], prune_norm=True) == [1]
+        assert len(model.blocks) == 2 == model.dims.depth and model.num_classes == 0
+        _, (got,) = model.forward_intermediates(x, indices=[1])
+        torch.testing.assert_close(got, want)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_gates_included():
+    torch.manual_seed(0)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        m = models.build_model("deit_tiny_distilled_patch16_224", dims=models.Dims(**DIMS),
+                               num_classes=10, **FRAME).train()
+        gates = Gates.attach(m)
+        gates.remove("emb", None, [3])
+        m.set_grad_checkpointing(checkpointing)
+        out = m(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+        sum(o.square().mean() for o in out).backward()
+        grads.append([p.grad for p in m.parameters()] + [t.grad for t in gates.tensors()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_features_only_and_layer_decay_through_timm():
+    f = registered("revit_tiny_distilled_patch16_224", features_only=True, out_indices=(3, 11))
+    maps = f(torch.randn(2, 3, 32, 32))
+    assert [m.shape for m in maps] == [(2, 176, 4, 4)] * 2
+    assert f.feature_info.channels() == [176, 176] and f.feature_info.reduction() == [8, 8]
+    m = registered("revit")
+    opt = create_optimizer_v2(m, "adamw", lr=1e-3, layer_decay=0.75)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) == len(m.blocks) + 2  # stem, each block, the head
+
+
+def test_our_distilled_deit_matches_timms_api(tmp_path):
+    """The same weights: pre-logits (the mean of both tokens) and forward_intermediates agree
+    with timm's DeiT."""
+    torch.manual_seed(0)
+    ref = timm.create_model("deit_tiny_distilled_patch16_224", **FRAME, num_classes=10).eval()
+    torch.save({"model": ref.state_dict()}, tmp_path / "timm.pth")
+    ours = models.build_model("deit_tiny_distilled_patch16_224", checkpoint=tmp_path / "timm.pth",
+                              img_size=32, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True),
+                                   ref.forward_head(ref.forward_features(x), pre_logits=True))
+        a = ours.forward_intermediates(x, indices=[2, 11], return_prefix_tokens=True)
+        b = ref.forward_intermediates(x, indices=[2, 11], return_prefix_tokens=True)
+        torch.testing.assert_close(a[0], b[0])
+        for (pa, xa), (pb, xb) in zip(a[1], b[1]):
+            torch.testing.assert_close(pa, pb)
+            torch.testing.assert_close(xa, xb)
+
+
+def test_a_backbone_prunes_compacts_and_reloads(tmp_path):
+    """num_classes 0 (Identity heads, as timm): gates, compaction and our checkpoints work."""
+    torch.manual_seed(0)
+    m = models.build_model("deit_tiny_distilled_patch16_224", dims=models.Dims(**DIMS),
+                           num_classes=0, **FRAME).eval()
+    gates = Gates.attach(m)
+    gates.remove("emb", None, [1, 2])
+    gates.remove("v", 1, [0])
+    small = compact(m).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        live = [i for i in range(32) if i not in (1, 2)]  # the gated model's pooled features
+        torch.testing.assert_close(small(x), m(x)[:, live])
+        torch.save({"model": small.state_dict(), "dims": small.dims.to_dict()}, tmp_path / "b.pth")
+        again = models.build_model("deit_base_patch16_224", checkpoint=tmp_path / "b.pth").eval()
+        assert again.num_classes == 0 and again(x).shape == (2, 30)
+        torch.testing.assert_close(again(x), small(x))
