@@ -201,10 +201,10 @@ def test_unreachable_target_is_refused_before_pruning(tmp_path, dense):
     """A target below what the minimum widths give would prune everything to the minimum and
     still fail: refused before any work, and nothing is written."""
     out = tmp_path / "p"
-    proc = run("nvit_prune.py", *FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "6",
-               "--latency_target", "0.02", "--prune_per_iter", "100000", "--pruning_exit",
-               "--prune_dict", '{"Global": 1000000}',
-               "--student_eval", "false", "--output_dir", out, check=False)
+    proc = run_here("nvit_prune.py", *FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "6",
+                    "--latency_target", "0.02", "--prune_per_iter", "100000", "--pruning_exit",
+                    "--prune_dict", '{"Global": 1000000}',
+                    "--student_eval", "false", "--output_dir", out)
     assert_user_error(proc, "--latency_target 0.02", "cannot be reached", "minimum widths")
     assert "prune step" not in proc.stdout
     assert not out.exists()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import models
 from errors import UserError
-from helpers import TRAIN, run
+from helpers import TRAIN, run_here
 
 P, IMG, C, CLASSES = 4, 16, 3, 7
 DIM = {"EMB": 24, "head": [2, 3], "QK": [8, 4], "V": [6, 4], "MLP": [40, 16]}
@@ -270,9 +270,10 @@ def test_released_checkpoint_evaluates_and_finetunes_from_a_folder(tmp_path):
     folder.mkdir()
     save_released(folder / "pruned_checkpoint.pth", sd, dim)
     fast = [a for i, a in enumerate(TRAIN) if "--patch-size" not in TRAIN[max(i - 1, 0):i + 1]]
-    ev = run("revit_scratch.py", *fast, "--eval", "--finetune", folder)
-    assert "Accuracy of the network on the 359 test images" in ev.stdout
-    ft = run("revit_scratch.py", *fast, "--finetune", folder, "--epochs", "1", "--lr", "1e-4")
+    ev = run_here("revit_scratch.py", *fast, "--eval", "--finetune", folder)
+    assert "Accuracy of the network on the 359 test images" in ev.stdout, ev.stderr[-2000:]
+    ft = run_here("revit_scratch.py", *fast, "--finetune", folder, "--epochs", "1", "--lr", "1e-4")
+    assert ft.returncode == 0, ft.stderr[-2000:]
     out = folder / "ft_dense_1_lr_0.0001_a_0.5_T_1.0_CNN_only"
     assert "student in eval mode" in ft.stdout and (out / "checkpoint.pth").is_file()
 

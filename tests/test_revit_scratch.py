@@ -66,15 +66,17 @@ def test_ema_weights_for_best_eval_and_finetune(tmp_path):
     from helpers import FAST
     dims = write_dims(tmp_path / "dims.yaml")
     out = tmp_path / "o"
-    run("revit_scratch.py", *FAST, "--dims", dims, "--epochs", "2", "--model-ema-decay", "0.9",
-        "--best-on-ema", "--output_dir", out)
+    proc = run_here("revit_scratch.py", *FAST, "--dims", dims, "--epochs", "2",
+                    "--model-ema-decay", "0.9", "--best-on-ema", "--output_dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     best = max(range(2), key=lambda e: (log[e]["test_ema_acc1"], -e))
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["best_epoch"] == best and ckpt["max_accuracy"] == log[best]["test_ema_acc1"]
     assert not torch.equal(ckpt["model"]["head.weight"], ckpt["model_ema"]["head.weight"])
     for extra, key in (([], "test_acc1"), (["--use-ema"], "test_ema_acc1")):
-        proc = run("revit_scratch.py", *FAST, "--eval", "--resume", out / "checkpoint.pth", *extra)
+        proc = run_here("revit_scratch.py", *FAST, "--eval", "--resume", out / "checkpoint.pth",
+                        *extra)
         m = re.search(r"top-1 ([\d.]+)%", proc.stdout)
         assert float(m.group(1)) == pytest.approx(log[-1][key], abs=0.006), (extra, proc.stdout)
     import models  # what --finetune CKPT --use-ema starts from
