@@ -36,6 +36,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import builders
+from nvit_prune import frozen_copy
 import engine
 from benchmarks import common
 from benchmarks.bench_prune_overhead import SCALES, loss_args, make_dense, timed
@@ -61,9 +62,7 @@ def measure_case(case: str, frame: dict, batch: int, backend: str, amp_dtype, re
                  warmup: int, steps: int) -> list[dict]:
     torch.manual_seed(0)
     dense = make_dense(frame)
-    full = copy.deepcopy(dense).eval()
-    for p in full.parameters():
-        p.requires_grad_(False)
+    full = frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
     args = loss_args()
     cpu = torch.device("cpu")
     nb_classes = dense.dims.num_classes

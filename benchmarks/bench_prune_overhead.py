@@ -40,6 +40,7 @@ from types import SimpleNamespace
 import torch
 
 import builders
+from nvit_prune import frozen_copy
 import engine
 import models
 from benchmarks import common
@@ -115,9 +116,7 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int, 
                  amp_dtype) -> dict:
     torch.manual_seed(0)
     dense = make_dense(frame)
-    full = copy.deepcopy(dense).eval()
-    for p in full.parameters():
-        p.requires_grad_(False)
+    full = frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
     args = loss_args()
     nb_classes = dense.dims.num_classes
     cpu = torch.device("cpu")

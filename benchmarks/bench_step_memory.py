@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import builders
+from nvit_prune import frozen_copy
 import engine
 import models
 from benchmarks import common
@@ -116,7 +117,7 @@ def measure_case(case: str, name: str, frame: dict, batches: tuple[int, int],
                  device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     dense = models.build_model(name, **frame).to(device)
-    full = copy.deepcopy(dense).eval().requires_grad_(False)
+    full = frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
     nb_classes = dense.dims.num_classes
     criterion = builders.build_criterion(loss_args(), nb_classes, None, device, kl_tau=3.0,
                                          per_head=False, full_model=full)
