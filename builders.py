@@ -74,11 +74,10 @@ def build_loaders(args, need_train: bool = True):
             base = DistributedSampler(dataset_train, world, rank, shuffle=True, seed=args.seed)
         sampler_train = SeededSampler(base, args.seed, rank)
         dataset_train = SeededDataset(dataset_train)
-        accum = getattr(args, "grad_accum_steps", 1)
-        if len(base) < args.batch_size * accum:
-            raise UserError(f"--batch-size {args.batch_size} x --grad-accum-steps {accum} is "
-                            f"larger than the {len(base)} training images each process gets "
-                            f"per epoch")
+        if len(base) < args.batch_size * args.grad_accum_steps:
+            raise UserError(f"--batch-size {args.batch_size} x --grad-accum-steps "
+                            f"{args.grad_accum_steps} is larger than the {len(base)} training "
+                            f"images each process gets per epoch")
         train_loader = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
                                   num_workers=args.num_workers, pin_memory=pin,
                                   drop_last=True)
@@ -209,7 +208,7 @@ def scaled_lr(args) -> float:
 
 def total_batch(args) -> int:
     """The images per optimizer step, over all processes and accumulation steps."""
-    return args.batch_size * getattr(args, "grad_accum_steps", 1) * utils.get_world_size()
+    return args.batch_size * args.grad_accum_steps * utils.get_world_size()
 
 
 def build_optimizer(args, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -280,8 +280,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     add_amp_dtype_arg(g)
     add_tf32_arg(g)
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model for training and evaluation (bare flag: "
-                        "inductor); the first steps then take minutes to compile")
+                   help="torch.compile the model for training, evaluation and pruning (bare "
+                        "flag: inductor); the first steps then take a minute or more to compile")
     g.add_argument("--torchcompile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune",
                             "max-autotune-no-cudagraphs"],

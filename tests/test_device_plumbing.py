@@ -30,7 +30,7 @@ def test_local_cuda_index_without_devices():
 
 def loader_args(device: str) -> argparse.Namespace:
     return argparse.Namespace(data_set="DIGITS", data_path=None, input_size=32, aa="none",
-                              batch_size=16, num_workers=0, pin_mem=True, seed=0,
+                              batch_size=16, grad_accum_steps=1, num_workers=0, pin_mem=True, seed=0,
                               repeated_aug=False, distributed=False, dist_eval=False,
                               device=device, skip_bad_images=False)
 
