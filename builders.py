@@ -186,9 +186,15 @@ def build_full_model(args, nb_classes: int, device) -> torch.nn.Module | None:
 
 
 def build_criterion(args, nb_classes: int, mixup_fn, device, kl_tau: float, per_head: bool,
-                    full_model: torch.nn.Module | None = None) -> FullModelKLLoss:
+                    full_model: torch.nn.Module | None = None,
+                    student: torch.nn.Module | None = None) -> FullModelKLLoss:
     """DeiT loss (with the CNN teacher) plus the KL term at temperature `kl_tau`, per head
-    pair or on the heads' mean; `full_model` if already at hand."""
+    pair or on the heads' mean; `full_model` if already at hand. A `student` without a
+    distillation token is refused before any teacher is fetched."""
+    if student is not None and args.distillation_type != "none" and not student.distilled:
+        raise UserError(f"--distillation-type {args.distillation_type} needs a model with a "
+                        f"distillation token and head, and {args.model} (or the checkpoint's "
+                        f"dims) has none: take a *_distilled_* model or --distillation-type none")
     base = build_base_criterion(args, mixup_fn)
     teacher = build_teacher(args, nb_classes, device)
     deit = DistillationLoss(base, teacher, args.distillation_type, args.distillation_alpha,

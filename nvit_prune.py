@@ -285,7 +285,8 @@ def main(args) -> None:
     scaler = make_grad_scaler(device, amp_dtype)
     mixup_fn = builders.build_mixup(args, nb_classes)
     criterion = builders.build_criterion(args, nb_classes, mixup_fn, device, kl_tau=args.kl_tau,
-                                         per_head=False, full_model=full_model)
+                                         per_head=False, full_model=full_model,
+                                         student=model_without_ddp)
 
     settings = run_settings(args, config)
     run_id, top1_dense = checkpoints.new_run_id(), None

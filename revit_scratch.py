@@ -164,7 +164,8 @@ def main(args) -> None:
     scaler = make_grad_scaler(device, amp_dtype)
     mixup_fn = builders.build_mixup(args, nb_classes)
     criterion = builders.build_criterion(args, nb_classes, mixup_fn, device,
-                                         kl_tau=args.distillation_tau, per_head=True)
+                                         kl_tau=args.distillation_tau, per_head=True,
+                                         student=model_without_ddp)
     student_eval = bool(args.finetune) if args.student_eval is None else args.student_eval
     model_without_ddp.return_pair = student_eval  # both heads for the losses in eval mode
     max_accuracy, best_epoch, history, run_id = 0.0, None, [], checkpoints.new_run_id()

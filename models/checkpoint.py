@@ -133,29 +133,46 @@ def has_split_qkv(sd: dict) -> bool:
     return any(".attn.q." in k for k in sd)
 
 
-def infer_uniform_dims(sd: dict[str, torch.Tensor], num_heads: int, source: str) -> Dims:
-    """Dims of a plain DeiT state dict (heads cannot be read from shapes: taken from the name)."""
+def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> Dims:
+    """Dims of a timm ViT/DeiT state dict. Widths, depth, image and patch size and which
+    tokens, LayerScale, biases and norms it has are read from the tensors; what shapes
+    cannot tell (heads, pooling, LayerScale's initial value, whether the position embedding
+    covers the prefix tokens when both readings fit) is the model name's (`base`)."""
     try:
-        embed = sd["cls_token"].shape[-1]
+        embed = sd["patch_embed.proj.weight"].shape[0]
         depth = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k)))
         w = sd["patch_embed.proj.weight"]
         qkv_out = sd["blocks.0.attn.qkv.weight"].shape[0] // 3
         mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
-        num_classes = sd["head.weight"].shape[0]
         tokens = sd["pos_embed"].shape[1]
     except (KeyError, ValueError) as e:
-        raise UserError(f"{source} is not a DeiT/ViT state dict (missing {e})") from None
+        raise UserError(f"{source} is not a ViT/DeiT state dict (missing {e})") from None
+    num_heads = base.num_heads[0]
+    num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     distilled = "dist_token" in sd
-    prefix = 2 if distilled else 1
-    side = math.isqrt(tokens - prefix)
-    if side * side != tokens - prefix:
-        raise UserError(f"{source}: position embedding of {tokens} tokens is not a square grid")
+    prefix = ("cls_token" in sd) + distilled + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
+    readings = [no_embed for no_embed in (base.family("no_embed_class"),
+                                          not base.family("no_embed_class"))
+                if math.isqrt(tokens - (0 if no_embed else prefix)) ** 2
+                == tokens - (0 if no_embed else prefix) and tokens - (0 if no_embed else prefix) > 0]
+    if not readings:
+        raise UserError(f"{source}: position embedding of {tokens} tokens is not a square grid "
+                        f"(with or without its {prefix} prefix tokens)")
+    no_embed_class = readings[0]
+    side = math.isqrt(tokens - (0 if no_embed_class else prefix))
     if qkv_out % num_heads:
         raise UserError(f"{source}: QKV width {qkv_out} is not divisible by {num_heads} heads "
                         f"(does the model name match the checkpoint?)", field="name")
+    layer_scale = (base.family("layer_scale") or 1e-5) if "blocks.0.ls1.gamma" in sd else 0.0
+    global_pool = base.family("global_pool") if "cls_token" in sd else "avg"
     return Dims.uniform(embed, depth, num_heads, mlp, qk_dim=qkv_out // num_heads,
                         img_size=side * w.shape[-1], patch_size=w.shape[-1], in_chans=w.shape[1],
-                        num_classes=num_classes, distilled=distilled)
+                        num_classes=num_classes, distilled=distilled,
+                        class_token="cls_token" in sd,
+                        reg_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
+                        layer_scale=layer_scale, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+                        no_embed_class=no_embed_class, global_pool=global_pool,
+                        fc_norm="fc_norm.weight" in sd)
 
 
 def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

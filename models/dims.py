@@ -3,8 +3,12 @@
 A spec has the shared embedding width, per-block lists of heads, QK width per head, V width
 per head and MLP width, a per-block attention scale, two flavour fields (a learnable
 per-token scale on q, k and v, and the initialisation), and the "frame" (image size, patch
-size, channels, classes, distilled). Frame fields may be left as None in a spec written by
-hand or by the ReViT rule; `with_frame` fills them from a model name and the user's flags.
+size, channels, classes, distilled), and the timm ViT family's structure (class token,
+register tokens, LayerScale, qkv bias, position embedding without the prefix tokens,
+pooling, fc_norm). Frame and family fields may be left as None in a spec written by hand or
+by the ReViT rule; `with_frame` fills them from a model name and the user's flags, and a
+family field still None means DeiT's (`FAMILY_DEFAULTS`), so older specs and checkpoints
+keep their meaning.
 
 The flavour defaults are timm's ViT (scale 1/sqrt(QK width), no token scale, trunc-normal
 init), so a spec or checkpoint written without these fields keeps its meaning; the NViT
@@ -28,6 +32,13 @@ FRAME_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "distilled"
 # "torch_default": the NViT reference's ReViT, attention, MLP and patch-embedding layers keep
 # PyTorch's default init; tokens, position embedding and classifier heads trunc-normal(0.02).
 INITS = ("trunc_normal", "torch_default")
+# The timm ViT family fields and their DeiT values; timm's VisionTransformer arguments of the
+# same names (layer_scale: timm's init_values, 0 = no LayerScale; fc_norm: the final norm
+# applies to the pooled features instead of the token stream).
+FAMILY_DEFAULTS = dict(class_token=True, reg_tokens=0, layer_scale=0.0, qkv_bias=True,
+                       no_embed_class=False, global_pool="token", fc_norm=False)
+FAMILY_FIELDS = tuple(FAMILY_DEFAULTS)
+GLOBAL_POOLS = ("token", "avg")
 REFERENCE_ATTN_SCALE = 64 ** -0.5  # the NViT reference's scale in every block, whatever the QK width
 
 
@@ -47,6 +58,13 @@ class Dims:
     in_chans: int | None = None
     num_classes: int | None = None
     distilled: bool | None = None
+    class_token: bool | None = None
+    reg_tokens: int | None = None
+    layer_scale: float | None = None
+    qkv_bias: bool | None = None
+    no_embed_class: bool | None = None
+    global_pool: str | None = None
+    fc_norm: bool | None = None
 
     def __post_init__(self) -> None:
         for name in BLOCK_LISTS:
@@ -95,6 +113,22 @@ class Dims:
                                              or self.num_classes < 0):
             raise UserError(f"dims: num_classes must be an integer >= 0 (0: no classifier, a "
                             f"backbone), got {self.num_classes!r}")
+        if self.reg_tokens is not None and (int(self.reg_tokens) != self.reg_tokens
+                                            or self.reg_tokens < 0):
+            raise UserError(f"dims: reg_tokens must be an integer >= 0, got {self.reg_tokens!r}")
+        if self.layer_scale is not None and not self.layer_scale >= 0:
+            raise UserError(f"dims: layer_scale (LayerScale's initial value, 0: none) must be "
+                            f">= 0, got {self.layer_scale!r}")
+        pool = self.family("global_pool")
+        if pool not in GLOBAL_POOLS:
+            raise UserError(f"dims: global_pool must be one of {', '.join(GLOBAL_POOLS)}, "
+                            f"got {pool!r}")
+        if pool == "token" and not self.family("class_token"):
+            raise UserError("dims: global_pool 'token' needs a class token (class_token: true)")
+        if self.distilled and (not self.family("class_token") or pool != "token"
+                               or self.family("fc_norm")):
+            raise UserError("dims: a distilled model pools its class and distillation tokens "
+                            "(class_token: true, global_pool: token, fc_norm: false)")
         if self.img_size is not None and self.patch_size is not None:
             if self.img_size % self.patch_size:
                 raise UserError(
@@ -105,8 +139,23 @@ class Dims:
     def complete(self) -> bool:
         return all(getattr(self, f) is not None for f in FRAME_FIELDS)
 
+    def family(self, name: str):
+        """A family field's value, DeiT's where the spec leaves it None."""
+        value = getattr(self, name)
+        return FAMILY_DEFAULTS[name] if value is None else value
+
+    def with_family_defaults(self) -> "Dims":
+        """The same spec with every family field explicit (what a model records)."""
+        return replace(self, **{n: self.family(n) for n in FAMILY_FIELDS})
+
     @property
     def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: class, distillation, registers (in that order)."""
+        return (int(self.family("class_token")) + int(bool(self.distilled))
+                + self.family("reg_tokens"))
+
+    @property
+    def num_classifier_heads(self) -> int:
         return 2 if self.distilled else 1
 
     @property
@@ -115,7 +164,17 @@ class Dims:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens every block sees."""
         return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def pos_embed_prefix(self) -> int:
+        """Prefix tokens the position embedding covers (none with no_embed_class, as timm)."""
+        return 0 if self.family("no_embed_class") else self.num_prefix_tokens
+
+    @property
+    def pos_embed_tokens(self) -> int:
+        return self.num_patches + self.pos_embed_prefix
 
     @property
     def is_uniform(self) -> bool:
@@ -132,10 +191,10 @@ class Dims:
                        **{n: getattr(self, n)[:depth] for n in BLOCK_LISTS})
 
     def with_frame(self, **frame) -> "Dims":
-        """Fill frame fields: given non-None values win over what the spec already holds."""
-        unknown = set(frame) - set(FRAME_FIELDS)
+        """Fill frame (and family) fields: given non-None values win over the spec's."""
+        unknown = set(frame) - set(FRAME_FIELDS) - set(FAMILY_FIELDS)
         if unknown:
-            raise TypeError(f"not frame fields: {sorted(unknown)}")
+            raise TypeError(f"not frame or family fields: {sorted(unknown)}")
         updates = {k: v for k, v in frame.items() if v is not None}
         return replace(self, **updates)
 
@@ -219,6 +278,12 @@ _SCALAR_TYPES = {
     "img_size": (_is_int, "an integer"), "patch_size": (_is_int, "an integer"),
     "in_chans": (_is_int, "an integer"), "num_classes": (_is_int, "an integer"),
     "distilled": (lambda v: isinstance(v, bool), "true or false"),
+    "class_token": (lambda v: isinstance(v, bool), "true or false"),
+    "reg_tokens": (_is_int, "an integer"), "layer_scale": (_is_number, "a number"),
+    "qkv_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "no_embed_class": (lambda v: isinstance(v, bool), "true or false"),
+    "global_pool": (lambda v: isinstance(v, str), "a string"),
+    "fc_norm": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

@@ -1,7 +1,8 @@
-"""Building models: from a timm DeiT name, a dims spec, a foreign or our own checkpoint.
+"""Building models: from a timm ViT/DeiT name, a dims spec, a foreign or our own checkpoint.
 
-Precedence for the frame (image size, patch, classes, ...): explicit keyword arguments, then
-the dims spec or checkpoint, then the timm model name.
+Precedence for the frame (image size, patch, classes, ...) and the family fields (class
+token, registers, LayerScale, ...): explicit keyword arguments, then the dims spec or
+checkpoint, then the timm model name.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from errors import UserError
 
 from .checkpoint import (check_fits, fuse_split_qkv, has_split_qkv, infer_uniform_dims,
                          is_fused_qkv, peek_checkpoint, read_checkpoint, state_dict_of)
-from .dims import FRAME_FIELDS, Dims
+from .dims import FAMILY_FIELDS, FRAME_FIELDS, Dims
 from .hub import download_problem
 from .nvit_reference import from_reference, is_reference_layout
 from .revit import ReViT
+from .timm_vit import timm_vit_dims
 
 MODEL_KWARGS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
 
@@ -37,22 +39,12 @@ def _name_dims(name: str) -> Dims:
         raise
     if isinstance(m, ReViT):
         return m.dims
-    blocks = getattr(m, "blocks", None)
-    attn = getattr(blocks[0], "attn", None) if blocks is not None else None
-    if (attn is None or not hasattr(attn, "qkv") or getattr(m, "global_pool", "token") != "token"
-            or getattr(m, "num_reg_tokens", 0) or getattr(m, "no_embed_class", False)
-            or not isinstance(getattr(blocks[0], "ls1", torch.nn.Identity()), torch.nn.Identity)):
-        raise UserError(f"{name} is not a DeiT-style ViT (class token, fused qkv, "
-                        f"no layer scale or register tokens)", field="name")
-    return Dims.uniform(
-        m.embed_dim, len(blocks), attn.num_heads, blocks[0].mlp.fc1.out_features,
-        qk_dim=attn.head_dim, img_size=m.patch_embed.img_size[0],
-        patch_size=m.patch_embed.patch_size[0], in_chans=m.patch_embed.proj.in_channels,
-        num_classes=m.num_classes, distilled=hasattr(m, "head_dist"))
+    return timm_vit_dims(m, name)
 
 
 def name_dims(name: str) -> Dims:
-    """Uniform dims (and frame) of a timm DeiT/ViT name, read without allocating weights."""
+    """Dims (frame and family fields included) of a timm ViT/DeiT/DeiT III/DINOv2 name, read
+    without allocating weights; a timm feature we do not cover is refused by name."""
     return _name_dims(name)
 
 
@@ -74,7 +66,8 @@ def _adapt_state_dict(sd: dict, model: ReViT) -> dict:
         if (key == "pos_embed" or key.endswith("attn.token_scale")) and key in sd \
                 and sd[key].shape != own[key].shape:
             t = sd[key] if key == "pos_embed" else sd[key].reshape(1, -1, 1)
-            t = resample_abs_pos_embed(t, (grid, grid), num_prefix_tokens=model.num_prefix_tokens)
+            prefix = model.dims.pos_embed_prefix if key == "pos_embed" else model.num_prefix_tokens
+            t = resample_abs_pos_embed(t, (grid, grid), num_prefix_tokens=prefix)
             sd[key] = t.reshape(own[key].shape)
     for key in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
         if key in sd and key in own and sd[key].shape != own[key].shape:
@@ -87,8 +80,9 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
                 ema: bool = False, **kwargs) -> ReViT:
     """Build a ReViT.
 
-    name: a timm DeiT name; fixes patch, image size, depth (for uniform dims) and
-        distillation unless `dims`, the checkpoint or keyword arguments say otherwise.
+    name: a timm ViT name (deit_*, deit3_*, vit_*, *_dinov2); fixes patch, image size,
+        depth (for uniform dims), distillation and the family fields unless `dims`, the
+        checkpoint or keyword arguments say otherwise.
     dims: per-block widths (and optionally frame) to use instead of the name's uniform ones.
     checkpoint: a timm/DeiT state dict file or URL (qkv split, dims inferred, strict), one
         of our checkpoints (dims read from it), or an NViT reference checkpoint (a released
@@ -124,11 +118,11 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
                     raise UserError(
                         f"{source} was made with {key}={getattr(ck_dims, key)}, but {key}={value} "
                         f"was asked for", field=key)
-        dims = ck_dims
+        dims = ck_dims.with_family_defaults()  # a field a checkpoint lacks is DeiT's
     if dims is None:
         dims = base
-    elif not dims.complete:
-        dims = dims.with_frame(**{f: getattr(base, f) for f in FRAME_FIELDS
+    else:  # a spec by hand or by the ReViT rule: what it leaves open is the name's
+        dims = dims.with_frame(**{f: getattr(base, f) for f in (*FRAME_FIELDS, *FAMILY_FIELDS)
                                   if getattr(dims, f) is None})
     dims = dims.with_frame(**frame)
     if token_scale and not dims.token_scale:
@@ -190,7 +184,7 @@ def _checkpoint_dims(ckpt: dict, base: Dims, source: str, ema: bool = False
             state = fuse_split_qkv(state)
         return ck_dims, state
     if is_fused_qkv(state):
-        return infer_uniform_dims(state, base.num_heads[0], source), state
+        return infer_uniform_dims(state, base, source), state
     raise UserError(f"{source} is neither a timm/DeiT state dict nor an nvit checkpoint "
                     f"(no fused qkv and no dims)")
 

@@ -89,11 +89,26 @@ class StreamNorm(nn.LayerNorm):
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
-class NoNorm(nn.Module):
-    """StreamNorm's place after prune_intermediate_layers(prune_norm=True): the identity."""
+class Skip(nn.Module):
+    """The identity in the place of a StreamNorm or LayerScale a model does not have (no
+    LayerScale, fc_norm instead of the final norm, a norm cut by prune_intermediate_layers)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         return x
+
+
+class LayerScale(nn.Module):
+    """timm's LayerScale: a learnable per-channel factor `gamma` on a residual branch. Under
+    an embedding gate gamma is gated too (the unit map's "emb" produce slice), so its
+    theta * dL/dtheta joins the embedding channel's saliency."""
+
+    def __init__(self, dim: int, init_value: float) -> None:
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return x * (self.gamma if gate is None else self.gamma * gate)
 
 
 FLASH_MAX_WIDTH = 256  # widest head SDPA's CUDA flash kernel takes (sdp_utils.cpp)
@@ -151,11 +166,11 @@ class Attention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
                  attn_scale: float, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 num_tokens: int | None = None) -> None:
+                 num_tokens: int | None = None, qkv_bias: bool = True) -> None:
         super().__init__()
         self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
         self.scale = attn_scale  # kept when QK width is pruned: it is part of the function
-        self.qkv = nn.Linear(embed_dim, num_heads * (2 * qk_dim + v_dim))
+        self.qkv = nn.Linear(embed_dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
         self.token_scale = nn.Parameter(torch.ones(num_tokens, 1)) if num_tokens else None
         self.proj = nn.Linear(num_heads * v_dim, embed_dim)
         self.attn_drop = attn_drop
@@ -224,22 +239,22 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int, mlp_dim: int,
                  attn_scale: float, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, num_tokens: int | None = None) -> None:
+                 drop_path: float = 0.0, num_tokens: int | None = None, qkv_bias: bool = True,
+                 layer_scale: float = 0.0) -> None:
         super().__init__()
         self.norm1 = StreamNorm(embed_dim, eps=LN_EPS)
         self.attn = Attention(embed_dim, num_heads, qk_dim, v_dim, attn_scale, attn_drop, drop,
-                              num_tokens)
+                              num_tokens, qkv_bias)
+        self.ls1 = LayerScale(embed_dim, layer_scale) if layer_scale else Skip()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = StreamNorm(embed_dim, eps=LN_EPS)
         self.mlp = Mlp(embed_dim, mlp_dim, drop)
+        self.ls2 = LayerScale(embed_dim, layer_scale) if layer_scale else Skip()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        if emb is None:
-            x = x + self.drop_path1(self.attn(self.norm1(x)))
-            return x + self.drop_path2(self.mlp(self.norm2(x)))
-        x = x + self.drop_path1(self.attn(self.norm1(x, emb), emb))
-        return x + self.drop_path2(self.mlp(self.norm2(x, emb), emb))
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x, emb), emb), emb))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x, emb), emb), emb))
 
 
 def pretrained_cfg(dims: Dims) -> dict:
@@ -255,7 +270,10 @@ def pretrained_cfg(dims: Dims) -> dict:
 
 
 class ReViT(nn.Module):
-    """DeiT with per-block dims; cls (+ dist) token, two heads as DeiT when distilled.
+    """DeiT with per-block dims; cls (+ dist) token, two heads as DeiT when distilled; and
+    the timm ViT family around them (dims' family fields): no class token, register tokens,
+    LayerScale, no qkv bias, a position embedding without the prefix tokens, average
+    pooling with fc_norm. Parameter names are timm's, so timm's weights load as they are.
 
     In training a distilled model returns (cls_logits, dist_logits); in eval their mean,
     unless `return_pair` is set (a student trained in eval mode, as the NViT reference
@@ -267,23 +285,30 @@ class ReViT(nn.Module):
         super().__init__()
         if not dims.complete:
             raise ValueError("ReViT needs a dims spec with its frame filled (use Dims.with_frame)")
-        self.dims = dims
+        self.dims = dims = dims.with_family_defaults()
         E = self.embed_dim = self.num_features = self.head_hidden_size = dims.embed_dim
         self.num_classes = dims.num_classes
         self.distilled = bool(dims.distilled)
+        # timm's VisionTransformer attributes of the same names
         self.num_prefix_tokens = dims.num_prefix_tokens
+        self.has_class_token = dims.class_token
+        self.num_reg_tokens = dims.reg_tokens
+        self.no_embed_class = dims.no_embed_class
+        self.global_pool = dims.global_pool
         self.patch_embed = PatchEmbed(dims.img_size, dims.patch_size, dims.in_chans, E)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, E)) if dims.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, E)) if self.distilled else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, dims.num_tokens, E))
+        self.reg_token = nn.Parameter(torch.zeros(1, dims.reg_tokens, E)) if dims.reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, dims.pos_embed_tokens, E))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = [drop_path_rate * i / max(dims.depth - 1, 1) for i in range(dims.depth)]
         tokens = dims.num_tokens if dims.token_scale else None
         self.blocks = nn.ModuleList(
             Block(E, **dims.block(i), drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i],
-                  num_tokens=tokens)
+                  num_tokens=tokens, qkv_bias=dims.qkv_bias, layer_scale=dims.layer_scale)
             for i in range(dims.depth))
-        self.norm = StreamNorm(E, eps=LN_EPS)
+        self.norm = Skip() if dims.fc_norm else StreamNorm(E, eps=LN_EPS)
+        self.fc_norm = StreamNorm(E, eps=LN_EPS) if dims.fc_norm else None
         self.head = self._classifier(dims.num_classes)
         self.head_dist = self._classifier(dims.num_classes) if self.distilled else None
         self.emb_gate: torch.Tensor | None = None
@@ -301,12 +326,15 @@ class ReViT(nn.Module):
         for p in (self.pos_embed, self.cls_token, self.dist_token):
             if p is not None:
                 trunc_normal_(p, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # timm's
         heads = {self.head, self.head_dist}
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 if m in heads or self.dims.init == "trunc_normal":
                     trunc_normal_(m.weight, std=0.02)
-                    nn.init.zeros_(m.bias)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
                 else:
                     m.reset_parameters()
             elif isinstance(m, nn.LayerNorm):
@@ -316,10 +344,12 @@ class ReViT(nn.Module):
                 m.proj.reset_parameters()
             elif isinstance(m, Attention) and m.token_scale is not None:
                 nn.init.ones_(m.token_scale)
+            elif isinstance(m, LayerScale):
+                nn.init.constant_(m.gamma, m.init_value)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "dist_token"}
+        return {"pos_embed", "cls_token", "dist_token", "reg_token"}
 
     def _classifier(self, num_classes: int) -> nn.Module:
         """A head: Linear to the classes, or Identity for a backbone (num_classes 0), as timm."""
@@ -328,7 +358,7 @@ class ReViT(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups by depth, as timm's ViT (layer-wise lr decay)."""
-        return dict(stem=r"^cls_token|dist_token|pos_embed|patch_embed",
+        return dict(stem=r"^cls_token|dist_token|reg_token|pos_embed|patch_embed",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
@@ -342,12 +372,14 @@ class ReViT(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New classifier head(s) for another label set (used by --finetune on new data);
-        0: Identity heads, a backbone. Pooling is the class token's (timm's 'token') only."""
-        if global_pool not in (None, "token"):
-            raise ValueError(f"ReViT pools the class token only ('token'), got {global_pool!r}")
+        0: Identity heads, a backbone. global_pool: 'token' or 'avg' (not for a distilled
+        model, which pools its two tokens)."""
+        if global_pool is not None and global_pool != self.global_pool:
+            self.dims.with_frame(global_pool=global_pool).validate()  # raises what is wrong
+            self.global_pool = global_pool
         device = self.pos_embed.device
         self.num_classes = num_classes
-        self.dims = self.dims.with_frame(num_classes=num_classes)
+        self.dims = self.dims.with_frame(num_classes=num_classes, global_pool=self.global_pool)
         self.head = self._classifier(num_classes).to(device)
         if self.distilled:
             self.head_dist = self._classifier(num_classes).to(device)
@@ -388,12 +420,14 @@ class ReViT(nn.Module):
         """Image -> the stream the blocks read: prefix tokens, patches, position embedding."""
         emb, frame = self.emb_gate, self.emb_frame_gate
         x = self.embed_patches(x, emb)
-        tokens = [self.cls_token, self.dist_token] if self.dist_token is not None else [self.cls_token]
+        tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         pos = self.pos_embed
         if emb is not None:
             tokens = [t * frame for t in tokens]
             pos = pos * frame
         tokens = [t.expand(x.shape[0], -1, -1) for t in tokens]
+        if self.no_embed_class:  # DeiT III, DINOv2 with registers: patches only
+            return self.pos_drop(torch.cat([*tokens, x + pos], dim=1))
         return self.pos_drop(torch.cat([*tokens, x], dim=1) + pos)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -444,17 +478,24 @@ class ReViT(nn.Module):
         self.dims = self.dims.truncated(max_index + 1)
         self.feature_info = self.feature_info[:max_index + 1]
         if prune_norm:
-            self.norm = NoNorm()
+            self.norm = Skip()
+            self.fc_norm = None
         if prune_head:
             self.reset_classifier(0)
         return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        if pre_logits:  # timm's DeiT: the mean of the class and distillation tokens
-            return (x[:, 0] + x[:, 1]) / 2 if self.distilled else x[:, 0]
-        cls = self.head(x[:, 0])
         if not self.distilled:
-            return cls
+            if self.global_pool == "avg":
+                x = x[:, self.num_prefix_tokens:].mean(dim=1)
+            else:
+                x = x[:, 0]
+            if self.fc_norm is not None:
+                x = self.fc_norm(x, self.emb_frame_gate)
+            return x if pre_logits else self.head(x)
+        if pre_logits:  # timm's DeiT: the mean of the class and distillation tokens
+            return (x[:, 0] + x[:, 1]) / 2
+        cls = self.head(x[:, 0])
         dist = self.head_dist(x[:, 1])
         if self.training or self.return_pair:
             return cls, dist

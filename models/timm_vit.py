@@ -1,97 +1,152 @@
-"""Converting between our ReViT and timm's VisionTransformer module (not its weights file).
+"""Reading timm's VisionTransformer modules as our Dims, and converting between the two.
 
-Tools that work on timm modules (Torch-Pruning, which prunes them in place) leave a timm ViT
-whose blocks may differ in heads and widths; `timm_vit_to_nvit` makes it one of our models
-(exact, per-block widths kept), and `nvit_to_timm_vit` builds the timm module of a uniform,
-non-distilled ReViT. Both share the `qkv` layout, so weights copy as they are.
+`timm_vit_dims` is the one place that knows how a timm ViT's structure maps onto our dims
+(widths per block and the family fields: class and distillation tokens, registers,
+LayerScale, qkv bias, position embedding, pooling, fc_norm) and which timm features we do
+not cover; it refuses those in one line that names them. `models.build_model` reads a timm
+model name through it, and tools that work on timm modules (Torch-Pruning, which prunes them
+in place and may leave per-block heads and widths) convert their result with
+`timm_vit_to_nvit`. `nvit_to_timm_vit` goes the other way for uniform models. Parameter names
+and the `qkv` layout are shared, so weights copy as they are.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
+from errors import UserError
+
 from .dims import Dims
 from .revit import LN_EPS, ReViT
 
+TIMM_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
+POOLS = {"token": "token", "avg": "avg"}
+
 
 def _is_identity(m: nn.Module | None) -> bool:
-    return m is None or isinstance(m, nn.Identity)
+    return m is None or isinstance(m, (nn.Identity, nn.Dropout))
 
 
-def _check_supported(model: nn.Module) -> None:
-    """Refuse timm ViT variants whose function our ReViT cannot express."""
-    problems = []
-    if getattr(model, "cls_token", None) is None:
-        problems.append("no class token")
-    if getattr(model, "global_pool", "token") != "token":
-        problems.append(f"global_pool={model.global_pool!r} (only 'token')")
-    if getattr(model, "num_reg_tokens", 0):
-        problems.append("register tokens")
-    if getattr(model, "no_embed_class", False):
-        problems.append("no_embed_class")
+def _size(v) -> int:
+    return int(v[0] if isinstance(v, (tuple, list)) else v)
+
+
+def unsupported_features(model: nn.Module) -> list[str]:
+    """The features of a timm ViT that our ReViT cannot express, named as users know them."""
+    cls = type(model).__name__
+    if cls not in TIMM_CLASSES:
+        found = []
+        if getattr(model, "rope", None) is not None or "rope" in cls.lower():
+            found.append("rotary position embeddings (rope)")
+        blocks = getattr(model, "blocks", None)
+        if blocks is not None and len(blocks) and "Glu" in type(getattr(blocks[0], "mlp", None)).__name__:
+            found.append("SwiGLU MLP")
+        return found + [f"model class {cls} (only timm's VisionTransformer and DeiT's "
+                        f"VisionTransformerDistilled)"]
+    found = []
+    pool = getattr(model, "global_pool", "token")
+    if pool not in POOLS:
+        found.append("attention pooling (global_pool='map')" if pool == "map"
+                     else f"global_pool={pool!r}")
     if getattr(model, "pos_embed", None) is None:
-        problems.append("no learned position embedding")
-    for name in ("norm_pre", "fc_norm", "head_drop"):
-        m = getattr(model, name, None)
-        if not _is_identity(m) and not isinstance(m, nn.Dropout):
-            problems.append(f"{name} is {type(m).__name__}")
-    if not isinstance(model.norm, nn.LayerNorm):
-        problems.append("final norm is not a LayerNorm")
+        found.append("no learned position embedding")
+    if getattr(model, "dynamic_img_size", False):
+        found.append("dynamic_img_size")
+    if not _is_identity(getattr(model, "norm_pre", None)):
+        found.append("pre-norm (norm_pre)")
+    if not _is_identity(getattr(model, "patch_drop", None)):
+        found.append("patch dropout")
+    if not _is_identity(getattr(model, "attn_pool", None)):
+        found.append("attention pooling (global_pool='map')")
+    if not _is_identity(getattr(model.patch_embed, "norm", None)):
+        found.append("a norm in the patch embedding")
+    if model.patch_embed.proj.bias is None:
+        found.append("no patch-embedding bias")
+    if not _is_identity(getattr(model, "head_hidden", None)) or not _is_identity(
+            getattr(model, "pre_logits", None)):
+        found.append("a pre-logits layer (representation_size)")
+    norms = [m for m in (model.norm, getattr(model, "fc_norm", None)) if not _is_identity(m)]
+    if len(norms) != 1:
+        found.append("no final norm" if not norms else "both a final norm and fc_norm")
     for i, blk in enumerate(model.blocks):
-        a = blk.attn
-        for name in ("ls1", "ls2"):
-            if not _is_identity(getattr(blk, name, None)):
-                problems.append(f"block {i} has layer scale")
-        for name in ("q_norm", "k_norm", "norm"):
-            if not _is_identity(getattr(a, name, None)):
-                problems.append(f"block {i} attention has {name}")
+        kind = type(blk).__name__
+        if kind != "Block":
+            found.append("parallel blocks" if "Parallel" in kind else f"block class {kind}")
+            continue
+        a, mlp = blk.attn, blk.mlp
+        norms += [blk.norm1, blk.norm2]
+        if not _is_identity(getattr(a, "q_norm", None)) or not _is_identity(getattr(a, "k_norm", None)):
+            found.append("qk-norm")
+        if not _is_identity(getattr(a, "norm", None)):
+            found.append("a norm on the attention output (scale_attn_norm)")
         if getattr(a, "gate", None) is not None:
-            problems.append(f"block {i} attention is gated")
-        if a.qkv.bias is None or a.proj.bias is None:
-            problems.append(f"block {i} attention has no qkv/proj bias")
-        if not _is_identity(getattr(blk.mlp, "norm", None)):
-            problems.append(f"block {i} MLP has a norm")
-        if not isinstance(blk.mlp.act, nn.GELU):
-            problems.append(f"block {i} MLP activation is {type(blk.mlp.act).__name__}")
-    norms = [model.norm] + [n for b in model.blocks for n in (b.norm1, b.norm2)]
+            found.append("gated attention")
+        if a.proj.bias is None:
+            found.append("no attention output (proj) bias")
+        if "Glu" in type(mlp).__name__:
+            found.append("SwiGLU MLP")
+            continue
+        if type(mlp).__name__ != "Mlp":
+            found.append(f"MLP class {type(mlp).__name__}")
+            continue
+        if not _is_identity(getattr(mlp, "norm", None)):
+            found.append("a norm inside the MLP (scale_mlp_norm)")
+        if type(mlp.act) is not nn.GELU or getattr(mlp.act, "approximate", "none") != "none":
+            found.append(f"MLP activation {type(mlp.act).__name__} (only exact GELU)")
+        if mlp.fc1.bias is None or mlp.fc2.bias is None:
+            found.append("no MLP bias")
     if not all(isinstance(n, nn.LayerNorm) for n in norms):
-        problems.append("a norm is not a LayerNorm")
+        found.append("a norm that is not a LayerNorm (" + ", ".join(sorted(
+            {type(n).__name__ for n in norms if not isinstance(n, nn.LayerNorm)})) + ")")
     elif any(abs(n.eps - LN_EPS) > 1e-12 for n in norms):
-        problems.append(f"LayerNorm eps differs from {LN_EPS}")
-    if problems:
-        raise ValueError("timm model not convertible to ReViT: " + "; ".join(sorted(set(problems))))
+        found.append(f"LayerNorm eps {next(n.eps for n in norms if abs(n.eps - LN_EPS) > 1e-12)} "
+                     f"(ours is {LN_EPS})")
+    return list(dict.fromkeys(found))
 
 
 def _attn_scale(attn: nn.Module, head_dim: int) -> float:
     """The scale timm's forward really applies: SDPA's default on the fused path."""
     if getattr(attn, "fused_attn", False):
-        return head_dim ** -0.5
+        return 1.0 / math.sqrt(head_dim)  # as Dims' default, so the same number
     return float(attn.scale)
 
 
-def timm_vit_dims(model: nn.Module) -> Dims:
-    """Our Dims of a (possibly pruned) timm VisionTransformer, read from layer shapes."""
-    _check_supported(model)
+def timm_vit_dims(model: nn.Module, name: str | None = None) -> Dims:
+    """Our Dims of a (possibly pruned) timm VisionTransformer, read from its layer shapes.
+
+    Refuses a model with a feature we do not cover (UserError naming it); `name` is what
+    the message calls the model.
+    """
+    what = name or f"this timm {type(model).__name__}"
+    found = unsupported_features(model)
+    if found:
+        raise UserError(f"{what} is not supported: {'; '.join(found)}", field="name")
     pe = model.patch_embed
-    E = pe.proj.out_channels
     heads, head_dims, mlps, scales = [], [], [], []
     for i, blk in enumerate(model.blocks):
         a = blk.attn
         H = int(a.num_heads)
         out = a.qkv.out_features
         if out % (3 * H):
-            raise ValueError(f"block {i}: qkv width {out} is not 3 x {H} heads x head dim "
-                             f"(was attn.num_heads updated after pruning?)")
+            raise UserError(f"{what}: block {i} qkv width {out} is not 3 x {H} heads x head "
+                            f"dim (was attn.num_heads updated after pruning?)", field="name")
         d = out // (3 * H)
         heads.append(H)
         head_dims.append(d)
         mlps.append(blk.mlp.fc1.out_features)
         scales.append(_attn_scale(a, d))
-    img = pe.img_size[0] if isinstance(pe.img_size, (tuple, list)) else pe.img_size
-    patch = pe.patch_size[0] if isinstance(pe.patch_size, (tuple, list)) else pe.patch_size
-    return Dims(E, heads, head_dims, list(head_dims), mlps, attn_scale=scales, img_size=int(img),
-                patch_size=int(patch), in_chans=pe.proj.in_channels,
-                num_classes=model.head.out_features, distilled=False)
+    blk = model.blocks[0]
+    layer_scale = 0.0 if _is_identity(blk.ls1) else float(getattr(blk.ls1, "init_values", 1e-5))
+    return Dims(pe.proj.out_channels, heads, head_dims, list(head_dims), mlps, attn_scale=scales,
+                img_size=_size(pe.img_size), patch_size=_size(pe.patch_size),
+                in_chans=pe.proj.in_channels, num_classes=model.num_classes,
+                distilled=getattr(model, "dist_token", None) is not None,
+                class_token=model.cls_token is not None, reg_tokens=int(model.num_reg_tokens),
+                layer_scale=layer_scale, qkv_bias=blk.attn.qkv.bias is not None,
+                no_embed_class=bool(model.no_embed_class), global_pool=model.global_pool,
+                fc_norm=not _is_identity(model.fc_norm))
 
 
 def timm_vit_to_nvit(model: nn.Module) -> tuple[Dims, dict[str, torch.Tensor]]:
@@ -101,13 +156,10 @@ def timm_vit_to_nvit(model: nn.Module) -> tuple[Dims, dict[str, torch.Tensor]]:
     the attention scale of every block is kept as the timm model applies it.
     """
     dims = timm_vit_dims(model)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    keep = {}
-    for k, v in sd.items():
-        if k.startswith(("blocks.", "patch_embed.proj.", "norm.", "head.")) or k in (
-                "cls_token", "pos_embed"):
-            keep[k] = v
-    return dims, keep
+    with torch.device("meta"):  # only the key names are needed
+        own = ReViT(dims)
+    keys = set(own.state_dict())
+    return dims, {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
 
 
 def load_nvit(dims: Dims, state: dict[str, torch.Tensor]) -> ReViT:
@@ -118,20 +170,25 @@ def load_nvit(dims: Dims, state: dict[str, torch.Tensor]) -> ReViT:
 
 
 def nvit_to_timm_vit(model: ReViT) -> nn.Module:
-    """A timm VisionTransformer with the weights of a uniform, non-distilled ReViT (qkv fused)."""
+    """A timm VisionTransformer (VisionTransformerDistilled for a distilled model) with the
+    weights of a uniform ReViT with QK width = V width, whatever its family fields."""
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
     d = model.dims
-    if d.distilled:
-        raise ValueError("a distilled ReViT has no timm VisionTransformer equivalent")
     if not d.is_uniform or d.qk_dim[0] != d.v_dim[0]:
         raise ValueError("timm's VisionTransformer needs uniform dims with QK width = V width")
+    if d.token_scale:
+        raise ValueError("timm's VisionTransformer has no per-token scale (the NViT reference's)")
     H, hd, M = d.num_heads[0], d.qk_dim[0], d.mlp_dim[0]
     if abs(d.attn_scale[0] - hd ** -0.5) > 1e-12:
         raise ValueError("timm's attention scale is 1/sqrt(head dim); this model uses another")
-    vit = VisionTransformer(img_size=d.img_size, patch_size=d.patch_size, in_chans=d.in_chans,
-                            num_classes=d.num_classes, global_pool="token", embed_dim=d.embed_dim,
-                            depth=d.depth, num_heads=H, mlp_ratio=M / d.embed_dim, qkv_bias=True,
-                            class_token=True)
+    cls = VisionTransformerDistilled if d.distilled else VisionTransformer
+    vit = cls(img_size=d.img_size, patch_size=d.patch_size, in_chans=d.in_chans,
+              num_classes=d.num_classes, global_pool=d.global_pool, embed_dim=d.embed_dim,
+              depth=d.depth, num_heads=H, mlp_ratio=M / d.embed_dim, qkv_bias=d.qkv_bias,
+              class_token=d.class_token, reg_tokens=d.reg_tokens,
+              init_values=d.layer_scale or None, no_embed_class=d.no_embed_class,
+              fc_norm=d.fc_norm)
     for blk in vit.blocks:  # head width need not be embed / heads
         if blk.attn.head_dim != hd or blk.mlp.fc1.out_features != M:
             raise ValueError("timm built other widths than the ReViT has")

@@ -75,8 +75,10 @@ class MacsCost(CostModel):
     products of the linear layers (biases are not counted), the patch-embedding
     convolution, and attention's Q.K^T and attn.V (SDPA's CPU math path is counted as two
     bmm; the fused kernels are registered with the same formula). LayerNorm, softmax,
-    GELU, residual adds and the mean of the two heads are not counted by flop_counter and
-    not here. Only the class (and distillation) token reaches the heads.
+    GELU, residual adds, LayerScale, average pooling and the mean of the two heads are not
+    counted by flop_counter and not here. Every token (class, distillation, registers,
+    patches) passes every block; one pooled vector (two for a distilled model) reaches the
+    heads.
     """
 
     name = "macs"
@@ -96,7 +98,7 @@ class MacsCost(CostModel):
     def stem(self, dims: Dims, embed_dim: int) -> float:
         _need_frame(dims, "MacsCost")
         patch = dims.num_patches * embed_dim * dims.in_chans * dims.patch_size ** 2
-        heads = dims.num_prefix_tokens * embed_dim * dims.num_classes
+        heads = dims.num_classifier_heads * embed_dim * dims.num_classes
         return float(patch + heads)
 
 
@@ -107,22 +109,25 @@ class ParamsCost(CostModel):
 
     def __init__(self, dims: Dims) -> None:
         _need_frame(dims, "ParamsCost")
+        self.qkv_bias = dims.family("qkv_bias")
+        self.layer_scale = bool(dims.family("layer_scale"))
 
     def block(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
               mlp_dim: int) -> float:
         E, qk, v, M = embed_dim, num_heads * qk_dim, num_heads * v_dim, mlp_dim
         norms = 2 * 2 * E
-        attention = 2 * (E * qk + qk) + (E * v + v) + (v * E + E)
+        attention = E * (2 * qk + v) + self.qkv_bias * (2 * qk + v) + (v * E + E)
         mlp = (E * M + M) + (M * E + E)
-        return float(norms + attention + mlp)
+        gammas = 2 * E * self.layer_scale
+        return float(norms + attention + mlp + gammas)
 
     def stem(self, dims: Dims, embed_dim: int) -> float:
         _need_frame(dims, "ParamsCost")
         E = embed_dim
         patch = E * dims.in_chans * dims.patch_size ** 2 + E
-        tokens = dims.num_prefix_tokens * E + dims.num_tokens * E  # cls (+ dist), pos_embed
-        norm = 2 * E
-        heads = dims.num_prefix_tokens * (E * dims.num_classes + dims.num_classes)
+        tokens = (dims.num_prefix_tokens + dims.pos_embed_tokens) * E  # tokens, pos_embed
+        norm = 2 * E  # the final norm or fc_norm
+        heads = dims.num_classifier_heads * (E * dims.num_classes + dims.num_classes)
         return float(patch + tokens + norm + heads)
 
 

@@ -9,8 +9,10 @@ multiplies it in the forward pass (`models/revit.py` applies the gates; this tab
 they mean). Gate shapes, magnitude scores, compaction, optimizer-state clean-up and the
 pruner's width bookkeeping are derived from it, and each refuses a model parameter that the
 map neither covers nor lists in `UNPRUNED` (a new parameter cannot be skipped silently).
-A LayerScale gamma would be one more "emb" produce slice; a register token one more entry
-like `cls_token`.
+The timm family's extra parameters are entries like any other: LayerScale gammas are "emb"
+produce slices of a block, register tokens and fc_norm model slices like `cls_token` and
+`norm`. A slice whose parameter a model does not have (no qkv bias, no LayerScale, no class
+token) is simply absent from it.
 """
 from __future__ import annotations
 
@@ -52,12 +54,13 @@ _QKV = ("attn.qkv.weight", "attn.qkv.bias")
 UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
     UnitKind("emb", "embed_dim", False,
              block_slices=(_p("norm1.weight", 0), _p("norm1.bias", 0), _c("attn.qkv.weight", 1),
-                           _p("attn.proj.weight", 0), _p("attn.proj.bias", 0),
+                           _p("attn.proj.weight", 0), _p("attn.proj.bias", 0), _p("ls1.gamma", 0),
                            _p("norm2.weight", 0), _p("norm2.bias", 0), _c("mlp.fc1.weight", 1),
-                           _p("mlp.fc2.weight", 0), _p("mlp.fc2.bias", 0)),
+                           _p("mlp.fc2.weight", 0), _p("mlp.fc2.bias", 0), _p("ls2.gamma", 0)),
              model_slices=(_p("patch_embed.proj.weight", 0), _p("patch_embed.proj.bias", 0),
-                           _p("cls_token", 2), _p("dist_token", 2), _p("pos_embed", 2),
-                           _p("norm.weight", 0), _p("norm.bias", 0),
+                           _p("cls_token", 2), _p("dist_token", 2), _p("reg_token", 2),
+                           _p("pos_embed", 2), _p("norm.weight", 0), _p("norm.bias", 0),
+                           _p("fc_norm.weight", 0), _p("fc_norm.bias", 0),
                            _c("head.weight", 1), _c("head_dist.weight", 1))),
     # the head gate multiplies the head's q, k and v
     UnitKind("head", "num_heads", False,
@@ -95,7 +98,8 @@ def slices(model: torch.nn.Module, kind: str, block: int | None):
     params = dict(model.named_parameters())
     blocks = range(len(model.blocks)) if block is None else [block]
     out = [(s.param, s) for s in k.model_slices if s.param in params]
-    out += [(f"blocks.{i}.{s.param}", s) for i in blocks for s in k.block_slices]
+    out += [(f"blocks.{i}.{s.param}", s) for i in blocks for s in k.block_slices
+            if f"blocks.{i}.{s.param}" in params]
     return out
 
 

@@ -1,0 +1,315 @@
+"""The timm ViT family (issue 11): DeiT, ViT/AugReg, DeiT III, DINOv2 with and without
+registers, average pooling with and without fc_norm, no qkv bias, patch 14.
+
+Each family is a tiny model built by timm's own constructor from a real timm name (its
+family flags as timm registers them; widths shrunk), with random weights large enough that
+a wrong mapping shows in the logits.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import timm
+from timm.layers import resample_abs_pos_embed
+
+import models
+from errors import UserError
+from helpers import DENSE_DIMS, FAST, PRUNE_FLAGS, assert_user_error, run_here
+from models.timm_vit import load_nvit, nvit_to_timm_vit, timm_vit_dims, timm_vit_to_nvit
+from pruning import Gates, compact
+from models.flops import count_macs
+from pruning.cost import MacsCost, ParamsCost
+from test_pruning_gates import random_masks
+
+# family -> (timm name, the family fields its tiny model must read as)
+FAMILIES = {
+    "DeiT distilled": ("deit_small_distilled_patch16_224", dict(distilled=True)),
+    "DeiT": ("deit_small_patch16_224", dict(distilled=False)),
+    "ViT/AugReg": ("vit_small_patch16_224", dict(distilled=False)),
+    "DeiT III": ("deit3_small_patch16_224", dict(layer_scale=1e-6, no_embed_class=True)),
+    "DINOv2": ("vit_small_patch14_dinov2", dict(layer_scale=1e-5, patch_size=14)),
+    "DINOv2 + registers": ("vit_small_patch14_reg4_dinov2",
+                           dict(layer_scale=1e-5, reg_tokens=4, no_embed_class=True, patch_size=14)),
+    "avg pool + fc_norm, registers": ("vit_base_patch16_reg4_gap_256",
+                                      dict(class_token=False, reg_tokens=4, global_pool="avg",
+                                           fc_norm=True)),
+    "avg pool, no fc_norm": ("vit_base_patch16_gap_224",
+                             dict(class_token=False, global_pool="avg", fc_norm=False)),
+    "no qkv bias": ("vit_base_patch16_224_miil", dict(qkv_bias=False)),
+    "no qkv bias, LayerScale, avg": ("vit_medium_patch16_gap_256",
+                                     dict(qkv_bias=False, layer_scale=1e-6, global_pool="avg")),
+}
+FAMILY_IDS = list(FAMILIES)
+
+
+def tiny_timm(name: str, seed: int = 0, img_size: int | None = None) -> torch.nn.Module:
+    """timm's model for `name` with tiny widths (8 per head), 2 blocks, 10 classes."""
+    with torch.device("meta"):
+        heads = timm.create_model(name).blocks[0].attn.num_heads
+    patch = 14 if "patch14" in name else 8
+    torch.manual_seed(seed)
+    vit = timm.create_model(name, img_size=img_size or (3 * patch if patch == 14 else 32),
+                            patch_size=patch, embed_dim=8 * heads, depth=2, num_classes=10)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0, 0.1)
+    return vit.eval()
+
+
+def ours_from_file(name: str, vit: torch.nn.Module, tmp_path, **kw) -> models.ReViT:
+    path = tmp_path / "timm.pth"
+    torch.save(vit.state_dict(), path)
+    return models.build_model(name, checkpoint=path, **kw).eval()
+
+
+def logits(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return m(x)
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_timm_state_dict_reproduces_timm_logits(family, tmp_path):
+    name, fields = FAMILIES[family]
+    vit = tiny_timm(name)
+    ours = ours_from_file(name, vit, tmp_path)
+    for key, value in fields.items():
+        assert getattr(ours.dims, key) == value, key
+    x = torch.randn(3, 3, ours.dims.img_size, ours.dims.img_size)
+    ref = logits(vit, x)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(logits(ours, x), ref, rtol=0, atol=2e-5)
+    # the module route (Torch-Pruning's results) reads the same model
+    via_module = load_nvit(*timm_vit_to_nvit(vit)).eval()
+    assert via_module.dims == ours.dims
+    torch.testing.assert_close(logits(via_module, x), ref, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["DINOv2 + registers", "avg pool + fc_norm, registers",
+                                    "DeiT III"])
+def test_timm_api_matches_timm_on_families(family, tmp_path):
+    """Pre-logits and forward_intermediates (prefix tokens included) equal timm's."""
+    name, _ = FAMILIES[family]
+    vit = tiny_timm(name)
+    ours = ours_from_file(name, vit, tmp_path)
+    x = torch.randn(2, 3, ours.dims.img_size, ours.dims.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True),
+                                   vit.forward_head(vit.forward_features(x), pre_logits=True),
+                                   rtol=0, atol=2e-5)
+        a = ours.forward_intermediates(x, indices=[0, 1], return_prefix_tokens=True)
+        b = vit.forward_intermediates(x, indices=[0, 1], return_prefix_tokens=True)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=2e-5)
+    for (pa, xa), (pb, xb) in zip(a[1], b[1]):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=2e-5)
+        torch.testing.assert_close(xa, xb, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["DeiT III", "DINOv2 + registers", "avg pool, no fc_norm",
+                                    "no qkv bias, LayerScale, avg"])
+def test_nvit_to_timm_round_trip(family, tmp_path):
+    name, _ = FAMILIES[family]
+    vit = tiny_timm(name)
+    ours = ours_from_file(name, vit, tmp_path)
+    back = nvit_to_timm_vit(ours).eval()
+    x = torch.randn(2, 3, ours.dims.img_size, ours.dims.img_size)
+    torch.testing.assert_close(logits(back, x), logits(vit, x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["DINOv2 + registers", "DINOv2", "DeiT III"])
+def test_position_embedding_resampled_as_timm(family, tmp_path):
+    """Another --input-size: the position embedding is resampled as timm's loader does
+    (over the patches only when the prefix tokens have none)."""
+    name, _ = FAMILIES[family]
+    vit = tiny_timm(name)
+    big = 5 * vit.patch_embed.patch_size[0]
+    ours = ours_from_file(name, vit, tmp_path, img_size=big, adapt=True)
+    grid = big // vit.patch_embed.patch_size[0]
+    want = resample_abs_pos_embed(vit.pos_embed.detach(), (grid, grid),
+                                  num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens)
+    torch.testing.assert_close(ours.pos_embed.detach(), want)
+    ref = tiny_timm(name, img_size=big)
+    ref.load_state_dict({**vit.state_dict(), "pos_embed": want})
+    x = torch.randn(2, 3, big, big)
+    torch.testing.assert_close(logits(ours, x), logits(ref, x), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["DINOv2 + registers", "avg pool + fc_norm, registers",
+                                    "no qkv bias, LayerScale, avg"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_masked_model_equals_compact_model(family, seed, tmp_path):
+    """Random masks over all five kinds: the compact model computes what the gated one does;
+    LayerScale gammas, register tokens and fc_norm are compacted with the embedding."""
+    name, _ = FAMILIES[family]
+    model = ours_from_file(name, tiny_timm(name, seed=seed), tmp_path)
+    gates = Gates.attach(model)
+    masks, widths = random_masks(model.dims, seed)
+    gates.load_masks(masks)
+    small = compact(model).eval()
+    x = torch.randn(3, 3, model.dims.img_size, model.dims.img_size)
+    torch.testing.assert_close(logits(small, x), logits(model, x), rtol=0, atol=1e-5)
+    for key, val in widths.items():
+        assert getattr(small.dims, key) == val
+    for f in ("class_token", "reg_tokens", "layer_scale", "qkv_bias", "no_embed_class",
+              "global_pool", "fc_norm"):
+        assert getattr(small.dims, f) == getattr(model.dims, f)
+    if small.reg_token is not None:
+        assert small.reg_token.shape == (1, model.dims.reg_tokens, widths["embed_dim"])
+    if model.dims.layer_scale:
+        assert small.blocks[0].ls1.gamma.shape == (widths["embed_dim"],)
+
+
+def test_soft_gates_fold_into_layer_scale_models(tmp_path):
+    name, _ = FAMILIES["DINOv2 + registers"]
+    model = ours_from_file(name, tiny_timm(name), tmp_path)
+    gates = Gates.attach(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in gates.tensors():
+            t.mul_(0.5 + torch.rand(t.shape, generator=gen))
+        gates.emb[::3] = 0
+    small = compact(model).eval()
+    x = torch.randn(2, 3, model.dims.img_size, model.dims.img_size)
+    torch.testing.assert_close(logits(small, x), logits(model, x), rtol=0, atol=1e-5)
+
+
+def _tg(p: torch.Tensor, idx) -> torch.Tensor:
+    return (p[idx] * p.grad[idx]).sum()
+
+
+def test_embedding_saliency_includes_layer_scale_and_register_tokens(tmp_path):
+    """The embedding gate's gradient is sum(theta * dL/dtheta) over everything a channel
+    produces, LayerScale gammas, register tokens and fc_norm included (model without qkv
+    bias: the head gate's sum has no bias rows)."""
+    name, _ = FAMILIES["avg pool + fc_norm, registers"]
+    plain = ours_from_file(name, tiny_timm(name), tmp_path).double()
+    dims = plain.dims
+    gated = copy.deepcopy(plain)
+    x, target = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    torch.nn.functional.cross_entropy(plain(x), target).backward()
+    gates = Gates.attach(gated, dtype=torch.float64)
+    torch.nn.functional.cross_entropy(gated(x), target).backward()
+    assert dims.reg_tokens == 4 and dims.fc_norm
+    for c in (0, 5, 17):
+        m = plain
+        want = _tg(m.patch_embed.proj.weight, c) + _tg(m.patch_embed.proj.bias, c)
+        want = want + _tg(m.reg_token, (..., c)) + _tg(m.pos_embed, (..., c))
+        for blk in m.blocks:
+            for lin in (blk.attn.proj, blk.mlp.fc2):
+                want = want + _tg(lin.weight, c) + _tg(lin.bias, c)
+            for n in (blk.norm1, blk.norm2):
+                want = want + _tg(n.weight, c) + _tg(n.bias, c)
+        want = want + _tg(m.fc_norm.weight, c) + _tg(m.fc_norm.bias, c)
+        torch.testing.assert_close(gates.emb.grad[c], want.detach(), rtol=1e-6, atol=1e-12)
+    # LayerScale: DINOv2 with registers
+    name, _ = FAMILIES["DINOv2 + registers"]
+    plain = ours_from_file(name, tiny_timm(name), tmp_path).double()
+    gated = copy.deepcopy(plain)
+    x = torch.randn(4, 3, 42, 42, dtype=torch.float64)
+    torch.nn.functional.cross_entropy(plain(x), target).backward()
+    gates = Gates.attach(gated, dtype=torch.float64)
+    torch.nn.functional.cross_entropy(gated(x), target).backward()
+    c = 3
+    m = plain
+    want = _tg(m.patch_embed.proj.weight, c) + _tg(m.patch_embed.proj.bias, c)
+    for p in (m.cls_token, m.reg_token, m.pos_embed):
+        want = want + _tg(p, (..., c))
+    for blk in m.blocks:
+        for lin in (blk.attn.proj, blk.mlp.fc2):
+            want = want + _tg(lin.weight, c) + _tg(lin.bias, c)
+        for n in (blk.norm1, blk.norm2):
+            want = want + _tg(n.weight, c) + _tg(n.bias, c)
+        want = want + _tg(blk.ls1.gamma, c) + _tg(blk.ls2.gamma, c)
+    want = want + _tg(m.norm.weight, c) + _tg(m.norm.bias, c)
+    torch.testing.assert_close(gates.emb.grad[c], want.detach(), rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILY_IDS)
+def test_cost_models_count_the_extra_tokens_and_parameters(family, tmp_path):
+    name, _ = FAMILIES[family]
+    model = ours_from_file(name, tiny_timm(name), tmp_path)
+    d = model.dims
+    assert ParamsCost(d).total(d) == sum(p.numel() for p in model.parameters())
+    assert MacsCost(d).total(d) == count_macs(model)[0]
+
+
+REFUSED = {
+    "qk-norm": dict(qk_norm=True),
+    "SwiGLU MLP": "swiglu",
+    "parallel blocks": "parallel",
+    "attention pooling": dict(global_pool="map"),
+    "pre-norm": dict(pre_norm=True),
+    "MLP activation": dict(act_layer="gelu_tanh"),
+    "rotary position embeddings": "rope",
+}
+
+
+@pytest.mark.parametrize("feature", list(REFUSED))
+def test_unsupported_timm_features_are_refused_by_name(feature):
+    from timm.models.vision_transformer import VisionTransformer
+    spec = REFUSED[feature]
+    frame = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+    if spec == "rope":
+        from timm.models.eva import Eva
+        vit = Eva(**frame, use_rot_pos_emb=True)
+    elif spec == "swiglu":
+        from timm.layers import SwiGLUPacked
+        vit = VisionTransformer(**frame, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+    elif spec == "parallel":
+        from timm.models.vision_transformer import ParallelScalingBlock
+        vit = VisionTransformer(**frame, block_fn=ParallelScalingBlock)
+    else:
+        vit = VisionTransformer(**frame, **spec)
+    with pytest.raises(UserError, match=feature) as e:
+        timm_vit_dims(vit)
+    assert "\n" not in str(e.value)
+
+
+def test_unsupported_timm_name_is_one_line_from_the_scripts(tmp_path):
+    args = [a for a in FAST if a not in ("--model", "deit_tiny_distilled_patch16_224")]
+    proc = run_here("revit_scratch.py", *args, "--model", "vit_giant_patch14_dinov2",
+                    "--epochs", "1", "--output_dir", tmp_path / "out")
+    assert_user_error(proc, "vit_giant_patch14_dinov2", "SwiGLU MLP", "--model")
+
+
+def test_distillation_without_a_distillation_token_is_refused(tmp_path):
+    args = [a for a in FAST if a not in ("--model", "deit_tiny_distilled_patch16_224")]
+    proc = run_here("revit_scratch.py", *args, "--model", "deit3_small_patch16_224",
+                    "--distillation-type", "hard", "--teacher-model", "resnet18",
+                    "--epochs", "1", "--output_dir", tmp_path / "out")
+    assert_user_error(proc, "distillation token", "deit3_small_patch16_224")
+
+
+@pytest.mark.slow
+def test_prune_compact_evaluate_a_deit3_style_model(tmp_path):
+    """nvit_prune.py on a DeiT III-style model (LayerScale, position embedding without the
+    class token), KL to the full model: pruned, compact, evaluated, exported."""
+    torch.manual_seed(0)
+    name = "deit3_small_patch16_224"
+    dense = models.build_model(name, dims=models.Dims(**DENSE_DIMS), img_size=32, patch_size=8,
+                               num_classes=10)
+    assert dense.dims.layer_scale == 1e-6 and dense.dims.no_embed_class and not dense.distilled
+    with torch.no_grad():  # a trained DeiT III's gammas are far from their 1e-6 start
+        for blk in dense.blocks:
+            blk.ls1.gamma.normal_(0.5, 0.1)
+            blk.ls2.gamma.normal_(0.5, 0.1)
+    ckpt = tmp_path / "dense.pth"
+    torch.save({"model": dense.state_dict(), "dims": dense.dims.to_dict()}, ckpt)
+    out = tmp_path / "pruned"
+    args = [a for a in FAST if a not in ("--model", "deit_tiny_distilled_patch16_224")]
+    proc = run_here("nvit_prune.py", *args, *PRUNE_FLAGS, "--model", name,
+                    "--pretrained-path", ckpt, "--cost", "macs", "--latency_target", "0.6",
+                    "--epochs", "2", "--output_dir", out, "--pruning_exit")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pruned = out / "pruned_checkpoint.pth"
+    small = models.build_model(name, checkpoint=pruned)
+    assert small.dims.layer_scale == 1e-6 and small.dims.no_embed_class
+    assert small.dims.embed_dim < 64 or sum(small.dims.mlp_dim) < 3 * 128
+    assert count_macs(small)[0] <= 0.6 * count_macs(dense)[0]
+    top1 = float(re.search(r"pruned model: .* top-1 ([\d.]+)%", proc.stdout).group(1))
+    ev = run_here("revit_scratch.py", *args, "--model", name, "--no-model-ema",
+                  "--finetune", pruned, "--eval")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert float(re.search(r"top-1 ([\d.]+)%", ev.stdout).group(1)) == pytest.approx(top1, abs=0.006)
