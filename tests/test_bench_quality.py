@@ -61,6 +61,31 @@ def test_timm_vit_to_nvit_round_trip(heads: bool, head_dims: bool) -> None:
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", [dict(init_values=1e-5),  # LayerScale (DeiT III, DINOv2)
+                                    dict(reg_tokens=4, no_embed_class=True, init_values=1e-5),
+                                    dict(global_pool="avg", class_token=False, fc_norm=True,
+                                         reg_tokens=2),
+                                    dict(qkv_bias=False)])
+def test_torch_pruning_results_convert_for_every_family(family: dict) -> None:
+    """Torch-Pruning's head pruning of LayerScale, register, avg-pooled and bias-free ViTs
+    converts exactly (Torch-Pruning prunes LayerScale gammas and register tokens as plain
+    parameters along their last axis)."""
+    torch.manual_seed(0)
+    vit = timm_vit.VisionTransformer(img_size=32, patch_size=8, num_classes=10, embed_dim=64,
+                                     depth=3, num_heads=4, mlp_ratio=2.0, **family)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0, 0.1)
+    vit.eval()
+    _prune(vit, heads=True, head_dims=False)
+    dims, state = timm_vit_to_nvit(vit)
+    assert sum(dims.num_heads) < 12, dims.num_heads
+    ours = load_nvit(dims, state).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), vit(x), rtol=0, atol=1e-5)
+
+
 def test_nvit_to_timm_vit_round_trip() -> None:
     torch.manual_seed(0)
     dims = models.Dims.uniform(64, 2, 4, 96, img_size=32, patch_size=8, in_chans=3,

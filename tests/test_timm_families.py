@@ -313,3 +313,24 @@ def test_prune_compact_evaluate_a_deit3_style_model(tmp_path):
                   "--finetune", pruned, "--eval")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert float(re.search(r"top-1 ([\d.]+)%", ev.stdout).group(1)) == pytest.approx(top1, abs=0.006)
+
+
+@pytest.mark.parametrize("family", ["DINOv2 + registers", "avg pool + fc_norm, registers"])
+def test_pruned_family_model_exports_to_onnx_and_safetensors(family, tmp_path):
+    """A compact model of the family exports (the tool's onnxruntime check included) and
+    its safetensors file rebuilds it exactly."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from test_tools import export_tool
+    name, _ = FAMILIES[family]
+    model = ours_from_file(name, tiny_timm(name), tmp_path)
+    gates = Gates.attach(model)
+    gates.load_masks(random_masks(model.dims, 3)[0])
+    small = compact(model).eval()
+    ckpt = tmp_path / "small.pth"
+    torch.save({"model": small.state_dict(), "dims": small.dims.to_dict()}, ckpt)
+    files = export_tool.export(str(ckpt), output_dir=str(tmp_path / "deploy"), name="net")
+    rebuilt = models.build_model("deit_base_patch16_224", checkpoint=files["safetensors"]).eval()
+    assert rebuilt.dims == small.dims
+    x = torch.randn(2, 3, small.dims.img_size, small.dims.img_size)
+    assert torch.equal(logits(rebuilt, x), logits(small, x))
