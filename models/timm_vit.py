@@ -22,6 +22,20 @@ from .dims import Dims
 from .revit import LN_EPS, ReViT
 
 TIMM_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
+# The supported timm ViT families, one example name each; tests/test_timm_families.py builds
+# a tiny model of each through timm's constructor and compares our logits with timm's.
+FAMILIES = {
+    "DeiT, distilled": "deit_small_distilled_patch16_224",
+    "DeiT": "deit_small_patch16_224",
+    "ViT / AugReg": "vit_small_patch16_224",
+    "DeiT III": "deit3_small_patch16_224",
+    "DINOv2": "vit_small_patch14_dinov2",
+    "DINOv2 with registers": "vit_small_patch14_reg4_dinov2",
+    "ViT, registers, avg pool + fc_norm": "vit_base_patch16_reg4_gap_256",
+    "ViT, avg pool": "vit_base_patch16_gap_224",
+    "ViT, no qkv bias": "vit_base_patch16_224_miil",
+    "ViT, no qkv bias, LayerScale, avg pool": "vit_medium_patch16_gap_256",
+}
 POOLS = {"token": "token", "avg": "avg"}
 
 

@@ -8,6 +8,7 @@ a wrong mapping shows in the logits.
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -18,31 +19,35 @@ from timm.layers import resample_abs_pos_embed
 import models
 from errors import UserError
 from helpers import DENSE_DIMS, FAST, PRUNE_FLAGS, assert_user_error, run_here
+from models.timm_vit import FAMILIES as TABLE
 from models.timm_vit import load_nvit, nvit_to_timm_vit, timm_vit_dims, timm_vit_to_nvit
 from pruning import Gates, compact
 from models.flops import count_macs
 from pruning.cost import MacsCost, ParamsCost
 from test_pruning_gates import random_masks
 
-# family -> (timm name, the family fields its tiny model must read as)
-FAMILIES = {
-    "DeiT distilled": ("deit_small_distilled_patch16_224", dict(distilled=True)),
-    "DeiT": ("deit_small_patch16_224", dict(distilled=False)),
-    "ViT/AugReg": ("vit_small_patch16_224", dict(distilled=False)),
-    "DeiT III": ("deit3_small_patch16_224", dict(layer_scale=1e-6, no_embed_class=True)),
-    "DINOv2": ("vit_small_patch14_dinov2", dict(layer_scale=1e-5, patch_size=14)),
-    "DINOv2 + registers": ("vit_small_patch14_reg4_dinov2",
-                           dict(layer_scale=1e-5, reg_tokens=4, no_embed_class=True, patch_size=14)),
-    "avg pool + fc_norm, registers": ("vit_base_patch16_reg4_gap_256",
-                                      dict(class_token=False, reg_tokens=4, global_pool="avg",
-                                           fc_norm=True)),
-    "avg pool, no fc_norm": ("vit_base_patch16_gap_224",
-                             dict(class_token=False, global_pool="avg", fc_norm=False)),
-    "no qkv bias": ("vit_base_patch16_224_miil", dict(qkv_bias=False)),
-    "no qkv bias, LayerScale, avg": ("vit_medium_patch16_gap_256",
-                                     dict(qkv_bias=False, layer_scale=1e-6, global_pool="avg")),
+# family (models/timm_vit.py's table) -> the family fields its tiny model must read as
+EXPECTED = {
+    "DeiT, distilled": dict(distilled=True),
+    "DeiT": dict(distilled=False),
+    "ViT / AugReg": dict(distilled=False),
+    "DeiT III": dict(layer_scale=1e-6, no_embed_class=True),
+    "DINOv2": dict(layer_scale=1e-5, patch_size=14),
+    "DINOv2 with registers": dict(layer_scale=1e-5, reg_tokens=4, no_embed_class=True,
+                                  patch_size=14),
+    "ViT, registers, avg pool + fc_norm": dict(class_token=False, reg_tokens=4,
+                                               global_pool="avg", fc_norm=True),
+    "ViT, avg pool": dict(class_token=False, global_pool="avg", fc_norm=False),
+    "ViT, no qkv bias": dict(qkv_bias=False),
+    "ViT, no qkv bias, LayerScale, avg pool": dict(qkv_bias=False, layer_scale=1e-6,
+                                                   global_pool="avg"),
 }
+FAMILIES = {f: (TABLE[f], EXPECTED[f]) for f in TABLE}
 FAMILY_IDS = list(FAMILIES)
+
+
+def test_every_family_in_the_table_is_tested():
+    assert set(EXPECTED) == set(TABLE)
 
 
 def tiny_timm(name: str, seed: int = 0, img_size: int | None = None) -> torch.nn.Module:
@@ -87,7 +92,7 @@ def test_timm_state_dict_reproduces_timm_logits(family, tmp_path):
     torch.testing.assert_close(logits(via_module, x), ref, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("family", ["DINOv2 + registers", "avg pool + fc_norm, registers",
+@pytest.mark.parametrize("family", ["DINOv2 with registers", "ViT, registers, avg pool + fc_norm",
                                     "DeiT III"])
 def test_timm_api_matches_timm_on_families(family, tmp_path):
     """Pre-logits and forward_intermediates (prefix tokens included) equal timm's."""
@@ -107,8 +112,8 @@ def test_timm_api_matches_timm_on_families(family, tmp_path):
         torch.testing.assert_close(xa, xb, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("family", ["DeiT III", "DINOv2 + registers", "avg pool, no fc_norm",
-                                    "no qkv bias, LayerScale, avg"])
+@pytest.mark.parametrize("family", ["DeiT III", "DINOv2 with registers", "ViT, avg pool",
+                                    "ViT, no qkv bias, LayerScale, avg pool"])
 def test_nvit_to_timm_round_trip(family, tmp_path):
     name, _ = FAMILIES[family]
     vit = tiny_timm(name)
@@ -118,7 +123,7 @@ def test_nvit_to_timm_round_trip(family, tmp_path):
     torch.testing.assert_close(logits(back, x), logits(vit, x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["DINOv2 + registers", "DINOv2", "DeiT III"])
+@pytest.mark.parametrize("family", ["DINOv2 with registers", "DINOv2", "DeiT III"])
 def test_position_embedding_resampled_as_timm(family, tmp_path):
     """Another --input-size: the position embedding is resampled as timm's loader does
     (over the patches only when the prefix tokens have none)."""
@@ -136,8 +141,8 @@ def test_position_embedding_resampled_as_timm(family, tmp_path):
     torch.testing.assert_close(logits(ours, x), logits(ref, x), rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("family", ["DINOv2 + registers", "avg pool + fc_norm, registers",
-                                    "no qkv bias, LayerScale, avg"])
+@pytest.mark.parametrize("family", ["DINOv2 with registers", "ViT, registers, avg pool + fc_norm",
+                                    "ViT, no qkv bias, LayerScale, avg pool"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_masked_model_equals_compact_model(family, seed, tmp_path):
     """Random masks over all five kinds: the compact model computes what the gated one does;
@@ -162,7 +167,7 @@ def test_masked_model_equals_compact_model(family, seed, tmp_path):
 
 
 def test_soft_gates_fold_into_layer_scale_models(tmp_path):
-    name, _ = FAMILIES["DINOv2 + registers"]
+    name, _ = FAMILIES["DINOv2 with registers"]
     model = ours_from_file(name, tiny_timm(name), tmp_path)
     gates = Gates.attach(model)
     gen = torch.Generator().manual_seed(0)
@@ -183,7 +188,7 @@ def test_embedding_saliency_includes_layer_scale_and_register_tokens(tmp_path):
     """The embedding gate's gradient is sum(theta * dL/dtheta) over everything a channel
     produces, LayerScale gammas, register tokens and fc_norm included (model without qkv
     bias: the head gate's sum has no bias rows)."""
-    name, _ = FAMILIES["avg pool + fc_norm, registers"]
+    name, _ = FAMILIES["ViT, registers, avg pool + fc_norm"]
     plain = ours_from_file(name, tiny_timm(name), tmp_path).double()
     dims = plain.dims
     gated = copy.deepcopy(plain)
@@ -204,7 +209,7 @@ def test_embedding_saliency_includes_layer_scale_and_register_tokens(tmp_path):
         want = want + _tg(m.fc_norm.weight, c) + _tg(m.fc_norm.bias, c)
         torch.testing.assert_close(gates.emb.grad[c], want.detach(), rtol=1e-6, atol=1e-12)
     # LayerScale: DINOv2 with registers
-    name, _ = FAMILIES["DINOv2 + registers"]
+    name, _ = FAMILIES["DINOv2 with registers"]
     plain = ours_from_file(name, tiny_timm(name), tmp_path).double()
     gated = copy.deepcopy(plain)
     x = torch.randn(4, 3, 42, 42, dtype=torch.float64)
@@ -315,7 +320,7 @@ def test_prune_compact_evaluate_a_deit3_style_model(tmp_path):
     assert float(re.search(r"top-1 ([\d.]+)%", ev.stdout).group(1)) == pytest.approx(top1, abs=0.006)
 
 
-@pytest.mark.parametrize("family", ["DINOv2 + registers", "avg pool + fc_norm, registers"])
+@pytest.mark.parametrize("family", ["DINOv2 with registers", "ViT, registers, avg pool + fc_norm"])
 def test_pruned_family_model_exports_to_onnx_and_safetensors(family, tmp_path):
     """A compact model of the family exports (the tool's onnxruntime check included) and
     its safetensors file rebuilds it exactly."""
@@ -334,3 +339,15 @@ def test_pruned_family_model_exports_to_onnx_and_safetensors(family, tmp_path):
     assert rebuilt.dims == small.dims
     x = torch.randn(2, 3, small.dims.img_size, small.dims.img_size)
     assert torch.equal(logits(rebuilt, x), logits(small, x))
+
+
+def test_model_info_lists_the_families(capsys):
+    from test_tools import model_info
+    assert model_info.main(["--families", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(TABLE.values())
+    reg = next(r for r in rows if r["name"] == TABLE["DINOv2 with registers"])
+    assert reg["tokens"] == "cls + 4 reg" and reg["pos_embed"] == "patches" and reg["patch"] == 14
+    assert model_info.main(["--model", TABLE["DeiT III"], "--input-size", "32",
+                            "--patch-size", "8"]) == 0
+    assert "LayerScale 1e-06" in capsys.readouterr().out

@@ -3,6 +3,8 @@
     python -m tools.model_info --model deit_base_distilled_patch16_224 --EMB 176
     python -m tools.model_info --dims my_dims.yaml --input-size 32 --patch-size 8
     python -m tools.model_info --checkpoint OUT/pruned_checkpoint.pth --json
+    python -m tools.model_info --model deit3_small_patch16_224
+    python -m tools.model_info --families     # the supported timm ViT families
 
 MACs are measured, not computed by formula: torch.utils.flop_counter.FlopCounterMode counts
 the FLOPs of a batch-1 eval forward per module, and MACs = FLOPs / 2. Parameters of a block
@@ -27,7 +29,8 @@ DEFAULT_MODEL = "deit_base_distilled_patch16_224"
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("Per-block widths, parameters and MACs of a ReViT / NViT model.")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"timm DeiT name giving the frame and uniform dims (default {DEFAULT_MODEL})")
+                   help=f"timm ViT name giving the frame, family and uniform dims "
+                        f"(default {DEFAULT_MODEL}; see --families)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--EMB", type=POSITIVE_INT, default=None,
                      help="embedding width of the ReViT rule (e.g. 176 or 384)")
@@ -41,7 +44,45 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=POSITIVE_INT, default=None,
                    help="classifier classes (default: the model's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--families", action="store_true",
+                   help="list the supported timm ViT families, one tested timm name each")
     return p
+
+
+def families() -> list[dict]:
+    """The supported families (models/timm_vit.py's table) with what each name's model has."""
+    from models import name_dims
+    from models.timm_vit import FAMILIES
+    rows = []
+    for family, name in FAMILIES.items():
+        d = name_dims(name)
+        tokens = [t for t, on in (("cls", d.class_token), ("dist", d.distilled)) if on]
+        if d.reg_tokens:
+            tokens.append(f"{d.reg_tokens} reg")
+        rows.append({"family": family, "name": name, "tokens": " + ".join(tokens) or "none",
+                     "layer_scale": d.layer_scale, "qkv_bias": d.qkv_bias,
+                     "pos_embed": "patches" if d.no_embed_class else "all tokens",
+                     "pool": d.global_pool + (" + fc_norm" if d.fc_norm else ""),
+                     "patch": d.patch_size, "img": d.img_size})
+    return rows
+
+
+def format_families(rows: list[dict]) -> str:
+    cols = [("family", "family"), ("name", "example timm name"), ("tokens", "prefix tokens"),
+            ("layer_scale", "LayerScale"), ("qkv_bias", "qkv bias"), ("pos_embed", "pos. embed"),
+            ("pool", "pooling"), ("patch", "patch"), ("img", "image")]
+    def cell(r, k):
+        v = r[k]
+        if k == "layer_scale":
+            return f"{v:g}" if v else "no"
+        if k == "qkv_bias":
+            return "yes" if v else "no"
+        return str(v)
+    width = {k: max(len(h), *(len(cell(r, k)) for r in rows)) for k, h in cols}
+    lines = ["  ".join(h.ljust(width[k]) for k, h in cols)]
+    lines.append("  ".join("-" * width[k] for k, _ in cols))
+    lines += ["  ".join(cell(r, k).ljust(width[k]) for k, _ in cols) for r in rows]
+    return "\n".join(lines)
 
 
 def build_from_args(args: argparse.Namespace) -> torch.nn.Module:
@@ -93,6 +134,9 @@ def model_info(model: torch.nn.Module) -> dict:
         "distilled": bool(d.distilled),
         "token_scale": bool(d.token_scale),
         "init": d.init,
+        "prefix_tokens": d.num_prefix_tokens,
+        "layer_scale": d.layer_scale,
+        "pool": d.global_pool + (" + fc_norm" if d.fc_norm else ""),
         "dims": d.to_dict(),
         "blocks": blocks,
     }
@@ -117,11 +161,17 @@ def format_table(info: dict) -> str:
                  f"image size {info['img_size']}   patch size {info['patch_size']}   "
                  f"classes {info['num_classes']}   distilled {'yes' if info['distilled'] else 'no'}   "
                  f"token scale {'yes' if info['token_scale'] else 'no'}   init {info['init']}")
+    lines.append(f"prefix tokens {info['prefix_tokens']}   LayerScale "
+                 f"{info['layer_scale'] or 'no'}   pooling {info['pool']}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.families:
+        rows = families()
+        print(json.dumps(rows) if args.json else format_families(rows))
+        return 0
     try:
         info = model_info(build_from_args(args))
     except UserError as e:
