@@ -307,7 +307,8 @@ def add_model_args(p: argparse.ArgumentParser, widths: bool) -> None:
     """widths: the flags that choose the student's own dims (training from scratch)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default="deit_base_distilled_patch16_224", type=str,
-                   help="timm DeiT name: fixes patch, image size, depth and distillation")
+                   help="timm ViT name (DeiT, ViT, DeiT III, DINOv2: python -m tools.model_info "
+                        "--families): fixes patch, image size, depth, distillation and family")
     if widths:
         g.add_argument("--EMB", default=None, type=POSITIVE_INT, help="embedding width of the ReViT rule")
         g.add_argument("--dims", default=None, type=str, help="YAML/JSON dims spec (overrides --EMB)")
