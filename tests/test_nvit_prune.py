@@ -183,9 +183,20 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
     assert masks_of(stop) == masks_of(full)
 
 
-def test_torchrun_ranks_agree(tmp_path, dense):
+@pytest.mark.parametrize("family", ["deit_tiny_distilled_patch16_224",
+                                    "vit_small_patch14_reg4_dinov2"])
+def test_torchrun_ranks_agree(tmp_path, dense, family):
+    """Two ranks prune identically, on DeiT and on a DINOv2-style model (LayerScale, four
+    register tokens, position embedding over the patches only)."""
+    if family != "deit_tiny_distilled_patch16_224":
+        torch.manual_seed(0)
+        m = models.build_model(family, dims=DENSE_DIMS, img_size=32, patch_size=8, num_classes=10)
+        assert m.dims.reg_tokens == 4 and m.dims.layer_scale
+        dense = tmp_path / "dense.pth"
+        torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, dense)
+    fast = [a if a != "deit_tiny_distilled_patch16_224" else family for a in FAST]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29733", str(ROOT / "nvit_prune.py"), *FAST, *PRUNE, "--pretrained-path",
+           "--master_port=29733", str(ROOT / "nvit_prune.py"), *fast, *PRUNE, "--pretrained-path",
            str(dense), "--epochs", "3", "--batch-size", "16", "--grad-accum-steps", "2",
            "--latency_target", "0.6", "--pruning_exit", "--dist-eval",
            "--output_dir", str(tmp_path / "o")]  # accumulation: DDP's no_sync on real ranks

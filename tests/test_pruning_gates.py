@@ -566,7 +566,7 @@ def test_collect_unscales_skips_overflow_and_clears() -> None:
 
 # ------------------------------------------------------------------------------ unit map
 def test_unit_map_refuses_a_parameter_it_does_not_cover() -> None:
-    """A new parameter (here a LayerScale-like gamma) is an error for every consumer of the
+    """A new parameter (here a stray per-block gamma) is an error for every consumer of the
     unit map, not silently skipped by the optimizer clean-up, the scores or compaction."""
     from pruning.units import clear_pruned_state, squared_magnitudes
     model = tiny()
