@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import signal
 
 import pytest
 import torch
@@ -288,9 +289,10 @@ def test_distillation_without_a_distillation_token_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_prune_compact_evaluate_a_deit3_style_model(tmp_path):
+def test_prune_compact_evaluate_a_deit3_style_model(tmp_path, monkeypatch):
     """nvit_prune.py on a DeiT III-style model (LayerScale, position embedding without the
-    class token), KL to the full model: pruned, compact, evaluated, exported."""
+    class token), KL to the full model: pruned, compact, evaluated; an interrupted run
+    resumes to the same model."""
     torch.manual_seed(0)
     name = "deit3_small_patch16_224"
     dense = models.build_model(name, dims=models.Dims(**DENSE_DIMS), img_size=32, patch_size=8,
@@ -318,6 +320,25 @@ def test_prune_compact_evaluate_a_deit3_style_model(tmp_path):
                   "--finetune", pruned, "--eval")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert float(re.search(r"top-1 ([\d.]+)%", ev.stdout).group(1)) == pytest.approx(top1, abs=0.006)
+    # Ctrl-C at the third prune step, then --resume: the same compact model, bitwise
+    import nvit_prune
+    line = nvit_prune.prune_step_line
+
+    def interrupt(record, loop, args):
+        if record["step"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return line(record, loop, args)
+    monkeypatch.setattr(nvit_prune, "prune_step_line", interrupt)
+    part = tmp_path / "part"
+    common = [*args, *PRUNE_FLAGS, "--model", name, "--pretrained-path", ckpt, "--cost", "macs",
+              "--latency_target", "0.6", "--epochs", "2", "--output_dir", part, "--pruning_exit"]
+    assert run_here("nvit_prune.py", *common).returncode == 130
+    assert not (part / "pruned_checkpoint.pth").exists()
+    monkeypatch.setattr(nvit_prune, "prune_step_line", line)
+    assert run_here("nvit_prune.py", *common, "--resume").returncode == 0
+    a = torch.load(pruned, weights_only=True)["model"]
+    b = torch.load(part / "pruned_checkpoint.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("family", ["DINOv2 with registers", "ViT, registers, avg pool + fc_norm"])
