@@ -156,6 +156,13 @@ def test_frame_note() -> None:
     assert table.frame_note(odd_dims(8, True)) is not None  # 18 tokens, table says 10
     assert table.frame_note(Dims(24, [1], [4], [4], [8], img_size=12, patch_size=4, in_chans=3,
                                  num_classes=10, distilled=False)) is None
+    # register tokens pass every block: 9 patches + cls + 4 registers is not the table's 10
+    assert "14" in table.frame_note(Dims(24, [1], [4], [4], [8], img_size=12, patch_size=4,
+                                         in_chans=3, num_classes=10, distilled=False,
+                                         reg_tokens=4))
+    assert table.frame_note(Dims(24, [1], [4], [4], [8], img_size=12, patch_size=4, in_chans=3,
+                                 num_classes=10, distilled=False, class_token=False,
+                                 global_pool="avg", reg_tokens=1)) is None
 
 
 def test_settings_note_names_device_and_precision() -> None:
