@@ -176,6 +176,48 @@ def test_compile_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_study_quick_on_the_cpu(tmp_path):
+    """The GPU study's code on the CPU with tiny shapes: every section's rows, the logits of
+    ours and timm's equal, the compact models under their targets, and the kernel SDPA runs:
+    the CPU's fused kernel wherever the model pads unequal widths, math where it does not."""
+    stdout = study_here("bench_gpu.py", "--device", "cpu", "--quick", "--out", str(tmp_path))
+    assert "## SDPA kernel by head widths" in stdout
+    data = json.loads((tmp_path / "gpu_quick.json").read_text())
+    assert data["quick"] is True and data["device"]["device"] == "cpu"
+    rows = {s: [r for r in data["rows"] if r["section"] == s] for s in
+            ("ours vs timm", "pruning step", "compact vs dense", "sdpa kernel")}
+    assert {(r["mode"], r["precision"]) for r in rows["ours vs timm"]} == {
+        (m, p) for m in ("inference b1", "inference b8", "training step b8")
+        for p in ("fp16", "bf16")}
+    for r in rows["ours vs timm"]:
+        assert is_stats(r["throughput_ratio"]) and r["max_logit_diff"] < 1e-4
+        assert ("ours_peak_mib" in r) == r["mode"].startswith("training")
+    assert [r["precision"] for r in rows["pruning step"]] == ["fp16", "bf16"]
+    assert all(is_stats(r["pruning_over_plain"]) and r["pruning_peak_mib"] > 0
+               for r in rows["pruning step"])
+    assert {(r["target"], r["batch_size"]) for r in rows["compact vs dense"]} == {
+        (t, b) for t in (0.75, 0.5, 0.25) for b in (1, 8)}
+    for r in rows["compact vs dense"]:
+        assert r["macs_ratio"] <= r["target"] and r["table_speedup"] > 0 and r["speedup"] > 0
+    for r in rows["sdpa kernel"]:
+        assert r["kernel_padded"] == "flash (CPU)", r
+        assert r["kernel_unpadded"] == ("flash (CPU)" if r["qk"] == r["v"] else "math"), r
+
+
+def test_gpu_study_skips_without_cuda_and_refuses_a_full_cpu_run(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the study would run")
+    assert "skipped: no CUDA device" in study_here("bench_gpu.py", "--out", str(tmp_path))
+    assert not list(tmp_path.iterdir())
+    module = importlib.import_module("benchmarks.bench_gpu")
+    with mock.patch.object(sys, "argv", ["bench_gpu.py", "--device", "cpu"]), \
+            contextlib.redirect_stderr(io.StringIO()) as err:
+        assert module.main() == 2
+    assert err.getvalue().startswith("error: the full study times GPUs")
+
+
+@pytest.mark.slow
 @needs_data
 def test_input_pipeline_quick(tmp_path):
     data = quick("bench_input_pipeline.py", "input_pipeline", tmp_path)
