@@ -129,7 +129,7 @@ class Config:
         return {k: getattr(self, k) for k in keys}
 
 
-FULL = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, patch_size=4)
+FULL = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, patch_size=4, dense_epochs=150)
 QUICK = dict(embed_dim=48, depth=2, num_heads=3, mlp_dim=96, patch_size=8, batch_size=64,
              dense_epochs=25, dense_lr=3e-3, crop_pad=2, hflip=False, prune_batch=32,
              interval=3, prune_per_iter=24, tp_steps=16, ft_epochs=3, ft_lr=1e-3,
@@ -526,30 +526,90 @@ def dims_text(d: dict) -> str:
 
 
 # --------------------------------------------------------------------- caching
+PLATEAU_POINTS = 0.5  # converged: the last fifth of the epochs gains less than this
+
+
+def plateau_gain(curve: list[float]) -> float:
+    """Top-1 points gained over the last fifth of the epochs (end minus the value before it)."""
+    before = len(curve) - max(1, len(curve) // 5) - 1
+    return curve[-1] - (curve[before] if before >= 0 else 0.0)
+
+
 def dense_model(cfg: Config, data: Data, work: Path, times: dict) -> tuple[models.ReViT, float]:
-    """Train the dense model once; reuse the checkpoint when its recipe matches."""
-    path = work / f"dense_{cfg.data}.pth"
+    """The dense model, trained once with the dense recipe and evaluated after every epoch;
+    reused while its recipe matches. Training writes `dense_<data>.partial.pth` after every
+    epoch (weights, optimizer, the batch order's generator and position, the top-1 curve),
+    so a stopped run continues exactly where it stopped; the finished model keeps its curve
+    and `plateau_gain` (converged when below PLATEAU_POINTS)."""
+    path, partial = work / f"dense_{cfg.data}.pth", work / f"dense_{cfg.data}.partial.pth"
     key = cfg.dense_key()
+    model = models.ReViT(cfg.dims())
     if path.is_file():
         ck = torch.load(path, map_location="cpu", weights_only=True)
         if ck.get("key") == key:
-            model = models.ReViT(models.Dims.from_dict(ck["dims"]))
             model.load_state_dict(ck["model"])
-            print(f"dense model: reusing {path} (top-1 {ck['top1']:.2f}%, trained in "
+            print(f"dense model: reusing {path} (top-1 {ck['top1']:.2f}%, plateau gain "
+                  f"{ck.get('plateau_gain', float('nan')):.2f} points, trained in "
                   f"{ck['seconds']:.0f} s)")
             times["dense_train_cached_s"] = ck["seconds"]
             return model.eval(), ck["top1"]
         print(f"dense model: {path} was made with another recipe; training again")
+    epochs = int(cfg.dense_epochs)
+    if epochs != cfg.dense_epochs:
+        raise SystemExit(f"dense_epochs must be whole epochs, got {cfg.dense_epochs}")
+    n = len(data.x_train)
+    per_epoch = n // cfg.batch_size
+    total = epochs * per_epoch
+    warmup = max(1, int(cfg.warmup_frac * total))
     torch.manual_seed(cfg.seed)
     model = models.ReViT(cfg.dims())
-    t0 = time.perf_counter()
-    train_scratch(model, data, cfg, cfg.dense_epochs, cfg.seed, "dense")
-    seconds = time.perf_counter() - t0
-    top1 = accuracy(model, data, cfg.eval_batch)
+    opt = make_optimizer(model, cfg.dense_lr, cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = {"perm": torch.randperm(n, generator=gen), "pos": 0}
+    start, curve, seconds = 0, [], 0.0
+    if partial.is_file():
+        ck = torch.load(partial, map_location="cpu", weights_only=True)
+        if ck.get("key") == key:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            gen.set_state(ck["generator"])
+            order = {"perm": ck["perm"], "pos": ck["pos"]}
+            start, curve, seconds = ck["epoch"] + 1, list(ck["curve"]), ck["seconds"]
+            print(f"dense model: continuing {partial} after epoch {start}/{epochs}")
+
+    def next_batch():
+        if order["pos"] + cfg.batch_size > n:
+            order["perm"], order["pos"] = torch.randperm(n, generator=gen), 0
+        idx = order["perm"][order["pos"]:order["pos"] + cfg.batch_size]
+        order["pos"] += cfg.batch_size
+        return augment(data.x_train[idx], cfg.crop_pad, cfg.hflip, gen), data.y_train[idx]
+
+    def criterion(x, logits, y):
+        return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        batches = [next_batch() for _ in range(per_epoch)]
+
+        def lr_at(i: int, base: int = epoch * per_epoch) -> None:
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(base + i, total, cfg.dense_lr, warmup)
+        with contextlib.redirect_stdout(io.StringIO()):
+            stats = engine.train_one_epoch(model, criterion, batches, opt, CPU, epoch,
+                                           print_freq=10**9, step_update=lr_at)
+        curve.append(accuracy(model, data, cfg.eval_batch))
+        seconds += time.perf_counter() - t0
+        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "generator": gen.get_state(), "perm": order["perm"], "pos": order["pos"],
+                     "epoch": epoch, "curve": curve, "seconds": seconds, "key": key}, partial)
+        print(f"  dense: epoch {epoch + 1}/{epochs} loss {stats['loss']:.3f} top-1 "
+              f"{curve[-1]:.2f}% ({seconds:.0f} s)", flush=True)
+    top1, gain = curve[-1], plateau_gain(curve)
     times["dense_train_s"] = seconds
     save_atomic({"model": model.state_dict(), "dims": model.dims.to_dict(), "key": key,
-                 "top1": top1, "seconds": seconds}, path)
-    print(f"dense model: top-1 {top1:.2f}% after {cfg.dense_epochs} epochs in {seconds:.0f} s")
+                 "top1": top1, "seconds": seconds, "curve": curve, "plateau_gain": gain}, path)
+    partial.unlink(missing_ok=True)
+    print(f"dense model: top-1 {top1:.2f}% after {epochs} epochs in {seconds:.0f} s; the last "
+          f"fifth gained {gain:.2f} points ({'converged' if gain < PLATEAU_POINTS else 'NOT converged'})")
     return model.eval(), top1
 
 
@@ -665,6 +725,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--results-dir", default=None,
                    help="where the JSON/Markdown/PNG go (default benchmarks/results)")
+    p.add_argument("--dense-only", action="store_true",
+                   help="train (or continue training) the dense model, then stop")
     args = p.parse_args(argv)
     if args.results_dir:
         from benchmarks import common
@@ -700,6 +762,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"data {data_kind}: {len(data.x_train)} train / {len(data.x_val)} val; "
           f"{args.threads} threads")
     dense, dense_top1 = dense_model(cfg, data, work, times)
+    if args.dense_only:
+        return
     dense_macs = count_macs(dense)[0]
 
     t0 = time.perf_counter()

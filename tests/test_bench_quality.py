@@ -140,3 +140,37 @@ def test_quick_study_reports_every_method_and_budget(tmp_path: Path) -> None:
     for name in ("quality_quick_macs.png", "quality_quick_latency.png"):
         assert (results / name).stat().st_size > 1000
     assert data["times_s"]["total_s"] > 0
+
+
+def test_dense_training_resumes_exactly_and_reports_its_plateau(tmp_path, monkeypatch):
+    """The quality study's dense model: stopped after its second epoch and continued from
+    the per-epoch checkpoint, it ends with the weights and top-1 curve of an uninterrupted
+    run, and the finished file says how much the last fifth of the epochs gained."""
+    from benchmarks import bench_quality as bq
+    cfg = bq.Config(data="digits", **{**bq.QUICK, "dense_epochs": 3, "train_subset": 256})
+    data = bq.load_data("digits", cfg.img_size, cfg.train_subset)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    bq.dense_model(cfg, data, whole, {})
+    ref = torch.load(whole / "dense_digits.pth", weights_only=True)
+    assert len(ref["curve"]) == 3 and ref["plateau_gain"] == ref["curve"][2] - ref["curve"][1]
+
+    part = tmp_path / "part"
+    part.mkdir()
+    real, calls = bq.accuracy, []
+
+    def stop_after_two(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(bq, "accuracy", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        bq.dense_model(cfg, data, part, {})
+    assert torch.load(part / "dense_digits.partial.pth", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(bq, "accuracy", real)
+    bq.dense_model(cfg, data, part, {})
+    got = torch.load(part / "dense_digits.pth", weights_only=True)
+    assert got["curve"] == ref["curve"] and not (part / "dense_digits.partial.pth").exists()
+    assert all(torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"])
+    assert bq.plateau_gain([50.0, 60.0, 70.0, 70.2, 70.3]) == pytest.approx(0.1)
