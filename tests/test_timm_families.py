@@ -372,3 +372,20 @@ def test_model_info_lists_the_families(capsys):
     assert model_info.main(["--model", TABLE["DeiT III"], "--input-size", "32",
                             "--patch-size", "8"]) == 0
     assert "LayerScale 1e-06" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(reg_tokens=-1), "reg_tokens must be an integer >= 0"),
+    (dict(layer_scale=-0.1), "layer_scale"),
+    (dict(global_pool="map"), "global_pool must be one of token, avg"),
+    (dict(class_token=False), "global_pool 'token' needs a class token"),
+    (dict(distilled=True, global_pool="avg"), "a distilled model pools"),
+    (dict(distilled=True, fc_norm=True), "a distilled model pools"),
+])
+def test_impossible_family_fields_are_refused_by_name(fields, words):
+    base = dict(embed_dim=32, num_heads=[2], qk_dim=[8], v_dim=[8], mlp_dim=[16])
+    with pytest.raises(UserError, match=re.escape(words)):
+        models.Dims(**base, **fields)
+    with pytest.raises(UserError, match="reg_tokens must be an integer"):
+        models.Dims.from_dict({**base, "reg_tokens": 1.5})
+    assert models.Dims(**base, class_token=False, global_pool="avg").num_prefix_tokens == 0
