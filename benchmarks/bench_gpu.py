@@ -68,13 +68,16 @@ FULL = {"models": {"DeiT-S/224": ("deit_small_patch16_224", {}),
                    "DeiT-B/224": ("deit_base_patch16_224", {})},
         "train_batch": 64, "infer_batches": (1, 256), "prune_model": "DeiT-S/224",
         "compact_model": "DeiT-B/224", "targets": (0.75, 0.5, 0.25), "repeats": 20,
-        "warmup": 3, "steps": 4, "table_repeats": 10, "pairs": 10}
+        "warmup": 3, "steps": 4, "table_repeats": 5, "pairs": 6, "speed_repeats": 2}
+# The time budget (< 8 min on one GPU), counted in forwards: the speed report's timer runs 2
+# warm-up and speed_repeats samples of 10 queued forwards per call, so 6 pairs of DeiT-B at
+# batch 256 are about 2 x 6 x 22 forwards per pruned shape; a table point is 3 + 5 x 10.
 QUICK = {"models": {"tiny DeiT (32 px, patch 8, depth 2, E 96)":
                     ("deit_small_patch16_224",
                      dict(img_size=32, patch_size=8, depth=2, embed_dim=96, num_classes=10))},
          "train_batch": 8, "infer_batches": (1, 8), "prune_model": None, "compact_model": None,
          "targets": (0.75, 0.5, 0.25), "repeats": 3, "warmup": 1, "steps": 2,
-         "table_repeats": 2, "pairs": 3}
+         "table_repeats": 2, "pairs": 3, "speed_repeats": 2}
 # (QK, V) head widths: DeiT's, ReViT-T/S blocks, pruned pairs, odd, beyond flash's 256
 SDPA_WIDTHS = [(64, 64), (16, 64), (32, 64), (24, 40), (40, 24), (5, 12), (264, 136)]
 SDPA_OPS = {  # the aten op SDPA dispatched to -> the kernel's name
@@ -246,7 +249,7 @@ def compact_speedups(case: str, name: str, overrides: dict, device, cfg: dict,
                 grid, device, b, dense.dims.num_tokens, warmup=cfg["warmup"],
                 repeats=cfg["table_repeats"], amp_dtype=dtype, model_dims=dense.dims))
         for t, m in compacts.items():
-            r = speed_report(dense, m, device, b, dtype, cfg["pairs"], cfg["repeats"], table)
+            r = speed_report(dense, m, device, b, dtype, cfg["pairs"], cfg["speed_repeats"], table)
             rows.append({"section": "compact vs dense", "case": case, "target": t,
                          "dims": m.dims.to_dict(), "grid": grid, **r})
     return rows
