@@ -270,6 +270,27 @@ def run_epochs(model: torch.nn.Module, criterion, next_batch, steps: int, opt, l
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
+def scratch_batches(data: Data, cfg: Config, gen: torch.Generator, order: dict):
+    """Endless augmented training batches in the shuffled `order` ({"perm", "pos"}, updated in
+    place so a checkpoint can keep it), reshuffled by `gen` after each pass."""
+    n = len(data.x_train)
+
+    def next_batch():
+        if order["pos"] + cfg.batch_size > n:
+            order["perm"], order["pos"] = torch.randperm(n, generator=gen), 0
+        idx = order["perm"][order["pos"]:order["pos"] + cfg.batch_size]
+        order["pos"] += cfg.batch_size
+        return augment(data.x_train[idx], cfg.crop_pad, cfg.hflip, gen), data.y_train[idx]
+    return next_batch
+
+
+def smoothed_ce(cfg: Config):
+    """The dense recipe's loss, in the engine's criterion(samples, outputs, targets) form."""
+    def criterion(x, logits, y):
+        return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    return criterion
+
+
 def train_scratch(model: torch.nn.Module, data: Data, cfg: Config, epochs: float, seed: int,
                   log: str) -> None:
     """The dense recipe: CE with label smoothing, crop + flip, AdamW, warmup + cosine."""
@@ -278,18 +299,8 @@ def train_scratch(model: torch.nn.Module, data: Data, cfg: Config, epochs: float
     n = len(data.x_train)
     steps_per_epoch = n // cfg.batch_size
     total = max(1, int(round(epochs * steps_per_epoch)))
-    state = {"perm": torch.randperm(n, generator=gen), "pos": 0}
-
-    def next_batch():
-        if state["pos"] + cfg.batch_size > n:
-            state["perm"], state["pos"] = torch.randperm(n, generator=gen), 0
-        idx = state["perm"][state["pos"]:state["pos"] + cfg.batch_size]
-        state["pos"] += cfg.batch_size
-        return augment(data.x_train[idx], cfg.crop_pad, cfg.hflip, gen), data.y_train[idx]
-
-    def criterion(x, logits, y):
-        return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-    run_epochs(model, criterion, next_batch, total, make_optimizer(model, cfg.dense_lr, cfg.weight_decay),
+    next_batch = scratch_batches(data, cfg, gen, {"perm": torch.randperm(n, generator=gen), "pos": 0})
+    run_epochs(model, smoothed_ce(cfg), next_batch, total, make_optimizer(model, cfg.dense_lr, cfg.weight_decay),
                cfg.dense_lr, max(1, int(cfg.warmup_frac * total)), log, steps_per_epoch)
 
 
@@ -577,15 +588,7 @@ def dense_model(cfg: Config, data: Data, work: Path, times: dict) -> tuple[model
             start, curve, seconds = ck["epoch"] + 1, list(ck["curve"]), ck["seconds"]
             print(f"dense model: continuing {partial} after epoch {start}/{epochs}")
 
-    def next_batch():
-        if order["pos"] + cfg.batch_size > n:
-            order["perm"], order["pos"] = torch.randperm(n, generator=gen), 0
-        idx = order["perm"][order["pos"]:order["pos"] + cfg.batch_size]
-        order["pos"] += cfg.batch_size
-        return augment(data.x_train[idx], cfg.crop_pad, cfg.hflip, gen), data.y_train[idx]
-
-    def criterion(x, logits, y):
-        return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    next_batch, criterion = scratch_batches(data, cfg, gen, order), smoothed_ce(cfg)
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         batches = [next_batch() for _ in range(per_epoch)]
