@@ -1,22 +1,30 @@
 """Study 5: pruning quality on real data - NViT's saliency against simpler criteria and Torch-Pruning.
 
-    python -m benchmarks.bench_quality [--data cifar10|digits] [--quick] [--work-dir DIR] [--threads 2]
+    python -m benchmarks.bench_quality [--data cifar10|digits] [--quick] [--seeds 0,1,2]
+        [--methods hessian_macs,...] [--work-dir DIR] [--threads 2] [--dense-only]
 
 One dense DeiT-style model is trained once on real images (CIFAR-10 subset from
-../shared/data/cifar10, else scikit-learn's DIGITS) and cached in the work dir. From the
-same dense weights every method reaches 50% and 25% of the dense MACs:
+../shared/data/cifar10, else scikit-learn's DIGITS) until its top-1 plateaus; a committed
+copy under benchmarks/models/ (manifest.json: command, sha256) is used when its recipe
+matches, else the work dir's, else it is trained. From the same dense weights every method
+reaches 50% and 25% of the dense MACs, once per seed (the seed orders the batches, draws the
+random scores and initialises (g)):
 
-  (a) hessian saliency + MACs cost          (NViT as published, our default)
-  (b) hessian saliency + CPU latency table  (ranked by score - lambda * latency drop)
-  (c) first-order Taylor + MACs   (d) weight magnitude + MACs   (e) random + MACs
-  (f) uniform width scaling to the MACs budget, trained from scratch
-  (g) Torch-Pruning (group Taylor, global/isomorphic, heads + embedding) on the timm ViT
+  (a) NViT as published: hessian saliency, reference scales, MACs cost
+  (b) NViT with a CPU latency table, lambda calibrated at the first prune step
+  (c) hessian with unit scales   (d) first-order Taylor   (e) weight magnitude   (f) random
+  (g) uniform width scaling trained from scratch for the same total epochs
+  (h) Torch-Pruning's ViT recipe (isomorphic global pruning, group Taylor, heads)
 
-(a)-(e) run the real pruning loop (gates, KL to the dense model between prune steps, one
-trajectory through 50% to 25%); every pruned model, (g) included, gets the same finetune.
-Reported: top-1 after pruning and after finetuning, params, MACs, CPU latency at batch 1 and
-32 relative to the dense model (interleaved), and the final dims. Results go to
-benchmarks/results/quality[_quick].{json,md,*.png}.
+(a)-(f) run the shipped pruning loop (pruning.loop.PruningLoop over engine.train_one_epoch)
+with the reference's loss (losses.FullModelKLLoss: KL at T=3 from the first prune step,
+student in eval mode, constant learning rate), one trajectory through 50% to 25%; every
+pruned model, (h) included, gets the same finetune (the reference's: KL per head at T=20 plus
+the label loss). Reported per method and budget over the seeds: top-1 after pruning and after
+finetuning (mean +- sd), the paired difference to (a) with a 95% t interval, params, MACs and
+CPU latency at batch 1 and 32 relative to the dense model (interleaved). Every (method, seed)
+is saved when done and every from-scratch epoch is checkpointed, so a stopped study resumes.
+Results go to benchmarks/results/quality[_quick].{json,md,*.png}.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -53,7 +62,7 @@ from benchmarks.common import (  # noqa: E402
     uniform_dims,
     write_results,
 )
-from losses import kl_elementwise_mean  # noqa: E402
+from losses import DistillationLoss, FullModelKLLoss  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning import Gates, Saliency, compact  # noqa: E402
 from pruning.cost import LatencyTable, MacsCost  # noqa: E402
@@ -61,16 +70,21 @@ from pruning.loop import PruningLoop  # noqa: E402
 from pruning.pruner import GlobalPruner  # noqa: E402
 
 BUDGETS = (0.5, 0.25)
-METHODS = {  # key: (label, description)
-    "hessian_macs": ("(a)", "hessian + MACs (NViT)"),
-    "hessian_latency": ("(b)", "hessian + latency table"),
-    "taylor_macs": ("(c)", "taylor + MACs"),
-    "magnitude_macs": ("(d)", "magnitude + MACs"),
-    "random_macs": ("(e)", "random + MACs"),
-    "uniform_scratch": ("(f)", "uniform scaling, from scratch"),
-    "torch_pruning": ("(g)", "Torch-Pruning (group Taylor)"),
-    "hessian_unit_macs": ("(h)", "hessian, all scales 1 + MACs"),  # diagnostic: scale factors
+METHODS = {  # key: (label, description); the labels are the issue's, (a) is the reference
+    "hessian_macs": ("(a)", "NViT: hessian + MACs"),
+    "hessian_latency": ("(b)", "NViT: hessian + latency table"),
+    "hessian_unit_macs": ("(c)", "hessian, unit scales + MACs"),
+    "taylor_macs": ("(d)", "Taylor + MACs"),
+    "magnitude_macs": ("(e)", "magnitude + MACs"),
+    "random_macs": ("(f)", "random + MACs"),
+    "uniform_scratch": ("(g)", "uniform scaling, from scratch"),
+    "torch_pruning": ("(h)", "Torch-Pruning (isomorphic, group Taylor)"),
 }
+REFERENCE = "hessian_macs"  # every other method is compared with this one, seed by seed
+# The reference's commands pass --kl_loss_coeff 100000 on ImageNet's 1000 classes; the KL is an
+# element-wise mean over batch x classes, so the same weight relative to the label loss here is
+# 100000 x classes / 1000 (100x the batch-mean KL whatever the class count).
+REFERENCE_KL_COEFF, REFERENCE_CLASSES = 1e5, 1000
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DIGITS_MEAN, DIGITS_STD = (0.25, 0.25, 0.25), (0.35, 0.35, 0.35)
 
@@ -101,20 +115,36 @@ class Config:
     prune_per_iter: int = 64
     group_sizes: dict = field(default_factory=lambda: {"emb": 8, "head": 1, "qk": 4, "v": 4,
                                                        "mlp": 8})
-    kl_coeff: float = 1.0
+    # the reference's loss: KL (T = kl_tau) + original_loss_coeff x label loss; KL weight None:
+    # the reference's, scaled to the class count (REFERENCE_KL_COEFF)
+    kl_loss_coeff: float | None = None
+    original_loss_coeff: float = 1.0
+    kl_tau: float = 3.0
+    student_eval: bool = True
     latency_weight: float = 1.0  # (b): lambda makes the median penalty this x the median score
     # Torch-Pruning (g)
     tp_steps: int = 40
     tp_ratio: float = 0.8
     tp_head_ratio: float = 0.5
-    # finetune of every pruned model
-    ft_epochs: float = 1
+    # finetune of every pruned model: the reference's finetune (KL per head at ft_kl_tau)
+    ft_epochs: float = 3
     ft_lr: float = 5e-4
-    # (f): epochs from scratch (None: dense_epochs + ft_epochs)
+    ft_kl_tau: float = 20.0
+    # (g): epochs from scratch (None: dense_epochs + ft_epochs)
     uniform_epochs: float | None = None
     eval_batch: int = 500
     latency_repeats: int = 15
-    seed: int = 0
+    seed: int = 0  # the dense model's
+
+    def kl_coeff(self, num_classes: int) -> float:
+        if self.kl_loss_coeff is not None:
+            return self.kl_loss_coeff
+        return REFERENCE_KL_COEFF * num_classes / REFERENCE_CLASSES
+
+    def scratch_epochs(self) -> int:
+        """(g)'s epochs: the dense model's plus the finetune's (the pruning phase, under one
+        epoch here, is not counted)."""
+        return int(math.ceil(self.uniform_epochs or self.dense_epochs + self.ft_epochs))
 
     def dims(self, num_classes: int = 10) -> models.Dims:
         return models.Dims.uniform(self.embed_dim, self.depth, self.num_heads, self.mlp_dim,
@@ -131,7 +161,7 @@ class Config:
 
 FULL = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, patch_size=4, dense_epochs=150)
 QUICK = dict(embed_dim=48, depth=2, num_heads=3, mlp_dim=96, patch_size=8, batch_size=64,
-             dense_epochs=25, dense_lr=3e-3, crop_pad=2, hflip=False, prune_batch=32,
+             dense_epochs=150, dense_lr=3e-3, crop_pad=2, hflip=False, prune_batch=32,
              interval=3, prune_per_iter=24, tp_steps=16, ft_epochs=3, ft_lr=1e-3,
              latency_repeats=6, group_sizes={"emb": 4, "head": 1, "qk": 4, "v": 4, "mlp": 8})
 
@@ -291,19 +321,6 @@ def smoothed_ce(cfg: Config):
     return criterion
 
 
-def train_scratch(model: torch.nn.Module, data: Data, cfg: Config, epochs: float, seed: int,
-                  log: str) -> None:
-    """The dense recipe: CE with label smoothing, crop + flip, AdamW, warmup + cosine."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    n = len(data.x_train)
-    steps_per_epoch = n // cfg.batch_size
-    total = max(1, int(round(epochs * steps_per_epoch)))
-    next_batch = scratch_batches(data, cfg, gen, {"perm": torch.randperm(n, generator=gen), "pos": 0})
-    run_epochs(model, smoothed_ce(cfg), next_batch, total, make_optimizer(model, cfg.dense_lr, cfg.weight_decay),
-               cfg.dense_lr, max(1, int(cfg.warmup_frac * total)), log, steps_per_epoch)
-
-
 class DistilBatches:
     """Endless flip-only batches with the dense model's cached logits."""
 
@@ -319,7 +336,7 @@ class DistilBatches:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, targets): targets packs the label and the dense model's logits in one
-        tensor (label first), which is what the engine hands to `distil_loss`."""
+        tensor (label first), which is what the engine hands to `CachedFullModelKL`."""
         if self.pos + self.batch > len(self.perm):
             self.perm = torch.randperm(len(self.data.x_train), generator=self.gen)
             self.pos = 0
@@ -334,40 +351,64 @@ class DistilBatches:
         return x, torch.cat([self.data.y_train[idx, None].to(teacher.dtype), teacher], 1)
 
 
-def distil_loss(cfg: Config):
-    """KL to the dense model plus label-smoothed CE: the pruning and finetune objective, as an
-    engine criterion over the packed targets of `DistilBatches`."""
-    def loss(x: torch.Tensor, logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        y, teacher = packed[:, 0].long(), packed[:, 1:]
-        # the study's KL weight was set for a batch-mean KL: times the classes, the element-wise
-        # mean is that (T = 1); study 5 predates the reference's KL scale (issue 13 redoes it)
-        return (cfg.kl_coeff * logits.shape[-1] * kl_elementwise_mean(logits, teacher, 1.0)
-                + F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))
-    return loss
+class _CachedLogits(torch.nn.Module):
+    """Stands in for the frozen full model: returns the logits the batch brought along."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits
 
 
-def finetune(model: torch.nn.Module, batches: DistilBatches, cfg: Config, log: str) -> None:
-    """The same finetune for every pruned model: KL + CE, AdamW, short warmup + cosine."""
-    torch.manual_seed(cfg.seed + 1)
+class CachedFullModelKL(FullModelKLLoss):
+    """The shipped pruning/finetune loss (losses.FullModelKLLoss with the label loss as its
+    DeiT loss) taking the full model's logits from the packed targets of `DistilBatches`
+    instead of running the dense model again at every step."""
+
+    def __init__(self, cfg: Config, num_classes: int, tau: float, per_head: bool) -> None:
+        label_loss = DistillationLoss(torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                                      None, "none", 0.0, 1.0)
+        super().__init__(label_loss, _CachedLogits(), cfg.kl_coeff(num_classes),
+                         cfg.original_loss_coeff, tau, per_head=per_head)
+
+    def forward(self, inputs: torch.Tensor, outputs, packed: torch.Tensor) -> torch.Tensor:
+        self.full_model.logits = packed[:, 1:]
+        return super().forward(inputs, outputs, packed[:, 0].long())
+
+
+def pruning_loss(cfg: Config, num_classes: int) -> CachedFullModelKL:
+    """While pruning: KL of the heads' means at T = kl_tau, switched on at the first prune step."""
+    return CachedFullModelKL(cfg, num_classes, cfg.kl_tau, per_head=False)
+
+
+def finetune(model: torch.nn.Module, batches: DistilBatches, cfg: Config, seed: int,
+             log: str) -> None:
+    """The same finetune for every pruned model, the reference's: KL per head pair at
+    T = ft_kl_tau plus the label loss, student in eval mode; AdamW, short warmup + cosine."""
+    torch.manual_seed(seed + 1)
     total = max(1, int(round(cfg.ft_epochs * batches.per_epoch())))
-    run_epochs(model, distil_loss(cfg), batches.next, total,
+    loss = CachedFullModelKL(cfg, model.dims.num_classes, cfg.ft_kl_tau, per_head=True)
+    run_epochs(model, loss, batches.next, total,
                make_optimizer(model, cfg.ft_lr, cfg.weight_decay), cfg.ft_lr,
-               max(1, int(0.05 * total)), f"{log} finetune", batches.per_epoch())
+               max(1, int(0.05 * total)), f"{log} finetune", batches.per_epoch(), train_mode=False)
     model.eval()
 
 
 # ------------------------------------------------------------------------- pruning
 def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: DistilBatches,
-               data: Data, cfg: Config, table: LatencyTable | None,
+               cfg: Config, seed: int, table: LatencyTable | None,
                scales: dict | None = None) -> dict:
-    """NViT's shipped loop (pruning.loop.PruningLoop over engine.train_one_epoch) from dense
-    weights through every budget; returns compact snapshots. (b) ranks by the latency table,
-    lambda calibrated at the first prune step (GlobalPruner.calibrate_lambda), and stops at
-    the MACs budget like every other method."""
-    torch.manual_seed(cfg.seed)
+    """NViT's shipped loop (pruning.loop.PruningLoop over engine.train_one_epoch, the loss,
+    pace, student_eval and constant learning rate of the reference) from dense weights
+    through every budget; returns compact snapshots. (b) ranks by the latency table, lambda
+    calibrated at the first prune step (GlobalPruner.calibrate_lambda), and stops at the
+    MACs budget like every other method."""
+    torch.manual_seed(seed)
     model = copy.deepcopy(dense).train()
     gates = Gates.attach(model)
-    saliency = Saliency(gates, criterion, scales, 0.9, cfg.seed)  # None: reference scales
+    saliency = Saliency(gates, criterion, scales, 0.9, seed)  # None: reference scales
     targets = sorted(BUDGETS, reverse=True)
     pruner = GlobalPruner(gates, saliency, MacsCost(model.dims), targets[0], cfg.prune_per_iter,
                           cfg.group_sizes, rank_cost=table if cost_kind == "latency" else None)
@@ -389,14 +430,16 @@ def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: Dis
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     per_epoch = batches.per_epoch()
-    loop = PruningLoop(model, gates, saliency, pruner, distil_loss(cfg), opt,
-                       interval=cfg.interval, iters_per_epoch=per_epoch, on_prune=on_prune,
+    loop = PruningLoop(model, gates, saliency, pruner, pruning_loss(cfg, model.dims.num_classes),
+                       opt, interval=cfg.interval, iters_per_epoch=per_epoch,
+                       student_eval=cfg.student_eval, on_prune=on_prune,
                        later_targets=targets[1:],
                        lambda_weight=cfg.latency_weight if cost_kind == "latency" else None)
     max_epochs = math.ceil(200 * cfg.interval / per_epoch)  # 200 prune steps at most
     for epoch in range(max_epochs):
         if loop.done:
             break
+        loop.set_phase()  # as nvit_prune.py, before every epoch
         batch_list = [batches.next() for _ in range(per_epoch)]
         with contextlib.redirect_stdout(io.StringIO()):
             engine.train_one_epoch(model, loop.criterion, batch_list, opt, CPU, epoch,
@@ -435,8 +478,10 @@ def _skip_headless_steps(pruner) -> None:
     pruner.per_step_head_pruning_ratio = ratios
 
 
-def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config) -> dict:
-    """Torch-Pruning's documented ViT recipe, iterative, with the same KL training between steps.
+def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config,
+                        seed: int) -> dict:
+    """Torch-Pruning's documented ViT recipe, iterative, with the same loss between steps as
+    ours (the label loss, then the KL term too from the first step on, student in train mode).
 
     MetaPruner + GroupTaylorImportance, global_pruning with isomorphic scopes, whole heads
     removed (prune_num_heads, head_pruning_ratio) and the embedding, MLP hidden widths;
@@ -454,8 +499,9 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
         timm_vit_to_nvit,
     )
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     vit = nvit_to_timm_vit(dense).train()
+    loss = pruning_loss(cfg, dense.dims.num_classes)
     macs = MacsCost(dense.dims)
     dense_cost = macs.total(dense.dims)
     num_heads = {m.qkv: m.num_heads for m in vit.modules() if isinstance(m, Attention)}
@@ -479,8 +525,9 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
             for a, p in zip(acc, params):
                 if p.grad is not None:
                     a += p.grad
+        loss.kl_enabled = step > 0
         with contextlib.redirect_stdout(io.StringIO()):
-            engine.train_one_epoch(vit, distil_loss(cfg), [batches.next() for _ in range(cfg.interval)],
+            engine.train_one_epoch(vit, loss, [batches.next() for _ in range(cfg.interval)],
                                    opt, CPU, step, print_freq=10**9, after_backward=accumulate)
         it += cfg.interval
         for a, p in zip(acc, params):
@@ -505,7 +552,6 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
     return out
 
 
-# ----------------------------------------------------------------- uniform scaling
 # ---------------------------------------------------------------------- measuring
 def latency_vs_dense(model: torch.nn.Module, dense: torch.nn.Module, img: int,
                      repeats: int) -> dict:
@@ -546,36 +592,28 @@ def plateau_gain(curve: list[float]) -> float:
     return curve[-1] - (curve[before] if before >= 0 else 0.0)
 
 
-def dense_model(cfg: Config, data: Data, work: Path, times: dict) -> tuple[models.ReViT, float]:
-    """The dense model, trained once with the dense recipe and evaluated after every epoch;
-    reused while its recipe matches. Training writes `dense_<data>.partial.pth` after every
-    epoch (weights, optimizer, the batch order's generator and position, the top-1 curve),
-    so a stopped run continues exactly where it stopped; the finished model keeps its curve
-    and `plateau_gain` (converged when below PLATEAU_POINTS)."""
-    path, partial = work / f"dense_{cfg.data}.pth", work / f"dense_{cfg.data}.partial.pth"
-    key = cfg.dense_key()
-    model = models.ReViT(cfg.dims())
+def train_resumable(dims: models.Dims, cfg: Config, data: Data, epochs: int, seed: int,
+                    path: Path, key: dict, label: str) -> dict:
+    """A model trained from scratch with the dense recipe (CE with label smoothing, crop +
+    flip, AdamW, warmup + cosine), evaluated after every epoch; returns the finished file's
+    dict ({"model", "dims", "key", "top1", "seconds", "curve", "plateau_gain"}), reused while
+    its `key` matches. Training writes `<stem>.partial.pth` after every epoch (weights,
+    optimizer, the batch order's generator and position, the top-1 curve), so a stopped run
+    continues exactly where it stopped. Our own loop rather than timm's for that exact resume."""
+    partial = path.with_name(path.stem + ".partial.pth")
     if path.is_file():
         ck = torch.load(path, map_location="cpu", weights_only=True)
         if ck.get("key") == key:
-            model.load_state_dict(ck["model"])
-            print(f"dense model: reusing {path} (top-1 {ck['top1']:.2f}%, plateau gain "
-                  f"{ck.get('plateau_gain', float('nan')):.2f} points, trained in "
-                  f"{ck['seconds']:.0f} s)")
-            times["dense_train_cached_s"] = ck["seconds"]
-            return model.eval(), ck["top1"]
-        print(f"dense model: {path} was made with another recipe; training again")
-    epochs = int(cfg.dense_epochs)
-    if epochs != cfg.dense_epochs:
-        raise SystemExit(f"dense_epochs must be whole epochs, got {cfg.dense_epochs}")
+            return ck
+        print(f"{label}: {path} was made with another recipe; training again")
     n = len(data.x_train)
     per_epoch = n // cfg.batch_size
     total = epochs * per_epoch
     warmup = max(1, int(cfg.warmup_frac * total))
-    torch.manual_seed(cfg.seed)
-    model = models.ReViT(cfg.dims())
+    torch.manual_seed(seed)
+    model = models.ReViT(dims)
     opt = make_optimizer(model, cfg.dense_lr, cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     order = {"perm": torch.randperm(n, generator=gen), "pos": 0}
     start, curve, seconds = 0, [], 0.0
     if partial.is_file():
@@ -586,7 +624,7 @@ def dense_model(cfg: Config, data: Data, work: Path, times: dict) -> tuple[model
             gen.set_state(ck["generator"])
             order = {"perm": ck["perm"], "pos": ck["pos"]}
             start, curve, seconds = ck["epoch"] + 1, list(ck["curve"]), ck["seconds"]
-            print(f"dense model: continuing {partial} after epoch {start}/{epochs}")
+            print(f"{label}: continuing {partial} after epoch {start}/{epochs}")
 
     next_batch, criterion = scratch_batches(data, cfg, gen, order), smoothed_ce(cfg)
     for epoch in range(start, epochs):
@@ -604,16 +642,87 @@ def dense_model(cfg: Config, data: Data, work: Path, times: dict) -> tuple[model
         save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                      "generator": gen.get_state(), "perm": order["perm"], "pos": order["pos"],
                      "epoch": epoch, "curve": curve, "seconds": seconds, "key": key}, partial)
-        print(f"  dense: epoch {epoch + 1}/{epochs} loss {stats['loss']:.3f} top-1 "
+        print(f"  {label}: epoch {epoch + 1}/{epochs} loss {stats['loss']:.3f} top-1 "
               f"{curve[-1]:.2f}% ({seconds:.0f} s)", flush=True)
-    top1, gain = curve[-1], plateau_gain(curve)
-    times["dense_train_s"] = seconds
-    save_atomic({"model": model.state_dict(), "dims": model.dims.to_dict(), "key": key,
-                 "top1": top1, "seconds": seconds, "curve": curve, "plateau_gain": gain}, path)
+    done = {"model": model.state_dict(), "dims": dims.to_dict(), "key": key,
+            "top1": curve[-1], "seconds": seconds, "curve": curve,
+            "plateau_gain": plateau_gain(curve)}
+    save_atomic(done, path)
     partial.unlink(missing_ok=True)
-    print(f"dense model: top-1 {top1:.2f}% after {epochs} epochs in {seconds:.0f} s; the last "
-          f"fifth gained {gain:.2f} points ({'converged' if gain < PLATEAU_POINTS else 'NOT converged'})")
-    return model.eval(), top1
+    return done
+
+
+COMMITTED = ROOT / "benchmarks" / "models"  # small finished dense models, see manifest.json
+
+
+def committed_dense(name: str) -> dict | None:
+    """A committed dense model's file, checked against the manifest's sha256 (None: none)."""
+    import hashlib
+    manifest = COMMITTED / "manifest.json"
+    if not manifest.is_file():
+        return None
+    entry = json.loads(manifest.read_text()).get(name)
+    path = COMMITTED / name
+    if entry is None or not path.is_file():
+        return None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != entry["sha256"]:
+        raise SystemExit(f"{path}: sha256 {digest} is not the manifest's {entry['sha256']}; "
+                         f"restore it (git checkout) or delete it to train the model again")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def commit_dense(trained: Path, name: str, command: str, key: dict) -> None:
+    """Copy a finished dense model into COMMITTED as `name` and record it in manifest.json
+    (sha256, the command that trained it, its top-1, plateau gain and training time)."""
+    import hashlib
+    import shutil
+    present = committed_dense(name)
+    if present is not None and present.get("key") == key:
+        print(f"{COMMITTED / name} already holds this recipe's model")
+        return
+    ck = torch.load(trained, map_location="cpu", weights_only=True) if trained.is_file() else {}
+    if ck.get("key") != key:
+        raise SystemExit(f"no finished dense model of this recipe at {trained} to commit")
+    COMMITTED.mkdir(parents=True, exist_ok=True)
+    manifest_path = COMMITTED / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    shutil.copyfile(trained, COMMITTED / f"{name}.tmp")
+    os.replace(COMMITTED / f"{name}.tmp", COMMITTED / name)
+    manifest[name] = {"sha256": hashlib.sha256((COMMITTED / name).read_bytes()).hexdigest(),
+                      "bytes": (COMMITTED / name).stat().st_size, "command": command,
+                      "top1": ck["top1"], "epochs": len(ck["curve"]),
+                      "plateau_gain": ck["plateau_gain"], "train_seconds": round(ck["seconds"]),
+                      "torch": torch.__version__}
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    print(f"committed {COMMITTED / name} ({manifest[name]['bytes']:,} bytes)")
+
+
+def dense_model(cfg: Config, data: Data, work: Path, times: dict,
+                committed_name: str | None = None) -> tuple[models.ReViT, float]:
+    """The dense model: the committed file `committed_name` when its recipe matches, else the
+    work dir's `dense_<data>.pth`, else trained now (resumably, by `train_resumable`) until
+    cfg.dense_epochs; the file keeps its top-1 curve and `plateau_gain` (converged when below
+    PLATEAU_POINTS)."""
+    key = cfg.dense_key()
+    epochs = int(cfg.dense_epochs)
+    if epochs != cfg.dense_epochs:
+        raise SystemExit(f"dense_epochs must be whole epochs, got {cfg.dense_epochs}")
+    ck, where = (committed_dense(committed_name) if committed_name else None), "committed"
+    if ck is None or ck.get("key") != key:
+        where = f"{work}"
+        path = work / f"dense_{cfg.data}.pth"
+        cached = path.is_file()
+        ck = train_resumable(cfg.dims(), cfg, data, epochs, cfg.seed, path, key, "dense")
+        where = where if cached else "trained now"
+    times["dense_train_s" if where == "trained now" else "dense_train_cached_s"] = ck["seconds"]
+    model = models.ReViT(cfg.dims())
+    model.load_state_dict(ck["model"])
+    gain = ck["plateau_gain"]
+    print(f"dense model ({where}): top-1 {ck['top1']:.2f}% after {len(ck['curve'])} epochs "
+          f"({ck['seconds']:.0f} s of training); the last fifth gained {gain:.2f} points "
+          f"({'converged' if gain < PLATEAU_POINTS else 'NOT converged'})")
+    return model.eval(), ck["top1"]
 
 
 def latency_table(cfg: Config, work: Path, num_tokens: int, times: dict) -> LatencyTable:
@@ -643,68 +752,257 @@ def latency_table(cfg: Config, work: Path, num_tokens: int, times: dict) -> Late
     return table
 
 
+# ------------------------------------------------------------------------ runs
+@dataclass
+class Study:
+    """What every (method, seed) run shares: the recipe, data, dense model and its logits."""
+    cfg: Config
+    data: Data
+    dense: models.ReViT
+    dense_top1: float
+    dense_macs: float
+    teacher: TeacherCache
+    table: LatencyTable | None
+    work: Path
+
+
+OURS = {  # method: (criterion, rank cost, scales; None = the reference's)
+    "hessian_macs": ("hessian", "macs", None),
+    "hessian_latency": ("hessian", "latency", None),
+    "hessian_unit_macs": ("hessian", "macs", {"emb": 1.0, "head": 1.0, "qk": 1.0, "v": 1.0,
+                                              "mlp": 1.0}),
+    "taylor_macs": ("taylor", "macs", None),
+    "magnitude_macs": ("magnitude", "macs", None),
+    "random_macs": ("random", "macs", None),
+}
+
+
+def measure(s: Study, method: str, budget: float, seed: int, model: models.ReViT,
+            top1_pruned: float | None, extra: dict) -> dict:
+    """One result row: top-1, params, MACs, dims and CPU latency against the dense model."""
+    model = model.eval()
+    t1 = time.perf_counter()
+    top1 = accuracy(model, s.data, s.cfg.eval_batch)
+    eval_s = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    lat = latency_vs_dense(model, s.dense, s.cfg.img_size, s.cfg.latency_repeats)
+    extra = dict(extra)
+    times = {**extra.pop("_times", {}), "eval": eval_s, "latency": time.perf_counter() - t1}
+    row = {"method": method, "label": METHODS[method][0], "budget": budget, "seed": seed,
+           "top1_pruned": top1_pruned, "top1_finetuned": top1,
+           **describe(model, s.dense_macs), "latency": lat, **extra, "times_s": times}
+    before = "-" if top1_pruned is None else f"{top1_pruned:.2f}%"
+    print(f"  -> {METHODS[method][0]} {budget:.2f} seed {seed}: top-1 {before} -> {top1:.2f}%, "
+          f"MACs ratio {row['macs_ratio']:.3f}, latency b1 {lat['b1']['median']:.2f} "
+          f"b32 {lat['b32']['median']:.2f}", flush=True)
+    return row
+
+
+def finetune_snapshots(s: Study, method: str, seed: int, snaps: dict) -> list[dict]:
+    """Every budget's pruned model: top-1, the common finetune, then `measure`."""
+    rows = []
+    for budget in BUDGETS:
+        if budget not in snaps:
+            print(f"  {method}: budget {budget} not reached")
+            continue
+        snap = dict(snaps[budget])
+        model = snap.pop("model")
+        t1 = time.perf_counter()
+        top1_pruned = accuracy(model, s.data, s.cfg.eval_batch)
+        ev = time.perf_counter() - t1
+        # per seed, the same batches in the same order for every method's finetune
+        batches = DistilBatches(s.data, s.teacher, s.cfg.batch_size, s.cfg.hflip, seed + 100)
+        t1 = time.perf_counter()
+        finetune(model, batches, s.cfg, seed, f"{method} {budget}")
+        times = {"prune": snap.pop("seconds", None), "finetune": time.perf_counter() - t1,
+                 "eval_pruned": ev}
+        rows.append(measure(s, method, budget, seed, model, top1_pruned,
+                            {**snap, "_times": times}))
+    return rows
+
+
+def uniform_scratch(s: Study, seed: int) -> list[dict]:
+    """(g): uniform widths at each budget, trained from scratch (resumably) by the dense recipe
+    for the dense model's epochs plus the finetune's."""
+    rows, epochs = [], s.cfg.scratch_epochs()
+    for budget in BUDGETS:
+        dims = uniform_dims(s.dense.dims, budget)
+        key = {**s.cfg.dense_key(), "dims": dims.to_dict(), "dense_epochs": epochs, "seed": seed}
+        path = s.work / f"uniform_{s.cfg.data}_{budget}_s{seed}.pth"
+        ck = train_resumable(dims, s.cfg, s.data, epochs, seed, path, key,
+                             f"uniform {budget} seed {seed}")
+        model = models.ReViT(dims)
+        model.load_state_dict(ck["model"])
+        rows.append(measure(s, "uniform_scratch", budget, seed, model, None,
+                            {"epochs": epochs, "plateau_gain": ck["plateau_gain"],
+                             "_times": {"train": ck["seconds"]}}))
+    return rows
+
+
+def run_method(s: Study, method: str, seed: int, threads: int) -> list[dict]:
+    """One method at every budget for one seed; its rows are saved when done and reused by a
+    later run with the same recipe (a stopped study resumes here)."""
+    done = s.work / f"rows_{s.cfg.data}_{method}_s{seed}.json"
+    key = {"config": asdict(s.cfg), "dense_top1": s.dense_top1, "threads": threads, "seed": seed}
+    if done.is_file():
+        saved = json.loads(done.read_text())
+        if saved.get("key") == key:
+            print(f"  reusing {done} (measured in an earlier run)")
+            return saved["rows"]
+    t0 = time.perf_counter()
+    if method in OURS:
+        criterion, cost, scales = OURS[method]
+        batches = DistilBatches(s.data, s.teacher, s.cfg.prune_batch, s.cfg.hflip, seed + 10)
+        rows = finetune_snapshots(s, method, seed, prune_ours(
+            s.dense, criterion, cost, batches, s.cfg, seed, s.table, scales))
+    elif method == "torch_pruning":
+        batches = DistilBatches(s.data, s.teacher, s.cfg.prune_batch, s.cfg.hflip, seed + 10)
+        rows = finetune_snapshots(s, method, seed,
+                                  prune_torch_pruning(s.dense, batches, s.cfg, seed))
+    else:
+        rows = uniform_scratch(s, seed)
+    write_text_atomic(done, json.dumps({"key": key, "rows": rows,
+                                        "seconds": time.perf_counter() - t0}))
+    return rows
+
+
+# ------------------------------------------------------------------------ statistics
+T_LEVEL = 0.95  # the paired intervals' coverage
+
+
+def mean_sd(values: list[float | None]) -> dict | None:
+    """Mean and sample standard deviation over the seeds (sd None for one seed)."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None,
+            "n": len(xs)}
+
+
+def paired_interval(diffs: list[float]) -> dict | None:
+    """Mean of seed-paired differences with a two-sided T_LEVEL Student t interval (None
+    bounds with fewer than two pairs)."""
+    if not diffs:
+        return None
+    n, m = len(diffs), statistics.fmean(diffs)
+    if n < 2:
+        return {"mean": m, "lo": None, "hi": None, "n": n}
+    from scipy.stats import t
+    half = float(t.ppf(0.5 + T_LEVEL / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": n}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per method and budget over the seeds: mean +- sd of every figure, and the difference
+    to the reference method (a) paired by seed, after pruning and after finetuning."""
+    by = {(r["method"], r["budget"], r["seed"]): r for r in rows}
+    out = []
+    for budget in BUDGETS:
+        for method in METHODS:
+            rs = sorted((r for r in rows if r["method"] == method and r["budget"] == budget),
+                        key=lambda r: r["seed"])
+            if not rs:
+                continue
+            s = {"method": method, "label": METHODS[method][0], "budget": budget,
+                 "seeds": [r["seed"] for r in rs], "dims_first_seed": rs[0]["dims"]}
+            for f in ("top1_pruned", "top1_finetuned", "macs_ratio", "params"):
+                s[f] = mean_sd([r[f] for r in rs])
+            for b in ("b1", "b32"):
+                s[f"latency_{b}"] = mean_sd([r["latency"][b]["median"] for r in rs])
+            if method != REFERENCE:
+                for f in ("top1_pruned", "top1_finetuned"):
+                    pairs = [(r[f], by[(REFERENCE, budget, r["seed"])][f]) for r in rs
+                             if (REFERENCE, budget, r["seed"]) in by]
+                    s[f"{f}_vs_reference"] = paired_interval(
+                        [a - b for a, b in pairs if a is not None and b is not None])
+            out.append(s)
+    return out
+
+
+def pm(stat: dict | None, digits: int = 2) -> str:
+    """"mean +- sd" (or the mean alone for one seed, "-" for none)."""
+    if stat is None:
+        return "-"
+    if stat["sd"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+
+
+def interval_text(iv: dict | None) -> str:
+    if iv is None:
+        return "-"
+    if iv["lo"] is None:
+        return f"{iv['mean']:+.2f} (1 seed)"
+    return f"{iv['mean']:+.2f} [{iv['lo']:+.2f}, {iv['hi']:+.2f}]"
+
+
 # ------------------------------------------------------------------------ report
-def findings(rows: list[dict], dense_top1: float, n_val: int) -> str:
-    """Plain statements computed from the numbers: who wins each budget, where ours loses."""
+def findings(summary: list[dict], dense_top1: float, n_val: int) -> str:
+    """Plain statements computed from the numbers: who wins each budget, and which methods
+    the seed-paired intervals separate from NViT as published (a)."""
     lines = []
-    by = {(r["method"], r["budget"]): r for r in rows}
+    ref_label = METHODS[REFERENCE][0]
     for b in BUDGETS:
-        cands = [r for r in rows if r["budget"] == b and r.get("top1_finetuned") is not None]
+        cands = [s for s in summary if s["budget"] == b and s["top1_finetuned"] is not None]
         if not cands:
             continue
-        best = max(cands, key=lambda r: r["top1_finetuned"])
-        p = best["top1_finetuned"] / 100
+        best = max(cands, key=lambda s: s["top1_finetuned"]["mean"])
+        p = best["top1_finetuned"]["mean"] / 100
         noise = 2 * 100 * math.sqrt(max(p * (1 - p), 1e-4) / n_val)
-        lines.append(f"- {int(b * 100)}% MACs: best is {METHODS[best['method']][0]} "
-                     f"{METHODS[best['method']][1]} at {best['top1_finetuned']:.2f}% "
-                     f"(dense {dense_top1:.2f}%); two standard errors on {n_val} val images "
-                     f"are about {noise:.1f} points.")
-        ours = by.get(("hessian_macs", b))
-        if ours is None:
+        lines.append(f"- {int(b * 100)}% MACs: the best mean is {best['label']} "
+                     f"{METHODS[best['method']][1]} at {pm(best['top1_finetuned'])}% over "
+                     f"{len(best['seeds'])} seed(s) (dense {dense_top1:.2f}%; two standard "
+                     f"errors of one evaluation on {n_val} images are about {noise:.1f} points).")
+        ref = next((s for s in cands if s["method"] == REFERENCE), None)
+        if ref is None:
             continue
-        beaten = [r for r in cands if r["method"] != "hessian_macs"
-                  and r["top1_finetuned"] > ours["top1_finetuned"]]
-        for r in sorted(beaten, key=lambda r: -r["top1_finetuned"]):
-            gap = r["top1_finetuned"] - ours["top1_finetuned"]
-            where = "within noise" if gap < noise else "beyond noise"
-            lines.append(f"  - NViT's hessian + MACs ({ours['top1_finetuned']:.2f}%) LOSES to "
-                         f"{METHODS[r['method']][0]} {METHODS[r['method']][1]} "
-                         f"({r['top1_finetuned']:.2f}%, +{gap:.2f} points, {where}).")
-        if not beaten:
-            lines.append(f"  - NViT's hessian + MACs ({ours['top1_finetuned']:.2f}%) is not "
-                         f"beaten by any other method here.")
-        tp_row = by.get(("torch_pruning", b))
-        if tp_row is not None and tp_row.get("top1_pruned") is not None:
-            lines.append(f"  - right after pruning (before finetune): hessian + MACs "
-                         f"{ours['top1_pruned']:.2f}% vs Torch-Pruning {tp_row['top1_pruned']:.2f}%.")
-        lat = by.get(("hessian_latency", b))
+        for s in cands:
+            iv = s.get("top1_finetuned_vs_reference")
+            if s["method"] == REFERENCE or iv is None:
+                continue
+            name = f"{s['label']} {METHODS[s['method']][1]}"
+            if iv["lo"] is None:
+                verdict = "one seed: no interval"
+            elif iv["lo"] > 0:
+                verdict = f"BEATS {ref_label}"
+            elif iv["hi"] < 0:
+                verdict = f"loses to {ref_label}"
+            else:
+                verdict = f"not separated from {ref_label}"
+            lines.append(f"  - {name}: {verdict} (finetuned top-1 difference "
+                         f"{interval_text(iv)} points, {int(T_LEVEL * 100)}% interval over "
+                         f"{iv['n']} paired seeds).")
+        lat = next((s for s in cands if s["method"] == "hessian_latency"), None)
         if lat is not None:
-            lines.append(f"  - latency-table ranking vs MACs ranking at batch 32: latency ratio "
-                         f"{lat['latency']['b32']['median']:.2f} vs "
-                         f"{ours['latency']['b32']['median']:.2f}, top-1 "
-                         f"{lat['top1_finetuned']:.2f}% vs {ours['top1_finetuned']:.2f}%.")
+            lines.append(f"  - latency-table ranking (b) vs MACs ranking {ref_label} at batch 32: "
+                         f"latency ratio {pm(lat['latency_b32'])} vs {pm(ref['latency_b32'])}, "
+                         f"MACs ratio {pm(lat['macs_ratio'], 3)} vs {pm(ref['macs_ratio'], 3)}.")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], dense_top1: float, study: str) -> list[str]:
+def plot(summary: list[dict], dense_top1: float, study: str) -> list[str]:
+    """Top-1 after finetuning against MACs and against measured latency, mean +- sd bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     markers = dict(zip(METHODS, "osD^vxPh"))
     paths = []
-    for key, xlabel, xget in (
-            ("macs", "MACs / dense MACs", lambda r: r["macs_ratio"]),
-            ("latency", "CPU latency / dense latency (batch 32, median)",
-             lambda r: r["latency"]["b32"]["median"])):
+    for key, xlabel, xfield in (
+            ("macs", "MACs / dense MACs", "macs_ratio"),
+            ("latency", "CPU latency / dense latency (batch 32, median)", "latency_b32")):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for m, (label, desc) in METHODS.items():
-            pts = sorted((xget(r), r["top1_finetuned"]) for r in rows if r["method"] == m)
+            pts = sorted((s[xfield]["mean"], s[xfield]["sd"] or 0.0,
+                          s["top1_finetuned"]["mean"], s["top1_finetuned"]["sd"] or 0.0)
+                         for s in summary if s["method"] == m)
             if pts:
-                ax.plot(*zip(*pts), marker=markers[m], linestyle="-", label=f"{label} {desc}")
+                x, xe, y, ye = zip(*pts)
+                ax.errorbar(x, y, xerr=xe, yerr=ye, marker=markers[m], linestyle="-",
+                            capsize=3, label=f"{label} {desc}")
         ax.plot([1.0], [dense_top1], marker="*", markersize=12, color="k", linestyle="",
                 label="dense")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("top-1 after finetune (%)")
+        ax.set_ylabel("top-1 after finetune (%), mean ± sd over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         ax.set_title(f"{study}: accuracy vs {key}")
@@ -717,24 +1015,102 @@ def plot(rows: list[dict], dense_top1: float, study: str) -> list[str]:
     return paths
 
 
+def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReViT,
+           dense_top1: float, dense_macs: float, times: dict, n_val: int, study: str) -> str:
+    ref_label = METHODS[REFERENCE][0]
+    headers = ["method", "budget", "seeds", "top-1 pruned", "top-1 finetuned",
+               f"finetuned − {ref_label} (95% CI)", f"pruned − {ref_label} (95% CI)", "params",
+               "MACs ratio", "latency/dense b1", "latency/dense b32", "dims (first seed)"]
+    table = [["dense", "1.00", "", "", f"{dense_top1:.2f}", "", "",
+              f"{sum(p.numel() for p in dense.parameters()):,}", "1.000", "1.00", "1.00",
+              dims_text(describe(dense, dense_macs)["dims"])]]
+    for s in summary:
+        table.append([f"{s['label']} {METHODS[s['method']][1]}", f"{s['budget']:.2f}",
+                      len(s["seeds"]), pm(s["top1_pruned"]), pm(s["top1_finetuned"]),
+                      interval_text(s.get("top1_finetuned_vs_reference")),
+                      interval_text(s.get("top1_pruned_vs_reference")),
+                      f"{s['params']['mean']:,.0f}", pm(s["macs_ratio"], 3),
+                      pm(s["latency_b1"]), pm(s["latency_b32"]), dims_text(s["dims_first_seed"])])
+    runs = [[f"{r['label']}", f"{r['budget']:.2f}", r["seed"],
+             "-" if r["top1_pruned"] is None else f"{r['top1_pruned']:.2f}",
+             f"{r['top1_finetuned']:.2f}", f"{r['macs_ratio']:.3f}",
+             f"{r['latency']['b32']['median']:.2f}", dims_text(r["dims"])]
+            for r in sorted(rows, key=lambda r: (-r["budget"], list(METHODS).index(r["method"]),
+                                                 r["seed"]))]
+    design = (
+        f"Model: {cfg.depth} blocks, embed {cfg.embed_dim}, {cfg.num_heads} heads, MLP "
+        f"{cfg.mlp_dim}, {cfg.img_size} px, patch {cfg.patch_size}; data {cfg.data}. Dense: "
+        f"{cfg.dense_epochs} epochs, AdamW lr {cfg.dense_lr}, cosine, label smoothing "
+        f"{cfg.label_smoothing}, crop pad {cfg.crop_pad}, flip {cfg.hflip}. (a)-(f): one pruning "
+        f"run per seed through 50% to 25% MACs by the shipped PruningLoop, a prune step every "
+        f"{cfg.interval} iterations of batch {cfg.prune_batch}, {cfg.prune_per_iter} // 16 "
+        f"groups per step (the reference's pace), group sizes {cfg.group_sizes}; loss "
+        f"{cfg.original_loss_coeff} x label loss, plus from the first prune step "
+        f"{cfg.kl_coeff(dense.dims.num_classes):g} x KL(T={cfg.kl_tau}, element-wise mean) to "
+        f"the dense model (the reference's 1e5 on 1000 classes, scaled to the class count); "
+        f"student in eval mode from that step ({cfg.student_eval}); constant lr "
+        f"{cfg.prune_lr}. (b): lambda set at the first step so the median latency penalty is "
+        f"{cfg.latency_weight}x the median score (table: batch 32, this model's tokens). "
+        f"(c): the hessian criterion with every per-kind scale 1 instead of 12/12/2/2/1. "
+        f"(h): Torch-Pruning MetaPruner + GroupTaylorImportance, global_pruning + isomorphic, "
+        f"prune_num_heads (head ratio up to {cfg.tp_head_ratio}), embedding and MLP widths "
+        f"(channel ratio up to {cfg.tp_ratio} over {cfg.tp_steps} steps), round_to 2, "
+        f"classifier ignored, the same loss between steps. Every pruned model: "
+        f"{cfg.ft_epochs} finetune epoch(s), the reference's finetune loss (KL per head at "
+        f"T={cfg.ft_kl_tau} x the same coefficient + label loss, student in eval mode), AdamW "
+        f"lr {cfg.ft_lr} cosine (flip-only augmentation, dense logits cached). (g): the dense "
+        f"recipe from scratch for {cfg.scratch_epochs()} epochs (dense + finetune epochs). "
+        f"Seeds order the pruning and finetune batches, draw (f)'s scores and initialise (g); "
+        f"the dense model is one (seed {cfg.seed}). Intervals: Student t over the seed-paired "
+        f"differences. Latency = model / dense time, median of interleaved pairs, on this CPU.")
+    part_times = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items())
+    return (md_table(headers, table) + "\n\n## Findings\n\n"
+            + findings(summary, dense_top1, n_val)
+            + "\n\n## Every run\n\n"
+            + md_table(["method", "budget", "seed", "top-1 pruned", "top-1 finetuned",
+                        "MACs ratio", "latency/dense b32", "dims"], runs)
+            + "\n\n## Design\n\n" + design + "\n\n## Time per part\n\n" + part_times
+            + f"\n\nPlots: {', '.join(plot(summary, dense_top1, study))}")
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=["cifar10", "digits"], default=None)
-    p.add_argument("--quick", action="store_true", help="tiny DIGITS variant for CI (~2-3 min)")
+    p.add_argument("--quick", action="store_true", help="tiny DIGITS variant for CI (~3 min)")
     p.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "work" / "quality"))
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default 2; 1 with --quick, whose tiny ops gain nothing)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated integers")
     p.add_argument("--results-dir", default=None,
                    help="where the JSON/Markdown/PNG go (default benchmarks/results)")
     p.add_argument("--dense-only", action="store_true",
                    help="train (or continue training) the dense model, then stop")
+    p.add_argument("--save-dense", action="store_true",
+                   help="copy the trained dense model into benchmarks/models/ with its "
+                        "manifest entry (sha256, this command), to be committed")
     args = p.parse_args(argv)
+    command = "python -m benchmarks.bench_quality " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     if args.results_dir:
         from benchmarks import common
         global RESULTS
         RESULTS = common.RESULTS = Path(args.results_dir)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds wants comma-separated integers, got {args.seeds!r}") from None
+    if "torch_pruning" in methods:
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            print("torch-pruning is not installed: (h) skipped (pip install -r requirements-bench.txt)")
+            methods.remove("torch_pruning")
     args.threads = args.threads or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -747,13 +1123,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             data_kind = "digits"
             print(f"note: no CIFAR-10 subset at {cifar_dir()}; using scikit-learn's DIGITS")
+    if data_kind == "cifar10" and not (cifar_dir() / "cifar10_train20k.npz").is_file():
+        raise SystemExit(f"no CIFAR-10 subset at {cifar_dir()} (see ../shared/data/README); "
+                         f"--data digits runs on scikit-learn's DIGITS")
     cfg = Config(data=data_kind, **(QUICK if args.quick else FULL))
     if data_kind == "digits" and not args.quick:
         cfg.crop_pad, cfg.hflip = 2, False  # digits are not mirror-symmetric
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     study = "quality_quick" if args.quick else "quality"
@@ -763,163 +1138,43 @@ def main(argv: list[str] | None = None) -> None:
     data = load_data(data_kind, cfg.img_size, cfg.train_subset)
     times["load_data_s"] = time.perf_counter() - t0
     print(f"data {data_kind}: {len(data.x_train)} train / {len(data.x_val)} val; "
-          f"{args.threads} threads")
-    dense, dense_top1 = dense_model(cfg, data, work, times)
+          f"{args.threads} threads; seeds {seeds}")
+    committed_name = f"{study}_dense_{data_kind}.pth"
+    dense, dense_top1 = dense_model(cfg, data, work, times, committed_name)
+    if args.save_dense:
+        commit_dense(work / f"dense_{data_kind}.pth", committed_name, command, cfg.dense_key())
     if args.dense_only:
         return
-    dense_macs = count_macs(dense)[0]
-
     t0 = time.perf_counter()
     teacher = TeacherCache(dense, data.x_train, cfg.eval_batch, cfg.hflip)
     times["teacher_logits_s"] = time.perf_counter() - t0
     table = None
     if "hessian_latency" in methods:
         table = latency_table(cfg, work, dense.dims.num_tokens, times)
+    s = Study(cfg, data, dense, dense_top1, count_macs(dense)[0], teacher, table, work)
 
     rows: list[dict] = []
-
-    def record(method: str, budget: float, model: models.ReViT, top1_pruned: float | None,
-               extra: dict, prune_s: float | None) -> None:
-        model = model.eval()
-        t1 = time.perf_counter()
-        top1_ft = accuracy(model, data, cfg.eval_batch)
-        eval_s = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        lat = latency_vs_dense(model, dense, cfg.img_size, cfg.latency_repeats)
-        lat_s = time.perf_counter() - t1
-        extra = dict(extra)
-        part_times = {"prune": prune_s, **extra.pop("_times", {}), "eval": eval_s,
-                      "latency": lat_s}
-        row = {"method": method, "label": METHODS[method][0], "budget": budget,
-               "top1_pruned": top1_pruned, "top1_finetuned": top1_ft,
-               **describe(model, dense_macs), "latency": lat, **extra, "times_s": part_times}
-        rows.append(row)
-        before = "-" if top1_pruned is None else f"{top1_pruned:.2f}%"
-        print(f"  -> {METHODS[method][0]} {budget:.2f}: top-1 {before} -> {top1_ft:.2f}%, MACs ratio {row['macs_ratio']:.3f}, latency b1 "
-              f"{lat['b1']['median']:.2f} b32 {lat['b32']['median']:.2f}", flush=True)
-
-    def finish(method: str, snaps: dict) -> None:
-        for budget in BUDGETS:
-            if budget not in snaps:
-                print(f"  {method}: budget {budget} not reached")
-                continue
-            s = snaps[budget]
-            model = s.pop("model")
-            t1 = time.perf_counter()
-            top1_pruned = accuracy(model, data, cfg.eval_batch)
-            ev = time.perf_counter() - t1
-            # the same batches, in the same order, for every method's finetune
-            batches = DistilBatches(data, teacher, cfg.batch_size, cfg.hflip, cfg.seed + 100)
-            t1 = time.perf_counter()
-            finetune(model, batches, cfg, f"{method} {budget}")
-            ft = time.perf_counter() - t1
-            prune_s = s.pop("seconds", None)
-            record(method, budget, model, top1_pruned,
-                   {**s, "_times": {"finetune": ft, "eval_pruned": ev}}, prune_s)
-
-    specs = {"hessian_macs": ("hessian", "macs"), "hessian_latency": ("hessian", "latency"),
-             "taylor_macs": ("taylor", "macs"), "magnitude_macs": ("magnitude", "macs"),
-             "random_macs": ("random", "macs")}
-    unit_scales = {"emb": 1.0, "head": 1.0, "qk": 1.0, "v": 1.0, "mlp": 1.0}
-    scales_of = {"hessian_unit_macs": unit_scales}
-    specs["hessian_unit_macs"] = ("hessian", "macs")
-    run_key = {"config": asdict(cfg), "dense_top1": dense_top1, "threads": args.threads}
-    for method in methods:
-        t0 = time.perf_counter()
-        print(f"{METHODS[method][0]} {METHODS[method][1]}", flush=True)
-        done = work / f"rows_{cfg.data}_{method}.json"  # a killed run resumes per method
-        if done.is_file():
-            saved = json.loads(done.read_text())
-            if saved.get("key") == run_key:
-                rows += saved["rows"]
-                times[f"{method}_s"] = saved["seconds"]
-                print(f"  reusing {done} (measured in an earlier run)")
-                continue
-        n_before = len(rows)
-        if method in specs:
-            batches = DistilBatches(data, teacher, cfg.prune_batch, cfg.hflip, cfg.seed + 10)
-            snaps = prune_ours(dense, *specs[method], batches, data, cfg, table,
-                               scales_of.get(method))
-            finish(method, snaps)
-        elif method == "torch_pruning":
-            try:
-                import torch_pruning  # noqa: F401
-            except ImportError:
-                print("  torch-pruning is not installed; skipped "
-                      "(pip install -r requirements-bench.txt)")
-                continue
-            batches = DistilBatches(data, teacher, cfg.prune_batch, cfg.hflip, cfg.seed + 10)
-            snaps = prune_torch_pruning(dense, batches, cfg)
-            finish(method, snaps)
-        else:  # uniform scaling from scratch
-            epochs = cfg.uniform_epochs or cfg.dense_epochs + cfg.ft_epochs
-            for budget in BUDGETS:
-                torch.manual_seed(cfg.seed)
-                model = models.ReViT(uniform_dims(dense.dims, budget))
-                t1 = time.perf_counter()
-                train_scratch(model, data, cfg, epochs, cfg.seed, f"uniform {budget}")
-                record(method, budget, model, None,
-                       {"epochs": epochs, "_times": {"train": time.perf_counter() - t1}}, None)
-        times[f"{method}_s"] = time.perf_counter() - t0
-        done.write_text(json.dumps({"key": run_key, "rows": rows[n_before:],
-                                    "seconds": times[f"{method}_s"]}))
+    for seed in seeds:  # seed-major: a stopped study has every method at its first seeds
+        for method in methods:
+            t0 = time.perf_counter()
+            print(f"{METHODS[method][0]} {METHODS[method][1]}, seed {seed}", flush=True)
+            rows += run_method(s, method, seed, args.threads)
+            times[f"{method}_s"] = times.get(f"{method}_s", 0.0) + time.perf_counter() - t0
 
     times["total_s"] = time.perf_counter() - t_start
-    md = report(rows, cfg, dense, dense_top1, dense_macs, times, len(data.x_val), study)
+    summary = summarise(rows)
+    md = report(rows, summary, cfg, dense, dense_top1, s.dense_macs, times, len(data.x_val),
+                study)
     result = {"config": asdict(cfg), "data": data_kind, "n_train": len(data.x_train),
-              "n_val": len(data.x_val),
-              "dense": {"top1": dense_top1, "macs": dense_macs,
+              "n_val": len(data.x_val), "seeds": seeds,
+              "dense": {"top1": dense_top1, "macs": s.dense_macs,
                         "params": sum(p.numel() for p in dense.parameters()),
                         "dims": dense.dims.to_dict()},
               "methods": {k: v[1] for k, v in METHODS.items()}, "budgets": list(BUDGETS),
-              "rows": rows, "times_s": times}
+              "summary": summary, "rows": rows, "times_s": times}
     path = write_results(study, result, md)
     print(md)
     print(f"wrote {path}")
-
-
-def report(rows: list[dict], cfg: Config, dense: models.ReViT, dense_top1: float,
-           dense_macs: float, times: dict, n_val: int, study: str) -> str:
-    headers = ["method", "budget", "top-1 pruned", "top-1 finetuned", "params", "MMACs",
-               "MACs ratio", "latency/dense b1 (p25-p75)", "latency/dense b32 (p25-p75)",
-               "dims"]
-    table = [["dense", "1.00", "", f"{dense_top1:.2f}",
-              f"{sum(p.numel() for p in dense.parameters()):,}", f"{dense_macs / 1e6:.1f}",
-              "1.000", "1.00", "1.00", dims_text(describe(dense, dense_macs)["dims"])]]
-    order = {m: i for i, m in enumerate(METHODS)}
-    for r in sorted(rows, key=lambda r: (-r["budget"], order[r["method"]])):
-        lat = r["latency"]
-        table.append([f"{r['label']} {METHODS[r['method']][1]}", f"{r['budget']:.2f}",
-                      "-" if r["top1_pruned"] is None else f"{r['top1_pruned']:.2f}",
-                      f"{r['top1_finetuned']:.2f}", f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}",
-                      f"{r['macs_ratio']:.3f}",
-                      f"{lat['b1']['median']:.2f} ({lat['b1']['p25']:.2f}-{lat['b1']['p75']:.2f})",
-                      f"{lat['b32']['median']:.2f} ({lat['b32']['p25']:.2f}-{lat['b32']['p75']:.2f})",
-                      dims_text(r["dims"])])
-    uniform_epochs = cfg.uniform_epochs or cfg.dense_epochs + cfg.ft_epochs
-    design = (
-        f"Model: {cfg.depth} blocks, embed {cfg.embed_dim}, {cfg.num_heads} heads, MLP "
-        f"{cfg.mlp_dim}, {cfg.img_size} px, patch {cfg.patch_size}; data {cfg.data}. Dense: "
-        f"{cfg.dense_epochs} epochs, AdamW lr {cfg.dense_lr}, cosine, label smoothing "
-        f"{cfg.label_smoothing}, crop pad {cfg.crop_pad}, flip {cfg.hflip}. (a)-(e): one pruning "
-        f"run each through 50% to 25% MACs, prune step every {cfg.interval} iterations of batch "
-        f"{cfg.prune_batch}, {cfg.prune_per_iter} units per step, group sizes {cfg.group_sizes}, "
-        f"KL (x{cfg.kl_coeff}) to the dense model + CE between steps at lr {cfg.prune_lr}. "
-        f"(b): lambda set at the first step so the median latency penalty is "
-        f"{cfg.latency_weight}x the median score (table: batch 32, this model's tokens). "
-        f"(g): Torch-Pruning MetaPruner + GroupTaylorImportance, global_pruning + isomorphic, "
-        f"prune_num_heads (head ratio up to {cfg.tp_head_ratio}), embedding and MLP widths "
-        f"(channel ratio up to {cfg.tp_ratio} over {cfg.tp_steps} steps), round_to 2, "
-        f"classifier ignored, the same KL training between steps. Every pruned model: "
-        f"{cfg.ft_epochs} finetune epoch(s) of KL + CE at lr {cfg.ft_lr} (flip-only "
-        f"augmentation, dense logits cached). (f): the dense recipe from scratch for "
-        f"{uniform_epochs} epochs (= dense + finetune epochs; no pruning iterations, no KL). "
-        f"Latency = model / dense time, median of interleaved pairs, on this CPU.")
-    part_times = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items())
-    return (md_table(headers, table) + "\n\n## Findings\n\n"
-            + findings(rows, dense_top1, n_val)
-            + "\n\n## Design\n\n" + design + "\n\n## Time per part\n\n" + part_times
-            + f"\n\nPlots: {', '.join(plot(rows, dense_top1, study))}")
 
 
 if __name__ == "__main__":
