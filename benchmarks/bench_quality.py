@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -65,6 +66,7 @@ from benchmarks.common import (  # noqa: E402
 from losses import DistillationLoss, FullModelKLLoss  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning import Gates, Saliency, compact  # noqa: E402
+from pruning.gates import widths_to_dims  # noqa: E402
 from pruning.cost import LatencyTable, MacsCost  # noqa: E402
 from pruning.loop import PruningLoop  # noqa: E402
 from pruning.pruner import GlobalPruner  # noqa: E402
@@ -839,10 +841,11 @@ def uniform_scratch(s: Study, seed: int) -> list[dict]:
     return rows
 
 
-def run_method(s: Study, method: str, seed: int, threads: int) -> list[dict]:
+def run_method(s: Study, method: str, seed: int, threads: int, tag: str = "") -> list[dict]:
     """One method at every budget for one seed; its rows are saved when done and reused by a
-    later run with the same recipe (a stopped study resumes here)."""
-    done = s.work / f"rows_{s.cfg.data}_{method}_s{seed}.json"
+    later run with the same recipe (a stopped study resumes here). `tag` names a variant
+    (the lambda sweep's weights) so its rows file is its own."""
+    done = s.work / f"rows_{s.cfg.data}_{method}{tag}_s{seed}.json"
     key = {"config": asdict(s.cfg), "dense_top1": s.dense_top1, "threads": threads, "seed": seed}
     if done.is_file():
         saved = json.loads(done.read_text())
@@ -864,6 +867,56 @@ def run_method(s: Study, method: str, seed: int, threads: int) -> list[dict]:
     write_text_atomic(done, json.dumps({"key": key, "rows": rows,
                                         "seconds": time.perf_counter() - t0}))
     return rows
+
+
+def lambda_sweep(s: Study, weights: list[float], seeds: list[int], threads: int) -> list[dict]:
+    """(b) at several lambda weights (lambda set at the first prune step so the median latency
+    penalty is `weight` x the median score; 0 ranks by saliency alone, i.e. (a)). Each row
+    adds the weight and the latency ratio the table predicts for the pruned shape."""
+    rows = []
+    dense_ms = s.table.total(s.dense.dims)
+    for weight in weights:
+        sweep = Study(**{**s.__dict__, "cfg": dataclasses.replace(s.cfg, latency_weight=weight)})
+        for seed in seeds:
+            print(f"(b) lambda weight {weight:g}, seed {seed}", flush=True)
+            for r in run_method(sweep, "hessian_latency", seed, threads, tag=f"_w{weight:g}"):
+                dims = widths_to_dims(r["dims"], s.dense.dims)
+                rows.append({**r, "latency_weight": weight,
+                             "table_latency_ratio": s.table.total(dims) / dense_ms})
+    return rows
+
+
+def lambda_report(rows: list[dict], cfg: Config) -> str:
+    """Per weight and budget over the seeds: lambda, the shapes, table-predicted and measured
+    latency, top-1; and whether the shape differs from weight 0's (saliency alone)."""
+    headers = ["weight", "budget", "seeds", "lambda", "MACs ratio", "table latency ratio",
+               "measured latency/dense b32", "measured b1", "top-1 pruned", "top-1 finetuned",
+               "shape differs from weight 0 (seeds)", "dims (first seed)"]
+    table = []
+    base = {(r["budget"], r["seed"]): r["dims"] for r in rows if r["latency_weight"] == 0}
+    for w in sorted({r["latency_weight"] for r in rows}):
+        for b in BUDGETS:
+            rs = sorted((r for r in rows if r["latency_weight"] == w and r["budget"] == b),
+                        key=lambda r: r["seed"])
+            if not rs:
+                continue
+            differs = [r["seed"] for r in rs if (b, r["seed"]) in base
+                       and r["dims"] != base[(b, r["seed"])]]
+            table.append([f"{w:g}", f"{b:.2f}", len(rs), f"{statistics.fmean(r['lambda'] for r in rs):.3g}",
+                          pm(mean_sd([r["macs_ratio"] for r in rs]), 3),
+                          pm(mean_sd([r["table_latency_ratio"] for r in rs]), 3),
+                          pm(mean_sd([r["latency"]["b32"]["median"] for r in rs])),
+                          pm(mean_sd([r["latency"]["b1"]["median"] for r in rs])),
+                          pm(mean_sd([r["top1_pruned"] for r in rs])),
+                          pm(mean_sd([r["top1_finetuned"] for r in rs])),
+                          f"{len(differs)}/{len(rs)}", dims_text(rs[0]["dims"])])
+    return (md_table(headers, table) + "\n\nEvery row is (b) (hessian, reference scales, ranked "
+            "by score - lambda x the latency-table drop, stopped at the MACs budget) with lambda "
+            "set at the first prune step so that the median latency penalty of the next "
+            "contenders is `weight` x their median score; weight 0 is (a). The table predicts "
+            "from this CPU's latency table (batch 32); measured ratios are medians of "
+            f"interleaved pairs against the dense model. Finetune as in the quality study "
+            f"({cfg.ft_epochs} epochs).")
 
 
 # ------------------------------------------------------------------------ statistics
@@ -1087,6 +1140,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="where the JSON/Markdown/PNG go (default benchmarks/results)")
     p.add_argument("--dense-only", action="store_true",
                    help="train (or continue training) the dense model, then stop")
+    p.add_argument("--lambda-sweep", default=None, metavar="W1,W2,...",
+                   help="instead of the comparison: (b) at these lambda weights (0 = (a)), "
+                        "written to quality_lambda[_quick]")
     p.add_argument("--save-dense", action="store_true",
                    help="copy the trained dense model into benchmarks/models/ with its "
                         "manifest entry (sha256, this command), to be committed")
@@ -1105,6 +1161,13 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [int(x) for x in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds wants comma-separated integers, got {args.seeds!r}") from None
+    try:
+        weights = [float(x) for x in args.lambda_sweep.split(",")] if args.lambda_sweep else []
+    except ValueError:
+        raise SystemExit(f"--lambda-sweep wants comma-separated numbers, got "
+                         f"{args.lambda_sweep!r}") from None
+    if any(w < 0 for w in weights):
+        raise SystemExit("--lambda-sweep weights must be >= 0")
     if "torch_pruning" in methods:
         try:
             import torch_pruning  # noqa: F401
@@ -1149,9 +1212,18 @@ def main(argv: list[str] | None = None) -> None:
     teacher = TeacherCache(dense, data.x_train, cfg.eval_batch, cfg.hflip)
     times["teacher_logits_s"] = time.perf_counter() - t0
     table = None
-    if "hessian_latency" in methods:
+    if "hessian_latency" in methods or weights:
         table = latency_table(cfg, work, dense.dims.num_tokens, times)
     s = Study(cfg, data, dense, dense_top1, count_macs(dense)[0], teacher, table, work)
+    if weights:
+        rows = lambda_sweep(s, weights, seeds, args.threads)
+        times["total_s"] = time.perf_counter() - t_start
+        name = study.replace("quality", "quality_lambda")
+        path = write_results(name, {"config": asdict(cfg), "data": data_kind, "seeds": seeds,
+                                    "weights": weights, "dense_top1": dense_top1, "rows": rows,
+                                    "times_s": times}, lambda_report(rows, cfg))
+        print(path.read_text())
+        return
 
     rows: list[dict] = []
     for seed in seeds:  # seed-major: a stopped study has every method at its first seeds

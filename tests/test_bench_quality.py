@@ -273,3 +273,28 @@ def test_dense_training_resumes_exactly_and_reports_its_plateau(tmp_path, monkey
     assert got["curve"] == ref["curve"] and not (part / "dense_digits.partial.pth").exists()
     assert all(torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"])
     assert bq.plateau_gain([50.0, 60.0, 70.0, 70.2, 70.3]) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_lambda_sweep_weight_zero_is_the_reference_method(tmp_path: Path) -> None:
+    """The lambda sweep's weight 0 ranks by saliency alone: for the same seed it prunes to
+    exactly (a)'s shapes and top-1; a positive weight gets a positive lambda and the table's
+    predicted latency of every shape."""
+    work, results = tmp_path / "work", tmp_path / "results"
+    common = ("--quick", "--seeds", "1", "--work-dir", work, "--results-dir", results)
+    run("benchmarks/bench_quality.py", "--methods", "hessian_macs", *common, timeout=300)
+    ref = {r["budget"]: r for r in json.loads((results / "quality_quick.json").read_text())["rows"]}
+    run("benchmarks/bench_quality.py", "--lambda-sweep", "0,100", *common, timeout=300)
+    data = json.loads((results / "quality_lambda_quick.json").read_text())
+    assert data["weights"] == [0.0, 100.0]
+    rows = {(r["latency_weight"], r["budget"]): r for r in data["rows"]}
+    assert set(rows) == {(w, b) for w in (0.0, 100.0) for b in (0.5, 0.25)}
+    for b in (0.5, 0.25):
+        assert rows[(0.0, b)]["lambda"] == 0.0
+        assert rows[(0.0, b)]["dims"] == ref[b]["dims"]
+        assert rows[(0.0, b)]["top1_finetuned"] == ref[b]["top1_finetuned"]
+        assert rows[(100.0, b)]["lambda"] > 0
+        for w in (0.0, 100.0):
+            assert 0 < rows[(w, b)]["table_latency_ratio"] < 1
+    md = (results / "quality_lambda_quick.md").read_text()
+    assert "shape differs from weight 0" in md and "| 100 | 0.25 |" in md
