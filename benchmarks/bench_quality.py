@@ -57,8 +57,13 @@ from atomic import save_atomic, write_text_atomic  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS,
     ROOT,
+    T_LEVEL,
     interleaved,
+    interval_text,
     md_table,
+    mean_sd,
+    paired_interval,
+    pm,
     ratio_stats,
     uniform_dims,
     write_results,
@@ -920,31 +925,6 @@ def lambda_report(rows: list[dict], cfg: Config) -> str:
 
 
 # ------------------------------------------------------------------------ statistics
-T_LEVEL = 0.95  # the paired intervals' coverage
-
-
-def mean_sd(values: list[float | None]) -> dict | None:
-    """Mean and sample standard deviation over the seeds (sd None for one seed)."""
-    xs = [float(v) for v in values if v is not None]
-    if not xs:
-        return None
-    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None,
-            "n": len(xs)}
-
-
-def paired_interval(diffs: list[float]) -> dict | None:
-    """Mean of seed-paired differences with a two-sided T_LEVEL Student t interval (None
-    bounds with fewer than two pairs)."""
-    if not diffs:
-        return None
-    n, m = len(diffs), statistics.fmean(diffs)
-    if n < 2:
-        return {"mean": m, "lo": None, "hi": None, "n": n}
-    from scipy.stats import t
-    half = float(t.ppf(0.5 + T_LEVEL / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
-    return {"mean": m, "lo": m - half, "hi": m + half, "n": n}
-
-
 def summarise(rows: list[dict]) -> list[dict]:
     """Per method and budget over the seeds: mean +- sd of every figure, and the difference
     to the reference method (a) paired by seed, after pruning and after finetuning."""
@@ -970,23 +950,6 @@ def summarise(rows: list[dict]) -> list[dict]:
                         [a - b for a, b in pairs if a is not None and b is not None])
             out.append(s)
     return out
-
-
-def pm(stat: dict | None, digits: int = 2) -> str:
-    """"mean +- sd" (or the mean alone for one seed, "-" for none)."""
-    if stat is None:
-        return "-"
-    if stat["sd"] is None:
-        return f"{stat['mean']:.{digits}f}"
-    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
-
-
-def interval_text(iv: dict | None) -> str:
-    if iv is None:
-        return "-"
-    if iv["lo"] is None:
-        return f"{iv['mean']:+.2f} (1 seed)"
-    return f"{iv['mean']:+.2f} [{iv['lo']:+.2f}, {iv['hi']:+.2f}]"
 
 
 # ------------------------------------------------------------------------ report

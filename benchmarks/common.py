@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import time
@@ -138,3 +139,46 @@ def uniform_dims(base: "Dims", target: float) -> "Dims":
         if r <= target and (best is None or r > best[0]):
             best = (r, d)
     return best[1]
+
+
+# ------------------------------------------------------------- over seeds
+T_LEVEL = 0.95  # the paired intervals' coverage
+
+
+def mean_sd(values: list[float | None]) -> dict | None:
+    """Mean and sample standard deviation over the seeds (sd None for one seed)."""
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else None,
+            "n": len(xs)}
+
+
+def paired_interval(diffs: list[float]) -> dict | None:
+    """Mean of seed-paired differences with a two-sided T_LEVEL Student t interval (None
+    bounds with fewer than two pairs)."""
+    if not diffs:
+        return None
+    n, m = len(diffs), statistics.fmean(diffs)
+    if n < 2:
+        return {"mean": m, "lo": None, "hi": None, "n": n}
+    from scipy.stats import t
+    half = float(t.ppf(0.5 + T_LEVEL / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": n}
+
+
+def pm(stat: dict | None, digits: int = 2) -> str:
+    """"mean +- sd" (or the mean alone for one seed, "-" for none)."""
+    if stat is None:
+        return "-"
+    if stat["sd"] is None:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['sd']:.{digits}f}"
+
+
+def interval_text(iv: dict | None) -> str:
+    if iv is None:
+        return "-"
+    if iv["lo"] is None:
+        return f"{iv['mean']:+.2f} (1 seed)"
+    return f"{iv['mean']:+.2f} [{iv['lo']:+.2f}, {iv['hi']:+.2f}]"

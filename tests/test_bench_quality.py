@@ -160,10 +160,11 @@ def test_paired_interval_and_summary_by_seed() -> None:
     """Seed-paired differences to (a) with a Student t interval: diffs 1, 2, 3 give mean 2,
     sd 1 and a half-width t(0.975, 2) / sqrt(3) = 2.484."""
     from benchmarks import bench_quality as bq
-    iv = bq.paired_interval([1.0, 2.0, 3.0])
+    from benchmarks.common import paired_interval
+    iv = paired_interval([1.0, 2.0, 3.0])
     assert iv["mean"] == pytest.approx(2.0) and iv["n"] == 3
     assert iv["hi"] - iv["mean"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
-    assert bq.paired_interval([1.5])["lo"] is None and bq.paired_interval([]) is None
+    assert paired_interval([1.5])["lo"] is None and paired_interval([]) is None
 
     def row(method, seed, top1):
         return {"method": method, "budget": 0.5, "seed": seed, "top1_pruned": top1 - 10,

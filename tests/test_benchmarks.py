@@ -246,3 +246,31 @@ def test_data_studies_skip_without_data(tmp_path, script):
                  str(tmp_path / "out"), timeout=120)
     assert "skipped" in proc.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_revit_scratch_quick(tmp_path):
+    """ReViT's shape against the uniform DeiT of the same MACs, from scratch, per seed."""
+    study_here("bench_revit_scratch.py", "--quick", "--out", str(tmp_path), "--work-dir",
+               str(tmp_path / "work"))
+    data = json.loads((tmp_path / "revit_scratch_quick.json").read_text())
+    assert data["quick"] is True and data["seeds"] == [0, 1]
+    arms = data["arms"]
+    assert set(arms) == {"revit", "uniform"}
+    assert abs(arms["uniform"]["macs"] / arms["revit"]["macs"] - 1) < 0.02  # equal cost
+    shapes = data["shapes"]
+    assert len(set(shapes["uniform"]["num_heads"])) == 1 and len(set(shapes["revit"]["num_heads"])) > 1
+    runs = {(r["arm"], r["seed"]): r for r in data["runs"]}
+    assert set(runs) == {(a, s) for a in ("revit", "uniform") for s in data["seeds"]}
+    assert all(len(r["curve"]) == data["recipe"]["epochs"] for r in runs.values())
+    diffs = [runs[("revit", s)]["top1"] - runs[("uniform", s)]["top1"] for s in data["seeds"]]
+    assert data["revit_minus_uniform"]["mean"] == pytest.approx(sum(diffs) / len(diffs))
+    assert is_stats(data["latency_revit_vs_uniform"]["b32"])
+    md = (tmp_path / "revit_scratch_quick.md").read_text()
+    assert "paired by seed" in md and "MACs promise" in md
+
+
+def test_revit_scratch_skips_without_cifar(tmp_path):
+    from benchmarks import bench_quality
+    with mock.patch.object(bench_quality, "cifar_dir", return_value=tmp_path / "absent"):
+        out = study_here("bench_revit_scratch.py", "--out", str(tmp_path / "out"))
+    assert "skipped" in out and not (tmp_path / "out").exists()
