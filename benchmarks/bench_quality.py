@@ -846,17 +846,18 @@ def uniform_scratch(s: Study, seed: int) -> list[dict]:
     return rows
 
 
-def run_method(s: Study, method: str, seed: int, threads: int, tag: str = "") -> list[dict]:
-    """One method at every budget for one seed; its rows are saved when done and reused by a
-    later run with the same recipe (a stopped study resumes here). `tag` names a variant
-    (the lambda sweep's weights) so its rows file is its own."""
+def run_method(s: Study, method: str, seed: int, threads: int,
+               tag: str = "") -> tuple[list[dict], float]:
+    """One method at every budget for one seed: its rows and the seconds they took. They are
+    saved when done and reused by a later run with the same recipe (a stopped study resumes
+    here). `tag` names a variant (the lambda sweep's weights) so its rows file is its own."""
     done = s.work / f"rows_{s.cfg.data}_{method}{tag}_s{seed}.json"
     key = {"config": asdict(s.cfg), "dense_top1": s.dense_top1, "threads": threads, "seed": seed}
     if done.is_file():
         saved = json.loads(done.read_text())
         if saved.get("key") == key:
             print(f"  reusing {done} (measured in an earlier run)")
-            return saved["rows"]
+            return saved["rows"], saved.get("seconds", 0.0)
     t0 = time.perf_counter()
     if method in OURS:
         criterion, cost, scales = OURS[method]
@@ -869,9 +870,9 @@ def run_method(s: Study, method: str, seed: int, threads: int, tag: str = "") ->
                                   prune_torch_pruning(s.dense, batches, s.cfg, seed))
     else:
         rows = uniform_scratch(s, seed)
-    write_text_atomic(done, json.dumps({"key": key, "rows": rows,
-                                        "seconds": time.perf_counter() - t0}))
-    return rows
+    seconds = time.perf_counter() - t0
+    write_text_atomic(done, json.dumps({"key": key, "rows": rows, "seconds": seconds}))
+    return rows, seconds
 
 
 def lambda_sweep(s: Study, weights: list[float], seeds: list[int], threads: int) -> list[dict]:
@@ -884,7 +885,7 @@ def lambda_sweep(s: Study, weights: list[float], seeds: list[int], threads: int)
         sweep = Study(**{**s.__dict__, "cfg": dataclasses.replace(s.cfg, latency_weight=weight)})
         for seed in seeds:
             print(f"(b) lambda weight {weight:g}, seed {seed}", flush=True)
-            for r in run_method(sweep, "hessian_latency", seed, threads, tag=f"_w{weight:g}"):
+            for r in run_method(sweep, "hessian_latency", seed, threads, tag=f"_w{weight:g}")[0]:
                 dims = widths_to_dims(r["dims"], s.dense.dims)
                 rows.append({**r, "latency_weight": weight,
                              "table_latency_ratio": s.table.total(dims) / dense_ms})
@@ -905,8 +906,8 @@ def lambda_report(rows: list[dict], cfg: Config) -> str:
                         key=lambda r: r["seed"])
             if not rs:
                 continue
-            differs = [r["seed"] for r in rs if (b, r["seed"]) in base
-                       and r["dims"] != base[(b, r["seed"])]]
+            paired = [r for r in rs if (b, r["seed"]) in base]
+            differs = [r["seed"] for r in paired if r["dims"] != base[(b, r["seed"])]]
             table.append([f"{w:g}", f"{b:.2f}", len(rs), f"{statistics.fmean(r['lambda'] for r in rs):.3g}",
                           pm(mean_sd([r["macs_ratio"] for r in rs]), 3),
                           pm(mean_sd([r["table_latency_ratio"] for r in rs]), 3),
@@ -914,7 +915,8 @@ def lambda_report(rows: list[dict], cfg: Config) -> str:
                           pm(mean_sd([r["latency"]["b1"]["median"] for r in rs])),
                           pm(mean_sd([r["top1_pruned"] for r in rs])),
                           pm(mean_sd([r["top1_finetuned"] for r in rs])),
-                          f"{len(differs)}/{len(rs)}", dims_text(rs[0]["dims"])])
+                          f"{len(differs)}/{len(paired)}" if paired else "- (no weight 0)",
+                          dims_text(rs[0]["dims"])])
     return (md_table(headers, table) + "\n\nEvery row is (b) (hessian, reference scales, ranked "
             "by score - lambda x the latency-table drop, stopped at the MACs budget) with lambda "
             "set at the first prune step so that the median latency penalty of the next "
@@ -978,8 +980,10 @@ def findings(summary: list[dict], dense_top1: float, n_val: int) -> str:
                 continue
             name = f"{s['label']} {METHODS[s['method']][1]}"
             if iv["lo"] is None:
-                verdict = "one seed: no interval"
-            elif iv["lo"] > 0:
+                lines.append(f"  - {name}: {iv['mean']:+.2f} points against {ref_label} after "
+                             f"finetuning (one seed: no interval yet).")
+                continue
+            if iv["lo"] > 0:
                 verdict = f"BEATS {ref_label}"
             elif iv["hi"] < 0:
                 verdict = f"loses to {ref_label}"
@@ -1191,10 +1195,10 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for seed in seeds:  # seed-major: a stopped study has every method at its first seeds
         for method in methods:
-            t0 = time.perf_counter()
             print(f"{METHODS[method][0]} {METHODS[method][1]}, seed {seed}", flush=True)
-            rows += run_method(s, method, seed, args.threads)
-            times[f"{method}_s"] = times.get(f"{method}_s", 0.0) + time.perf_counter() - t0
+            done, seconds = run_method(s, method, seed, args.threads)
+            rows += done
+            times[f"{method}_s"] = times.get(f"{method}_s", 0.0) + seconds
 
     times["total_s"] = time.perf_counter() - t_start
     summary = summarise(rows)

@@ -236,8 +236,9 @@ def test_a_finished_method_is_reused_not_rerun(tmp_path) -> None:
     s = bq.Study(cfg, None, None, 97.0, 1.0, None, None, tmp_path)
     key = {"config": asdict(cfg), "dense_top1": 97.0, "threads": 1, "seed": 2}
     saved = [{"method": "taylor_macs", "seed": 2}]
-    (tmp_path / "rows_digits_taylor_macs_s2.json").write_text(json.dumps({"key": key, "rows": saved}))
-    assert bq.run_method(s, "taylor_macs", 2, threads=1) == saved
+    (tmp_path / "rows_digits_taylor_macs_s2.json").write_text(
+        json.dumps({"key": key, "rows": saved, "seconds": 12.5}))
+    assert bq.run_method(s, "taylor_macs", 2, threads=1) == (saved, 12.5)  # and its time
     with pytest.raises(AttributeError):  # another recipe (threads) is not reused: it runs
         bq.run_method(s, "taylor_macs", 2, threads=2)
 
