@@ -1107,6 +1107,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="where the JSON/Markdown/PNG go (default benchmarks/results)")
     p.add_argument("--dense-only", action="store_true",
                    help="train (or continue training) the dense model, then stop")
+    p.add_argument("--uniform-epochs", type=int, default=None,
+                   help="(g)'s epochs from scratch (default: the dense model's + the finetune's, "
+                        "the issue's equal total; fewer only to smoke-test)")
     p.add_argument("--lambda-sweep", default=None, metavar="W1,W2,...",
                    help="instead of the comparison: (b) at these lambda weights (0 = (a)), "
                         "written to quality_lambda[_quick]")
@@ -1159,6 +1162,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = Config(data=data_kind, **(QUICK if args.quick else FULL))
     if data_kind == "digits" and not args.quick:
         cfg.crop_pad, cfg.hflip = 2, False  # digits are not mirror-symmetric
+    if args.uniform_epochs is not None:
+        if args.uniform_epochs < 1:
+            raise SystemExit(f"--uniform-epochs must be positive, got {args.uniform_epochs}")
+        cfg.uniform_epochs = args.uniform_epochs
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     study = "quality_quick" if args.quick else "quality"

@@ -113,8 +113,9 @@ def test_timm_vit_to_nvit_refuses_unsupported() -> None:
 def test_quick_study_reports_every_method_budget_and_seed(tmp_path: Path) -> None:
     from benchmarks import bench_quality as bq
     results = tmp_path / "results"
-    out = run("benchmarks/bench_quality.py", "--quick", "--seeds", "0,1", "--work-dir",
-              tmp_path / "work", "--results-dir", results, timeout=400)
+    # (g) trains 20 epochs instead of the study's 153 to keep CI short
+    out = run("benchmarks/bench_quality.py", "--quick", "--seeds", "0,1", "--uniform-epochs", "20",
+              "--work-dir", tmp_path / "work", "--results-dir", results, timeout=400)
     assert "dense model (committed)" in out.stdout  # the committed DIGITS model, not retrained
     data = json.loads((results / "quality_quick.json").read_text())
     assert data["data"] == "digits" and data["seeds"] == [0, 1]
@@ -136,6 +137,8 @@ def test_quick_study_reports_every_method_budget_and_seed(tmp_path: Path) -> Non
                 for batch in ("b1", "b32"):
                     assert r["latency"][batch]["median"] > 0
                 assert set(r["dims"]) == {"embed_dim", "num_heads", "qk_dim", "v_dim", "mlp_dim"}
+    assert data["config"]["uniform_epochs"] == 20
+    assert all(rows[("uniform_scratch", b, s)]["epochs"] == 20 for b in (0.5, 0.25) for s in (0, 1))
     summary = {(s["method"], s["budget"]): s for s in data["summary"]}
     assert len(summary) == 2 * len(bq.METHODS)
     for (m, b), s in summary.items():
