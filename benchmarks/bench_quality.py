@@ -660,6 +660,7 @@ def train_resumable(dims: models.Dims, cfg: Config, data: Data, epochs: int, see
 
 
 COMMITTED = ROOT / "benchmarks" / "models"  # small finished dense models, see manifest.json
+COMMIT_LIMIT = 1_000_000  # bytes: larger models stay in the work dir (the study retrains them)
 
 
 def committed_dense(name: str) -> dict | None:
@@ -691,6 +692,10 @@ def commit_dense(trained: Path, name: str, command: str, key: dict) -> None:
     ck = torch.load(trained, map_location="cpu", weights_only=True) if trained.is_file() else {}
     if ck.get("key") != key:
         raise SystemExit(f"no finished dense model of this recipe at {trained} to commit")
+    if trained.stat().st_size > COMMIT_LIMIT:
+        raise SystemExit(f"{trained} has {trained.stat().st_size:,} bytes, more than the "
+                         f"{COMMIT_LIMIT:,} a committed model may have: keep it in the work dir "
+                         f"(the study trains it again where it is absent)")
     COMMITTED.mkdir(parents=True, exist_ok=True)
     manifest_path = COMMITTED / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -1124,6 +1129,8 @@ def main(argv: list[str] | None = None) -> None:
         global RESULTS
         RESULTS = common.RESULTS = Path(args.results_dir)
     methods = [m for m in args.methods.split(",") if m]
+    if not methods:
+        raise SystemExit("--methods names no method; known: " + ", ".join(METHODS))
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
@@ -1131,6 +1138,8 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [int(x) for x in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds wants comma-separated integers, got {args.seeds!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds repeats a seed: {args.seeds}")
     try:
         weights = [float(x) for x in args.lambda_sweep.split(",")] if args.lambda_sweep else []
     except ValueError:

@@ -42,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from benchmarks.passive import machine_note, omp_policy  # noqa: E402
+from errors import UserError  # noqa: E402
 from models.dims import REFERENCE_ATTN_SCALE, revit_dims  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning.cost import MacsCost  # noqa: E402
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [int(x) for x in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     except ValueError:
         raise SystemExit(f"--seeds wants comma-separated integers, got {args.seeds!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds repeats a seed: {args.seeds}")
     if recipe["epochs"] < 1:
         raise SystemExit(f"--epochs must be positive, got {recipe['epochs']}")
     if recipe["data"] == "cifar10" and not (bq.cifar_dir() / "cifar10_train20k.npz").is_file():
@@ -104,7 +107,10 @@ def main(argv: list[str] | None = None) -> None:
               f"--quick runs on scikit-learn's DIGITS")
         return
 
-    revit = revit_dims(recipe["emb"], **frame(recipe["patch_size"]))
+    try:
+        revit = revit_dims(recipe["emb"], **frame(recipe["patch_size"]))
+    except UserError as e:
+        raise SystemExit(f"--emb: {e}") from None
     shapes = {"revit": revit, "uniform": uniform_match(revit)}
     cfg = bq.Config(data=recipe["data"], embed_dim=revit.embed_dim, depth=revit.depth,
                     num_heads=revit.num_heads[0], mlp_dim=revit.mlp_dim[0],

@@ -303,3 +303,24 @@ def test_lambda_sweep_weight_zero_is_the_reference_method(tmp_path: Path) -> Non
             assert 0 < rows[(w, b)]["table_latency_ratio"] < 1
     md = (results / "quality_lambda_quick.md").read_text()
     assert "shape differs from weight 0" in md and "| 100 | 0.25 |" in md
+
+
+def test_user_errors_end_in_one_line(tmp_path, monkeypatch) -> None:
+    """Repeated seeds, no methods, an EMB the ReViT rule cannot use and a dense model too
+    large to commit are refused with a message, before anything is written."""
+    from benchmarks import bench_quality as bq
+    from benchmarks import bench_revit_scratch as rs
+    for argv, match in ((["--seeds", "0,0"], "repeats"), (["--methods", ","], "no method")):
+        with pytest.raises(SystemExit, match=match):
+            bq.main(["--quick", "--work-dir", str(tmp_path / "w"), *argv])
+    with pytest.raises(SystemExit, match="--emb: EMB 50"):
+        rs.main(["--quick", "--emb", "50", "--out", str(tmp_path / "o"),
+                 "--work-dir", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+    cfg = bq.Config(data="digits", **bq.QUICK)
+    big = tmp_path / "big.pth"
+    torch.save({"key": cfg.dense_key(), "model": {"w": torch.zeros(300_000)}}, big)
+    monkeypatch.setattr(bq, "COMMITTED", tmp_path / "models")
+    with pytest.raises(SystemExit, match="more than"):
+        bq.commit_dense(big, "big.pth", "cmd", cfg.dense_key())
+    assert not (tmp_path / "models" / "big.pth").exists()
