@@ -883,52 +883,75 @@ def run_method(s: Study, method: str, seed: int, threads: int,
 def lambda_sweep(s: Study, weights: list[float], seeds: list[int], threads: int) -> list[dict]:
     """(b) at several lambda weights (lambda set at the first prune step so the median latency
     penalty is `weight` x the median score; 0 ranks by saliency alone, i.e. (a)). Each row
-    adds the weight and the latency ratio the table predicts for the pruned shape."""
+    adds the weight and the latency ratio the table predicts for the pruned shape. The
+    comparison study's own (b) rows stand for its default weight (same recipe, reused)."""
     rows = []
-    dense_ms = s.table.total(s.dense.dims)
     for weight in weights:
         sweep = Study(**{**s.__dict__, "cfg": dataclasses.replace(s.cfg, latency_weight=weight)})
+        tag = "" if weight == s.cfg.latency_weight else f"_w{weight:g}"
         for seed in seeds:
             print(f"(b) lambda weight {weight:g}, seed {seed}", flush=True)
-            for r in run_method(sweep, "hessian_latency", seed, threads, tag=f"_w{weight:g}")[0]:
-                dims = widths_to_dims(r["dims"], s.dense.dims)
-                rows.append({**r, "latency_weight": weight,
-                             "table_latency_ratio": s.table.total(dims) / dense_ms})
+            rows += [{**r, "latency_weight": weight, "table_latency_ratio": table_ratio(s, r)}
+                     for r in run_method(sweep, "hessian_latency", seed, threads, tag=tag)[0]]
     return rows
 
 
-def lambda_report(rows: list[dict], cfg: Config) -> str:
+def reference_rows(s: Study, seeds: list[int], threads: int) -> dict:
+    """(a)'s rows per (budget, seed), the sweep's baseline, with the table's latency ratio:
+    reused from the comparison study when it ran, pruned here otherwise."""
+    return {(r["budget"], r["seed"]): {**r, "table_latency_ratio": table_ratio(s, r)}
+            for seed in seeds for r in run_method(s, REFERENCE, seed, threads)[0]}
+
+
+def table_ratio(s: Study, row: dict) -> float:
+    """The latency ratio to the dense model that the latency table predicts for a row's shape."""
+    return s.table.total(widths_to_dims(row["dims"], s.dense.dims)) / s.table.total(s.dense.dims)
+
+
+def lambda_report(rows: list[dict], base: dict, cfg: Config) -> str:
     """Per weight and budget over the seeds: lambda, the shapes, table-predicted and measured
-    latency, top-1; and whether the shape differs from weight 0's (saliency alone)."""
+    latency, top-1; and against (a)'s rows of the same seeds (`base`: saliency alone, its own
+    first rows) whether the shape differs and the paired differences in finetuned top-1 and
+    measured latency."""
     headers = ["weight", "budget", "seeds", "lambda", "MACs ratio", "table latency ratio",
                "measured latency/dense b32", "measured b1", "top-1 pruned", "top-1 finetuned",
-               "shape differs from weight 0 (seeds)", "dims (first seed)"]
+               "shape differs from (a) (seeds)", "top-1 finetuned − (a) (95% CI)",
+               "latency b32 − (a) (95% CI)", "dims (first seed)"]
+    groups = [("(a)", list(base.values()))]
+    groups += [(f"{w:g}", [r for r in rows if r["latency_weight"] == w])
+               for w in sorted({r["latency_weight"] for r in rows})]
     table = []
-    base = {(r["budget"], r["seed"]): r["dims"] for r in rows if r["latency_weight"] == 0}
-    for w in sorted({r["latency_weight"] for r in rows}):
+    for name, group in groups:
         for b in BUDGETS:
-            rs = sorted((r for r in rows if r["latency_weight"] == w and r["budget"] == b),
-                        key=lambda r: r["seed"])
+            rs = sorted((r for r in group if r["budget"] == b), key=lambda r: r["seed"])
             if not rs:
                 continue
-            paired = [r for r in rs if (b, r["seed"]) in base]
-            differs = [r["seed"] for r in paired if r["dims"] != base[(b, r["seed"])]]
-            table.append([f"{w:g}", f"{b:.2f}", len(rs), f"{statistics.fmean(r['lambda'] for r in rs):.3g}",
+            paired = [] if name == "(a)" else [r for r in rs if (b, r["seed"]) in base]
+            ref = [base[(b, r["seed"])] for r in paired]
+            differs = [r["seed"] for r, a in zip(paired, ref) if r["dims"] != a["dims"]]
+            d_top1 = paired_interval([r["top1_finetuned"] - a["top1_finetuned"]
+                                      for r, a in zip(paired, ref)])
+            d_lat = paired_interval([r["latency"]["b32"]["median"] - a["latency"]["b32"]["median"]
+                                     for r, a in zip(paired, ref)])
+            table.append([name, f"{b:.2f}", len(rs),
+                          f"{statistics.fmean(r['lambda'] for r in rs):.3g}",
                           pm(mean_sd([r["macs_ratio"] for r in rs]), 3),
                           pm(mean_sd([r["table_latency_ratio"] for r in rs]), 3),
                           pm(mean_sd([r["latency"]["b32"]["median"] for r in rs])),
                           pm(mean_sd([r["latency"]["b1"]["median"] for r in rs])),
                           pm(mean_sd([r["top1_pruned"] for r in rs])),
                           pm(mean_sd([r["top1_finetuned"] for r in rs])),
-                          f"{len(differs)}/{len(paired)}" if paired else "- (no weight 0)",
+                          f"{len(differs)}/{len(paired)}" if paired else "-",
+                          interval_text(d_top1), interval_text(d_lat),
                           dims_text(rs[0]["dims"])])
-    return (md_table(headers, table) + "\n\nEvery row is (b) (hessian, reference scales, ranked "
+    return (md_table(headers, table) + "\n\nThe (a) rows are the comparison study's NViT rows "
+            "of the same seeds; every other row is (b) (hessian, reference scales, ranked "
             "by score - lambda x the latency-table drop, stopped at the MACs budget) with lambda "
             "set at the first prune step so that the median latency penalty of the next "
-            "contenders is `weight` x their median score; weight 0 is (a). The table predicts "
-            "from this CPU's latency table (batch 32); measured ratios are medians of "
-            f"interleaved pairs against the dense model. Finetune as in the quality study "
-            f"({cfg.ft_epochs} epochs).")
+            "contenders is `weight` x their median score; weight 0 ranks like (a). The table "
+            "predicts from this CPU's latency table (batch 32); measured ratios are medians of "
+            "interleaved pairs against the dense model, and differences to (a) are paired by "
+            f"seed. Finetune as in the quality study ({cfg.ft_epochs} epochs).")
 
 
 # ------------------------------------------------------------------------ statistics
@@ -1200,11 +1223,13 @@ def main(argv: list[str] | None = None) -> None:
     s = Study(cfg, data, dense, dense_top1, count_macs(dense)[0], teacher, table, work)
     if weights:
         rows = lambda_sweep(s, weights, seeds, args.threads)
+        base = reference_rows(s, seeds, args.threads)
         times["total_s"] = time.perf_counter() - t_start
         name = study.replace("quality", "quality_lambda")
         path = write_results(name, {"config": asdict(cfg), "data": data_kind, "seeds": seeds,
                                     "weights": weights, "dense_top1": dense_top1, "rows": rows,
-                                    "times_s": times}, lambda_report(rows, cfg))
+                                    "reference_rows": list(base.values()),
+                                    "times_s": times}, lambda_report(rows, base, cfg))
         print(path.read_text())
         return
 

@@ -302,7 +302,11 @@ def test_lambda_sweep_weight_zero_is_the_reference_method(tmp_path: Path) -> Non
         for w in (0.0, 100.0):
             assert 0 < rows[(w, b)]["table_latency_ratio"] < 1
     md = (results / "quality_lambda_quick.md").read_text()
-    assert "shape differs from weight 0" in md and "| 100 | 0.25 |" in md
+    assert {(r["budget"], r["dims"] == ref[r["budget"]]["dims"])
+            for r in data["reference_rows"]} == {(0.5, True), (0.25, True)}
+    assert "shape differs from (a)" in md and "| 100 | 0.25 |" in md and "| (a) | 0.50 |" in md
+    weight0 = [line for line in md.splitlines() if line.startswith("| 0 |")]
+    assert len(weight0) == 2 and all("| 0/1 | +0.00 (1 seed) |" in line for line in weight0)
 
 
 def test_user_errors_end_in_one_line(tmp_path, monkeypatch) -> None:
