@@ -910,9 +910,8 @@ def table_ratio(s: Study, row: dict) -> float:
 
 def lambda_report(rows: list[dict], base: dict, cfg: Config) -> str:
     """Per weight and budget over the seeds: lambda, the shapes, table-predicted and measured
-    latency, top-1; and against (a)'s rows of the same seeds (`base`: saliency alone, its own
-    first rows) whether the shape differs and the paired differences in finetuned top-1 and
-    measured latency."""
+    latency, top-1; and against (a)'s rows of the same seeds (`base`, listed first) whether
+    the shape differs and the paired differences in finetuned top-1 and measured latency."""
     headers = ["weight", "budget", "seeds", "lambda", "MACs ratio", "table latency ratio",
                "measured latency/dense b32", "measured b1", "top-1 pruned", "top-1 finetuned",
                "shape differs from (a) (seeds)", "top-1 finetuned − (a) (95% CI)",
