@@ -150,7 +150,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     pq, pv = sdpa_widths(dq, dv, q.device.type, q.dtype) if pad else (dq, dv)
     if (pq, pv) == (dq, dv):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    q, k, v = F.pad(q, (0, pq - dq)), F.pad(k, (0, pq - dq)), F.pad(v, (0, pv - dv))
+    if pq != dq:  # F.pad copies even when it pads nothing, so only the widened side is padded
+        q, k = F.pad(q, (0, pq - dq)), F.pad(k, (0, pq - dq))
+    if pv != dv:
+        v = F.pad(v, (0, pv - dv))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     return out if pv == dv else out[..., :dv]
 

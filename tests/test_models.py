@@ -219,6 +219,27 @@ def test_padding_of_head_widths_is_exact(qk, v, padded, monkeypatch):
     assert all(b.attn.pad_widths for b in model.blocks)  # count_macs restored it
 
 
+@pytest.mark.parametrize("qk,v", [(4, 12), (12, 4)])
+def test_padding_leaves_the_wide_side_uncopied(qk, v, monkeypatch):
+    """Only the narrower side is padded: the already-wide q, k or v reaches SDPA as the
+    caller's tensor (F.pad copies even a zero pad; a wasted copy per block measured ~5% of a
+    ReViT forward at batch 32, benchmarks/README.md finding 6)."""
+    from models import revit
+    seen = {}
+    real = torch.nn.functional.scaled_dot_product_attention
+    def spy(q, k, val, **kw):
+        seen.update(q=q, k=k, v=val)
+        return real(q, k, val, **kw)
+    monkeypatch.setattr(revit.F, "scaled_dot_product_attention", spy)
+    q, k, val = torch.randn(2, 3, 9, qk), torch.randn(2, 3, 9, qk), torch.randn(2, 3, 9, v)
+    revit.attention(q, k, val, 0.0, 0.37)
+    assert seen["q"].shape[-1] == seen["v"].shape[-1] == max(qk, v)
+    wide = ("q", "k") if qk > v else ("v",)
+    inputs = {"q": q, "k": k, "v": val}
+    for name in ("q", "k", "v"):
+        assert (seen[name] is inputs[name]) == (name in wide), name
+
+
 @pytest.mark.parametrize("dq,dv", [(16, 64), (8, 64), (32, 64), (64, 64), (40, 24), (5, 3),
                                    (96, 320), (300, 300)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
