@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch  # noqa: E402
 
 from atomic import write_text_atomic  # noqa: E402
+from benchmarks.passive import malloc_setting  # noqa: E402
 from models.dims import Dims  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -64,7 +65,8 @@ def environment() -> dict:
     return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "cpu": cpu_model(),
-            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "malloc": malloc_setting()}
 
 
 def time_call(fn: Callable[[], object], sync: bool = False) -> float:

@@ -18,7 +18,19 @@ def omp_policy() -> str:
     return os.environ.get("OMP_WAIT_POLICY", "default (spinning)")
 
 
+MALLOC_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def malloc_setting() -> str:
+    """glibc's thresholds as this process started with them: whether freed memory is kept
+    (benchmarks/README.md finding 1) changes CPU latencies and their run-to-run spread."""
+    set_ = [f"{v}={os.environ[v]}" for v in MALLOC_VARS if v in os.environ]
+    return " ".join(set_) if set_ else "glibc defaults"
+
+
 def machine_note(load_at_start: tuple) -> str:
-    """The OpenMP policy and the load average at start and end, for the results table."""
-    return (f"OpenMP wait policy: {omp_policy()}; 1-minute load average {load_at_start[0]:.1f} "
-            f"at start, {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores).")
+    """The OpenMP policy, the malloc thresholds and the load average at start and end, for
+    the results table."""
+    return (f"OpenMP wait policy: {omp_policy()}; malloc: {malloc_setting()}; 1-minute load "
+            f"average {load_at_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at the end "
+            f"({os.cpu_count()} cores).")

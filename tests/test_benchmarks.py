@@ -99,8 +99,18 @@ def test_prune_overhead_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_compaction_quick(tmp_path):
+def test_compaction_quick(tmp_path, monkeypatch):
+    """Also: the malloc thresholds the process runs with are recorded (they move CPU
+    latencies, benchmarks/README.md finding 1)."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1073741824")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     data = quick("bench_compaction.py", "compaction", tmp_path)
+    assert data["environment"]["malloc"] == "MALLOC_TRIM_THRESHOLD_=1073741824"
+    md = (tmp_path / "compaction_quick.md").read_text()
+    assert "malloc: MALLOC_TRIM_THRESHOLD_=1073741824;" in md
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    from benchmarks.passive import machine_note
+    assert "malloc: glibc defaults;" in machine_note((0.0,))
     names = [r["model"] for r in data["rows"]]
     assert len(names) == 6 and sum(n.startswith("pruned shape") for n in names) == 3
     for r, target in zip(data["rows"], (0.75, 0.75, 0.5, 0.5, 0.25, 0.25)):
