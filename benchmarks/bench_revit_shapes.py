@@ -7,7 +7,8 @@ MACs, ReViT-S (`revit_dims(384)`) likewise against DeiT-S. Both models of a pair
 `ReViT` at 224 px (so the only difference is the shape), timed interleaved in eval mode
 under inference_mode at batch 16. Then, to see where the time goes, every block of each
 model is timed alone on its own input (same batch and tokens), as ms per GMAC of that block,
-and torch.profiler's self CPU time per operator is summed over one forward of each model.
+and torch.profiler's self CPU time per operator is averaged over three forwards of each
+model.
 
 Headline: speed ratio (DeiT time / ReViT time) against the MACs ratio (DeiT MACs / ReViT MACs).
 """
