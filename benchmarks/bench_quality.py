@@ -1,7 +1,8 @@
 """Study 5: pruning quality on real data - NViT's saliency against simpler criteria and Torch-Pruning.
 
     python -m benchmarks.bench_quality [--data cifar10|digits] [--quick] [--seeds 0,1,2]
-        [--methods hessian_macs,...] [--work-dir DIR] [--threads 2] [--dense-only]
+        [--methods hessian_macs,...] [--budgets 0.5,0.25] [--fresh] [--work-dir DIR]
+        [--threads 2] [--dense-only] [--train-only]
 
 One dense DeiT-style model is trained once on real images (CIFAR-10 subset from
 ../shared/data/cifar10, else scikit-learn's DIGITS) until its top-1 plateaus; a committed
@@ -24,7 +25,12 @@ the label loss). Reported per method and budget over the seeds: top-1 after prun
 finetuning (mean +- sd), the paired difference to (a) with a 95% t interval, params, MACs and
 CPU latency at batch 1 and 32 relative to the dense model (interleaved). Every (method, seed)
 is saved when done and every from-scratch epoch is checkpointed, so a stopped study resumes.
-Results go to benchmarks/results/quality[_quick].{json,md,*.png}.
+Results go to benchmarks/results/quality[_quick].{json,md,*.png}. A run keeps the rows of the
+result it replaces (same recipe and threads, same dense top-1) and runs only the (method,
+budget, seed) it is asked for that the result lacks, so the study can be split over machines
+and sessions whose work dirs do not survive (--fresh reruns everything); when only (g) runs,
+the dense weights are not needed: the dense model's top-1 is the result's, its shape the
+latency reference.
 """
 from __future__ import annotations
 
@@ -773,7 +779,7 @@ class Study:
     dense: models.ReViT
     dense_top1: float
     dense_macs: float
-    teacher: TeacherCache
+    teacher: TeacherCache | None  # None when only (g), which needs no teacher, runs
     table: LatencyTable | None
     work: Path
 
@@ -810,10 +816,11 @@ def measure(s: Study, method: str, budget: float, seed: int, model: models.ReViT
     return row
 
 
-def finetune_snapshots(s: Study, method: str, seed: int, snaps: dict) -> list[dict]:
-    """Every budget's pruned model: top-1, the common finetune, then `measure`."""
+def finetune_snapshots(s: Study, method: str, seed: int, snaps: dict,
+                       budgets: tuple[float, ...]) -> list[dict]:
+    """Each of `budgets`' pruned model: top-1, the common finetune, then `measure`."""
     rows = []
-    for budget in BUDGETS:
+    for budget in budgets:
         if budget not in snaps:
             print(f"  {method}: budget {budget} not reached")
             continue
@@ -833,17 +840,24 @@ def finetune_snapshots(s: Study, method: str, seed: int, snaps: dict) -> list[di
     return rows
 
 
-def uniform_scratch(s: Study, seed: int) -> list[dict]:
+def train_uniform(cfg: Config, data: Data, budget: float, seed: int, work: Path) -> dict:
+    """(g)'s model at one budget and seed: the dense shape scaled uniformly to `budget` of its
+    MACs, trained from scratch by `train_resumable` in `work`. Needs only the dense shape, not
+    its weights."""
+    dims, epochs = uniform_dims(cfg.dims(), budget), cfg.scratch_epochs()
+    key = {**cfg.dense_key(), "dims": dims.to_dict(), "dense_epochs": epochs, "seed": seed}
+    return train_resumable(dims, cfg, data, epochs, seed,
+                           work / f"uniform_{cfg.data}_{budget}_s{seed}.pth", key,
+                           f"uniform {budget} seed {seed}")
+
+
+def uniform_scratch(s: Study, seed: int, budgets: tuple[float, ...]) -> list[dict]:
     """(g): uniform widths at each budget, trained from scratch (resumably) by the dense recipe
     for the dense model's epochs plus the finetune's."""
     rows, epochs = [], s.cfg.scratch_epochs()
-    for budget in BUDGETS:
-        dims = uniform_dims(s.dense.dims, budget)
-        key = {**s.cfg.dense_key(), "dims": dims.to_dict(), "dense_epochs": epochs, "seed": seed}
-        path = s.work / f"uniform_{s.cfg.data}_{budget}_s{seed}.pth"
-        ck = train_resumable(dims, s.cfg, s.data, epochs, seed, path, key,
-                             f"uniform {budget} seed {seed}")
-        model = models.ReViT(dims)
+    for budget in budgets:
+        ck = train_uniform(s.cfg, s.data, budget, seed, s.work)
+        model = models.ReViT(models.Dims.from_dict(ck["dims"]))
         model.load_state_dict(ck["model"])
         rows.append(measure(s, "uniform_scratch", budget, seed, model, None,
                             {"epochs": epochs, "plateau_gain": ck["plateau_gain"],
@@ -851,11 +865,13 @@ def uniform_scratch(s: Study, seed: int) -> list[dict]:
     return rows
 
 
-def run_method(s: Study, method: str, seed: int, threads: int,
-               tag: str = "") -> tuple[list[dict], float]:
-    """One method at every budget for one seed: its rows and the seconds they took. They are
+def run_method(s: Study, method: str, seed: int, threads: int, tag: str = "",
+               budgets: tuple[float, ...] = BUDGETS) -> tuple[list[dict], float]:
+    """One method at `budgets` for one seed: its rows and the seconds they took. They are
     saved when done and reused by a later run with the same recipe (a stopped study resumes
     here). `tag` names a variant (the lambda sweep's weights) so its rows file is its own."""
+    if tuple(budgets) != BUDGETS:
+        tag += "_b" + "_".join(f"{b:g}" for b in budgets)
     done = s.work / f"rows_{s.cfg.data}_{method}{tag}_s{seed}.json"
     key = {"config": asdict(s.cfg), "dense_top1": s.dense_top1, "threads": threads, "seed": seed}
     if done.is_file():
@@ -868,13 +884,13 @@ def run_method(s: Study, method: str, seed: int, threads: int,
         criterion, cost, scales = OURS[method]
         batches = DistilBatches(s.data, s.teacher, s.cfg.prune_batch, s.cfg.hflip, seed + 10)
         rows = finetune_snapshots(s, method, seed, prune_ours(
-            s.dense, criterion, cost, batches, s.cfg, seed, s.table, scales))
+            s.dense, criterion, cost, batches, s.cfg, seed, s.table, scales), budgets)
     elif method == "torch_pruning":
         batches = DistilBatches(s.data, s.teacher, s.cfg.prune_batch, s.cfg.hflip, seed + 10)
         rows = finetune_snapshots(s, method, seed,
-                                  prune_torch_pruning(s.dense, batches, s.cfg, seed))
+                                  prune_torch_pruning(s.dense, batches, s.cfg, seed), budgets)
     else:
-        rows = uniform_scratch(s, seed)
+        rows = uniform_scratch(s, seed, budgets)
     seconds = time.perf_counter() - t0
     write_text_atomic(done, json.dumps({"key": key, "rows": rows, "seconds": seconds}))
     return rows, seconds
@@ -1121,6 +1137,19 @@ def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReV
 
 
 # --------------------------------------------------------------------------- main
+def previous_result(study: str, cfg: Config, threads: int) -> dict | None:
+    """The study's last written result when it used this recipe and thread count, so a study
+    split across machines or sessions keeps the rows it already has (None: nothing to keep)."""
+    path = RESULTS / f"{study}.json"
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    if old.get("config") != asdict(cfg) or old.get("environment", {}).get("threads") != threads:
+        print(f"{path} used another recipe or thread count: its rows are not kept")
+        return None
+    return old
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=["cifar10", "digits"], default=None)
@@ -1130,6 +1159,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch threads (default 2; 1 with --quick, whose tiny ops gain nothing)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated integers")
+    p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS),
+                   help="comma-separated subset of the MACs budgets to finetune and measure")
+    p.add_argument("--fresh", action="store_true",
+                   help="keep none of the existing result's rows: run every asked-for row")
+    p.add_argument("--train-only", action="store_true",
+                   help="with --methods uniform_scratch: only train (g)'s models into the work "
+                        "dir, write no result (several such runs may share a machine at "
+                        "--threads 1 each; a later run without it measures them)")
     p.add_argument("--results-dir", default=None,
                    help="where the JSON/Markdown/PNG go (default benchmarks/results)")
     p.add_argument("--dense-only", action="store_true",
@@ -1163,10 +1200,19 @@ def main(argv: list[str] | None = None) -> None:
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--seeds repeats a seed: {args.seeds}")
     try:
+        budgets = tuple(b for b in BUDGETS if b in {float(x) for x in args.budgets.split(",")})
+    except ValueError:
+        budgets = ()
+    if len(budgets) != len(args.budgets.split(",")):
+        raise SystemExit(f"--budgets wants a comma-separated subset of "
+                         f"{','.join(f'{b:g}' for b in BUDGETS)}, got {args.budgets!r}")
+    try:
         weights = [float(x) for x in args.lambda_sweep.split(",")] if args.lambda_sweep else []
     except ValueError:
         raise SystemExit(f"--lambda-sweep wants comma-separated numbers, got "
                          f"{args.lambda_sweep!r}") from None
+    if args.train_only and methods != ["uniform_scratch"]:
+        raise SystemExit("--train-only trains (g)'s models: use it with --methods uniform_scratch")
     if any(w < 0 for w in weights):
         raise SystemExit("--lambda-sweep weights must be >= 0")
     if "torch_pruning" in methods:
@@ -1207,17 +1253,46 @@ def main(argv: list[str] | None = None) -> None:
     times["load_data_s"] = time.perf_counter() - t0
     print(f"data {data_kind}: {len(data.x_train)} train / {len(data.x_val)} val; "
           f"{args.threads} threads; seeds {seeds}")
+    if args.train_only:
+        for seed in seeds:
+            for budget in budgets:
+                train_uniform(cfg, data, budget, seed, work)
+        return
+    old = None if args.fresh or weights or args.dense_only else previous_result(
+        study, cfg, args.threads)
+    kept = {(r["method"], r["budget"], r["seed"]): r for r in (old or {}).get("rows", [])}
+    todo = {}  # (seed, method): the budgets this run measures
+    for seed in seeds:
+        for method in methods:
+            missing = tuple(b for b in budgets if (method, b, seed) not in kept)
+            if missing:
+                todo[(seed, method)] = missing
     committed_name = f"{study}_dense_{data_kind}.pth"
-    dense, dense_top1 = dense_model(cfg, data, work, times, committed_name)
+    # (g) trains from scratch: with the dense top-1 on record, it needs only the dense shape
+    needs_dense = (old is None or weights or args.dense_only or args.save_dense
+                   or any(method != "uniform_scratch" for _, method in todo))
+    if needs_dense:
+        dense, dense_top1 = dense_model(cfg, data, work, times, committed_name)
+        if old is not None and old["dense"]["top1"] != dense_top1:
+            print(f"the existing result's dense model had top-1 {old['dense']['top1']:.2f}%, "
+                  f"this one {dense_top1:.2f}%: its rows are not kept")
+            old, kept = None, {}
+            todo = {(seed, m): budgets for seed in seeds for m in methods}
+    else:
+        dense, dense_top1 = models.ReViT(cfg.dims()).eval(), old["dense"]["top1"]
+        print(f"dense model: not loaded, only (g) runs; its top-1 {dense_top1:.2f}% is the "
+              f"existing result's, its shape the latency reference")
     if args.save_dense:
         commit_dense(work / f"dense_{data_kind}.pth", committed_name, command, cfg.dense_key())
     if args.dense_only:
         return
-    t0 = time.perf_counter()
-    teacher = TeacherCache(dense, data.x_train, cfg.eval_batch, cfg.hflip)
-    times["teacher_logits_s"] = time.perf_counter() - t0
+    teacher = None
+    if needs_dense:
+        t0 = time.perf_counter()
+        teacher = TeacherCache(dense, data.x_train, cfg.eval_batch, cfg.hflip)
+        times["teacher_logits_s"] = time.perf_counter() - t0
     table = None
-    if "hessian_latency" in methods or weights:
+    if any(m == "hessian_latency" for _, m in todo) or weights:
         table = latency_table(cfg, work, dense.dims.num_tokens, times)
     s = Study(cfg, data, dense, dense_top1, count_macs(dense)[0], teacher, table, work)
     if weights:
@@ -1232,13 +1307,17 @@ def main(argv: list[str] | None = None) -> None:
         print(path.read_text())
         return
 
-    rows: list[dict] = []
-    for seed in seeds:  # seed-major: a stopped study has every method at its first seeds
-        for method in methods:
-            print(f"{METHODS[method][0]} {METHODS[method][1]}, seed {seed}", flush=True)
-            done, seconds = run_method(s, method, seed, args.threads)
-            rows += done
-            times[f"{method}_s"] = times.get(f"{method}_s", 0.0) + seconds
+    if kept:
+        print(f"keeping {len(kept)} rows of the existing result (same recipe and threads)")
+        times.update({k: v for k, v in old["times_s"].items() if k[:-2] in METHODS})
+    # seed-major: a stopped study has every method at its first seeds
+    for (seed, method), missing in todo.items():
+        print(f"{METHODS[method][0]} {METHODS[method][1]}, seed {seed}", flush=True)
+        done, seconds = run_method(s, method, seed, args.threads, budgets=missing)
+        kept.update({(r["method"], r["budget"], r["seed"]): r for r in done})
+        times[f"{method}_s"] = times.get(f"{method}_s", 0.0) + seconds
+    rows = list(kept.values())
+    seeds = sorted({r["seed"] for r in rows})
 
     times["total_s"] = time.perf_counter() - t_start
     summary = summarise(rows)
@@ -1251,6 +1330,9 @@ def main(argv: list[str] | None = None) -> None:
                         "dims": dense.dims.to_dict()},
               "methods": {k: v[1] for k, v in METHODS.items()}, "budgets": list(BUDGETS),
               "summary": summary, "rows": rows, "times_s": times}
+    if old is not None:  # the kept rows were measured under these
+        result["earlier_environments"] = (old.get("earlier_environments", [])
+                                          + [old["environment"]])
     path = write_results(study, result, md)
     print(md)
     print(f"wrote {path}")

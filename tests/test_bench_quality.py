@@ -246,6 +246,71 @@ def test_a_finished_method_is_reused_not_rerun(tmp_path) -> None:
         bq.run_method(s, "taylor_macs", 2, threads=2)
 
 
+def test_a_split_study_keeps_its_rows_and_runs_g_without_the_dense_weights(tmp_path,
+                                                                          monkeypatch) -> None:
+    """A study split over machines: the existing result's rows (same recipe and threads) are
+    kept, only the asked-for (g) row that it lacks runs, and with the dense top-1 on record no
+    dense model is loaded or trained (--train-only trains it first and writes nothing); a
+    later identical run reruns nothing, and a result of
+    another recipe is not kept (the dense model is then needed again)."""
+    from dataclasses import asdict
+
+    from benchmarks import bench_quality as bq
+    from benchmarks import common
+    results = tmp_path / "results"
+    results.mkdir()
+    for mod in (bq, common):
+        monkeypatch.setattr(mod, "RESULTS", results)
+
+    def no_dense(*a, **k):
+        raise AssertionError("the dense model was asked for")
+    monkeypatch.setattr(bq, "dense_model", no_dense)
+    cfg = bq.Config(data="digits", **{**bq.QUICK, "uniform_epochs": 1})
+    dense_macs = bq.count_macs(models.ReViT(cfg.dims()))[0]
+    old_rows = []
+    for budget in bq.BUDGETS:
+        shape = models.ReViT(bq.uniform_dims(cfg.dims(), budget))
+        old_rows.append({"method": "hessian_macs", "label": "(a)", "budget": budget, "seed": 0,
+                         "top1_pruned": 50.0, "top1_finetuned": 90.0 - budget,
+                         **bq.describe(shape, dense_macs),
+                         "latency": {b: {"median": budget} for b in ("b1", "b32")}})
+    (results / "quality_quick.json").write_text(json.dumps(
+        {"config": asdict(cfg), "environment": {"threads": 1}, "dense": {"top1": 96.5},
+         "rows": old_rows, "times_s": {"hessian_macs_s": 7.0, "total_s": 9.0}}))
+    argv = ["--quick", "--methods", "uniform_scratch", "--seeds", "0", "--budgets", "0.25",
+            "--uniform-epochs", "1", "--work-dir", str(tmp_path / "w"),
+            "--results-dir", str(results)]
+    threads = torch.get_num_threads()
+    try:
+        before = (results / "quality_quick.json").read_text()
+        bq.main([*argv, "--train-only"])  # (g)'s model trained, nothing measured or written
+        assert (results / "quality_quick.json").read_text() == before
+        trained = torch.load(tmp_path / "w" / "uniform_digits_0.25_s0.pth", weights_only=True)
+        bq.main(argv)
+        data = json.loads((results / "quality_quick.json").read_text())
+        rows = {(r["method"], r["budget"], r["seed"]): r for r in data["rows"]}
+        assert set(rows) == {("hessian_macs", 0.5, 0), ("hessian_macs", 0.25, 0),
+                             ("uniform_scratch", 0.25, 0)}
+        assert [rows[("hessian_macs", b, 0)] for b in bq.BUDGETS] == old_rows
+        g = rows[("uniform_scratch", 0.25, 0)]
+        assert g["epochs"] == 1 and 0 < g["macs_ratio"] <= 0.25
+        assert g["top1_finetuned"] == pytest.approx(trained["top1"])  # the trained model, measured
+        assert data["dense"]["top1"] == 96.5 and data["seeds"] == [0]
+        assert data["earlier_environments"] == [{"threads": 1}]  # where the kept rows ran
+        assert data["times_s"]["hessian_macs_s"] == 7.0 and data["times_s"]["uniform_scratch_s"] > 0
+        assert "| (g)" in (results / "quality_quick.md").read_text()
+
+        def nothing_to_run(*a, **k):
+            raise AssertionError("a row on record was run again")
+        monkeypatch.setattr(bq, "run_method", nothing_to_run)
+        bq.main(argv)
+        assert json.loads((results / "quality_quick.json").read_text())["rows"] == data["rows"]
+        with pytest.raises(AssertionError, match="dense model was asked for"):
+            bq.main([*argv[:-6], "--uniform-epochs", "2", *argv[-4:]])  # another recipe
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_dense_training_resumes_exactly_and_reports_its_plateau(tmp_path, monkeypatch):
     """The quality study's dense model: stopped after its second epoch and continued from
     the per-epoch checkpoint, it ends with the weights and top-1 curve of an uninterrupted
@@ -310,11 +375,14 @@ def test_lambda_sweep_weight_zero_is_the_reference_method(tmp_path: Path) -> Non
 
 
 def test_user_errors_end_in_one_line(tmp_path, monkeypatch) -> None:
-    """Repeated seeds, no methods, an EMB the ReViT rule cannot use and a dense model too
+    """Repeated seeds, no methods, budgets the study has not, --train-only for pruning, an EMB the ReViT rule cannot use and a dense model too
     large to commit are refused with a message, before anything is written."""
     from benchmarks import bench_quality as bq
     from benchmarks import bench_revit_scratch as rs
-    for argv, match in ((["--seeds", "0,0"], "repeats"), (["--methods", ","], "no method")):
+    for argv, match in ((["--seeds", "0,0"], "repeats"), (["--methods", ","], "no method"),
+                        (["--budgets", "0.5,0.3"], "subset of 0.5,0.25"),
+                        (["--budgets", "half"], "subset"),
+                        (["--train-only"], "--methods uniform_scratch")):
         with pytest.raises(SystemExit, match=match):
             bq.main(["--quick", "--work-dir", str(tmp_path / "w"), *argv])
     with pytest.raises(SystemExit, match="--emb: EMB 50"):
