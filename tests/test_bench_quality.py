@@ -251,8 +251,8 @@ def test_a_split_study_keeps_its_rows_and_runs_g_without_the_dense_weights(tmp_p
     """A study split over machines: the existing result's rows (same recipe and threads) are
     kept, only the asked-for (g) row that it lacks runs, and with the dense top-1 on record no
     dense model is loaded or trained (--train-only trains it first and writes nothing); a
-    later identical run reruns nothing, and a result of
-    another recipe is not kept (the dense model is then needed again)."""
+    later identical run reruns nothing, and a result of another recipe is not kept (the dense
+    model is then needed again)."""
     from dataclasses import asdict
 
     from benchmarks import bench_quality as bq
