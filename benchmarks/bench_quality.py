@@ -1,7 +1,7 @@
 """Study 5: pruning quality on real data - NViT's saliency against simpler criteria and Torch-Pruning.
 
     python -m benchmarks.bench_quality [--data cifar10|digits] [--quick] [--seeds 0,1,2]
-        [--methods hessian_macs,...] [--budgets 0.5,0.25] [--fresh] [--work-dir DIR]
+        [--methods hessian_macs,...] [--budgets 0.5,0.25] [--keep] [--work-dir DIR]
         [--threads 2] [--dense-only] [--train-only]
 
 One dense DeiT-style model is trained once on real images (CIFAR-10 subset from
@@ -25,12 +25,11 @@ the label loss). Reported per method and budget over the seeds: top-1 after prun
 finetuning (mean +- sd), the paired difference to (a) with a 95% t interval, params, MACs and
 CPU latency at batch 1 and 32 relative to the dense model (interleaved). Every (method, seed)
 is saved when done and every from-scratch epoch is checkpointed, so a stopped study resumes.
-Results go to benchmarks/results/quality[_quick].{json,md,*.png}. A run keeps the rows of the
-result it replaces (same recipe and threads, same dense top-1) and runs only the (method,
-budget, seed) it is asked for that the result lacks, so the study can be split over machines
-and sessions whose work dirs do not survive (--fresh reruns everything); when only (g) runs,
-the dense weights are not needed: the dense model's top-1 is the result's, its shape the
-latency reference.
+Results go to benchmarks/results/quality[_quick].{json,md,*.png}. With --keep a run adds to
+the written result (refused unless recipe, threads and dense top-1 match): it keeps its rows
+and runs only the asked-for (method, budget, seed) it lacks, so the study can be split over
+machines and sessions whose work dirs do not survive; when only (g) runs, the dense weights
+are not needed: the dense model's top-1 is the result's, its shape the latency reference.
 """
 from __future__ import annotations
 
@@ -1137,16 +1136,19 @@ def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReV
 
 
 # --------------------------------------------------------------------------- main
-def previous_result(study: str, cfg: Config, threads: int) -> dict | None:
-    """The study's last written result when it used this recipe and thread count, so a study
-    split across machines or sessions keeps the rows it already has (None: nothing to keep)."""
+def result_to_keep(study: str, cfg: Config, threads: int) -> dict:
+    """For --keep: the study's written result, refused unless it used this recipe and thread
+    count (its rows would not compare with this run's)."""
     path = RESULTS / f"{study}.json"
     if not path.is_file():
-        return None
+        raise SystemExit(f"--keep: no result at {path} to add to")
     old = json.loads(path.read_text())
-    if old.get("config") != asdict(cfg) or old.get("environment", {}).get("threads") != threads:
-        print(f"{path} used another recipe or thread count: its rows are not kept")
-        return None
+    if old.get("config") != asdict(cfg):
+        diff = sorted(k for k, v in asdict(cfg).items() if old.get("config", {}).get(k) != v)
+        raise SystemExit(f"--keep: {path} used another recipe (differs in {', '.join(diff)})")
+    if old["environment"]["threads"] != threads:
+        raise SystemExit(f"--keep: {path} ran at {old['environment']['threads']} threads, "
+                         f"this run at {threads}: pass --threads {old['environment']['threads']}")
     return old
 
 
@@ -1161,8 +1163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated integers")
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS),
                    help="comma-separated subset of the MACs budgets to finetune and measure")
-    p.add_argument("--fresh", action="store_true",
-                   help="keep none of the existing result's rows: run every asked-for row")
+    p.add_argument("--keep", action="store_true",
+                   help="add to the existing result (same recipe and threads): keep its rows "
+                        "and run only the asked-for rows it lacks")
     p.add_argument("--train-only", action="store_true",
                    help="with --methods uniform_scratch: only train (g)'s models into the work "
                         "dir, write no result (several such runs may share a machine at "
@@ -1213,6 +1216,13 @@ def main(argv: list[str] | None = None) -> None:
                          f"{args.lambda_sweep!r}") from None
     if args.train_only and methods != ["uniform_scratch"]:
         raise SystemExit("--train-only trains (g)'s models: use it with --methods uniform_scratch")
+    modes = [f for f, on in (("--lambda-sweep", args.lambda_sweep),
+                             ("--dense-only", args.dense_only), ("--train-only", args.train_only),
+                             ("--keep", args.keep)) if on]
+    if len(modes) > 1:
+        raise SystemExit(f"{' and '.join(modes)} do not combine: choose one")
+    if args.lambda_sweep and args.budgets != p.get_default("budgets"):
+        raise SystemExit("--lambda-sweep runs every budget: drop --budgets")
     if any(w < 0 for w in weights):
         raise SystemExit("--lambda-sweep weights must be >= 0")
     if "torch_pruning" in methods:
@@ -1258,8 +1268,7 @@ def main(argv: list[str] | None = None) -> None:
             for budget in budgets:
                 train_uniform(cfg, data, budget, seed, work)
         return
-    old = None if args.fresh or weights or args.dense_only else previous_result(
-        study, cfg, args.threads)
+    old = result_to_keep(study, cfg, args.threads) if args.keep else None
     kept = {(r["method"], r["budget"], r["seed"]): r for r in (old or {}).get("rows", [])}
     todo = {}  # (seed, method): the budgets this run measures
     for seed in seeds:
@@ -1269,15 +1278,17 @@ def main(argv: list[str] | None = None) -> None:
                 todo[(seed, method)] = missing
     committed_name = f"{study}_dense_{data_kind}.pth"
     # (g) trains from scratch: with the dense top-1 on record, it needs only the dense shape
-    needs_dense = (old is None or weights or args.dense_only or args.save_dense
+    if old is not None and not todo:
+        print(f"--keep: {RESULTS / study}.json already has every asked-for row; nothing to run")
+        return
+    needs_dense = (old is None or args.save_dense
                    or any(method != "uniform_scratch" for _, method in todo))
     if needs_dense:
         dense, dense_top1 = dense_model(cfg, data, work, times, committed_name)
         if old is not None and old["dense"]["top1"] != dense_top1:
-            print(f"the existing result's dense model had top-1 {old['dense']['top1']:.2f}%, "
-                  f"this one {dense_top1:.2f}%: its rows are not kept")
-            old, kept = None, {}
-            todo = {(seed, m): budgets for seed in seeds for m in methods}
+            raise SystemExit(f"--keep: the result's dense model had top-1 "
+                             f"{old['dense']['top1']}%, this one {dense_top1}%: its rows do not "
+                             f"compare with new ones (only (g) can run without it)")
     else:
         dense, dense_top1 = models.ReViT(cfg.dims()).eval(), old["dense"]["top1"]
         print(f"dense model: not loaded, only (g) runs; its top-1 {dense_top1:.2f}% is the "
@@ -1307,9 +1318,9 @@ def main(argv: list[str] | None = None) -> None:
         print(path.read_text())
         return
 
-    if kept:
-        print(f"keeping {len(kept)} rows of the existing result (same recipe and threads)")
-        times.update({k: v for k, v in old["times_s"].items() if k[:-2] in METHODS})
+    if old is not None:
+        print(f"--keep: keeping the result's {len(kept)} rows, running "
+              f"{sum(map(len, todo.values()))} more")
     # seed-major: a stopped study has every method at its first seeds
     for (seed, method), missing in todo.items():
         print(f"{METHODS[method][0]} {METHODS[method][1]}, seed {seed}", flush=True)
@@ -1330,9 +1341,9 @@ def main(argv: list[str] | None = None) -> None:
                         "dims": dense.dims.to_dict()},
               "methods": {k: v[1] for k, v in METHODS.items()}, "budgets": list(BUDGETS),
               "summary": summary, "rows": rows, "times_s": times}
-    if old is not None:  # the kept rows were measured under these
-        result["earlier_environments"] = (old.get("earlier_environments", [])
-                                          + [old["environment"]])
+    if old is not None:  # where and in how long the kept rows were measured
+        result["earlier_runs"] = old.get("earlier_runs", []) + [
+            {"environment": old["environment"], "times_s": old["times_s"]}]
     path = write_results(study, result, md)
     print(md)
     print(f"wrote {path}")

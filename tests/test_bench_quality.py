@@ -246,13 +246,12 @@ def test_a_finished_method_is_reused_not_rerun(tmp_path) -> None:
         bq.run_method(s, "taylor_macs", 2, threads=2)
 
 
-def test_a_split_study_keeps_its_rows_and_runs_g_without_the_dense_weights(tmp_path,
-                                                                          monkeypatch) -> None:
-    """A study split over machines: the existing result's rows (same recipe and threads) are
-    kept, only the asked-for (g) row that it lacks runs, and with the dense top-1 on record no
-    dense model is loaded or trained (--train-only trains it first and writes nothing); a
-    later identical run reruns nothing, and a result of another recipe is not kept (the dense
-    model is then needed again)."""
+def test_keep_adds_to_a_result_and_runs_g_without_the_dense_weights(tmp_path,
+                                                                   monkeypatch) -> None:
+    """A study split over machines (--keep): the written result's rows are kept, only the
+    asked-for rows it lacks run, and when only (g) runs no dense model is loaded or trained
+    (--train-only trains (g) first and writes nothing). Nothing missing: nothing is written.
+    Another recipe, thread count or dense top-1 is refused before anything runs."""
     from dataclasses import asdict
 
     from benchmarks import bench_quality as bq
@@ -274,20 +273,23 @@ def test_a_split_study_keeps_its_rows_and_runs_g_without_the_dense_weights(tmp_p
                          "top1_pruned": 50.0, "top1_finetuned": 90.0 - budget,
                          **bq.describe(shape, dense_macs),
                          "latency": {b: {"median": budget} for b in ("b1", "b32")}})
-    (results / "quality_quick.json").write_text(json.dumps(
-        {"config": asdict(cfg), "environment": {"threads": 1}, "dense": {"top1": 96.5},
-         "rows": old_rows, "times_s": {"hessian_macs_s": 7.0, "total_s": 9.0}}))
-    argv = ["--quick", "--methods", "uniform_scratch", "--seeds", "0", "--budgets", "0.25",
-            "--uniform-epochs", "1", "--work-dir", str(tmp_path / "w"),
-            "--results-dir", str(results)]
+    written = results / "quality_quick.json"
+    common_args = ["--quick", "--uniform-epochs", "1", "--work-dir", str(tmp_path / "w"),
+                   "--results-dir", str(results)]
+    g_only = ["--methods", "uniform_scratch", "--seeds", "0", "--budgets", "0.25", *common_args]
     threads = torch.get_num_threads()
     try:
-        before = (results / "quality_quick.json").read_text()
-        bq.main([*argv, "--train-only"])  # (g)'s model trained, nothing measured or written
-        assert (results / "quality_quick.json").read_text() == before
+        with pytest.raises(SystemExit, match="no result"):
+            bq.main([*g_only, "--keep"])
+        written.write_text(json.dumps(
+            {"config": asdict(cfg), "environment": {"threads": 1}, "dense": {"top1": 96.5},
+             "rows": old_rows, "times_s": {"hessian_macs_s": 7.0, "total_s": 9.0}}))
+        before = written.read_text()
+        bq.main([*g_only, "--train-only"])  # (g)'s model trained, nothing measured or written
+        assert written.read_text() == before
         trained = torch.load(tmp_path / "w" / "uniform_digits_0.25_s0.pth", weights_only=True)
-        bq.main(argv)
-        data = json.loads((results / "quality_quick.json").read_text())
+        bq.main([*g_only, "--keep"])
+        data = json.loads(written.read_text())
         rows = {(r["method"], r["budget"], r["seed"]): r for r in data["rows"]}
         assert set(rows) == {("hessian_macs", 0.5, 0), ("hessian_macs", 0.25, 0),
                              ("uniform_scratch", 0.25, 0)}
@@ -296,17 +298,29 @@ def test_a_split_study_keeps_its_rows_and_runs_g_without_the_dense_weights(tmp_p
         assert g["epochs"] == 1 and 0 < g["macs_ratio"] <= 0.25
         assert g["top1_finetuned"] == pytest.approx(trained["top1"])  # the trained model, measured
         assert data["dense"]["top1"] == 96.5 and data["seeds"] == [0]
-        assert data["earlier_environments"] == [{"threads": 1}]  # where the kept rows ran
-        assert data["times_s"]["hessian_macs_s"] == 7.0 and data["times_s"]["uniform_scratch_s"] > 0
+        assert data["earlier_runs"] == [{"environment": {"threads": 1},
+                                         "times_s": {"hessian_macs_s": 7.0, "total_s": 9.0}}]
+        assert "hessian_macs_s" not in data["times_s"]  # this run's times only
         assert "| (g)" in (results / "quality_quick.md").read_text()
 
         def nothing_to_run(*a, **k):
             raise AssertionError("a row on record was run again")
         monkeypatch.setattr(bq, "run_method", nothing_to_run)
-        bq.main(argv)
-        assert json.loads((results / "quality_quick.json").read_text())["rows"] == data["rows"]
-        with pytest.raises(AssertionError, match="dense model was asked for"):
-            bq.main([*argv[:-6], "--uniform-epochs", "2", *argv[-4:]])  # another recipe
+        before = written.read_text()
+        bq.main(["--methods", "hessian_macs,uniform_scratch", "--seeds", "0", "--budgets",
+                 "0.25", "--keep", *common_args])
+        assert written.read_text() == before  # nothing missing: not even rewritten
+        with pytest.raises(AssertionError, match="dense model was asked for"):  # (a) seed 1
+            bq.main(["--methods", "hessian_macs", "--seeds", "0,1", "--keep", *common_args])
+        monkeypatch.setattr(bq, "dense_model",
+                            lambda *a, **k: (models.ReViT(cfg.dims()).eval(), 90.0))
+        refused = (([], "top-1 96.5%, this one 90.0%"), (["--threads", "2"], "--threads 1"),
+                   (["--uniform-epochs", "2"], "differs in uniform_epochs"))
+        for extra, match in refused:
+            with pytest.raises(SystemExit, match=match):
+                bq.main(["--methods", "hessian_macs", "--seeds", "1", "--keep", *common_args,
+                         *extra])
+        assert written.read_text() == before
     finally:
         torch.set_num_threads(threads)
 
@@ -375,14 +389,17 @@ def test_lambda_sweep_weight_zero_is_the_reference_method(tmp_path: Path) -> Non
 
 
 def test_user_errors_end_in_one_line(tmp_path, monkeypatch) -> None:
-    """Repeated seeds, no methods, budgets the study has not, --train-only for pruning, an EMB the ReViT rule cannot use and a dense model too
-    large to commit are refused with a message, before anything is written."""
+    """Repeated seeds, no methods, budgets the study has not, flags that do not combine, an
+    EMB the ReViT rule cannot use and a dense model too large to commit are refused with a
+    message, before anything is written."""
     from benchmarks import bench_quality as bq
     from benchmarks import bench_revit_scratch as rs
     for argv, match in ((["--seeds", "0,0"], "repeats"), (["--methods", ","], "no method"),
                         (["--budgets", "0.5,0.3"], "subset of 0.5,0.25"),
                         (["--budgets", "half"], "subset"),
-                        (["--train-only"], "--methods uniform_scratch")):
+                        (["--train-only"], "--methods uniform_scratch"),
+                        (["--dense-only", "--keep"], "do not combine"),
+                        (["--lambda-sweep", "1", "--budgets", "0.5"], "drop --budgets")):
         with pytest.raises(SystemExit, match=match):
             bq.main(["--quick", "--work-dir", str(tmp_path / "w"), *argv])
     with pytest.raises(SystemExit, match="--emb: EMB 50"):
