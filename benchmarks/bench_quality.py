@@ -1277,10 +1277,10 @@ def main(argv: list[str] | None = None) -> None:
             if missing:
                 todo[(seed, method)] = missing
     committed_name = f"{study}_dense_{data_kind}.pth"
-    # (g) trains from scratch: with the dense top-1 on record, it needs only the dense shape
     if old is not None and not todo:
         print(f"--keep: {RESULTS / study}.json already has every asked-for row; nothing to run")
         return
+    # (g) trains from scratch: with the dense top-1 on record, it needs only the dense shape
     needs_dense = (old is None or args.save_dense
                    or any(method != "uniform_scratch" for _, method in todo))
     if needs_dense:
