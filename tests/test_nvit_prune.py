@@ -15,7 +15,7 @@ import models
 from models.flops import count_macs
 from helpers import DENSE_DIMS as DENSE
 from helpers import FAST, PRUNE_FLAGS, TRAIN, ROOT, assert_user_error, env, run, run_here
-from helpers import write_dense_model
+from helpers import free_port, write_dense_model
 
 pytestmark = pytest.mark.slow
 
@@ -196,7 +196,8 @@ def test_torchrun_ranks_agree(tmp_path, dense, family):
         torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, dense)
     fast = [a if a != "deit_tiny_distilled_patch16_224" else family for a in FAST]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29733", str(ROOT / "nvit_prune.py"), *fast, *PRUNE, "--pretrained-path",
+           f"--master_port={free_port()}", str(ROOT / "nvit_prune.py"), *fast, *PRUNE,
+           "--pretrained-path",
            str(dense), "--epochs", "3", "--batch-size", "16", "--grad-accum-steps", "2",
            "--latency_target", "0.6", "--pruning_exit", "--dist-eval",
            "--output_dir", str(tmp_path / "o")]  # accumulation: DDP's no_sync on real ranks

@@ -4,7 +4,6 @@ computations (ungated autograd, hand-written averages), not against the code und
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 
 from models import Dims, build_model
 from models.revit import ReViT
-from helpers import qkv_parts
+from helpers import free_port, qkv_parts
 from pruning import KINDS, Gates, Saliency, compact, compacted_dims
 
 DIMS = dict(embed_dim=48, num_heads=[2, 3, 2], qk_dim=[8, 16, 8], v_dim=[16, 8, 8],
@@ -519,17 +518,11 @@ def test_widths_reject_unequal_per_head_counts() -> None:
         gates.widths()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_all_reduce_grads_single_process_group() -> None:
     gates = Gates.attach(tiny())
     grads = set_grads(gates, 3)
     gates.blocks[0]["mlp"].grad = None  # a missing grad counts as zero
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}",
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                             rank=0, world_size=1)
     try:
         gates.all_reduce_grads()

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from helpers import TRAIN, ROOT, assert_user_error, env, run, run_here, write_dims
+from helpers import TRAIN, ROOT, assert_user_error, env, free_port, run, run_here, write_dims
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +114,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
 def test_torchrun_two_processes_end_identical(tmp_path):
     dims = write_dims(tmp_path / "dims.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port=29731", str(ROOT / "revit_scratch.py"), *TRAIN, "--dims", str(dims),
+           f"--master_port={free_port()}", str(ROOT / "revit_scratch.py"), *TRAIN,
+           "--dims", str(dims),
            "--epochs", "1", "--batch-size", "32", "--dist-eval", "--output_dir", str(tmp_path / "o")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
