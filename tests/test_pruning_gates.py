@@ -68,19 +68,28 @@ def _tg(p: torch.Tensor, idx) -> torch.Tensor:
     return (p[idx] * p.grad[idx]).sum()
 
 
+def emb_producer_sum(m: ReViT, c: int) -> torch.Tensor:
+    """sum(theta * dL/dtheta) over every parameter writing embedding channel c, by hand: patch
+    embedding, the tokens the model has, each block's output rows, norms and LayerScale
+    gammas, and the final norm (fc_norm when the model pools through one)."""
+    total = _tg(m.patch_embed.proj.weight, c) + _tg(m.patch_embed.proj.bias, c)
+    for p in (m.cls_token, m.dist_token, m.reg_token, m.pos_embed):
+        if p is not None:
+            total = total + _tg(p, (..., c))
+    for blk in m.blocks:
+        for mod in (blk.attn.proj, blk.mlp.fc2, blk.norm1, blk.norm2):
+            total = total + _tg(mod.weight, c) + _tg(mod.bias, c)
+        for ls in (blk.ls1, blk.ls2):
+            if hasattr(ls, "gamma"):
+                total = total + _tg(ls.gamma, c)
+    final = m.fc_norm if m.fc_norm is not None else m.norm
+    return total + _tg(final.weight, c) + _tg(final.bias, c)
+
+
 def producer_sum(m: ReViT, kind: str, block: int | None, unit: tuple) -> torch.Tensor:
     """sum(theta * dL/dtheta) over the parameters producing one unit, from ungated grads."""
     if kind == "emb":
-        (c,) = unit
-        total = _tg(m.patch_embed.proj.weight, c) + _tg(m.patch_embed.proj.bias, c)
-        for p in (m.cls_token, m.dist_token, m.pos_embed):
-            total = total + _tg(p, (..., c))
-        for blk in m.blocks:
-            for lin in (blk.attn.proj, blk.mlp.fc2):
-                total = total + _tg(lin.weight, c) + _tg(lin.bias, c)
-            for n in (blk.norm1, blk.norm2):
-                total = total + _tg(n.weight, c) + _tg(n.bias, c)
-        return total + _tg(m.norm.weight, c) + _tg(m.norm.bias, c)
+        return emb_producer_sum(m, *unit)
     a = m.blocks[block].attn
     if kind == "head":
         (h,) = unit

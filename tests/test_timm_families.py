@@ -25,7 +25,7 @@ from models.timm_vit import load_nvit, nvit_to_timm_vit, timm_vit_dims, timm_vit
 from pruning import Gates, compact
 from models.flops import count_macs
 from pruning.cost import MacsCost, ParamsCost
-from test_pruning_gates import random_masks
+from test_pruning_gates import emb_producer_sum, random_masks
 
 # family (models/timm_vit.py's table) -> the family fields its tiny model must read as
 EXPECTED = {
@@ -181,10 +181,6 @@ def test_soft_gates_fold_into_layer_scale_models(tmp_path):
     torch.testing.assert_close(logits(small, x), logits(model, x), rtol=0, atol=1e-5)
 
 
-def _tg(p: torch.Tensor, idx) -> torch.Tensor:
-    return (p[idx] * p.grad[idx]).sum()
-
-
 def test_embedding_saliency_includes_layer_scale_and_register_tokens(tmp_path):
     """The embedding gate's gradient is sum(theta * dL/dtheta) over everything a channel
     produces, LayerScale gammas, register tokens and fc_norm included (model without qkv
@@ -198,16 +194,9 @@ def test_embedding_saliency_includes_layer_scale_and_register_tokens(tmp_path):
     gates = Gates.attach(gated, dtype=torch.float64)
     torch.nn.functional.cross_entropy(gated(x), target).backward()
     assert dims.reg_tokens == 4 and dims.fc_norm
+    assert plain.cls_token is None and plain.fc_norm is not None
     for c in (0, 5, 17):
-        m = plain
-        want = _tg(m.patch_embed.proj.weight, c) + _tg(m.patch_embed.proj.bias, c)
-        want = want + _tg(m.reg_token, (..., c)) + _tg(m.pos_embed, (..., c))
-        for blk in m.blocks:
-            for lin in (blk.attn.proj, blk.mlp.fc2):
-                want = want + _tg(lin.weight, c) + _tg(lin.bias, c)
-            for n in (blk.norm1, blk.norm2):
-                want = want + _tg(n.weight, c) + _tg(n.bias, c)
-        want = want + _tg(m.fc_norm.weight, c) + _tg(m.fc_norm.bias, c)
+        want = emb_producer_sum(plain, c)
         torch.testing.assert_close(gates.emb.grad[c], want.detach(), rtol=1e-6, atol=1e-12)
     # LayerScale: DINOv2 with registers
     name, _ = FAMILIES["DINOv2 with registers"]
@@ -217,19 +206,9 @@ def test_embedding_saliency_includes_layer_scale_and_register_tokens(tmp_path):
     torch.nn.functional.cross_entropy(plain(x), target).backward()
     gates = Gates.attach(gated, dtype=torch.float64)
     torch.nn.functional.cross_entropy(gated(x), target).backward()
-    c = 3
-    m = plain
-    want = _tg(m.patch_embed.proj.weight, c) + _tg(m.patch_embed.proj.bias, c)
-    for p in (m.cls_token, m.reg_token, m.pos_embed):
-        want = want + _tg(p, (..., c))
-    for blk in m.blocks:
-        for lin in (blk.attn.proj, blk.mlp.fc2):
-            want = want + _tg(lin.weight, c) + _tg(lin.bias, c)
-        for n in (blk.norm1, blk.norm2):
-            want = want + _tg(n.weight, c) + _tg(n.bias, c)
-        want = want + _tg(blk.ls1.gamma, c) + _tg(blk.ls2.gamma, c)
-    want = want + _tg(m.norm.weight, c) + _tg(m.norm.bias, c)
-    torch.testing.assert_close(gates.emb.grad[c], want.detach(), rtol=1e-6, atol=1e-12)
+    assert plain.dims.layer_scale and plain.reg_token is not None
+    want = emb_producer_sum(plain, 3)
+    torch.testing.assert_close(gates.emb.grad[3], want.detach(), rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)
