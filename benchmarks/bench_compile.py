@@ -39,13 +39,9 @@ import builders
 from nvit_prune import frozen_copy
 import engine
 from benchmarks import common
-from benchmarks.bench_prune_overhead import SCALES, loss_args, make_dense, timed
-from benchmarks.bench_step_memory import PRUNED_SHARE, prune_a_share
+from benchmarks.bench_prune_overhead import loss_args, make_dense, timed
+from benchmarks.bench_step_memory import pruning_loop_hooks
 from benchmarks.common import md_table, ratio_stats, write_results
-from pruning import Gates, Saliency
-from pruning.cost import MacsCost
-from pruning.loop import PruningLoop
-from pruning.pruner import GlobalPruner
 
 STUDY = "compile"
 CASES = {  # name -> (frame, batch)
@@ -55,7 +51,6 @@ QUICK_CASES = {
     "cpu-sized (32 px, patch 4, depth 2, E 192)": (
         dict(img_size=32, patch_size=4, num_classes=10, depth=2), 16),
 }
-KINDS = ("emb", "head", "qk", "v", "mlp")
 
 
 def measure_case(case: str, frame: dict, batch: int, backend: str, amp_dtype, repeats: int,
@@ -81,14 +76,7 @@ def measure_case(case: str, frame: dict, batch: int, backend: str, amp_dtype, re
             optimizer = builders.build_optimizer(args, model)
             hooks, gates = {}, None
             if variant == "pruning step":
-                gates = Gates.attach(model)
-                prune_a_share(gates, PRUNED_SHARE)
-                saliency = Saliency(gates, "hessian", SCALES, 0.9)
-                pruner = GlobalPruner(gates, saliency, MacsCost(dense.dims), 0.0, 32,
-                                      {k: 1 for k in KINDS})
-                loop = PruningLoop(model, gates, saliency, pruner, criterion, optimizer,
-                                   interval=10**9, iters_per_epoch=steps)
-                hooks = loop.hooks(0)
+                gates, hooks = pruning_loop_hooks(model, criterion, optimizer, steps)
             net = builders.compile_model(compile_args, model) if mode == "compiled" else model
 
             def run(net=net, optimizer=optimizer, hooks=hooks):

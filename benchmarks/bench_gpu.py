@@ -49,20 +49,16 @@ import engine
 import models
 from benchmarks import common
 from benchmarks.bench_compaction import prune_to
-from benchmarks.bench_prune_overhead import SCALES, loss_args
-from benchmarks.bench_step_memory import PRUNED_SHARE, prune_a_share, step_peak_bytes
+from benchmarks.bench_prune_overhead import loss_args
+from benchmarks.bench_step_memory import pruning_loop_hooks, step_peak_bytes
 from benchmarks.common import md_table, ratio_stats, write_results
 from models.revit import attention
 from nvit_prune import frozen_copy
-from pruning import Gates, Saliency
-from pruning.cost import LatencyTable, MacsCost
+from pruning.cost import LatencyTable
 from pruning.latency import measure_table, speed_report
-from pruning.loop import PruningLoop
-from pruning.pruner import GlobalPruner
 
 STUDY = "gpu"
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
-KINDS = ("emb", "head", "qk", "v", "mlp")
 # case -> (timm name, overrides); sizes of the full study and of --quick (CPU-sized)
 FULL = {"models": {"DeiT-S/224": ("deit_small_patch16_224", {}),
                    "DeiT-B/224": ("deit_base_patch16_224", {})},
@@ -195,14 +191,7 @@ def pruning_step(case: str, name: str, overrides: dict, device, cfg: dict,
             scaler = engine.make_grad_scaler(device, dtype)
             hooks = {}
             if variant == "pruning":
-                gates = Gates.attach(model)
-                prune_a_share(gates, PRUNED_SHARE)
-                saliency = Saliency(gates, "hessian", SCALES, 0.9)
-                pruner = GlobalPruner(gates, saliency, MacsCost(dense.dims), 0.0, 32,
-                                      {k: 1 for k in KINDS})
-                loop = PruningLoop(model, gates, saliency, pruner, criterion, optimizer,
-                                   interval=10**9, iters_per_epoch=len(batches))
-                hooks = loop.hooks(0)
+                _, hooks = pruning_loop_hooks(model, criterion, optimizer, len(batches))
 
             def run(model=model, optimizer=optimizer, scaler=scaler, hooks=hooks):
                 with contextlib.redirect_stdout(io.StringIO()):  # the engine's epoch line

@@ -33,10 +33,13 @@ from nvit_prune import frozen_copy
 import engine
 import models
 from benchmarks import common
-from benchmarks.bench_prune_overhead import loss_args
+from benchmarks.bench_prune_overhead import SCALES, loss_args
 from benchmarks.common import md_table, write_results
 from models.dims import Dims
-from pruning import Gates
+from pruning import KINDS, Gates, Saliency
+from pruning.cost import MacsCost
+from pruning.loop import PruningLoop
+from pruning.pruner import GlobalPruner
 
 STUDY = "step_memory"
 CASES = {  # name -> (timm name, frame, batch sizes)
@@ -102,6 +105,19 @@ def prune_a_share(gates: Gates, share: float) -> None:
     for i, block in enumerate(gates.blocks):
         for kind in ("qk", "v", "mlp"):
             gates.remove(kind, i, first(block[kind].shape[-1]))
+
+
+def pruning_loop_hooks(model: models.ReViT, criterion, optimizer, steps: int):
+    """Gates on `model` with PRUNED_SHARE of its units removed and the engine hooks
+    nvit_prune.py's loop runs between prune steps (none falls due): a pruning-loop step to
+    time against a plain one (bench_compile, bench_gpu). Returns (gates, hooks)."""
+    gates = Gates.attach(model)
+    prune_a_share(gates, PRUNED_SHARE)
+    saliency = Saliency(gates, "hessian", SCALES, 0.9)
+    pruner = GlobalPruner(gates, saliency, MacsCost(model.dims), 0.0, 32, {k: 1 for k in KINDS})
+    loop = PruningLoop(model, gates, saliency, pruner, criterion, optimizer,
+                       interval=10**9, iters_per_epoch=steps)
+    return gates, loop.hooks(0)
 
 
 def variants(dense: models.ReViT) -> dict[str, models.ReViT]:
