@@ -247,15 +247,21 @@ def test_compact_preserves_function(seed: int) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_compact_folds_soft_gate_values_and_zero_widths() -> None:
-    """Non-binary gate values are folded in; widths pruned to 0 become zero placeholders."""
-    model = tiny(seed=5).eval()
-    gates = Gates.attach(model)
+def soften(gates: Gates) -> None:
+    """Gate values in [0.5, 1.5), every third embedding channel off: what compact must fold."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for t in gates.tensors():
             t.mul_(0.5 + torch.rand(t.shape, generator=gen))
         gates.emb[::3] = 0
+
+
+def test_compact_folds_soft_gate_values_and_zero_widths() -> None:
+    """Non-binary gate values are folded in; widths pruned to 0 become zero placeholders."""
+    model = tiny(seed=5).eval()
+    gates = Gates.attach(model)
+    soften(gates)
+    with torch.no_grad():
         gates.blocks[0]["head"].zero_()  # no heads left in block 0
         gates.blocks[0]["mlp"].zero_()  # nor MLP neurons
         gates.blocks[1]["v"].zero_()  # live heads without V dims

@@ -25,7 +25,7 @@ from models.timm_vit import load_nvit, nvit_to_timm_vit, timm_vit_dims, timm_vit
 from pruning import Gates, compact
 from models.flops import count_macs
 from pruning.cost import MacsCost, ParamsCost
-from test_pruning_gates import emb_producer_sum, random_masks
+from test_pruning_gates import emb_producer_sum, random_masks, soften
 
 # family (models/timm_vit.py's table) -> the family fields its tiny model must read as
 EXPECTED = {
@@ -170,12 +170,7 @@ def test_masked_model_equals_compact_model(family, seed, tmp_path):
 def test_soft_gates_fold_into_layer_scale_models(tmp_path):
     name, _ = FAMILIES["DINOv2 with registers"]
     model = ours_from_file(name, tiny_timm(name), tmp_path)
-    gates = Gates.attach(model)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for t in gates.tensors():
-            t.mul_(0.5 + torch.rand(t.shape, generator=gen))
-        gates.emb[::3] = 0
+    soften(Gates.attach(model))
     small = compact(model).eval()
     x = torch.randn(2, 3, model.dims.img_size, model.dims.img_size)
     torch.testing.assert_close(logits(small, x), logits(model, x), rtol=0, atol=1e-5)
