@@ -363,16 +363,26 @@ def test_dense_training_resumes_exactly_and_reports_its_plateau(tmp_path, monkey
 def test_lambda_sweep_weight_zero_is_the_reference_method(tmp_path: Path) -> None:
     """The lambda sweep's weight 0 ranks by saliency alone: for the same seed it prunes to
     exactly (a)'s shapes and top-1; a positive weight gets a positive lambda and the table's
-    predicted latency of every shape."""
+    predicted latency of every shape; the default weight (1) is the study's own (b) runs,
+    reused from its rows file, not pruned again."""
     work, results = tmp_path / "work", tmp_path / "results"
     common = ("--quick", "--seeds", "1", "--work-dir", work, "--results-dir", results)
-    run("benchmarks/bench_quality.py", "--methods", "hessian_macs", *common, timeout=300)
-    ref = {r["budget"]: r for r in json.loads((results / "quality_quick.json").read_text())["rows"]}
-    run("benchmarks/bench_quality.py", "--lambda-sweep", "0,100", *common, timeout=300)
+    run("benchmarks/bench_quality.py", "--methods", "hessian_macs,hessian_latency", *common,
+        timeout=300)
+    study = json.loads((results / "quality_quick.json").read_text())["rows"]
+    ref = {r["budget"]: r for r in study if r["method"] == "hessian_macs"}
+    b_rows = work / "rows_digits_hessian_latency_s1.json"
+    b_written = b_rows.stat().st_mtime_ns
+    run("benchmarks/bench_quality.py", "--lambda-sweep", "0,1,100", *common, timeout=300)
     data = json.loads((results / "quality_lambda_quick.json").read_text())
-    assert data["weights"] == [0.0, 100.0]
+    assert data["weights"] == [0.0, 1.0, 100.0]
     rows = {(r["latency_weight"], r["budget"]): r for r in data["rows"]}
-    assert set(rows) == {(w, b) for w in (0.0, 100.0) for b in (0.5, 0.25)}
+    assert set(rows) == {(w, b) for w in (0.0, 1.0, 100.0) for b in (0.5, 0.25)}
+    assert b_rows.stat().st_mtime_ns == b_written and not list(work.glob("rows_*_w1_*"))
+    for r in study:
+        if r["method"] == "hessian_latency":
+            swept = rows[(1.0, r["budget"])]
+            assert {k: swept[k] for k in r} == r
     for b in (0.5, 0.25):
         assert rows[(0.0, b)]["lambda"] == 0.0
         assert rows[(0.0, b)]["dims"] == ref[b]["dims"]
