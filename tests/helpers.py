@@ -13,10 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on now: tests that run side by side (pytest -n) never share one."""
+    """A port the OS reports free now, so tests side by side (pytest -n 2) do not both ask
+    for one fixed port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
 
 TINY_DIMS = {"embed_dim": 32, "num_heads": [2, 2], "qk_dim": [8, 8], "v_dim": [8, 8],
              "mlp_dim": [48, 48]}

@@ -197,9 +197,8 @@ def test_torchrun_ranks_agree(tmp_path, dense, family):
     fast = [a if a != "deit_tiny_distilled_patch16_224" else family for a in FAST]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", str(ROOT / "nvit_prune.py"), *fast, *PRUNE,
-           "--pretrained-path",
-           str(dense), "--epochs", "3", "--batch-size", "16", "--grad-accum-steps", "2",
-           "--latency_target", "0.6", "--pruning_exit", "--dist-eval",
+           "--pretrained-path", str(dense), "--epochs", "3", "--batch-size", "16",
+           "--grad-accum-steps", "2", "--latency_target", "0.6", "--pruning_exit", "--dist-eval",
            "--output_dir", str(tmp_path / "o")]  # accumulation: DDP's no_sync on real ranks
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -115,8 +115,8 @@ def test_torchrun_two_processes_end_identical(tmp_path):
     dims = write_dims(tmp_path / "dims.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", str(ROOT / "revit_scratch.py"), *TRAIN,
-           "--dims", str(dims),
-           "--epochs", "1", "--batch-size", "32", "--dist-eval", "--output_dir", str(tmp_path / "o")]
+           "--dims", str(dims), "--epochs", "1", "--batch-size", "32", "--dist-eval",
+           "--output_dir", str(tmp_path / "o")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all 2 processes hold identical weights" in proc.stdout
