@@ -188,8 +188,7 @@ def test_embedding_saliency_includes_layer_scale_and_register_tokens(tmp_path):
     torch.nn.functional.cross_entropy(plain(x), target).backward()
     gates = Gates.attach(gated, dtype=torch.float64)
     torch.nn.functional.cross_entropy(gated(x), target).backward()
-    assert dims.reg_tokens == 4 and dims.fc_norm
-    assert plain.cls_token is None and plain.fc_norm is not None
+    assert dims.reg_tokens == 4 and dims.fc_norm and plain.cls_token is None
     for c in (0, 5, 17):
         want = emb_producer_sum(plain, c)
         torch.testing.assert_close(gates.emb.grad[c], want.detach(), rtol=1e-6, atol=1e-12)
