@@ -396,11 +396,8 @@ def run_main(main, args) -> None:
         sys.stderr.write(f"error: {where}{one_line(user_message(e))}\n")
         sys.stderr.flush()
         if is_dist():
-            # the traceback holds the run's frames, a DDP model among them: free it before
-            # its process group goes, or its destructor can abort the process at exit
-            e.__traceback__ = None
-            gc.collect()
-            dist.destroy_process_group()
+            e.__traceback__ = None  # it holds the run's frames, a DDP model among them
+            leave_process_group()
         sys.exit(2)
     except RuntimeError as e:
         if NOT_DETERMINISTIC not in str(e):
@@ -410,8 +407,11 @@ def run_main(main, args) -> None:
         sys.stderr.write(f"error: --deterministic: {op} has no deterministic implementation in "
                          f"PyTorch {torch.__version__}; run without --deterministic\n")
         sys.exit(2)
-    except Stopped as e:
+    except Stopped as e:  # every rank agreed to stop, so every rank leaves the group
         sys.stderr.write(f"{e}\n")
+        if is_dist():
+            e.__traceback__ = None
+            leave_process_group()
         sys.exit(130)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -419,7 +419,15 @@ def run_main(main, args) -> None:
     finally:
         run_folder.release_all()
     if is_dist():
-        dist.destroy_process_group()
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group after freeing what still holds it. destroy_process_group
+    only drops torch's own reference: a DDP model kept alive by a reference cycle would keep
+    the group to interpreter exit, whose teardown can abort the process (SIGABRT)."""
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def replicas_identical(model: torch.nn.Module) -> bool:

@@ -5,6 +5,7 @@ import argparse
 import datetime
 import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import builders
 import checkpoints
 import utils
-from errors import UserError
+from errors import Stopped, UserError
 
 
 @pytest.mark.parametrize("local_rank,visible,expected", [(3, 8, 3), (0, 1, 0), (3, 1, 0),
@@ -52,6 +53,45 @@ def test_collectives_on_the_groups_device(tmp_path):
         assert utils.all_reduce_sum([1.0, 2.5]) == [1.0, 2.5]
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ending, code", [(None, None), (UserError("bad --dims"), 2),
+                                          (Stopped("stopped on request"), 130)])
+def test_run_main_frees_ddp_before_leaving_the_group(tmp_path, monkeypatch, ending, code):
+    """A DDP model that outlives main() in a reference cycle (or in an exception's traceback)
+    must be freed before the process group is destroyed: destroying it only drops torch's
+    reference, and a group left to interpreter teardown can abort the process (it did, once,
+    in a two-rank CI run)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    alive = []
+    leave = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group",
+                        lambda: (alive.append(ddp_ref() is not None), leave()))
+
+    def main(args):
+        nonlocal ddp_ref
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        cycle = [ddp]
+        cycle.append(cycle)  # only a garbage collection frees it
+        ddp_ref = weakref.ref(ddp)
+        if ending is not None:
+            raise ending
+
+    ddp_ref = None
+    gc.disable()  # no automatic collection may free the cycle by chance
+    try:
+        if code is None:
+            utils.run_main(main, None)
+        else:
+            with pytest.raises(SystemExit) as e:
+                utils.run_main(main, None)
+            assert e.value.code == code
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            leave()
+    assert alive == [False]
 
 
 def test_checkpoint_tensors_on_cpu_without_copies():
