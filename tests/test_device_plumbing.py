@@ -60,8 +60,8 @@ def test_collectives_on_the_groups_device(tmp_path):
 def test_run_main_frees_ddp_before_leaving_the_group(tmp_path, monkeypatch, ending, code):
     """A DDP model that outlives main() in a reference cycle (or in an exception's traceback)
     must be freed before the process group is destroyed: destroying it only drops torch's
-    reference, and a group left to interpreter teardown can abort the process (it did, once,
-    in a two-rank CI run)."""
+    reference, and a group left to interpreter teardown can abort the process (the likely
+    cause of one SIGABRT at the end of a two-rank CI run)."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     alive = []
