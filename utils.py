@@ -23,6 +23,7 @@ import run_folder
 from errors import Stopped, UserError
 import flags
 from flags import user_message
+from tf32 import enable_tf32
 
 
 # --------------------------------------------------------------------------- distributed
@@ -176,8 +177,7 @@ def configure_math(device: torch.device, tf32: bool, deterministic: bool = False
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     if tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
 
 
 # ------------------------------------------------------------------------------ seeding

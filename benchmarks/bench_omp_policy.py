@@ -12,6 +12,10 @@ the first competing for the cores, which is what another job (or a DataLoader wo
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from the root, as -m does
+    import pathlib, sys  # noqa: E401
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import os

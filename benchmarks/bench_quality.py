@@ -33,6 +33,10 @@ are not needed: the dense model's top-1 is the result's, its shape the latency r
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from the root, as -m does
+    import pathlib, sys  # noqa: E401
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse
 import contextlib
 import copy

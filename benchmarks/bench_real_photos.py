@@ -21,6 +21,10 @@ epochs at 64 px). Skipped (exit 0) when the data directory is absent.
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from the root, as -m does
+    import pathlib, sys  # noqa: E401
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
 
 import os

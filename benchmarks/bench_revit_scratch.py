@@ -20,6 +20,10 @@ DIGITS variant for CI.
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from the root, as -m does
+    import pathlib, sys  # noqa: E401
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import os
 
 # The quality study's training, with its sleeping OpenMP threads; set before torch loads.

@@ -20,6 +20,10 @@ show (see benchmarks/README.md, Findings).
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from the root, as -m does
+    import pathlib, sys  # noqa: E401
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
 
 import os

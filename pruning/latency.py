@@ -22,6 +22,7 @@ from torch import nn
 from models.dims import Dims
 from models.flops import count_macs
 from models.revit import LN_EPS, Attention, Mlp, ReViT, StreamNorm
+from tf32 import tf32_matmul_enabled
 
 from .cost import LatencyTable, precision_name
 
@@ -136,8 +137,7 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "dtype": precision_name(timer.amp_dtype),
         "amp": amp_dtype is not None,
-        "tf32": (torch.backends.cuda.matmul.allow_tf32
-                 if device.type == "cuda" and amp_dtype is None else None),
+        "tf32": tf32_matmul_enabled() if device.type == "cuda" and amp_dtype is None else None,
         "timing": timer.method,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "warmup": warmup, "repeats": repeats, "statistic": "median",

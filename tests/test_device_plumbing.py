@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import os
@@ -13,6 +14,7 @@ import torch.distributed as dist
 
 import builders
 import checkpoints
+import tf32
 import utils
 from errors import Stopped, UserError
 
@@ -205,37 +207,79 @@ def test_amp_dtype_choice():
         assert script.get_args_parser().parse_args(["--amp-dtype", "bfloat16"]).amp_dtype == "bfloat16"
 
 
-def test_cuda_math_settings(monkeypatch):
-    """CUDA runs: cudnn.benchmark on, TF32 only with --tf32; a CPU run changes nothing."""
-    for flag in ("benchmark", "allow_tf32"):
-        monkeypatch.setattr(torch.backends.cudnn, flag, False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    utils.configure_math(torch.device("cpu"), tf32=True)
-    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-    utils.configure_math(torch.device("cuda"), tf32=False)
-    assert torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-    utils.configure_math(torch.device("cuda"), tf32=True)
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+@contextlib.contextmanager
+def math_settings_restored():
+    """Torch's global math settings as they were before the block, restored explicitly: pytest
+    9.2's monkeypatch deletes the attributes of torch's backend modules on undo instead of
+    setting them back, and tf32 settings must be written through the API torch has."""
+    conv = (lambda: torch.backends.cudnn.conv.fp32_precision) if tf32.has_precision_api() else (
+        lambda: torch.backends.cudnn.allow_tf32)
+    rnn = torch.backends.cudnn.rnn.fp32_precision if tf32.has_precision_api() else None
+    saved = (torch.get_float32_matmul_precision(), conv(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        yield
+    finally:
+        matmul, conv_value, benchmark, deterministic, algorithms, workspace = saved
+        torch.set_float32_matmul_precision(matmul)
+        if tf32.has_precision_api():
+            torch.backends.cudnn.conv.fp32_precision = conv_value
+            torch.backends.cudnn.rnn.fp32_precision = rnn
+        else:
+            torch.backends.cudnn.allow_tf32 = conv_value
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.deterministic = deterministic
+        torch.use_deterministic_algorithms(algorithms)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
+def test_cuda_math_settings():
+    """CUDA runs: cudnn.benchmark on, TF32 only with --tf32 (through torch's fp32_precision
+    API where it has one, so the settings read back consistently through both APIs); a CPU
+    run changes nothing."""
+    with math_settings_restored():
+        torch.backends.cudnn.benchmark = False
+        torch.set_float32_matmul_precision("highest")
+        if tf32.has_precision_api():
+            torch.backends.cudnn.conv.fp32_precision = "ieee"
+            torch.backends.cudnn.rnn.fp32_precision = "ieee"
+        else:
+            torch.backends.cudnn.allow_tf32 = False
+        utils.configure_math(torch.device("cpu"), tf32=True)
+        assert not torch.backends.cudnn.benchmark
+        assert not tf32.tf32_matmul_enabled() and not tf32.tf32_conv_enabled()
+        utils.configure_math(torch.device("cuda"), tf32=False)
+        assert torch.backends.cudnn.benchmark
+        assert not tf32.tf32_matmul_enabled() and not tf32.tf32_conv_enabled()
+        utils.configure_math(torch.device("cuda"), tf32=True)
+        assert tf32.tf32_matmul_enabled() and tf32.tf32_conv_enabled()
+        if tf32.has_precision_api():  # the per-op API, not the deprecated cudnn.allow_tf32
+            assert torch.backends.cudnn.rnn.fp32_precision == "ieee"
+            torch.backends.cudnn.rnn.fp32_precision = "tf32"  # as conv: allow_tf32 is readable
+        # what torch.compile's autotuning and older code read must still be readable
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     import revit_scratch
     assert revit_scratch.get_args_parser().parse_args(["--tf32"]).tf32
 
 
-def test_deterministic_mode(monkeypatch):
+def test_deterministic_mode():
     """--deterministic: PyTorch's deterministic algorithms, fixed cuDNN algorithms and a
     fixed cuBLAS workspace on CUDA (set before cuBLAS starts); off without the flag."""
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    try:
+    with math_settings_restored():
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = False
         utils.configure_math(torch.device("cuda"), tf32=False, deterministic=True)
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    finally:
-        torch.use_deterministic_algorithms(False)
-        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    utils.configure_math(torch.device("cuda"), tf32=False)
-    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+        utils.configure_math(torch.device("cuda"), tf32=False)
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
 
 
 def test_an_op_without_a_deterministic_version_is_one_line(capsys):

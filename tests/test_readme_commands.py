@@ -1,5 +1,5 @@
 """The README's reference commands (NViT-B pruning and finetuning, ReViT-T) parse as typed and
-mean what the reference's meant."""
+mean what the reference's meant; its test command is what CI runs, with a complete lock."""
 from __future__ import annotations
 
 import re
@@ -53,3 +53,59 @@ def test_revit_command():
     assert args.kl_loss_coeff == 0 and args.distillation_type == "hard"
     dims = revit_scratch.requested_dims(args)
     assert dims.token_scale and dims.attn_scale == [0.125] * 12 and dims.init == "torch_default"
+
+
+# ----------------------------------------------------------------- CI and the pinned toolchain
+def _commands(text: str) -> list[list[str]]:
+    joined = re.sub(r"\\\n\s*", " ", text)
+    commands = (shlex.split(line, comments=True) for line in joined.splitlines())
+    return [c for c in commands if c]
+
+
+def _readme_test_block() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "pytest" in b]
+    return _commands(block)
+
+
+def test_ci_runs_the_readme_test_commands():
+    """.ci/run installs what the README's test step installs and runs its test command word for
+    word, so a user's run matches CI."""
+    install, test = _readme_test_block()
+    ci = _commands((ROOT / ".ci" / "run").read_text())
+    assert test in ci
+    quiet = {"--quiet", "--disable-pip-version-check"}
+    ci_installs = [c[4:] for c in ci if c[:4] == ["python", "-m", "pip", "install"]]
+    assert install[:2] == ["pip", "install"]
+    assert install[2:] in [[w for w in c if w not in quiet] for c in ci_installs]
+    assert "-c" in install and "requirements-lock.txt" in install
+
+
+def _requirements(path) -> list:
+    """The named requirements of a requirements file and the files it includes."""
+    from packaging.requirements import Requirement
+    out = []
+    for line in (ROOT / path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            out += _requirements(line[3:].strip())
+        elif line:
+            out.append(Requirement(line))
+    return out
+
+
+def test_the_lock_pins_every_requirement_within_its_range():
+    """requirements-lock.txt holds one exact version of every package the test set names, and
+    each one is inside the range users are given."""
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+    pins = {}
+    for line in (ROOT / "requirements-lock.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = Version(version)
+    for req in _requirements("requirements-test.txt"):
+        pinned = pins.get(canonicalize_name(req.name))
+        assert pinned is not None, f"{req.name} is not pinned in requirements-lock.txt"
+        assert req.specifier.contains(pinned, prereleases=True), f"{req.name}=={pinned} not in {req}"

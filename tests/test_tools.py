@@ -4,6 +4,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,6 +89,42 @@ def test_model_info_bad_emb():
     proc = run("tools/model_info.py", "--EMB", "50", check=False)
     assert proc.returncode == 2
     assert_user_error(proc, "--EMB")
+
+
+# ------------------------------------------------------------------ run as files or modules
+ENTRY_FILES = sorted(p.relative_to(ROOT).as_posix() for folder in ("tools", "benchmarks")
+                     for p in (ROOT / folder).glob("*.py")
+                     if 'if __name__ == "__main__":' in p.read_text())
+
+
+def _as_a_file(path: str, *args, cwd) -> subprocess.CompletedProcess:
+    """`python tools/NAME.py ARGS` as a user types it: from another folder, no PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, str(ROOT / path), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_every_command_is_checked_as_a_file():
+    assert len([p for p in ENTRY_FILES if p.startswith("tools/")]) >= 6
+    assert len([p for p in ENTRY_FILES if p.startswith("benchmarks/")]) >= 12
+
+
+@pytest.mark.parametrize("path", ENTRY_FILES)
+def test_runs_as_a_file(path, tmp_path):
+    """Each tool and benchmark runs as `python tools/NAME.py` as well as `python -m tools.NAME`
+    (timm's scripts run as files): its imports resolve from the repository root."""
+    proc = _as_a_file(path, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:"), proc.stdout[:500]
+
+
+def test_model_info_as_a_file(tmp_path):
+    dims_file = write_dims(tmp_path / "dims.yaml", TINY)
+    proc = _as_a_file("tools/model_info.py", "--dims", dims_file, "--input-size", "32",
+                      "--patch-size", "8", "--num-classes", "5", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["params"] == sum(p.numel() for p in _tiny_model().parameters())
 
 
 # ------------------------------------------------------------------------------ export

@@ -17,6 +17,10 @@ nvit_prune.py compares with its run.
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file, `python tools/NAME.py`: import from the root, as -m does
+    import pathlib, sys  # noqa: E401
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import math

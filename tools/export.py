@@ -16,6 +16,10 @@ Needs `pip install -r requirements-export.txt` (onnx; onnxruntime for the check)
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file, `python tools/NAME.py`: import from the root, as -m does
+    import pathlib, sys  # noqa: E401
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse
 import contextlib
 import json

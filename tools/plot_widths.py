@@ -4,6 +4,10 @@
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file, `python tools/NAME.py`: import from the root, as -m does
+    import pathlib, sys  # noqa: E401
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import json
 import sys
 from pathlib import Path

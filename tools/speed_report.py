@@ -14,6 +14,10 @@ model is rebuilt from the checkpoint's `original_dims` (weights do not change th
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file, `python tools/NAME.py`: import from the root, as -m does
+    import pathlib, sys  # noqa: E401
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import argparse
 import json
 import sys
