@@ -90,6 +90,23 @@ def build_loaders(args, need_train: bool = True):
     return train_loader, val_loader, nb_classes, sampler_train
 
 
+def distributed_model(args, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model in DDP when the run has several processes (unchanged otherwise).
+
+    A distilled model whose only loss is the label loss on the class head
+    (--distillation-type none --base-loss-head cls, as DeiT's code) gives its distillation
+    head no gradient; DDP then has to be told to look for unused parameters, or it stops on
+    the second step waiting for their reduction.
+    """
+    if not args.distributed:
+        return model
+    unused = (getattr(model, "distilled", False) and args.distillation_type == "none"
+              and args.base_loss_head == "cls")
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=unused)
+
+
 def compile_model(args, model: torch.nn.Module) -> torch.nn.Module:
     """--torchcompile BACKEND: the model torch.compile'd (after DDP, as timm does, so DDP's
     hooks stay outside the graphs); unchanged without the flag."""

@@ -254,7 +254,8 @@ def main(args) -> None:
     note = cost.frame_note(original)
     if note:
         raise UserError(f"{note}; build a table for this model (tools/build_latency_table.py "
-                        f"--model {args.model} --input-size {args.input_size})", field="latency_table")
+                        f"--model {args.model} --input-size {args.input_size} --token-scale "
+                        f"{str(args.token_scale).lower()})", field="latency_table")
     amp_dtype = amp_dtype_for(device, args.amp, args.amp_dtype)
     note = cost.settings_note(device.type, precision_name(amp_dtype),
                               torch.cuda.get_device_name(device) if device.type == "cuda" else None)
@@ -274,9 +275,7 @@ def main(args) -> None:
                         f"original {args.cost}")
 
     model_without_ddp = model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = builders.distributed_model(args, model, device)
     # compiled with the gates in it: a prune step changes their values, never a shape, so
     # it does not recompile (models.revit.StreamNorm.masked)
     model = builders.compile_model(args, model)

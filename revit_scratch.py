@@ -154,9 +154,8 @@ def main(args) -> None:
         return
 
     model_without_ddp = model
-    if args.distributed:  # DDP broadcasts rank 0's weights, so the EMA is made after it
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    # DDP broadcasts rank 0's weights, so the EMA is made after it
+    model = builders.distributed_model(args, model, device)
     model = builders.compile_model(args, model)
     model_ema = builders.init_model_ema(args, model_without_ddp)
     optimizer = builders.build_optimizer(args, model_without_ddp)

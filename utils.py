@@ -153,12 +153,19 @@ def next_on_every_rank(batches: Iterator):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    """--device as a torch.device: cpu, cuda or cuda:N, which this machine must have."""
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name} is not a device name (cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s)")
+    return device
 
 
 def configure_math(device: torch.device, tf32: bool, deterministic: bool = False) -> None:
@@ -215,6 +222,8 @@ def setup_run(args, after_init=None, writes: bool = True) -> Run:
     if after_init is not None:
         after_init(args)
     device = resolve_device(args.device)
+    if device.type == "cuda":  # cuda:N without torchrun too: what uses the current device
+        torch.cuda.set_device(device)  # (CUDA events, NCCL, memory stats) means this GPU
     configure_math(device, getattr(args, "tf32", False), getattr(args, "deterministic", False))
     rank = get_rank()
     seed_everything(args.seed + rank)

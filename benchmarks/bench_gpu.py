@@ -240,7 +240,8 @@ def compact_speedups(case: str, name: str, overrides: dict, device, cfg: dict,
         with contextlib.redirect_stdout(io.StringIO()):  # the table's progress lines
             table = LatencyTable.from_dict(measure_table(
                 grid, device, b, dense.dims.num_tokens, warmup=cfg["warmup"],
-                repeats=cfg["table_repeats"], amp_dtype=dtype, model_dims=dense.dims))
+                repeats=cfg["table_repeats"], amp_dtype=dtype, model_dims=dense.dims,
+                token_scale=dense.dims.token_scale))
         for t, m in compacts.items():
             r = speed_report(dense, m, device, b, dtype, cfg["pairs"], cfg["speed_repeats"], table)
             rows.append({"section": "compact vs dense", "case": case, "target": t,

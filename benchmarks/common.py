@@ -69,14 +69,6 @@ def environment() -> dict:
             "malloc": malloc_setting()}
 
 
-def time_call(fn: Callable[[], object], sync: bool = False) -> float:
-    start = time.perf_counter()
-    fn()
-    if sync and torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
                 inner: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each function, measured A B A B ... so drift hits all alike."""

@@ -203,8 +203,9 @@ class Attention(nn.Module):
             qkv = self.qkv(x)
         else:
             qkv = F.linear(x, *scaled(self.qkv.weight, self.qkv.bias, self.qkv_gate_rows()))
-        if self.token_scale is not None:
-            qkv = qkv * self.token_scale
+        if self.token_scale is not None:  # in qkv's dtype: the fp32 scale would promote a
+            qkv = qkv * self.token_scale.to(qkv.dtype)  # 16-bit qkv to fp32 under autocast,
+            # and SDPA (which casts back) would then miss flash for unequal QK/V widths
         q, k, v = qkv.split(self.qkv_split, dim=-1)
         q = q.view(B, N, H, self.qk_dim)
         k = k.view(B, N, H, self.qk_dim)

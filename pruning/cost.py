@@ -279,6 +279,10 @@ class LatencyTable(CostModel):
         if n is not None and dims.complete and n != dims.num_tokens:
             return (f"the latency table was measured with {n} tokens but the model has "
                     f"{dims.num_tokens}; latencies are estimates for the table's token count")
+        timed = self.meta.get("token_scale")  # tables from before it was recorded: unknown
+        if timed is not None and bool(timed) != bool(dims.token_scale):
+            return (f"the latency table was timed {'with' if timed else 'without'} the token "
+                    f"scale this model {'lacks' if timed else 'has'}")
         return None
 
     def settings_note(self, device_type: str, precision: str, device_name: str | None = None

@@ -76,8 +76,10 @@ class Timer:
         module = module.to(self.device).eval()
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else nullcontext())
+        # CUDA events record on the current device's stream: make it the timed GPU's
+        on_device = torch.cuda.device(self.device) if self.cuda else nullcontext()
         times = []
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast, on_device:
             for _ in range(self.warmup):  # also lets cudnn.benchmark settle on its algorithm
                 module(x)
             if self.cuda:
@@ -106,10 +108,12 @@ class Timer:
 def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: int,
                   num_tokens: int, warmup: int = 5, repeats: int = 20,
                   amp_dtype: torch.dtype | None = None, model_dims: Dims | None = None,
-                  model: str | None = None) -> dict:
+                  model: str | None = None, token_scale: bool = False) -> dict:
     """A latency table (pruning.cost.LatencyTable's JSON) timed on `device`: per embed width,
     every (heads, QK, V) attention sublayer and MLP sublayer of the grid, and with
-    `model_dims` the model's stem (ReViT itself with its blocks taken out)."""
+    `model_dims` the model's stem (ReViT itself with its blocks taken out). `token_scale`:
+    the attention multiplies q, k and v by a per-token scale, as a model with one does (an
+    nvit_prune.py student by default)."""
     timer = Timer(device, warmup, repeats, amp_dtype)
     B, N = batch_size, num_tokens
     Es, Hs, Qs, Vs, Ms = (grid[k] for k in ("embed_dims", "heads", "qk_dims", "v_dims",
@@ -118,7 +122,9 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
     for E in Es:
         t0 = time.perf_counter()
         x = torch.randn(B, N, E, device=device)
-        attention.append([[[timer(Sublayer(E, Attention(E, h, q, v, 1.0 / math.sqrt(q))), x)
+        tokens = N if token_scale else None
+        attention.append([[[timer(Sublayer(E, Attention(E, h, q, v, 1.0 / math.sqrt(q),
+                                                        num_tokens=tokens)), x)
                             for v in Vs] for q in Qs] for h in Hs])
         mlp.append([timer(Sublayer(E, Mlp(E, m)), x) for m in Ms])
         if model_dims is not None:
@@ -141,8 +147,9 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         "timing": timer.method,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "warmup": warmup, "repeats": repeats, "statistic": "median",
-        "model": model,
-        "timed": {"attention": "LayerNorm + Attention (q, k, v, SDPA, proj) + residual add",
+        "model": model, "token_scale": bool(token_scale),
+        "timed": {"attention": "LayerNorm + Attention (q, k, v, token scale if set, SDPA, "
+                               "proj) + residual add",
                   "mlp": "LayerNorm + Mlp (fc1, GELU, fc2) + residual add",
                   "stem": "patch embedding, tokens + pos_embed, final LayerNorm, head(s)"},
     }

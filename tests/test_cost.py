@@ -1,6 +1,7 @@
 """Cost models against the built model (flop_counter, numel), latency tables and their tool."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import itertools
@@ -163,6 +164,34 @@ def test_frame_note() -> None:
     assert table.frame_note(Dims(24, [1], [4], [4], [8], img_size=12, patch_size=4, in_chans=3,
                                  num_classes=10, distilled=False, class_token=False,
                                  global_pool="avg", reg_tokens=1)) is None
+
+
+def test_table_times_the_token_scale_the_student_has(monkeypatch) -> None:
+    """A table is timed with the token scale when asked (as nvit_prune.py's students have one
+    by default) and says so; a model with the other setting is told, and a table from before
+    the field was recorded is taken as it is."""
+    import pruning.latency as latency
+    timed = []
+    monkeypatch.setattr(latency.Timer, "__call__", lambda self, module, x: timed.append(
+        module) or 1.0)
+    grid = {"embed_dims": [16], "heads": [1, 2], "qk_dims": [4], "v_dims": [4], "mlp_dims": [8]}
+    frame = dict(img_size=12, patch_size=4, in_chans=3, num_classes=10, distilled=False)
+    plain = Dims(24, [1], [4], [4], [8], **frame)
+    scaled = dataclasses.replace(plain, token_scale=True)
+    for token_scale in (True, False):
+        timed.clear()
+        data = latency.measure_table(grid, torch.device("cpu"), 2, 10, token_scale=token_scale)
+        attns = [m.body for m in timed if isinstance(m.body, latency.Attention)]
+        assert len(attns) == 2
+        assert all((a.token_scale is not None) == token_scale for a in attns)
+        assert all(a.token_scale.shape == (10, 1) for a in attns if token_scale)
+        table = LatencyTable.from_dict(data)
+        assert data["meta"]["token_scale"] is token_scale
+        assert table.frame_note(scaled if token_scale else plain) is None
+        note = table.frame_note(plain if token_scale else scaled)
+        assert "token scale" in note and ("lacks" if token_scale else "has") in note
+        del data["meta"]["token_scale"]
+        assert LatencyTable.from_dict(data).frame_note(plain if token_scale else scaled) is None
 
 
 def test_settings_note_names_device_and_precision() -> None:

@@ -296,3 +296,37 @@ def test_an_op_without_a_deterministic_version_is_one_line(capsys):
     assert err.count("\n") == 1
     with pytest.raises(RuntimeError):  # any other RuntimeError is a bug: its traceback stays
         utils.run_main(lambda args: (_ for _ in ()).throw(RuntimeError("shape")), None)
+
+
+def test_device_names_are_checked_against_this_machine(monkeypatch):
+    """--device cuda:N names a GPU this machine has (one resolver for scripts and tools)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert utils.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert utils.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="--device cuda:2: this machine has 2 CUDA device"):
+        utils.resolve_device("cuda:2")
+    with pytest.raises(UserError, match="only cpu and cuda"):
+        utils.resolve_device("meta")
+    with pytest.raises(UserError, match="not a device name"):
+        utils.resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="CUDA is not available"):
+        utils.resolve_device("cuda")
+
+
+def test_a_single_process_run_on_cuda_n_makes_it_the_current_device(monkeypatch):
+    """Without torchrun, --device cuda:1 still becomes the current device (set_device was only
+    called at distributed init), so whatever uses the current device (CUDA events, memory
+    statistics) works on the run's GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(utils, "configure_math", lambda *a, **k: None)
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    args = argparse.Namespace(device="cuda:1", local_rank=0, dist_url="env://", seed=0,
+                              output_dir="", dist_eval=False)
+    run = utils.setup_run(args, writes=False)
+    assert run.device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]

@@ -258,6 +258,43 @@ def test_sdpa_widths_meet_the_fused_kernels_rules(dq, dv, dtype):
     assert (pq == pv) == (flash or -(-dq // 8) == -(-dv // 8))
 
 
+@pytest.mark.parametrize("token_scale", [True, False])
+def test_attention_gets_16_bit_inputs_under_autocast(token_scale, monkeypatch):
+    """Under bf16 autocast q, k and v reach attention in bf16, with or without the fp32 token
+    scale, so the widths SDPA is given on CUDA are the flash kernel's equal ones (an fp32 q
+    kept (16, 64) and only the memory-efficient kernel took it); fp32 stays fp32."""
+    from models import revit
+    seen = []
+    real = revit.attention
+    def spy(q, k, v, *args, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, revit.sdpa_widths(q.shape[-1], v.shape[-1],
+                                                                  "cuda", q.dtype)))
+        return real(q, k, v, *args, **kw)
+    monkeypatch.setattr(revit, "attention", spy)
+    torch.manual_seed(0)
+    model = build_model("revit_tiny_distilled_patch16_224", img_size=32, patch_size=8,
+                        num_classes=10)
+    if not token_scale:
+        model = build_model("revit_tiny_distilled_patch16_224", img_size=32, patch_size=8,
+                            num_classes=10, dims=dataclasses.replace(model.dims, token_scale=False))
+    assert (model.blocks[0].attn.token_scale is not None) == token_scale
+    assert model.dims.qk_dim[1] != model.dims.v_dim[1]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cls, dist = model(x)
+    (cls.float().sum() + dist.float().sum()).backward()
+    assert len(seen) == model.dims.depth
+    for dq, dk, dv, (pq, pv) in seen:
+        assert dq == dk == dv == torch.bfloat16
+        assert pq == pv  # flash's equal widths
+    if token_scale:
+        assert model.blocks[0].attn.token_scale.grad is not None
+        assert model.blocks[0].attn.token_scale.grad.dtype == torch.float32
+    seen.clear()
+    model(x)
+    assert all(d[0] == torch.float32 for d in seen)
+
+
 # -------------------------------------------------------------------- timm equivalence
 @pytest.mark.parametrize("name,kwargs", [
     ("deit_tiny_distilled_patch16_224", dict(img_size=32, patch_size=8, num_classes=10)),

@@ -4,7 +4,8 @@ Times the attention part (LayerNorm, q/k/v projections, SDPA, output projection,
 add; the model's own `Attention`) over a grid of (embed, heads, QK per head, V per head)
 and the MLP part (LayerNorm, fc1, GELU, fc2, residual add; the model's own `Mlp`) over
 (embed, MLP width), in eval mode under torch.inference_mode, as the median of repeated
-runs after warm-up. With --model the stem (patch embedding, tokens, final norm, heads) is
+runs after warm-up; the attention multiplies q, k and v by a per-token scale as the pruning
+student does (--token-scale false: without). With --model the stem (patch embedding, tokens, final norm, heads) is
 timed per embed width too. The JSON format is described in pruning/cost.py (LatencyTable).
 
 Time where and as you deploy: on CUDA the defaults are batch 256 under fp16 autocast (what
@@ -33,12 +34,13 @@ import torch
 from atomic import check_output_file, write_text_atomic
 from errors import UserError
 from engine import amp_dtype_for
-from flags import COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, add_tf32_arg, user_message
+from flags import (COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, add_tf32_arg, str2bool,
+                   user_message)
 from models.dims import Dims
 from models.factory import name_dims
 from pruning.cost import LatencyTable, precision_name
 from pruning.latency import measure_table
-from utils import configure_math
+from utils import configure_math, resolve_device
 
 DEFAULT_BATCH = {"cuda": 256, "cpu": 1}
 DEFAULTS = {  # small: about a minute on 2 CPU cores at 198 tokens
@@ -77,6 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="time under autocast, float16 on CUDA and bfloat16 on the CPU (default: "
                         "on for CUDA, as nvit_prune.py --amp runs; off on the CPU)")
+    p.add_argument("--token-scale", default=True, type=str2bool,
+                   help="time the attention with the per-token scale on q, k and v that "
+                        "nvit_prune.py gives its student by default (--token_scale); false for "
+                        "a run with --token_scale false")
     add_amp_dtype_arg(p)
     add_tf32_arg(p)
     return p.parse_args(argv)
@@ -113,21 +119,6 @@ def model_grid(name: str) -> tuple[dict[str, str], Dims]:
     return grid, d
 
 
-def resolve_device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UserError(f"--device {text!r} is not a device (use cpu or cuda)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {text!r}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: CUDA is not available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
 def write_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
@@ -158,7 +149,7 @@ def run(args: argparse.Namespace) -> None:
           f"{precision_name(amp_dtype)}, {torch.get_num_threads()} threads)", flush=True)
     t0 = time.perf_counter()
     data = measure_table(grid, device, args.batch_size, num_tokens, args.warmup, args.repeats,
-                         amp_dtype, model_dims, args.model)
+                         amp_dtype, model_dims, args.model, args.token_scale)
     table = LatencyTable.from_dict(data)  # the table must read back before it is written
     write_atomic(output, data)
 

@@ -32,7 +32,7 @@ from flags import POSITIVE_INT, Parser, add_amp_dtype_arg, user_message
 from models import Dims, ReViT, build_model, read_checkpoint
 from pruning.cost import LatencyTable
 from pruning.latency import report_lines, speed_report
-from tools.build_latency_table import resolve_device
+from utils import resolve_device
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("Measured speedup of a pruned model against its MACs and latency-table promise.")
