@@ -417,7 +417,11 @@ def main(args) -> None:
     if args.distributed:
         if not utils.replicas_identical_tensors(gates.tensors()):
             raise RuntimeError("processes ended with different masks: pruning lost synchronisation")
-        print(f"all {run.world_size} processes hold identical masks after {pruner.steps} prune steps")
+        if not utils.replicas_identical(model_without_ddp):
+            raise RuntimeError("processes ended with different weights: pruning lost "
+                               "synchronisation (optimizer state cleared unlike rank 0's?)")
+        print(f"all {run.world_size} processes hold identical masks and weights after "
+              f"{pruner.steps} prune steps")
     if stats is None:  # resumed after the end, or ended by the prune step: score the final masks
         stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
     ratio = pruner.ratio()

@@ -200,6 +200,32 @@ class Gates:
             t.grad = flat[offset:offset + n].view_as(t).clone()
             offset += n
 
+    @torch.no_grad()
+    def broadcast_from(self, src: int = 0) -> None:
+        """Every rank takes rank `src`'s gate values, in one collective. Copied in (not
+        broadcast in place, which leaves a tensor's version counter as it was) so that what
+        is cached against a gate's version (StreamNorm's live channels) is recomputed."""
+        ts = self.tensors()
+        flat = torch.cat([t.detach().reshape(-1) for t in ts])
+        dist.broadcast(flat, src=src)
+        for t, part in zip(ts, flat.split([t.numel() for t in ts])):
+            t.copy_(part.view_as(t))
+
+    def removed_since(self, before: list[torch.Tensor]) -> list:
+        """(kind, block, gate indices) of every gate element that was live in `before` (an
+        earlier `tensors()` snapshot) and is zero now: what a prune step removed, read off
+        the masks every rank holds rather than one rank's own decisions."""
+        out = []
+        for i, (t, was) in enumerate(zip(self.tensors(), before)):
+            gone = torch.nonzero((was != 0) & (t.detach() == 0))
+            if gone.numel() == 0:
+                continue
+            kind = self.kinds()[i]
+            block = None if i == 0 else (i - 1) // len(BLOCK_KINDS)
+            idx = [tuple(r) for r in gone.tolist()] if t.dim() == 2 else gone.flatten().tolist()
+            out.append((kind, block, idx))
+        return out
+
     # ----------------------------------------------------------------- masks
     def masks(self) -> dict:
         """Which units are alive (gate != 0), nested like the gates."""

@@ -60,7 +60,9 @@ class Group:
 @dataclass
 class StepResult:
     removed: dict = field(default_factory=lambda: {k: 0 for k in KINDS})  # groups per kind
-    removed_units: list = field(default_factory=list)  # (kind, block, gate indices) for optimizer clean-up
+    # (kind, block, gate indices) removed, from the masks after the ranks' sync: what the
+    # optimizer state is cleared of
+    removed_units: list = field(default_factory=list)
     cost: float = 0.0
     ratio: float = 1.0
     reached: bool = False
@@ -219,6 +221,7 @@ class GlobalPruner:
         if scores is None:
             scores = self.saliency.step(model)
         result = StepResult()
+        before = [t.detach().clone() for t in self.gates.tensors()]
         layers = self.layers(scores)
         values = sorted(gr.value for layer in layers for gr in layer)
         threshold = values[min(self.groups_due(self.steps), len(values)) - 1]
@@ -237,11 +240,10 @@ class GlobalPruner:
                 self.gates.remove(gr.kind, gr.block, gr.units)
                 live -= 1
                 result.removed[gr.kind] += 1
-                result.removed_units.append(
-                    (gr.kind, gr.block, self.gates.gate_units(gr.kind, gr.block, gr.units)))
             stuck = stuck and live <= 1
         self.steps += 1
         result.stuck = self.sync(stuck)
+        result.removed_units = self.gates.removed_since(before)
         result.cost = self.current_cost()
         result.ratio = result.cost / self.original_cost
         result.reached = self.target > 0 and result.ratio <= self.target
@@ -253,9 +255,7 @@ class GlobalPruner:
         ranks, so that every decision derived from them (stop or go on) is the same."""
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return stuck
-        with torch.no_grad():
-            for t in self.gates.tensors():  # in place on the gate: its version counter moves,
-                dist.broadcast(t, src=0)      # so cached live channels are recomputed
-            flag = torch.tensor([float(stuck)], dtype=torch.float64, device=self.gates.emb.device)
-            dist.broadcast(flag, src=0)
+        self.gates.broadcast_from(0)
+        flag = torch.tensor([float(stuck)], dtype=torch.float64, device=self.gates.emb.device)
+        dist.broadcast(flag, src=0)
         return bool(flag.item())

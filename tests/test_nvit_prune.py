@@ -202,7 +202,7 @@ def test_torchrun_ranks_agree(tmp_path, dense, family):
            "--output_dir", str(tmp_path / "o")]  # accumulation: DDP's no_sync on real ranks
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    m = re.search(r"all 2 processes hold identical masks after (\d+) prune steps", proc.stdout)
+    m = re.search(r"all 2 processes hold identical masks and weights after (\d+) prune steps", proc.stdout)
     assert m, proc.stdout[-3000:]
     assert (tmp_path / "o" / "pruned_checkpoint.pth").is_file()
 

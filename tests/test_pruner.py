@@ -334,3 +334,60 @@ def test_engine_step_update_sets_each_steps_learning_rate():
     engine.train_one_epoch(model, lambda x, out, y: ((out - y) ** 2).mean(), batches, opt,
                            torch.device("cpu"), 0, print_freq=1000, step_update=update)
     assert seen == pytest.approx([0.1, 0.2, 0.3])
+
+
+# ------------------------------------------------------------------ ranks resynchronised
+def _prune_with_drift(rank: int, folder: str) -> None:
+    """One prune step on two gloo ranks whose scores drifted: rank 0 removes embedding
+    channels, rank 1 (on its own) MLP neurons of block 0. Rank 0's masks are broadcast; what
+    each rank then holds is written to folder/rank{rank}.pt."""
+    import datetime
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        model, gates, saliency, pruner = setup(target=0.0, per_iter=32)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        torch.manual_seed(1)  # the same batch on both ranks: equal weights and moments
+        x = torch.randn(4, 3, 32, 32)
+        out = model(x)  # also fills rank 1's cache of live embedding channels
+        (out[0].sum() + out[1].sum()).backward()
+        opt.step()
+        saliency.accumulate()
+        scores = saliency.step(model)
+        low, high = 1e-12, 1e12
+        scores["emb"] = torch.full_like(scores["emb"], low if rank == 0 else high)
+        scores["blocks"][0]["mlp"] = torch.full_like(scores["blocks"][0]["mlp"],
+                                                     high if rank == 0 else low)
+        result = pruner.step(model, scores)
+        clear_pruned_state(opt, model, result.removed_units)
+        model.zero_grad()
+        model.eval()
+        y = model(x)
+        y.sum().backward()
+        opt.step()  # with moments cleared unlike rank 0's, the weights would now differ
+        import utils
+        torch.save({"removed": result.removed_units, "logits": y.detach(),
+                    "emb_live": int((gates.emb != 0).sum()),
+                    "mlp_live": int((gates.blocks[0]["mlp"] != 0).sum()),
+                    "moments": {n: opt.state[p]["exp_avg"].clone()
+                                for n, p in model.named_parameters()},
+                    "identical": utils.replicas_identical(model)}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0s_masks_resynchronise_every_rank(tmp_path):
+    """Ranks whose own prune decisions drifted end the step as rank 0 left it: the same masks,
+    the same function (rank 1's cached live embedding channels recomputed although its own
+    step never touched that gate), the optimizer moments cleared for rank 0's removed units,
+    and after another optimizer step the same weights, which the end-of-run check compares."""
+    torch.multiprocessing.spawn(_prune_with_drift, args=(str(tmp_path),), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["emb_live"] == r1["emb_live"] < DIMS.embed_dim  # rank 0 removed channels
+    assert r0["mlp_live"] == r1["mlp_live"] == DIMS.mlp_dim[0]  # and no MLP neurons
+    assert r0["removed"] == r1["removed"] and {k for k, _, _ in r0["removed"]} == {"emb"}
+    assert torch.equal(r0["logits"], r1["logits"])
+    for name, m in r0["moments"].items():
+        assert torch.equal(m, r1["moments"][name]), name
+    assert r0["identical"] and r1["identical"]
