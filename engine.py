@@ -51,7 +51,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                     start_iter: int = 0, seed_fn: Callable[[int], None] | None = None,
                     train_mode: bool = True,
                     step_update: Callable[[int], None] | None = None,
-                    accum_steps: int = 1) -> dict[str, float]:
+                    accum_steps: int = 1,
+                    stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
     """One pass over the loader; returns the epoch's mean loss (and its parts) and last lr.
 
     start_iter: iterations of this epoch already done (the loader then yields the rest).
@@ -62,6 +63,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
     early. train_mode False trains the model in eval mode (no dropout, no drop-path), as the
     NViT reference prunes and finetunes. step_update(i) runs before step i's optimizer step
     (a per-iteration learning-rate schedule, as timm's `scheduler.step_update`).
+    stop_requested() (Ctrl-C / SIGTERM on this process) rides on the step's loss all-reduce:
+    when any process asks, every process ends the epoch after the same step (its after_step
+    done), without waiting for a prune step or the epoch's end.
 
     accum_steps N (--grad-accum-steps): an iteration is one optimizer step over N loader
     batches, each backward on loss / N, so it computes what one batch N times larger would
@@ -103,10 +107,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                 else:
                     loss.backward()
         means = micro[0] if accum == 1 else torch.stack(micro).mean(0)
-        # the sum over processes is non-finite when any process's loss is: all stop together.
-        # Read after the optimizer step, so that the host never waits for the GPU before
-        # the step (a diverged step only changes weights that are then dropped).
-        values = torch.cat([means, utils.sum_over_ranks(means[:1].clone())])
+        # the loss summed over processes is non-finite when any process's loss is, and the
+        # stop requests summed are positive when any process asks: all stop together. Read
+        # after the optimizer step, so that the host never waits for the GPU before the
+        # step (a diverged step only changes weights that are then dropped).
+        stop = float(stop_requested()) if stop_requested is not None else 0.0
+        flags = torch.stack([means[0], means.new_full((), stop)])  # a fill: no host-device copy
+        values = torch.cat([means, utils.sum_over_ranks(flags)])
         if after_backward is not None:
             after_backward(grad_scaler.get_scale() if grad_scaler is not None else 1.0)
         if grad_scaler is not None:
@@ -124,8 +131,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
         else:
             optimizer.step()
         values = values.tolist()  # the step's one host sync
-        losses = dict(zip(["loss", *parts], values[:-1]))
-        if not math.isfinite(values[-1]):
+        losses = dict(zip(["loss", *parts], values[:-2]))
+        loss_sum, stops = values[-2:]
+        if not math.isfinite(loss_sum):
             where = "" if math.isfinite(losses["loss"]) else f" (here {losses['loss']})"
             raise UserError(f"loss is not finite at epoch {epoch}, iteration {i}{where}; "
                             f"training diverged (lower --lr, or set --clip-grad)")
@@ -134,6 +142,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
         log.update(**losses, lr=optimizer.param_groups[0]["lr"])
         log.step(i)
         if after_step is not None and after_step(i, losses):
+            break
+        if stops > 0:
             break
     stats = log.averages()
     stats["epoch_time"] = log.elapsed()

@@ -406,13 +406,15 @@ def main(args) -> None:
                 save_state()
             write_logs()
             scalars.add(record, epoch, axis="epoch/epoch", prefix="epoch/")
+        if loop.stop_requested:  # still under the handlers: a second signal cannot cut it short
+            save_state()
+            utils.barrier()  # no rank ends (its launcher would then stop rank 0) before the save
+            raise Stopped(f"stopped on request after {pruner.steps} prune steps; the state is "
+                          f"in {output_dir / checkpoints.PRUNING_STATE_FILE} (continue with "
+                          f"--resume)")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if loop.stop_requested:
-        save_state()
-        raise Stopped(f"stopped on request after {pruner.steps} prune steps; the state is in "
-                      f"{output_dir / checkpoints.PRUNING_STATE_FILE} (continue with --resume)")
 
     if args.distributed:
         if not utils.replicas_identical_tensors(gates.tensors()):

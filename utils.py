@@ -100,6 +100,12 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in a single-process run)."""
+    if is_dist():
+        dist.barrier()
+
+
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over processes, in place (the tensor is on the group's device already)."""
     if is_dist():

@@ -96,10 +96,12 @@ class PruningLoop:
         """Keyword arguments for `engine.train_one_epoch` in this epoch."""
         return {"after_backward": self.after_backward,
                 "after_step": lambda i, losses: self.after_step(epoch, i, losses),
-                "train_mode": self.train_mode}
+                "train_mode": self.train_mode,
+                "stop_requested": lambda: self.stop_requested}
 
     def after_step(self, epoch: int, i: int, losses: dict[str, float]) -> bool:
-        """After optimizer step i of `epoch`; True ends the epoch (done or a stop request)."""
+        """After optimizer step i of `epoch`; True ends the epoch (done). A stop request ends
+        it in the engine, agreed on by every rank in the step's all-reduce."""
         self.epoch, self.iteration = (epoch, i + 1) if i + 1 < self.iters_per_epoch else (epoch + 1, 0)
         for k, v in losses.items():
             self._losses.setdefault(k, []).append(v)
@@ -108,9 +110,7 @@ class PruningLoop:
         due = not self.done and global_iter > 0 and global_iter % self.interval == 0
         if due:
             self.prune_step(epoch, i)
-        # ranks agree on a stop only where they meet anyway: at prune steps
-        stop = self.stop_agreed() if due or not _distributed() else False
-        return self.done or stop
+        return self.done
 
     def stop_agreed(self) -> bool:
         """Whether any rank was asked to stop; every rank gets the same answer (a collective)."""

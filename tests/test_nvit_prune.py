@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -205,6 +206,50 @@ def test_torchrun_ranks_agree(tmp_path, dense, family):
     m = re.search(r"all 2 processes hold identical masks and weights after (\d+) prune steps", proc.stdout)
     assert m, proc.stdout[-3000:]
     assert (tmp_path / "o" / "pruned_checkpoint.pth").is_file()
+
+
+def _worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process of this RANK (a child of the launcher)."""
+    from pathlib import Path
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_sigterm_on_one_rank_saves_within_a_step(tmp_path, dense):
+    """SIGTERM to rank 1 alone, mid-interval (no prune step for 1000 iterations): every rank
+    stops after the next step and rank 0 saves the state there, not at the epoch's end (or
+    the next prune step), which the launcher's SIGKILL 30 s after SIGTERM could pre-empt."""
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(ROOT / "nvit_prune.py"), *FAST, *PRUNE,
+           "--pretrained-path", str(dense), "--epochs", "2", "--batch-size", "16",
+           "--interval_prune", "1000", "--latency_target", "0.6", "--print-freq", "1",
+           "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    asked_at = None
+    for line in proc.stdout:
+        m = re.match(r"Epoch \[0\] \[(\d+)/(\d+)\]", line)
+        if m and int(m.group(1)) >= 3:
+            pid = _worker_pid(proc.pid, 1)
+            assert pid is not None
+            os.kill(pid, signal.SIGTERM)
+            asked_at, total = int(m.group(1)), int(m.group(2))
+            break
+    _, err = proc.communicate(timeout=300)
+    assert asked_at is not None, err[-3000:]
+    assert "stopped on request after 0 prune steps" in err, err[-3000:]
+    state = torch.load(out / "pruning_state.pth", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0 and asked_at <= state["iteration"] <= asked_at + 3 < total
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -253,7 +253,7 @@ def test_clear_pruned_state_zeroes_only_pruned_entries():
 
 
 # ------------------------------------------------------------------------ the loop object
-def _loop_parts(student_eval=False, **loop_kw):
+def _loop_parts(student_eval=False, interval=3, iters_per_epoch=5, **loop_kw):
     from types import SimpleNamespace
     from pruning.loop import PruningLoop
     model, gates, saliency, pruner = setup(target=0.0, per_iter=32)
@@ -261,9 +261,9 @@ def _loop_parts(student_eval=False, **loop_kw):
     criterion = SimpleNamespace(kl_enabled=None)
     times = iter(range(0, 10_000, 60))  # a clock that advances a minute per reading
     records = []
-    loop = PruningLoop(model, gates, saliency, pruner, criterion, optimizer, interval=3,
-                       iters_per_epoch=5, student_eval=student_eval, on_prune=records.append,
-                       clock=lambda: float(next(times)), **loop_kw)
+    loop = PruningLoop(model, gates, saliency, pruner, criterion, optimizer, interval=interval,
+                       iters_per_epoch=iters_per_epoch, student_eval=student_eval,
+                       on_prune=records.append, clock=lambda: float(next(times)), **loop_kw)
     return model, loop, optimizer, records
 
 
@@ -391,3 +391,42 @@ def test_rank_0s_masks_resynchronise_every_rank(tmp_path):
     for name, m in r0["moments"].items():
         assert torch.equal(m, r1["moments"][name]), name
     assert r0["identical"] and r1["identical"]
+
+
+def _stop_on_rank_1(rank: int, folder: str) -> None:
+    """Two gloo ranks drive a PruningLoop with a long prune interval; rank 1 alone is asked
+    to stop (SIGTERM's handler sets the flag) during step 2 of a 10-step epoch."""
+    import datetime
+    import torch.distributed as dist
+    import engine
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
+                            world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        model, loop, optimizer, records = _loop_parts(interval=100, iters_per_epoch=10)
+        batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))) for _ in range(10)]
+        hooks = loop.hooks(0)
+        after_step = hooks["after_step"]
+
+        def ask_on_rank_1(i, losses):
+            if rank == 1 and i == 2:
+                loop.stop_requested = True  # what nvit_prune.py's SIGTERM handler does
+            return after_step(i, losses)
+        hooks["after_step"] = ask_on_rank_1
+
+        def criterion(x, out, y):
+            return sum(torch.nn.functional.cross_entropy(o, y) for o in out)
+        engine.train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), 0,
+                               print_freq=1000, **hooks)
+        agreed = loop.stop_agreed()
+        torch.save({"iteration": loop.iteration, "agreed": agreed}, f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_next_step(tmp_path):
+    """A SIGTERM's stop request rides on the per-step all-reduce: every rank stops after the
+    next step, mid-interval, rather than at the next prune step (100 steps on) or the epoch's
+    end, which torchrun's and SLURM's SIGKILL 30 s later could pre-empt."""
+    torch.multiprocessing.spawn(_stop_on_rank_1, args=(str(tmp_path),), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert r0 == r1 == {"iteration": 4, "agreed": True}  # asked in step 2, stopped after 3
