@@ -299,6 +299,10 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
     p.set_defaults(pin_mem=True)
     g.add_argument("--dist_url", "--dist-url", default="env://")
+    g.add_argument("--dist-timeout", default=30, type=POSITIVE,
+                   help="minutes a collective waits for a process before the run fails (an "
+                        "out-of-memory error on one GPU leaves the others waiting this long; "
+                        "under srun add --kill-on-bad-exit=1, see README)")
     g.add_argument("--local_rank", "--local-rank", default=0, type=int,
                    help="set by torch.distributed.launch without --use_env")
 

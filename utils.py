@@ -40,7 +40,10 @@ def init_distributed_mode(args) -> None:
     elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
         args.rank = int(os.environ["SLURM_PROCID"])
         args.world_size = int(os.environ["SLURM_NTASKS"])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+        # the task's index on its node, whatever the distribution of tasks over nodes
+        args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
+        if args.dist_url == "env://":
+            slurm_rendezvous(os.environ)
     else:
         args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
         return
@@ -55,9 +58,51 @@ def init_distributed_mode(args) -> None:
     backend = "nccl" if use_cuda else "gloo"
     dist.init_process_group(backend=backend, init_method=args.dist_url,
                             world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=30))
+                            timeout=datetime.timedelta(minutes=args.dist_timeout))
     dist.barrier()
     quiet_other_ranks(args.rank == 0)
+
+
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 10000, 20000  # MASTER_PORT from the job id: below 32768
+
+
+def slurm_rendezvous(environ) -> None:
+    """MASTER_ADDR and MASTER_PORT for `env://` under srun, which sets neither: the first
+    host of the job's node list and a port from the job id (the same on every task), unless
+    the user exported them."""
+    if "MASTER_ADDR" in environ and "MASTER_PORT" in environ:
+        return
+    nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") \
+        or environ.get("SLURM_NODELIST")
+    job = environ.get("SLURM_JOB_ID", "")
+    if not nodes or not job.isdigit():
+        raise UserError("srun sets no MASTER_ADDR/MASTER_PORT and the job's node list or id is "
+                        "missing: export MASTER_ADDR=<first node> MASTER_PORT=<free port>, or "
+                        "pass --dist_url tcp://HOST:PORT")
+    environ.setdefault("MASTER_ADDR", first_slurm_host(nodes))
+    environ.setdefault("MASTER_PORT", str(SLURM_PORT_BASE + int(job) % SLURM_PORT_SPAN))
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM host list: "gpu[007-009,012],cpu1" -> "gpu007",
+    "rack[1-2]-n[01-04]" -> "rack1-n01" (each bracket's first value, zero padding kept)."""
+    host, depth, bracket = [], 0, ""
+    for ch in nodelist.strip():
+        if ch == "[":
+            depth, bracket = depth + 1, ""
+        elif ch == "]":
+            depth -= 1
+            host.append(bracket.split(",")[0].split("-")[0])
+        elif depth:
+            bracket += ch
+        elif ch == ",":
+            break
+        else:
+            host.append(ch)
+    if depth or not host:
+        raise UserError(f"SLURM node list {nodelist!r} cannot be read: export MASTER_ADDR and "
+                        f"MASTER_PORT")
+    return "".join(host)
 
 
 def local_cuda_index(local_rank: int, visible: int) -> int:

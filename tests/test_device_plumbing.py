@@ -330,3 +330,68 @@ def test_a_single_process_run_on_cuda_n_makes_it_the_current_device(monkeypatch)
                               output_dir="", dist_eval=False)
     run = utils.setup_run(args, writes=False)
     assert run.device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("gpu[007-009,012],cpu1", "gpu007"), ("node-a,node-b", "node-a"), ("solo", "solo"),
+    ("rack[1-2]-n[01-04]", "rack1-n01"), ("gpu[12,3-4]", "gpu12"), ("n[0099-0100]-ib", "n0099-ib")])
+def test_first_slurm_host(nodelist, first):
+    assert utils.first_slurm_host(nodelist) == first
+
+
+def test_a_broken_slurm_node_list_is_one_line():
+    with pytest.raises(UserError, match="export MASTER_ADDR"):
+        utils.first_slurm_host("gpu[001-004")
+
+
+def _init_under_slurm(monkeypatch, environ: dict, gpus: int = 4, **flags):
+    """init_distributed_mode with SLURM's variables (no torchrun's) and the collectives
+    stubbed: (args, what init_process_group was given, the GPU set_device was given)."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_JOB_ID"):
+        monkeypatch.setenv(var, "")  # recorded, so that what the code sets is undone too
+        monkeypatch.delenv(var)
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.setdefault("gpu", i))
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.setdefault("init", kw))
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+    monkeypatch.setattr(utils, "quiet_other_ranks", lambda is_master: None)
+    args = argparse.Namespace(**{"device": "cuda", "local_rank": 0, "dist_url": "env://",
+                                 "dist_timeout": 30.0, **flags})
+    utils.init_distributed_mode(args)
+    return args, seen.get("init"), seen.get("gpu")
+
+
+def test_srun_finds_its_rendezvous_and_its_gpu(monkeypatch):
+    """srun sets neither MASTER_ADDR nor MASTER_PORT: they come from the job's first node and
+    its id, the same on every task; the GPU is the task's local id (a cyclic distribution
+    puts ranks 0, 2, 4, 6 on node 1, so rank % GPUs would give two ranks one GPU)."""
+    env = {"SLURM_PROCID": "2", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456"}
+    args, init, gpu = _init_under_slurm(monkeypatch, env)
+    assert (args.rank, args.world_size, args.gpu, gpu) == (2, 8, 1, 1)
+    assert os.environ["MASTER_ADDR"] == "gpu007"
+    assert os.environ["MASTER_PORT"] == str(utils.SLURM_PORT_BASE + 123456 % utils.SLURM_PORT_SPAN)
+    assert init["init_method"] == "env://" and init["backend"] == "nccl"
+    assert init["timeout"] == datetime.timedelta(minutes=30)
+
+
+def test_srun_keeps_what_the_user_exported(monkeypatch):
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+           "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "7",
+           "MASTER_ADDR": "head", "MASTER_PORT": "29400"}
+    args, init, _ = _init_under_slurm(monkeypatch, env, dist_timeout=2.5)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("head", "29400")
+    assert init["timeout"] == datetime.timedelta(minutes=2.5)  # --dist-timeout
+
+
+def test_srun_without_a_node_list_says_what_to_export(monkeypatch):
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
+    with pytest.raises(UserError, match="export MASTER_ADDR=<first node> MASTER_PORT"):
+        _init_under_slurm(monkeypatch, env)
+    # --dist_url tcp://... needs no rendezvous variables
+    args, init, _ = _init_under_slurm(monkeypatch, env, dist_url="tcp://head:29400")
+    assert init["init_method"] == "tcp://head:29400" and "MASTER_ADDR" not in os.environ
