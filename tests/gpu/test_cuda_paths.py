@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import models
-from helpers import FAST, PRUNE_FLAGS, ROOT, env, run, write_dense_model
+from helpers import FAST, PRUNE_FLAGS, ROOT, env, free_port, run, write_dense_model
 
 DEVICE = os.environ.get("NVIT_GPU_TESTS_DEVICE", "cuda")
 CUDA = torch.cuda.is_available()
@@ -93,6 +93,59 @@ def test_revit_trains_on_fused_kernels_under_autocast(dtype):
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
         fused = model(x)
     torch.testing.assert_close(fused.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def _sdpa_kernels(fn) -> list[str]:
+    """The fused or math SDPA kernels (as bench_gpu names them) the profiler sees in fn()."""
+    from torch.profiler import ProfilerActivity, profile
+    from benchmarks.bench_gpu import SDPA_OPS
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        fn()
+    return [SDPA_OPS[e.name.removeprefix("aten::")] for e in p.events()
+            if e.name.removeprefix("aten::") in SDPA_OPS]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_token_scale_model_reaches_the_equal_width_kernel_under_autocast(dtype):
+    """A ReViT (fp32 token scale, QK width 16 against V width 64 in some blocks) under
+    autocast runs every block's attention on the kernel SDPA picks for equal 16-bit widths on
+    this GPU (flash where it has it), as the profiler sees it: with the token scale promoting
+    q, k, v to fp32 only the memory-efficient kernel took them."""
+    torch.manual_seed(0)
+    model = models.build_model("revit_tiny_distilled_patch16_224", num_classes=10).cuda().eval()
+    assert model.blocks[0].attn.token_scale is not None
+    assert any(q != v for q, v in zip(model.dims.qk_dim, model.dims.v_dim))
+    q = torch.randn(2, 3, 197, 64, device="cuda", dtype=dtype)
+    (best,) = set(_sdpa_kernels(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)))
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        kernels = _sdpa_kernels(lambda: model(x))
+    assert kernels == [best] * model.dims.depth, (best, kernels)
+
+
+# ------------------------------------------------------------------------------ timing
+@needs_cuda
+def test_cuda_timing_on_the_last_gpu():
+    """A latency table's timer on the last visible GPU times that GPU (CUDA events record on
+    the current device's stream, which was GPU 0): its median agrees with the wall clock of
+    synchronised forwards there instead of reading near zero."""
+    import time
+    from pruning.latency import Timer
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.cuda.set_device(0)
+    module = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(8)])
+    x = torch.randn(1024, 2048, device=device)
+    ms = Timer(device, warmup=3, repeats=5, amp_dtype=None)(module, x)
+    with torch.inference_mode():
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            module(x)
+        torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - t0) * 100
+    assert 0.5 * wall_ms < ms < 2.0 * wall_ms, (ms, wall_ms)
+    assert torch.cuda.current_device() == 0  # the caller's device is left as it was
 
 
 # ------------------------------------------------------------------------------ memory
@@ -196,21 +249,30 @@ def test_prune_with_amp_and_a_table_timed_here(tmp_path, dense):
 
 def _torchrun(nproc: int, script: str, *args) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_port=29741", str(ROOT / script), *map(str, args)]
+           f"--master_port={free_port()}", str(ROOT / script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
+TWO_PROCESSES = DEVICE == "cpu" or torch.cuda.device_count() >= 2
+needs_two_processes = pytest.mark.skipif(
+    not TWO_PROCESSES, reason="one GPU: a single process has no process group, so the "
+                              "sharded path this test is named for would not run")
+
+
+@needs_two_processes
 def test_ema_on_the_cpu_with_sharded_eval(tmp_path):
-    """--model-ema-force-cpu --dist-eval under torchrun (NCCL on CUDA): the EMA is scored on
-    the CPU and its counts reduced on the group's device (this crashed at the end of epoch 1)."""
+    """--model-ema-force-cpu --dist-eval under torchrun with two processes (NCCL on CUDA):
+    the EMA is scored on the CPU and its counts reduced on the group's device (this crashed
+    at the end of epoch 1)."""
     from helpers import write_dims
     dims = write_dims(tmp_path / "dims.yaml", TINY_REVIT)
-    proc = _torchrun(1, "revit_scratch.py", *ON_DEVICE, "--dims", dims, "--epochs", "2",
-                     "--model-ema", "--model-ema-force-cpu", "--dist-eval", "--amp",
-                     "--output_dir", tmp_path / "o")
+    proc = _torchrun(2, "revit_scratch.py", *ON_DEVICE, "--dims", dims, "--epochs", "2",
+                     "--batch-size", "32", "--model-ema", "--model-ema-force-cpu", "--dist-eval",
+                     "--amp", "--output_dir", tmp_path / "o")
     assert proc.stdout.count("EMA") >= 2, proc.stdout[-2000:]
+    assert "all 2 processes hold identical weights" in proc.stdout
 
 
 # -------------------------------------------------------------------------- two GPUs
