@@ -16,7 +16,7 @@ _SHAPES = {"revit_tiny_distilled_patch16_224": 176, "revit_small_distilled_patch
 # timm reads a module's default_cfgs when register_model runs below
 default_cfgs = generate_default_cfgs({
     name: pretrained_cfg(revit_dims(emb).with_frame(**_DEFAULT_FRAME))
-    for name, emb in {**_SHAPES, "revit": 176}.items()})  # revit: overlaid by its dims
+    for name, emb in {**_SHAPES, "revit": 176}.items()})  # revit: overlaid by its dims, if given
 
 
 def _create(name: str, dims: Dims, pretrained: bool, kwargs: dict) -> ReViT:
@@ -56,10 +56,11 @@ def revit_small_distilled_patch16_224(pretrained: bool = False, **kwargs) -> ReV
 
 @register_model
 def revit(pretrained: bool = False, dims: Dims | dict | str | None = None, **kwargs) -> ReViT:
-    """Any per-block dims: `dims` is a Dims, a dict of its fields, or a YAML/JSON file path."""
+    """Any per-block dims: `dims` is a Dims, a dict of its fields, or a YAML/JSON file path;
+    without one, ReViT-T's (as every timm name, it builds with its defaults)."""
     if dims is None:
-        raise UserError("timm.create_model('revit', dims=...) needs a dims spec")
-    if isinstance(dims, dict):
+        dims = revit_dims(_SHAPES["revit_tiny_distilled_patch16_224"])
+    elif isinstance(dims, dict):
         dims = Dims.from_dict(dims)
     elif not isinstance(dims, Dims):
         dims = Dims.load(dims)

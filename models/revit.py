@@ -14,7 +14,6 @@ embedding gate is set, LayerNorm statistics are taken over live channels only, s
 model computes exactly the function of its compact version. With no gates set the forward
 pass is the plain one.
 """
-from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +48,11 @@ class StreamNorm(nn.LayerNorm):
     of the gate (its in-place version counter), not per forward: no host sync per step.
     """
 
-    _live_key: tuple | None = None
-    _live: torch.Tensor | None = None
+    __jit_ignored_attributes__ = ["_live_key", "_live"]  # the gated path's cache
+    _live_key = None
+    _live = None
 
+    @torch.jit.unused
     def live_channels(self, gate: torch.Tensor) -> torch.Tensor | None:
         """Indices of the live channels, or None when every channel is live."""
         key = (gate.data_ptr(), gate._version)
@@ -64,6 +65,12 @@ class StreamNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         if gate is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.gated(x, gate)
+
+    @torch.jit.unused
+    def gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The norm while pruning: the gate scales weight and bias, statistics over live
+        channels (kept out of TorchScript: a scripted model has no gates)."""
         weight, bias = scaled(self.weight, self.bias, gate)
         if torch.compiler.is_compiling():
             return self.masked(x, gate, weight, bias)
@@ -75,6 +82,7 @@ class StreamNorm(nn.LayerNorm):
         y = F.layer_norm(x.index_select(-1, idx), (idx.numel(),), weight[idx], bias[idx], self.eps)
         return y.new_zeros(x.shape).index_copy(-1, idx, y)
 
+    @torch.jit.unused
     def masked(self, x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor) -> torch.Tensor:
         """The same function with shapes that do not depend on the gate's values, for
@@ -111,11 +119,8 @@ class LayerScale(nn.Module):
         return x * (self.gamma if gate is None else self.gamma * gate)
 
 
-FLASH_MAX_WIDTH = 256  # widest head SDPA's CUDA flash kernel takes (sdp_utils.cpp)
-CUDA_ALIGN = 8  # head widths CUDA's fused kernels take in 16-bit (fp32 needs 4)
-
-
-def sdpa_widths(dq: int, dv: int, device_type: str, dtype: torch.dtype) -> tuple[int, int]:
+def sdpa_widths(dq: int, dv: int, device_type: str, dtype: torch.dtype,
+                flash_max_width: int = 256, cuda_align: int = 8) -> tuple[int, int]:
     """The (QK, V) head widths to zero-pad to so that SDPA reaches a fused kernel.
 
     Zero QK columns add nothing to q.k and zero V columns are cut off again, so any widths
@@ -124,19 +129,22 @@ def sdpa_widths(dq: int, dv: int, device_type: str, dtype: torch.dtype) -> tuple
     kernel (16-bit, width <= 256) need equal widths; CUDA's memory-efficient kernel takes
     unequal QK and V widths if each is a multiple of 8 (fp32: 4). Equal widths are chosen
     wherever a kernel for them exists, so a narrower block never runs slower than the wider
-    one it pads to, as the latency table's monotone reading assumes.
+    one it pads to, as the latency table's monotone reading assumes. flash_max_width: the
+    widest head CUDA's flash kernel takes; cuda_align: the head widths CUDA's fused kernels
+    take in 16-bit (fp32 needs 4) (sdp_utils.cpp; arguments, as TorchScript reads no
+    module constants).
     """
     if device_type == "cpu":
-        return (max(dq, dv),) * 2
+        return max(dq, dv), max(dq, dv)
     if device_type != "cuda":
         return dq, dv
-    def up(d: int) -> int:
-        return -(-d // CUDA_ALIGN) * CUDA_ALIGN
-    if dtype in (torch.float16, torch.bfloat16) and up(max(dq, dv)) <= FLASH_MAX_WIDTH:
-        return (up(max(dq, dv)),) * 2
-    return up(dq), up(dv)
+    uq, uv = -(-dq // cuda_align) * cuda_align, -(-dv // cuda_align) * cuda_align
+    if (dtype == torch.float16 or dtype == torch.bfloat16) and max(uq, uv) <= flash_max_width:
+        return max(uq, uv), max(uq, uv)
+    return uq, uv
 
 
+@torch.fx.wrap  # a leaf for FX tracing: its padding plan reads the tensors' device and dtype
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
               scale: float, pad: bool = True) -> torch.Tensor:
     """SDPA over (B, H, N, d) tensors whose QK width may differ from the V width.
@@ -147,8 +155,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     multiple of 8. models/flops.py turns it off per module, to count the model's arithmetic.
     """
     dq, dv = q.shape[-1], v.shape[-1]
-    pq, pv = sdpa_widths(dq, dv, q.device.type, q.dtype) if pad else (dq, dv)
-    if (pq, pv) == (dq, dv):
+    pq, pv = dq, dv
+    if pad:
+        pq, pv = sdpa_widths(dq, dv, q.device.type, q.dtype)
+    if pq == dq and pv == dv:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     if pq != dq:  # F.pad copies even when it pads nothing, so only the widened side is padded
         q, k = F.pad(q, (0, pq - dq)), F.pad(k, (0, pq - dq))
@@ -202,7 +212,8 @@ class Attention(nn.Module):
         if self.head_gate is None:
             qkv = self.qkv(x)
         else:
-            qkv = F.linear(x, *scaled(self.qkv.weight, self.qkv.bias, self.qkv_gate_rows()))
+            weight, bias = scaled(self.qkv.weight, self.qkv.bias, self.qkv_gate_rows())
+            qkv = F.linear(x, weight, bias)
         if self.token_scale is not None:  # in qkv's dtype: the fp32 scale would promote a
             qkv = qkv * self.token_scale.to(qkv.dtype)  # 16-bit qkv to fp32 under autocast,
             # and SDPA (which casts back) would then miss flash for unequal QK/V widths
@@ -215,7 +226,8 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
         if emb is None:
             return self.proj_drop(self.proj(x))
-        return self.proj_drop(F.linear(x, *scaled(self.proj.weight, self.proj.bias, emb)))
+        weight, bias = scaled(self.proj.weight, self.proj.bias, emb)
+        return self.proj_drop(F.linear(x, weight, bias))
 
 
 class Mlp(nn.Module):
@@ -233,11 +245,13 @@ class Mlp(nn.Module):
         if self.gate is None:
             x = self.fc1(x)
         else:
-            x = F.linear(x, *scaled(self.fc1.weight, self.fc1.bias, self.gate))
+            weight, bias = scaled(self.fc1.weight, self.fc1.bias, self.gate)
+            x = F.linear(x, weight, bias)
         x = self.drop1(self.act(x))
         if emb is None:
             return self.drop2(self.fc2(x))
-        return self.drop2(F.linear(x, *scaled(self.fc2.weight, self.fc2.bias, emb)))
+        weight, bias = scaled(self.fc2.weight, self.fc2.bias, emb)
+        return self.drop2(F.linear(x, weight, bias))
 
 
 class Block(nn.Module):
@@ -414,32 +428,53 @@ class ReViT(nn.Module):
 
     # -------------------------------------------------------------- forward
     def embed_patches(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
-        pe = self.patch_embed
         if emb is None:
-            return pe(x)
-        x = F.conv2d(x, *scaled(pe.proj.weight, pe.proj.bias, emb), pe.proj.stride, pe.proj.padding)
+            return self.patch_embed(x)
+        return self.gated_patches(x, emb)
+
+    @torch.jit.unused
+    def gated_patches(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        pe = self.patch_embed
+        weight, bias = scaled(pe.proj.weight, pe.proj.bias, emb)
+        x = F.conv2d(x, weight, bias, pe.proj.stride, pe.proj.padding)
         return pe.norm(x.flatten(2).transpose(1, 2))
 
     def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Image -> the stream the blocks read: prefix tokens, patches, position embedding."""
-        emb, frame = self.emb_gate, self.emb_frame_gate
-        x = self.embed_patches(x, emb)
-        tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
-        pos = self.pos_embed
-        if emb is not None:
-            tokens = [t * frame for t in tokens]
-            pos = pos * frame
-        tokens = [t.expand(x.shape[0], -1, -1) for t in tokens]
+        x = self.embed_patches(x, self.emb_gate)
+        B = x.shape[0]
+        tokens: list[torch.Tensor] = []
+        if self.cls_token is not None:
+            tokens.append(self.framed(self.cls_token).expand(B, -1, -1))
+        if self.dist_token is not None:
+            tokens.append(self.framed(self.dist_token).expand(B, -1, -1))
+        if self.reg_token is not None:
+            tokens.append(self.framed(self.reg_token).expand(B, -1, -1))
+        pos = self.framed(self.pos_embed)
         if self.no_embed_class:  # DeiT III, DINOv2 with registers: patches only
-            return self.pos_drop(torch.cat([*tokens, x + pos], dim=1))
-        return self.pos_drop(torch.cat([*tokens, x], dim=1) + pos)
+            tokens.append(x + pos)
+            return self.pos_drop(torch.cat(tokens, dim=1))
+        tokens.append(x)
+        return self.pos_drop(torch.cat(tokens, dim=1) + pos)
+
+    def framed(self, t: torch.Tensor) -> torch.Tensor:
+        """A token or the position embedding under the embedding gate's frame values."""
+        frame = self.emb_frame_gate
+        if frame is None:
+            return t
+        return t * frame
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(x)
-        for blk in self.blocks:
-            x = self._run_block(blk, x, self.emb_gate)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for blk in self.blocks:
+                x = self._run_block(blk, x, self.emb_gate)
+        else:
+            for blk in self.blocks:
+                x = blk(x, self.emb_gate)
         return self.norm(x, self.emb_frame_gate)
 
+    @torch.jit.unused
     def _run_block(self, blk: nn.Module, x: torch.Tensor, emb: torch.Tensor | None):
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(blk, x, emb, use_reentrant=False)
@@ -489,7 +524,7 @@ class ReViT(nn.Module):
         return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        if not self.distilled:
+        if self.head_dist is None:
             if self.global_pool == "avg":
                 x = x[:, self.num_prefix_tokens:].mean(dim=1)
             else:
@@ -501,7 +536,8 @@ class ReViT(nn.Module):
             return (x[:, 0] + x[:, 1]) / 2
         cls = self.head(x[:, 0])
         dist = self.head_dist(x[:, 1])
-        if self.training or self.return_pair:
+        # TorchScript returns one type: the mean, as timm's scripted DeiT does
+        if (self.training or self.return_pair) and not torch.jit.is_scripting():
             return cls, dist
         return (cls + dist) / 2
 

@@ -52,6 +52,87 @@ def model(request):
     return MODELS[request.param]().eval()
 
 
+# ------------------------------------------- the APIs timm's generic model tests exercise
+def _eager(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_every_registered_name_builds_with_its_defaults():
+    """timm builds every registered name with no arguments; `revit` without dims is ReViT-T."""
+    names = timm.list_models("revit*")
+    assert set(names) >= {"revit", "revit_tiny_distilled_patch16_224",
+                          "revit_small_distilled_patch16_224"}
+    bare = timm.create_model("revit").eval()
+    assert bare.dims == timm.create_model("revit_tiny_distilled_patch16_224").dims
+    out = _eager(bare, torch.randn(1, *bare.pretrained_cfg["input_size"]))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_forward_and_backward(model):
+    """Eval: one logits tensor; train: every parameter gets a gradient (a distilled model
+    returns both heads, as timm's DeiT)."""
+    x = torch.randn(2, 3, 32, 32)
+    assert _eager(model, x).shape == (2, 10)
+    model.train()
+    out = model(x)
+    out = torch.cat(out) if isinstance(out, tuple) else out
+    out.mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_default_cfg_names_real_layers(model):
+    state = model.state_dict()
+    classifier = model.pretrained_cfg["classifier"]
+    for name in (classifier if isinstance(classifier, (tuple, list)) else [classifier]):
+        assert f"{name}.weight" in state
+    assert f"{model.pretrained_cfg['first_conv']}.weight" in state
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert model.forward_features(x).shape == (1, model.dims.num_tokens, model.num_features)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.num_features)
+
+
+def test_torchscript_gives_the_eager_logits(model):
+    x = torch.randn(2, 3, 32, 32)
+    scripted = torch.jit.script(model)
+    assert torch.equal(_eager(scripted, x), _eager(model, x))
+
+
+def test_fx_tracing_in_eval_and_train(model):
+    """torch.fx traces the model (attention is a leaf: its padding plan reads the tensors'
+    device and dtype); the traced module gives the eager logits, and in train mode the same
+    gradients, and it scripts (FX then TorchScript)."""
+    x = torch.randn(2, 3, 32, 32)
+    traced = torch.fx.symbolic_trace(model)
+    want = _eager(model, x)
+    assert torch.equal(_eager(traced, x), want)
+    assert torch.equal(_eager(torch.jit.script(traced), x), want)
+    model.train()
+    grads = []
+    for m in (model, torch.fx.symbolic_trace(model)):
+        model.zero_grad()
+        torch.manual_seed(0)
+        out = m(x)
+        (torch.cat(out) if isinstance(out, tuple) else out).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_feature_extraction_by_fx_matches_forward_intermediates(model):
+    """torchvision's create_feature_extractor (what timm's FX feature wrapper uses) returns
+    the block outputs forward_intermediates gives."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    x = torch.randn(2, 3, 32, 32)
+    extractor = create_feature_extractor(model, return_nodes={"blocks.0": "b0", "blocks.2": "b2"})
+    feats = _eager(extractor, x)
+    with torch.no_grad():
+        _, maps = model.forward_intermediates(x, indices=[0, 2], output_fmt="NLC")
+    n = model.num_prefix_tokens
+    assert torch.equal(feats["b0"][:, n:], maps[0]) and torch.equal(feats["b2"][:, n:], maps[1])
+
+
 def test_cfg_describes_the_model(model):
     assert model.default_cfg is model.pretrained_cfg or model.default_cfg == model.pretrained_cfg
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)
