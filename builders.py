@@ -23,10 +23,30 @@ from models.hub import download_problem
 from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
 
 
+def model_kwargs(args, nb_classes: int | None = None) -> dict:
+    """build_model's keyword arguments from the flags: the frame (input size, classes,
+    patch), the drop rates and timm's model kwargs (--gp, --model-kwargs)."""
+    kw = dict(img_size=args.input_size, drop_rate=args.drop, attn_drop_rate=args.attn_drop,
+              drop_path_rate=args.drop_path, **timm_kwargs(args))
+    if nb_classes is not None:
+        kw["num_classes"] = nb_classes
+    if args.patch_size:
+        kw["patch_size"] = args.patch_size
+    return kw
+
+
+def timm_kwargs(args) -> dict:
+    """timm's model kwargs the flags give (--model-kwargs, and --gp as global_pool)."""
+    kw = dict(getattr(args, "model_kwargs", None) or {})
+    if getattr(args, "gp", None):
+        kw["global_pool"] = args.gp
+    return kw
+
+
 def resolve_input_size(args, dims=None, checkpoint: str | None = None) -> None:
     """--input-size unset: the size the model is built at (checkpoint's, dims file's or the
     name's), so the data are never cut for one size while the model has another."""
-    planned = models.planned_img_size(args.model, dims, checkpoint)
+    planned = models.planned_img_size(args.model, dims, checkpoint, **timm_kwargs(args))
     if args.input_size is None:
         args.input_size = planned
     elif args.input_size != planned and dims is not None and dims.img_size is not None:
@@ -192,10 +212,11 @@ def build_full_model(args, nb_classes: int, device) -> torch.nn.Module | None:
         return None
     if args.pretrained_path:
         full = models.build_model(args.model, checkpoint=args.pretrained_path,
-                                  img_size=args.input_size, num_classes=nb_classes)
+                                  img_size=args.input_size, num_classes=nb_classes,
+                                  **timm_kwargs(args))
     elif args.pretrained:
         full = models.build_model(args.model, pretrained=True, img_size=args.input_size,
-                                  num_classes=nb_classes)
+                                  num_classes=nb_classes, **timm_kwargs(args))
     else:
         raise UserError("--kl_loss_coeff > 0 needs the full model: pass --pretrained "
                         "(timm weights of --model) or --pretrained-path FILE")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from timm.utils import ParseKwargs
 
 from atomic import write_text_atomic
 from datasets import INAT_CATEGORIES
@@ -22,6 +23,7 @@ from losses import BASE_LOSS_HEADS
 
 FLAG_OF_FIELD = {
     "name": "--model", "emb": "--EMB", "dims": "--dims/--EMB", "img_size": "--input-size",
+    "global_pool": "--gp", "model_kwargs": "--gp/--model-kwargs",
     "patch_size": "--patch-size", "num_classes": "--data-set (its class count)",
     "distilled": "--model", "in_chans": "--model", "pretrained": "--pretrained (or --pretrained-path FILE)",
     "latency_table": "--latency_look_up_table", "cost": "--cost",
@@ -37,6 +39,17 @@ class Args(argparse.Namespace):
 
 CONFIG_FLAGS = ("-c", "--config")
 ARGS_FILE = "args.yaml"  # in OUTPUT_DIR: the run's flags, readable by --config
+
+
+class ModelKwargs(ParseKwargs):
+    """timm's --model-kwargs KEY=VALUE ... (values read as Python literals), with a malformed
+    pair a one-line error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [v for v in values if v and "=" not in v]
+        if bad:
+            parser.error(f"{option_string}: expected KEY=VALUE pairs, got {bad[0]!r}")
+        super().__call__(parser, namespace, values, option_string)
 
 
 class Parser(argparse.ArgumentParser):
@@ -151,6 +164,8 @@ def flag_tokens(actions: list[argparse.Action], value) -> list[str]:
     if action is None:
         raise ValueError(f"expected true or false, got {value!r}")
     flag = action.option_strings[-1]
+    if isinstance(value, dict) and isinstance(action, ParseKwargs):
+        return [flag, *(f"{k}={v!r}" for k, v in value.items())]
     if action.nargs == "?" and value is True:
         return [flag]
     if isinstance(value, list):
@@ -322,6 +337,12 @@ def add_model_args(p: argparse.ArgumentParser, widths: bool) -> None:
     g.add_argument("--input-size", default=None, type=POSITIVE_INT,
                    help="image size; default: the checkpoint's, else the dims file's, else the "
                         "--model name's (224 for *_224)")
+    g.add_argument("--gp", default=None, metavar="POOL",
+                   help="global pooling, as timm's train.py --gp: token or avg (default: the "
+                        "model's; a checkpoint of timm's train.py says its own)")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ModelKwargs,
+                   metavar="KEY=VALUE", help="timm model keyword arguments, as timm's train.py "
+                                             "(fc_norm=True reg_tokens=4 init_values=1e-5 ...)")
     g.add_argument("--drop", default=0.0, type=RATE, help="dropout rate")
     g.add_argument("--attn-drop", default=0.0, type=RATE)
     g.add_argument("--drop-path", default=0.1, type=RATE)

@@ -120,11 +120,7 @@ def check_args(args) -> None:
 
 
 def load_dense_model(args, nb_classes: int):
-    frame = dict(img_size=args.input_size, num_classes=nb_classes, drop_rate=args.drop,
-                 attn_drop_rate=args.attn_drop, drop_path_rate=args.drop_path,
-                 token_scale=args.token_scale)
-    if args.patch_size:
-        frame["patch_size"] = args.patch_size
+    frame = dict(builders.model_kwargs(args, nb_classes), token_scale=args.token_scale)
     if args.pretrained_path:
         return models.build_model(args.model, checkpoint=args.pretrained_path, **frame)
     return models.build_model(args.model, pretrained=True, **frame)

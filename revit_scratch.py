@@ -71,10 +71,7 @@ def student_source(args, resume: str | None) -> str | None:
 
 def create_student(args, dims: Dims | None, nb_classes: int, resume: str | None) -> torch.nn.Module:
     """Which weights and dims the student starts from: resume > finetune > pretrained > random."""
-    frame = dict(img_size=args.input_size, num_classes=nb_classes,
-                 drop_rate=args.drop, attn_drop_rate=args.attn_drop, drop_path_rate=args.drop_path)
-    if args.patch_size:
-        frame["patch_size"] = args.patch_size
+    frame = builders.model_kwargs(args, nb_classes)
     source = resume or args.finetune or None
     if source:
         model = models.build_model(args.model, dims=dims, checkpoint=source,

@@ -151,10 +151,11 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     distilled = "dist_token" in sd
     prefix = ("cls_token" in sd) + distilled + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
+    def patches(no_embed: bool) -> int:  # the grid the position embedding covers
+        return tokens - (0 if no_embed else prefix)
     readings = [no_embed for no_embed in (base.family("no_embed_class"),
                                           not base.family("no_embed_class"))
-                if math.isqrt(tokens - (0 if no_embed else prefix)) ** 2
-                == tokens - (0 if no_embed else prefix) and tokens - (0 if no_embed else prefix) > 0]
+                if patches(no_embed) > 0 and math.isqrt(patches(no_embed)) ** 2 == patches(no_embed)]
     if not readings:
         raise UserError(f"{source}: position embedding of {tokens} tokens is not a square grid "
                         f"(with or without its {prefix} prefix tokens)")
@@ -164,7 +165,16 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
         raise UserError(f"{source}: QKV width {qkv_out} is not divisible by {num_heads} heads "
                         f"(does the model name match the checkpoint?)", field="name")
     layer_scale = (base.family("layer_scale") or 1e-5) if "blocks.0.ls1.gamma" in sd else 0.0
+    fc_norm = "fc_norm.weight" in sd
     global_pool = base.family("global_pool") if "cls_token" in sd else "avg"
+    if "cls_token" in sd and fc_norm != base.family("fc_norm"):
+        # timm puts fc_norm after average pooling by default: the tensors suggest a pooling
+        # the name does not have, and they cannot tell which one it was
+        raise UserError(
+            f"{source} has {'an' if fc_norm else 'no'} fc_norm and a class token, unlike the "
+            f"model name's {base.family('global_pool')!r} pooling, and the tensors cannot tell "
+            f"how it pooled; say how it was trained: global_pool='avg' or 'token', and fc_norm "
+            f"(timm's --gp, --model-kwargs fc_norm=...)", field="global_pool")
     return Dims.uniform(embed, depth, num_heads, mlp, qk_dim=qkv_out // num_heads,
                         img_size=side * w.shape[-1], patch_size=w.shape[-1], in_chans=w.shape[1],
                         num_classes=num_classes, distilled=distilled,
@@ -172,7 +182,7 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
                         reg_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
                         layer_scale=layer_scale, qkv_bias="blocks.0.attn.qkv.bias" in sd,
                         no_embed_class=no_embed_class, global_pool=global_pool,
-                        fc_norm="fc_norm.weight" in sd)
+                        fc_norm=fc_norm)
 
 
 def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

@@ -24,36 +24,60 @@ from .nvit_reference import from_reference, is_reference_layout
 from .revit import ReViT
 from .timm_vit import timm_vit_dims
 
-MODEL_KWARGS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+MODEL_KWARGS = ("drop_rate", "attn_drop_rate", "drop_path_rate")  # ours and timm's alike
 
 
 @functools.lru_cache(maxsize=None)
-def _name_dims(name: str) -> Dims:
+def _name_dims(name: str, timm_kwargs: tuple) -> Dims:
+    kwargs = dict(timm_kwargs)
     try:
         with torch.device("meta"):
-            m = timm.create_model(name, pretrained=False)
+            m = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"{name} is not a timm model name "
                             f"(e.g. deit_base_distilled_patch16_224)", field="name") from None
         raise
+    except (TypeError, ValueError, AssertionError) as e:  # timm's word on its own kwargs
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{name} with {given}: timm refuses it ({first[:160]})",
+                        field="model_kwargs") from None
     if isinstance(m, ReViT):
         return m.dims
-    return timm_vit_dims(m, name)
+    what = name + (f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else "")
+    return timm_vit_dims(m, what)
 
 
-def name_dims(name: str) -> Dims:
-    """Dims (frame and family fields included) of a timm ViT/DeiT/DeiT III/DINOv2 name, read
-    without allocating weights; a timm feature we do not cover is refused by name."""
-    return _name_dims(name)
+def name_dims(name: str, **timm_kwargs) -> Dims:
+    """Dims (frame and family fields included) of a timm ViT/DeiT/DeiT III/DINOv2 name as
+    timm builds it with these keyword arguments (global_pool, fc_norm, class_token,
+    reg_tokens, qkv_bias, init_values, ...: timm interprets them), read without allocating
+    weights; a timm feature we do not cover (qk_norm=True) is refused by name."""
+    try:
+        return _name_dims(name, tuple(sorted(timm_kwargs.items())))
+    except TypeError as e:  # an unhashable value (a list): not cached
+        if "unhashable" not in str(e):
+            raise
+        return _name_dims.__wrapped__(name, tuple(sorted(timm_kwargs.items())))
 
 
-def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
+def _split_kwargs(kwargs: dict) -> tuple[dict, dict, dict]:
+    """(frame fields, our model kwargs, the rest: timm's model kwargs)."""
     frame = {k: kwargs.pop(k) for k in FRAME_FIELDS if k in kwargs}
-    unknown = set(kwargs) - set(MODEL_KWARGS)
-    if unknown:
-        raise TypeError(f"build_model got unknown arguments {sorted(unknown)}")
-    return frame, kwargs
+    model = {k: kwargs.pop(k) for k in MODEL_KWARGS if k in kwargs}
+    return frame, model, kwargs
+
+
+def saved_timm_kwargs(ckpt: dict) -> dict:
+    """The model kwargs a timm train.py checkpoint records in its args: `gp` (--gp, the
+    pooling) and `model_kwargs` (--model-kwargs)."""
+    args = ckpt.get("args")
+    args = vars(args) if hasattr(args, "__dict__") else args if isinstance(args, dict) else {}
+    out = dict(args.get("model_kwargs") or {})
+    if args.get("gp"):
+        out["global_pool"] = args["gp"]
+    return out
 
 
 def _adapt_state_dict(sd: dict, model: ReViT) -> dict:
@@ -94,20 +118,24 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
     token_scale: give the model a token scale (at 1, so the function is unchanged) if its
         dims or weights have none, as the NViT reference's pruning model has.
     ema: take the checkpoint's weight EMA instead of its model weights.
-    kwargs: frame fields (img_size, num_classes, patch_size, in_chans, distilled) and
-        drop_rate, attn_drop_rate, drop_path_rate.
+    kwargs: frame fields (img_size, num_classes, patch_size, in_chans, distilled),
+        drop_rate, attn_drop_rate, drop_path_rate, and timm's model kwargs for `name`
+        (global_pool, fc_norm, class_token, reg_tokens, qkv_bias, init_values,
+        no_embed_class, ...), which timm interprets; a timm train.py checkpoint's recorded
+        --gp and --model-kwargs count as given, the explicit ones win.
     """
-    frame, model_kwargs = _split_kwargs(dict(kwargs))
-    base = name_dims(name)
+    frame, model_kwargs, timm_kwargs = _split_kwargs(dict(kwargs))
     state = None
     source = None
     if checkpoint is not None or pretrained:
         if checkpoint is not None:
             source = str(checkpoint)
             ckpt = read_checkpoint(checkpoint)
+            timm_kwargs = {**saved_timm_kwargs(ckpt), **timm_kwargs}
         else:
             source = f"timm's pretrained {name}"
-            ckpt = _timm_pretrained_state(name)
+            ckpt = _timm_pretrained_state(name, timm_kwargs)
+        base = name_dims(name, **timm_kwargs)
         ck_dims, state = _checkpoint_dims(ckpt, base, source, ema)
         if dims is not None and _widths(dims) != _widths(ck_dims):
             raise UserError(f"{source} holds a model of other dims than the ones given "
@@ -123,6 +151,8 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
                         f"{source} was made with {key}={getattr(ck_dims, key)}, but {key}={value} "
                         f"was asked for{hint}", field=key)
         dims = ck_dims.with_family_defaults()  # a field a checkpoint lacks is DeiT's
+    else:
+        base = name_dims(name, **timm_kwargs)
     if dims is None:
         dims = base
     else:  # a spec by hand or by the ReViT rule: what it leaves open is the name's
@@ -194,14 +224,15 @@ def _checkpoint_dims(ckpt: dict, base: Dims, source: str, ema: bool = False
 
 
 def planned_img_size(name: str, dims: Dims | None = None,
-                     checkpoint: str | os.PathLike | None = None) -> int:
+                     checkpoint: str | os.PathLike | None = None, **timm_kwargs) -> int:
     """The image size build_model gives when none is asked for: the checkpoint's, else the
     dims spec's, else the name's. Lets a script size its data transforms before building the
     model; a local checkpoint is memory-mapped, not read."""
-    base = name_dims(name)
     if checkpoint is not None:
         ckpt = peek_checkpoint(checkpoint)
+        base = name_dims(name, **{**saved_timm_kwargs(ckpt), **timm_kwargs})
         return _checkpoint_dims(ckpt, base, str(checkpoint))[0].img_size or base.img_size
+    base = name_dims(name, **timm_kwargs)
     if dims is not None and dims.img_size is not None:
         return dims.img_size
     return base.img_size
@@ -211,13 +242,13 @@ def _widths(d: Dims) -> tuple:
     return (d.embed_dim, d.num_heads, d.qk_dim, d.v_dim, d.mlp_dim)
 
 
-def _timm_pretrained_state(name: str) -> dict:
+def _timm_pretrained_state(name: str, timm_kwargs: dict) -> dict:
     problem = download_problem(name)
     if problem:
         raise UserError(f"timm cannot download the weights of {name}: {problem}; use a local "
                         f"file of them instead", field="pretrained")
     try:
-        return timm.create_model(name, pretrained=True).state_dict()
+        return timm.create_model(name, pretrained=True, **timm_kwargs).state_dict()
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"timm could not get weights for {name} ({first[:120]}); without "
