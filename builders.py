@@ -4,6 +4,7 @@ Shared by revit_scratch.py and nvit_prune.py so both scripts read the same flags
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import timm
@@ -108,6 +109,14 @@ def build_loaders(args, need_train: bool = True):
     val_loader = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
                             num_workers=args.num_workers, pin_memory=pin, drop_last=False)
     return train_loader, val_loader, nb_classes, sampler_train
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy in eval mode with no gradients: the full model of the pruning KL term."""
+    full = copy.deepcopy(model).eval()
+    for p in full.parameters():
+        p.requires_grad_(False)
+    return full
 
 
 def distributed_model(args, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -216,14 +216,15 @@ def save_training_checkpoint(path: Path, model, optimizer, scheduler, scaler, mo
 
 def save_pruning_state(path: Path, model, loop, optimizer, scheduler, scaler, settings: dict,
                        original_dims, args, run_id: str, top1_dense: float | None,
-                       epoch_log: list[dict]) -> None:
+                       epoch_log: list[dict], epoch_means: dict) -> None:
     """nvit_prune.py's resumable state: the gated model's weights, the pruning loop's state
     (masks, saliency, pruner, position, prune-step history), the optimizer's, the epochs'
-    log records, and what must not change."""
+    log records and the current epoch's running sums, and what must not change."""
     _save({**model_entry(model), **loop.state_dict(),
            **training_state(optimizer, scheduler, scaler), "settings": settings,
            "original_dims": original_dims.to_dict(), "run_id": run_id,
-           "top1_dense": top1_dense, "epoch_log": plain(epoch_log), "args": plain(vars(args))},
+           "top1_dense": top1_dense, "epoch_log": plain(epoch_log),
+           "epoch_means": plain(epoch_means), "args": plain(vars(args))},
           path)
 
 

@@ -52,7 +52,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
                     train_mode: bool = True,
                     step_update: Callable[[int], None] | None = None,
                     accum_steps: int = 1,
-                    stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
+                    stop_requested: Callable[[], bool] | None = None,
+                    means: utils.RunningMeans | None = None) -> dict[str, float]:
     """One pass over the loader; returns the epoch's mean loss (and its parts) and last lr.
 
     start_iter: iterations of this epoch already done (the loader then yields the rest).
@@ -65,7 +66,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
     (a per-iteration learning-rate schedule, as timm's `scheduler.step_update`).
     stop_requested() (Ctrl-C / SIGTERM on this process) rides on the step's loss all-reduce:
     when any process asks, every process ends the epoch after the same step (its after_step
-    done), without waiting for a prune step or the epoch's end.
+    done), without waiting for a prune step or the epoch's end. `means`: the epoch's running
+    sums, when the caller keeps them (a run saved in mid-epoch resumes them).
 
     accum_steps N (--grad-accum-steps): an iteration is one optimizer step over N loader
     batches, each backward on loss / N, so it computes what one batch N times larger would
@@ -78,7 +80,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, data_loader: It
     total = start_iter + len(data_loader) // accum
     batch_size = (getattr(data_loader, "batch_size", None) or 1) * accum
     log = utils.ProgressLogger(header or f"Epoch [{epoch}]", total, print_freq, batch_size,
-                               first=start_iter)
+                               first=start_iter, means=means)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = iter(data_loader)
     for i in range(start_iter, total):

@@ -23,7 +23,7 @@ from losses import BASE_LOSS_HEADS
 
 FLAG_OF_FIELD = {
     "name": "--model", "emb": "--EMB", "dims": "--dims/--EMB", "img_size": "--input-size",
-    "global_pool": "--gp", "model_kwargs": "--gp/--model-kwargs",
+    "global_pool": "--gp", "model_kwargs": "--gp/--model-kwargs", "ema": "--use-ema",
     "patch_size": "--patch-size", "num_classes": "--data-set (its class count)",
     "distilled": "--model", "in_chans": "--model", "pretrained": "--pretrained (or --pretrained-path FILE)",
     "latency_table": "--latency_look_up_table", "cost": "--cost",

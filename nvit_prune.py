@@ -24,7 +24,7 @@ widths.png.
 """
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import signal
 from pathlib import Path
@@ -35,22 +35,15 @@ import builders
 import checkpoints
 import flags
 import models
+import pruning
 import utils
-from atomic import write_text_atomic
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
-from errors import Stopped, UserError
+from errors import UserError
 from models.checkpoint import has_split_qkv
-from plots import plot_pareto, plot_widths
-from pruning import Gates, Saliency, compact
-from pruning.config import PruningConfig, parse_config
-from pruning.cost import LatencyTable, build_cost_model, precision_name
-from pruning.latency import report_lines, speed_report
-from pruning.gates import EMB_SALIENCY, QKV_UNITS
-from pruning.loop import PruningLoop
-from pruning.pruner import DEFAULT_PACE, GlobalPruner
+from prune_recorder import PruneRecorder
 
 QKV_UNIT_FLAGS = {"shared": "shared", "per-head": "per_head"}
-assert set(QKV_UNIT_FLAGS.values()) == set(QKV_UNITS)
+assert set(QKV_UNIT_FLAGS.values()) == set(pruning.QKV_UNITS)
 
 
 def get_args_parser() -> flags.Parser:
@@ -65,7 +58,7 @@ def get_args_parser() -> flags.Parser:
     p.set_defaults(student_eval=False)
     flags.add_checkpoint_args(p, finetune=False, resume_help=(
         "pruning state (file or URL) to continue; bare --resume: OUTPUT_DIR/pruning_state.pth"))
-    flags.add_pruning_args(p, pace=DEFAULT_PACE, emb_saliency=EMB_SALIENCY,
+    flags.add_pruning_args(p, pace=pruning.DEFAULT_PACE, emb_saliency=pruning.EMB_SALIENCY,
                            qkv_units=tuple(QKV_UNIT_FLAGS))
     return p
 
@@ -81,12 +74,12 @@ def read_json_file(path: str, flag: str):
         raise UserError(f"{flag} {path} is not valid JSON: {e}") from None
 
 
-def pruning_config(args) -> PruningConfig:
+def pruning_config(args) -> pruning.PruningConfig:
     if not args.pruning_config:
-        return PruningConfig()
+        return pruning.PruningConfig()
     data = read_json_file(args.pruning_config, "--pruning_config")
     try:
-        return parse_config(data)
+        return pruning.parse_config(data)
     except ValueError as e:
         raise UserError(f"--pruning_config {args.pruning_config}: {e}") from None
 
@@ -126,21 +119,15 @@ def load_dense_model(args, nb_classes: int):
     return models.build_model(args.model, pretrained=True, **frame)
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    full = copy.deepcopy(model).eval()
-    for p in full.parameters():
-        p.requires_grad_(False)
-    return full
-
-
-def attach_pruner(model, cost, config: PruningConfig, budget: int | None, target: float, args):
+def attach_pruner(model, cost, config: pruning.PruningConfig, budget: int | None,
+                  target: float, args):
     """Gates on the model, the saliency and the global pruner the flags describe, aiming at
     `target` (the first of several)."""
-    gates = Gates.attach(model, qkv_units=QKV_UNIT_FLAGS[args.qk_v_units],
+    gates = pruning.Gates.attach(model, qkv_units=QKV_UNIT_FLAGS[args.qk_v_units],
                          emb_saliency=args.emb_saliency)
-    saliency = Saliency(gates, config.criterion, config.scales, config.momentum, args.seed)
+    saliency = pruning.Saliency(gates, config.criterion, config.scales, config.momentum, args.seed)
     try:
-        pruner = GlobalPruner(gates, saliency, cost, target, args.prune_per_iter,
+        pruner = pruning.GlobalPruner(gates, saliency, cost, target, args.prune_per_iter,
                               config.group_sizes, args.latency_regularization, budget,
                               pace=args.group_size)
     except ValueError as e:
@@ -148,7 +135,7 @@ def attach_pruner(model, cost, config: PruningConfig, budget: int | None, target
     return gates, saliency, pruner
 
 
-def run_settings(args, config: PruningConfig) -> dict:
+def run_settings(args, config: pruning.PruningConfig) -> dict:
     """What a resumed run must share with the original for its replay to be exact."""
     keys = ("batch_size", "grad_accum_steps", "interval_prune", "prune_per_iter", "group_size",
             "prune_dict", "cost", "latency_target", "latency_regularization", "seed", "data_set",
@@ -182,49 +169,76 @@ def check_resumable(ckpt: dict, source: str, original, settings: dict) -> None:
                         f"resume with the same flags, or start a new --output_dir")
 
 
-# ----------------------------------------------------------------------------- outputs
-def width_summary(widths: dict) -> str:
-    return (f"emb {widths['embed_dim']}  heads {sum(widths['num_heads'])}  "
-            f"qk {widths['qk_dim']}  v {widths['v_dim']}  mlp {sum(widths['mlp_dim'])}")
-
-
-def widths_of(dims) -> dict:
-    return {k: getattr(dims, k) for k in ("embed_dim", "num_heads", "qk_dim", "v_dim", "mlp_dim")}
-
-
-def prune_step_line(record: dict, loop: PruningLoop, args) -> str:
-    target = (record.get("targets_reached") or [loop.pruner.target])[-1]
-    done = len(loop.history)
-    drop = (1 - record["ratio"]) / record["step"]
-    mean_seconds = sum(r["seconds"] for r in loop.history) / done
-    eta = "?" if drop <= 0 or target == 0 else \
-        f"{max(0.0, (record['ratio'] - target) / drop) * mean_seconds:.0f}s"
-    removed = ", ".join(f"{k} {n}" for k, n in record["removed_groups"].items() if n) or "none"
-    return (f"prune step {record['step']}: {args.cost} ratio {record['ratio']:.4f} (target "
-            f"{target})  removed groups: {removed}  {width_summary(record['dims'])}  loss "
-            f"{record['loss']:.4f} (kl {record.get('loss_kl', 0.0):.4g}, deit "
-            f"{record.get('loss_deit', 0.0):.4g})  img/s {record['img_s']:.1f}  eta {eta}")
-
-
-def log_records(top1_dense: float | None, prune_steps: list[dict], epochs: list[dict],
-                speed: dict | None = None) -> list[dict]:
-    """log.txt of a pruning run, one JSON line each, in the order they happened: the dense
-    model's top-1, every prune step (cost ratio, widths, loss parts, lr, img/s), every epoch
-    (top-1, cost ratio, training loss parts) and the final speed report."""
-    lines = [{"kind": "prune_step", **r} for r in prune_steps] + \
-        [{"kind": "epoch", **r} for r in epochs]
-    lines.sort(key=lambda r: (r["epoch"], r["kind"] == "epoch", r.get("iteration", 0)))
-    head = [] if top1_dense is None else [{"kind": "dense", "test_acc1": top1_dense}]
-    return head + lines + ([] if speed is None else [{"kind": "speed", **speed}])
-
-
-def not_reached_reason(loop: PruningLoop) -> str:
+def not_reached_reason(loop: pruning.PruningLoop) -> str:
     if loop.stuck:
         return "the minimum widths (one group of each kind per block) are reached"
     if loop.pruner.budget_spent:
         return (f"the --prune_dict budget of {loop.pruner.max_steps} prune steps "
                 f"(N // prune_per_iter + 1) is spent")
     return "the run ended first (more --epochs, or a larger --prune_per_iter)"
+
+
+def check_cost_model(cost, dims, args, device, amp_dtype) -> None:
+    """A latency table must describe this model (else refused) and should describe this
+    device and precision (else a warning)."""
+    advice = (f"build a table for this model (tools/build_latency_table.py --model {args.model} "
+              f"--input-size {args.input_size} --token-scale {str(args.token_scale).lower()})")
+    note = cost.frame_note(dims)
+    if note:
+        raise UserError(f"{note}; {advice}", field="latency_table")
+    note = cost.settings_note(device.type, pruning.precision_name(amp_dtype),
+                              torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    if note:
+        print(f"warning: {note}")
+    coverage = cost.coverage_note(dims)
+    if coverage:
+        raise UserError(f"the latency table does not cover this model: {coverage}; {advice}",
+                        field="latency_table")
+
+
+def check_reachable(pruner: pruning.GlobalPruner, targets: tuple[float, ...], args) -> None:
+    min_ratio = pruner.minimum_ratio()
+    if min_ratio > targets[-1] > 0:
+        raise UserError(f"--latency_target {targets[-1]:g} cannot be reached: the minimum "
+                        f"widths (one group of each kind per block) give {min_ratio:.3f} of the "
+                        f"original {args.cost}")
+
+
+def resume_run(path: str, original, settings: dict, model, loop: pruning.PruningLoop,
+               recorder: PruneRecorder, optimizer, scheduler, scaler) -> None:
+    """Everything a pruning state holds, back in place: weights, masks, saliency, pruner,
+    position, optimizer, the run's records."""
+    ckpt = models.read_checkpoint(path)
+    check_resumable(ckpt, path, original, settings)
+    model.load_state_dict(ckpt["model"])
+    loop.load_state_dict(ckpt)
+    checkpoints.restore_training_state(ckpt, path, optimizer, scheduler, scaler)
+    recorder.restore(ckpt)
+    print(f"resumed from {path}: epoch {loop.epoch}, iteration {loop.iteration}, "
+          f"{loop.pruner.steps} prune steps done, cost ratio {loop.pruner.ratio():.3f}")
+
+
+def check_replicas(gates: pruning.Gates, model, run: utils.Run, steps: int) -> None:
+    """All ranks end with rank 0's masks and weights (a cheap end-of-run DDP check)."""
+    if not utils.replicas_identical_tensors(gates.tensors()):
+        raise RuntimeError("processes ended with different masks: pruning lost synchronisation")
+    if not utils.replicas_identical(model):
+        raise RuntimeError("processes ended with different weights: pruning lost "
+                           "synchronisation (optimizer state cleared unlike rank 0's?)")
+    print(f"all {run.world_size} processes hold identical masks and weights after {steps} "
+          f"prune steps")
+
+
+def measured_speed(args, original, compact_model, cost, device, amp_dtype) -> dict | None:
+    """The compact model's speedup over the dense one timed here, beside what its MACs and
+    the latency table promised (--speed-report-pairs 0: none)."""
+    if not args.speed_report_pairs:
+        return None
+    speed = pruning.speed_report(models.ReViT(original).to(device), compact_model.eval(), device,
+                         args.batch_size, amp_dtype, args.speed_report_pairs, repeats=3,
+                         table=cost if isinstance(cost, pruning.LatencyTable) else None)
+    print("\n".join(pruning.report_lines(speed)))
+    return speed
 
 
 # -------------------------------------------------------------------------------- main
@@ -237,7 +251,7 @@ def main(args) -> None:
         if args.cost == "latency" else None
     resume = checkpoints.resume_path(args.resume, args.output_dir, checkpoints.PRUNING_STATE_FILE)
     run = utils.setup_run(args)
-    device, output_dir = run.device, run.output_dir
+    device = run.device
     builders.resolve_input_size(args, None, args.pretrained_path or None)
     if config.ignored:
         print(f"--pruning_config {args.pruning_config}: keys without effect, as in the reference "
@@ -246,29 +260,12 @@ def main(args) -> None:
     train_loader, val_loader, nb_classes, train_sampler = builders.build_loaders(args)
     model = load_dense_model(args, nb_classes).to(device)
     original = model.dims
-    cost = build_cost_model(args.cost, original, table)
-    note = cost.frame_note(original)
-    if note:
-        raise UserError(f"{note}; build a table for this model (tools/build_latency_table.py "
-                        f"--model {args.model} --input-size {args.input_size} --token-scale "
-                        f"{str(args.token_scale).lower()})", field="latency_table")
     amp_dtype = amp_dtype_for(device, args.amp, args.amp_dtype)
-    note = cost.settings_note(device.type, precision_name(amp_dtype),
-                              torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    if note:
-        print(f"warning: {note}")
-    coverage = cost.coverage_note(original)
-    if coverage:
-        raise UserError(f"the latency table does not cover this model: {coverage}",
-                        field="latency_table")
-    full_model = frozen_copy(model) if args.kl_loss_coeff > 0 else None
-
+    cost = pruning.build_cost_model(args.cost, original, table)
+    check_cost_model(cost, original, args, device, amp_dtype)
+    full_model = builders.frozen_copy(model) if args.kl_loss_coeff > 0 else None
     gates, saliency, pruner = attach_pruner(model, cost, config, budget, targets[0], args)
-    min_ratio = pruner.minimum_ratio()
-    if min_ratio > targets[-1] > 0:
-        raise UserError(f"--latency_target {targets[-1]:g} cannot be reached: the minimum "
-                        f"widths (one group of each kind per block) give {min_ratio:.3f} of the "
-                        f"original {args.cost}")
+    check_reachable(pruner, targets, args)
 
     model_without_ddp = model
     model = builders.distributed_model(args, model, device)
@@ -282,98 +279,33 @@ def main(args) -> None:
     criterion = builders.build_criterion(args, nb_classes, mixup_fn, device, kl_tau=args.kl_tau,
                                          per_head=False, full_model=full_model,
                                          student=model_without_ddp)
+    score = functools.partial(evaluate, val_loader, model, device, amp_dtype, run.sharded_eval)
 
     settings = run_settings(args, config)
-    run_id, top1_dense = checkpoints.new_run_id(), None
-
-    epoch_log: list[dict] = []
-    scalars, speed = None, None
-
-    def save_state() -> None:
-        if run.is_main:
-            checkpoints.save_pruning_state(output_dir / checkpoints.PRUNING_STATE_FILE,
-                                           model_without_ddp, loop, optimizer, scheduler, scaler,
-                                           settings, original, args, run_id, top1_dense,
-                                           epoch_log)
-        loop.mark_saved()
-
-    def write_logs() -> None:
-        """dims_history.json and log.txt, whole, from what the state holds."""
-        if run.is_main:
-            write_text_atomic(output_dir / checkpoints.HISTORY_FILE, json.dumps(
-                {"original": widths_of(original), "steps": loop.history}, indent=1))
-            write_text_atomic(output_dir / checkpoints.LOG_FILE, utils.json_lines(
-                log_records(top1_dense, loop.history, epoch_log, speed)))
-
-    def save_target_models(record: dict) -> None:
-        """Several targets: the compact model at each one reached, scored now (the student is
-        evaluated mid-epoch, then put back in its training mode), and pareto.png."""
-        stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
-        loop.set_phase()
-        record["target_models"] = [
-            {"target": t, "file": checkpoints.target_file(t), "ratio": record["ratio"],
-             "test_acc1": stats["acc1"], "test_acc5": stats["acc5"]}
-            for t in record["targets_reached"]]
-        for entry in record["target_models"]:
-            print(f"target {entry['target']:g} reached: {args.cost} ratio {record['ratio']:.4f}, "
-                  f"top-1 {stats['acc1']:.2f}%; wrote {output_dir / entry['file']}")
-        if not run.is_main:
-            return
-        compact_model = compact(model_without_ddp)
-        for entry in record["target_models"]:
-            checkpoints.save_model_file(
-                output_dir / entry["file"], compact_model, args, run_id=run_id,
-                original_dims=original.to_dict(), cost=args.cost, cost_ratio=record["ratio"],
-                target=entry["target"], top1_dense=top1_dense, top1_pruned=stats["acc1"])
-        points = [e for r in loop.history for e in r.get("target_models", [])]
-        plot_pareto(points, top1_dense, args.cost, output_dir / checkpoints.PARETO_FILE)
-
-    def on_prune(record: dict) -> None:
-        record["img_s"] = (args.interval_prune * builders.total_batch(args)
-                           / max(record["seconds"], 1e-9))
-        print(prune_step_line(record, loop, args), flush=True)
-        if len(targets) > 1 and record.get("targets_reached"):
-            save_target_models(record)
-        if loop.save_due() or record.get("target_models"):
-            save_state()
-        write_logs()
-        scalars.add(record, record["step"], axis="prune/step", prefix="prune/")
-
+    recorder = PruneRecorder(run.output_dir, run.is_main, args, settings, original,
+                             builders.total_batch(args), len(targets) > 1, score)
     save_steps, save_seconds = flags.save_cadence(args.save_every)
-    loop = PruningLoop(model_without_ddp, gates, saliency, pruner, criterion, optimizer,
+    loop = pruning.PruningLoop(model_without_ddp, gates, saliency, pruner, criterion, optimizer,
                        interval=args.interval_prune,
                        iters_per_epoch=len(train_loader) // args.grad_accum_steps,
                        student_eval=args.student_eval, train_module=model,
                        save_every_steps=save_steps, save_every_seconds=save_seconds,
-                       on_prune=on_prune, later_targets=targets[1:])
+                       on_prune=recorder.on_prune, later_targets=targets[1:])
+    recorder.follow(loop, model_without_ddp, optimizer, scheduler, scaler)
     if resume:
-        ckpt = models.read_checkpoint(resume)
-        check_resumable(ckpt, resume, original, settings)
-        model_without_ddp.load_state_dict(ckpt["model"])
-        loop.load_state_dict(ckpt)
-        checkpoints.restore_training_state(ckpt, resume, optimizer, scheduler, scaler)
-        run_id = ckpt.get("run_id") or run_id
-        top1_dense = ckpt.get("top1_dense")
-        epoch_log = list(ckpt.get("epoch_log") or [])
-        print(f"resumed from {resume}: epoch {loop.epoch}, iteration {loop.iteration}, "
-              f"{pruner.steps} prune steps done, cost ratio {pruner.ratio():.3f}")
-        del ckpt
+        resume_run(resume, original, settings, model_without_ddp, loop, recorder, optimizer,
+                   scheduler, scaler)
 
     # every input has passed: from here on the folder is ours
-    utils.claim_output_dir(run, check=lambda: checkpoints.check_run_files(
-        resume, output_dir, checkpoints.PRUNING_STATE_FILE, checkpoints.PRUNING_RUN_FILES),
-        args=args)
-    scalars = utils.scalar_log(output_dir if run.is_main else None, args)
+    utils.claim_output_dir(run, args=args, check=functools.partial(
+        checkpoints.check_run_files, resume, run.output_dir, checkpoints.PRUNING_STATE_FILE,
+        checkpoints.PRUNING_RUN_FILES))
+    recorder.open()  # on resume from the state: a kill after the state lost nothing
     if not resume:
-        dense_stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
-        top1_dense = dense_stats["acc1"]
-        print(f"before pruning: top-1 {dense_stats['acc1']:.2f}%  top-5 {dense_stats['acc5']:.2f}%")
-    write_logs()  # on resume from the state: a kill after the state lost nothing
+        recorder.dense_scored(score())
 
-    # Ctrl-C / SIGTERM: finish the step, save the state, stop (resume with --resume)
-    def request_stop(signum, frame) -> None:
-        loop.stop_requested = True
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C / SIGTERM: every rank stops after the next step, the state is saved (--resume)
+    previous = {s: signal.signal(s, loop.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     stats = None
     start_epoch = loop.epoch
     try:
@@ -384,64 +316,36 @@ def main(args) -> None:
             train_sampler.set_epoch(epoch, skip=skip * args.batch_size * args.grad_accum_steps)
             scheduler.step(0 if args.pruning_lr == "constant" else epoch)
             loop.set_phase()
+            recorder.epoch_started(resumed_in_it=skip > 0)
             train_stats = train_one_epoch(
                 model, criterion, train_loader, optimizer, device, epoch, scaler, amp_dtype,
                 args.clip_grad, args.clip_mode, None, mixup_fn, args.print_freq, start_iter=skip,
                 seed_fn=utils.seed_fn(args.seed, epoch, run.rank),
-                accum_steps=args.grad_accum_steps, **loop.hooks(epoch))
+                accum_steps=args.grad_accum_steps, means=recorder.epoch_means,
+                **loop.hooks(epoch))
             if loop.stop_agreed():
                 break
-            stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
-            print(f"Epoch {epoch}: student top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%"
-                  f"  {args.cost} ratio {pruner.ratio():.4f}")
-            record = {"epoch": epoch, "ratio": pruner.ratio(), "prune_steps": pruner.steps,
-                      **{f"train_{k}": v for k, v in train_stats.items()},
-                      **{f"test_{k}": v for k, v in stats.items()}}
-            epoch_log.append(record)
-            if not loop.done:
-                save_state()
-            write_logs()
-            scalars.add(record, epoch, axis="epoch/epoch", prefix="epoch/")
+            stats = score()
+            recorder.epoch_ended(epoch, train_stats, stats)
         if loop.stop_requested:  # still under the handlers: a second signal cannot cut it short
-            save_state()
-            utils.barrier()  # no rank ends (its launcher would then stop rank 0) before the save
-            raise Stopped(f"stopped on request after {pruner.steps} prune steps; the state is "
-                          f"in {output_dir / checkpoints.PRUNING_STATE_FILE} (continue with "
-                          f"--resume)")
+            recorder.stopped()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
     if args.distributed:
-        if not utils.replicas_identical_tensors(gates.tensors()):
-            raise RuntimeError("processes ended with different masks: pruning lost synchronisation")
-        if not utils.replicas_identical(model_without_ddp):
-            raise RuntimeError("processes ended with different weights: pruning lost "
-                               "synchronisation (optimizer state cleared unlike rank 0's?)")
-        print(f"all {run.world_size} processes hold identical masks and weights after "
-              f"{pruner.steps} prune steps")
+        check_replicas(gates, model_without_ddp, run, pruner.steps)
     if stats is None:  # resumed after the end, or ended by the prune step: score the final masks
-        stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
+        stats = score()
     ratio = pruner.ratio()
     if run.is_main:
-        compact_model = compact(model_without_ddp)
-        if args.speed_report_pairs:  # promised against delivered, on this device
-            speed = speed_report(models.ReViT(original).to(device), compact_model.eval(), device,
-                                 args.batch_size, amp_dtype, args.speed_report_pairs, repeats=3,
-                                 table=cost if isinstance(cost, LatencyTable) else None)
-            print("\n".join(report_lines(speed)))
-            write_logs()
-        checkpoints.save_model_file(
-            output_dir / checkpoints.PRUNED_FILE, compact_model, args,
-            run_id=run_id, original_dims=original.to_dict(), cost=args.cost, cost_ratio=ratio,
-            top1_dense=top1_dense, top1_pruned=stats["acc1"], speed=speed)
-        if loop.history:
-            plot_widths(widths_of(original), loop.history[-1]["dims"], output_dir / "widths.png")
-    scalars.close()
-    dense_note = "" if top1_dense is None else f" (dense {top1_dense:.2f}%)"
+        compact_model = pruning.compact(model_without_ddp)
+        speed = measured_speed(args, original, compact_model, cost, device, amp_dtype)
+        recorder.finished(compact_model, ratio, stats, speed)
+    recorder.close()
     print(f"pruned model: {args.cost} ratio {ratio:.4f} of the original, top-1 {stats['acc1']:.2f}%"
-          f"{dense_note}; dims {json.dumps(gates.widths())}")
-    print(f"wrote {output_dir / checkpoints.PRUNED_FILE}")
+          f"{recorder.dense_note()}; dims {json.dumps(gates.widths())}")
+    print(f"wrote {run.output_dir / checkpoints.PRUNED_FILE}")
     if ratio > targets[-1] > 0:
         raise UserError(f"--latency_target {targets[-1]:g} not reached: {args.cost} ratio "
                         f"{ratio:.4f}, {not_reached_reason(loop)}; the smallest "

@@ -321,25 +321,55 @@ def seed_fn(seed: int, epoch: int, rank: int):
 
 
 # ------------------------------------------------------------------------------ logging
-class ProgressLogger:
-    """Running means of scalar metrics and a rank-0 progress line every `print_freq` steps."""
+class RunningMeans:
+    """Sums and counts of scalar metrics over an epoch. The caller may own it, so that a run
+    saved in mid-epoch keeps what the epoch has summed so far (`state_dict`) and a resumed
+    epoch's means equal an uninterrupted one's."""
 
-    def __init__(self, header: str, total: int, print_freq: int, batch_size: int,
-                 first: int = 0) -> None:
-        self.header, self.total, self.print_freq = header, total, max(1, print_freq)
-        self.batch_size = batch_size
+    def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+
+    def update(self, n: int = 1, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] += float(v) * n
+            self.counts[k] += n
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / self.counts[key]
+
+    def averages(self) -> dict[str, float]:
+        return {k: self.mean(k) for k in self.sums}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reset()
+        self.sums.update(state["sums"])
+        self.counts.update(state["counts"])
+
+
+class ProgressLogger:
+    """Running means of scalar metrics (its own, or the caller's `means`) and a rank-0
+    progress line every `print_freq` steps."""
+
+    def __init__(self, header: str, total: int, print_freq: int, batch_size: int,
+                 first: int = 0, means: RunningMeans | None = None) -> None:
+        self.header, self.total, self.print_freq = header, total, max(1, print_freq)
+        self.batch_size = batch_size
+        self.means = RunningMeans() if means is None else means
         self.last: dict[str, float] = {}
         self.start = time.perf_counter()
         self.first = first  # iterations done before this logger started (resumed epoch)
 
     def update(self, n: int = 1, **values: float) -> None:
-        for k, v in values.items():
-            v = float(v)
-            self.sums[k] += v * n
-            self.counts[k] += n
-            self.last[k] = v
+        self.means.update(n, **values)
+        self.last.update({k: float(v) for k, v in values.items()})
 
     def step(self, i: int) -> None:
         """Call after iteration i (0-based); prints at the print frequency and at the end."""
@@ -349,12 +379,12 @@ class ProgressLogger:
         done = i + 1 - self.first
         eta = elapsed / done * (self.total - i - 1)
         imgs = self.batch_size * get_world_size() * done / max(elapsed, 1e-9)
-        parts = [f"{k} {self.last[k]:.4g} ({self.sums[k] / self.counts[k]:.4g})" for k in self.last]
+        parts = [f"{k} {self.last[k]:.4g} ({self.means.mean(k):.4g})" for k in self.last]
         print(f"{self.header} [{i + 1}/{self.total}] " + "  ".join(parts)
               + f"  img/s {imgs:.1f}  eta {datetime.timedelta(seconds=int(eta))}", flush=True)
 
     def averages(self) -> dict[str, float]:
-        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+        return self.means.averages()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

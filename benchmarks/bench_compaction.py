@@ -19,7 +19,7 @@ if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from t
     import pathlib, sys  # noqa: E401
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+import benchmarks.passive  # noqa: F401  first: sets OMP_WAIT_POLICY before torch
 
 import os
 
@@ -32,7 +32,6 @@ from benchmarks.common import (
     md_table,
     ratio_stats,
     uniform_dims,
-    write_results,
 )
 from errors import UserError
 from models.flops import count_macs
@@ -168,12 +167,7 @@ def main() -> None:
            "speedup x MACs ratio = 1.0 when speed follows the MACs removed exactly. "
            f"Dense: {dims_text(dense.dims.to_dict())}, {dense.dims.img_size} px, "
            f"patch {dense.dims.patch_size}.")
-    md += "\n\n" + machine_note(load)
-    path = write_results(name, {"dense_dims": dense.dims.to_dict(), "quick": args.quick,
-                                "omp_wait_policy": omp_policy(),
-                                "loadavg": [load, os.getloadavg()], "rows": rows}, md)
-    print(md)
-    print(f"wrote {path}")
+    common.publish(name, md, load, args.quick, dense_dims=dense.dims.to_dict(), rows=rows)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from t
     import pathlib, sys  # noqa: E401
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+import benchmarks.passive  # noqa: F401  first: sets OMP_WAIT_POLICY before torch
 
 import contextlib
 import copy
@@ -40,12 +40,11 @@ import torch
 from torch._dynamo.utils import counters
 
 import builders
-from nvit_prune import frozen_copy
 import engine
 from benchmarks import common
 from benchmarks.bench_prune_overhead import loss_args, make_dense, timed
 from benchmarks.bench_step_memory import pruning_loop_hooks
-from benchmarks.common import md_table, ratio_stats, write_results
+from benchmarks.common import md_table, ratio_stats
 
 STUDY = "compile"
 CASES = {  # name -> (frame, batch)
@@ -61,7 +60,7 @@ def measure_case(case: str, frame: dict, batch: int, backend: str, amp_dtype, re
                  warmup: int, steps: int) -> list[dict]:
     torch.manual_seed(0)
     dense = make_dense(frame)
-    full = frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
+    full = builders.frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
     args = loss_args()
     cpu = torch.device("cpu")
     nb_classes = dense.dims.num_classes
@@ -138,12 +137,8 @@ def main() -> None:
            f"engine.train_one_epoch over {steps} batches after {warmup} warm-up; < 1: the "
            f"compiled step is faster. Pruning step: a quarter of every kind of unit removed, "
            f"saliency collected. Compile s: first call compiled minus first call eager.")
-    md += "\n\n" + machine_note(load)
-    path = write_results(name, {"omp_wait_policy": omp_policy(), "quick": args.quick,
-                                "loadavg": [load, os.getloadavg()], "backend": backend,
-                                "seconds": time.perf_counter() - start, "rows": rows}, md)
-    print(md)
-    print(f"wrote {path}")
+    common.publish(name, md, load, args.quick, backend=backend,
+                   seconds=time.perf_counter() - start, rows=rows)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from t
     import pathlib, sys  # noqa: E401
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+import benchmarks.passive  # noqa: F401  first: sets OMP_WAIT_POLICY before torch
 
 import contextlib
 import copy
@@ -55,9 +55,9 @@ from benchmarks import common
 from benchmarks.bench_compaction import prune_to
 from benchmarks.bench_prune_overhead import loss_args
 from benchmarks.bench_step_memory import pruning_loop_hooks, step_peak_bytes
-from benchmarks.common import md_table, ratio_stats, write_results
+from benchmarks.common import md_table, ratio_stats
 from models.revit import attention
-from nvit_prune import frozen_copy
+
 from pruning.cost import LatencyTable
 from pruning.latency import measure_table, speed_report
 
@@ -177,7 +177,7 @@ def pruning_step(case: str, name: str, overrides: dict, device, cfg: dict,
     """engine.train_one_epoch plain against with gates and the PruningLoop's hooks."""
     torch.manual_seed(0)
     dense = model_pair(name, overrides, device, workdir)[0]
-    full = frozen_copy(dense)
+    full = builders.frozen_copy(dense)
     args = loss_args()
     b, size = cfg["train_batch"], dense.dims.img_size
     batches = [(torch.randn(b, 3, size, size, device=device),
@@ -354,12 +354,8 @@ def main() -> int:
            f"repeats (p25-p75), the device synchronised after each call; training step batch "
            f"{cfg['train_batch']}; compact-vs-dense under {next(iter(PRECISIONS))} AMP with "
            f"a latency table measured here at the same batch.")
-    md += "\n\n" + machine_note(load)
-    path = write_results(name, {"omp_wait_policy": omp_policy(), "quick": args.quick,
-                                "device": device_info(device), "loadavg": [load, os.getloadavg()],
-                                "seconds": time.perf_counter() - start, "rows": rows}, md)
-    print(md)
-    print(f"wrote {path}")
+    common.publish(name, md, load, args.quick, device=device_info(device),
+                   seconds=time.perf_counter() - start, rows=rows)
     return 0
 
 

@@ -36,7 +36,7 @@ if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from t
     import pathlib, sys  # noqa: E401
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+import benchmarks.passive  # noqa: F401  first: sets OMP_WAIT_POLICY before torch
 
 import argparse
 import os
@@ -51,10 +51,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import builders
 import datasets
+import flags
 import models
 from benchmarks import common
-from benchmarks.common import ROOT, md_table, ratio_stats, write_results
-from revit_scratch import get_args_parser
+from benchmarks.common import ROOT, md_table, ratio_stats
 from samplers import RASampler, SeededDataset, SeededSampler
 
 STUDY = "input_pipeline"
@@ -84,8 +84,16 @@ class NpzCIFAR(Dataset):
 
 def project_args(data_set: str, data_path: str, size: int, batch: int, workers: int,
                  model: str) -> argparse.Namespace:
-    """revit_scratch.py's flags at their defaults, with the data set, size and loader given."""
-    args = get_args_parser().parse_args([
+    """The training script's flags (flags.py's groups) at their defaults, with the data set,
+    size and loader given."""
+    p = flags.Parser("the input pipeline's flags")
+    flags.add_run_args(p)
+    flags.add_model_args(p, widths=True)
+    flags.add_ema_args(p)
+    flags.add_optimizer_args(p)
+    flags.add_data_args(p)
+    flags.add_loss_args(p, kl_loss_coeff=0.0, student_eval_help="")
+    args = p.parse_args([
         "--data-set", data_set, "--data-path", data_path, "--input-size", str(size),
         "--batch-size", str(batch), "--num_workers", str(workers), "--model", model,
         "--device", "cpu"])
@@ -258,12 +266,7 @@ def main() -> None:
            "same fed loop with the main process's torch threads lowered to leave the workers "
            f"their cores. img/s are medians for context. {torch.get_num_threads()} torch "
            "threads in the main process; loader workers run 1 thread each on the same cores.")
-    md += "\n\n" + machine_note(load)
-    path = write_results(name, {"omp_wait_policy": omp_policy(),
-                                "quick": q, "loadavg": [load, os.getloadavg()],
-                                "data_root": str(root), "sets": results}, md)
-    print(md)
-    print(f"wrote {path}")
+    common.publish(name, md, load, q, data_root=str(root), sets=results)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from t
     import pathlib, sys  # noqa: E401
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+import benchmarks.passive  # noqa: F401  first: sets OMP_WAIT_POLICY before torch
 
 import contextlib
 import copy
@@ -44,11 +44,10 @@ from types import SimpleNamespace
 import torch
 
 import builders
-from nvit_prune import frozen_copy
 import engine
 import models
 from benchmarks import common
-from benchmarks.common import md_table, ratio_stats, write_results
+from benchmarks.common import md_table, ratio_stats
 from pruning import Gates, Saliency
 from pruning.cost import LatencyTable, MacsCost
 from pruning.loop import PruningLoop
@@ -120,7 +119,7 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int, 
                  amp_dtype) -> dict:
     torch.manual_seed(0)
     dense = make_dense(frame)
-    full = frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
+    full = builders.frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
     args = loss_args()
     nb_classes = dense.dims.num_classes
     cpu = torch.device("cpu")
@@ -255,13 +254,8 @@ def main() -> None:
            f"training step (KL to the frozen full model + DeiT loss, AdamW). Amortised = "
            f"t(pruner.step) / ({INTERVAL} x t(plain step)), i.e. the share one prune step "
            f"every --interval_prune {INTERVAL} iterations adds; --prune_per_iter {PRUNE_PER_ITER}.")
-    md += "\n\n" + machine_note(load)
-    path = write_results(name, {"omp_wait_policy": omp_policy(),
-                                "quick": args.quick, "loadavg": [load, os.getloadavg()],
-                                "interval_prune": INTERVAL,
-                                "prune_per_iter": PRUNE_PER_ITER, "rows": rows}, md)
-    print(md)
-    print(f"wrote {path}")
+    common.publish(name, md, load, args.quick, interval_prune=INTERVAL,
+                   prune_per_iter=PRUNE_PER_ITER, rows=rows)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from t
     import pathlib, sys  # noqa: E401
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+import benchmarks.passive  # noqa: F401  first: sets OMP_WAIT_POLICY before torch
 
 import os
 import re
@@ -38,8 +38,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks import common
-from benchmarks.common import ROOT, md_table, write_results
-
+from benchmarks.common import ROOT, md_table
 STUDY = "real_photos"
 DATA = ROOT.parent / "shared" / "data"
 DIMS = {"embed_dim": 128, "num_heads": [4, 2, 2, 4, 4, 4], "qk_dim": [16] * 6, "v_dim": [32] * 6,
@@ -190,13 +189,7 @@ def main() -> None:
            + "\n".join(f"    {r['command']}" for r in (train, prune)))
     for r in (train, prune):
         r["stdout_tail"] = r.pop("stdout")[-4000:]
-    md += "\n\n" + machine_note(load)
-    path = write_results(name, {"omp_wait_policy": omp_policy(),
-                                "quick": args.quick, "loadavg": [load, os.getloadavg()],
-                                "train": train,
-                                "prune": prune}, md)
-    print(md)
-    print(f"wrote {path}")
+    common.publish(name, md, load, args.quick, train=train, prune=prune)
     if not (train["ok"] and prune["ok"]):
         sys.exit(1)
 

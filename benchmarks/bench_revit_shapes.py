@@ -18,7 +18,7 @@ if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from t
     import pathlib, sys  # noqa: E401
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+import benchmarks.passive  # noqa: F401  first: sets OMP_WAIT_POLICY before torch
 
 import os
 
@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import models
 from benchmarks import common
-from benchmarks.common import interleaved, md_table, ratio_stats, write_results
+from benchmarks.common import interleaved, md_table, ratio_stats
 from models.flops import count_macs
 
 STUDY = "revit_shapes"
@@ -122,11 +122,7 @@ def main() -> None:
     md += (f"\n\nSpeed ratio: median of {repeats} interleaved pairs (p25-p75) of one eval forward "
            f"at batch {batch}; >= the MACs promise means the shape runs at its MACs. Both models "
            f"are nvit's ReViT (DeiT built from its timm name's uniform dims).")
-    md += "\n\n" + machine_note(load)
-    path = write_results(name, {"omp_wait_policy": omp_policy(), "quick": args.quick,
-                                "loadavg": [load, os.getloadavg()], "rows": rows}, md)
-    print(md)
-    print(f"wrote {path}")
+    common.publish(name, md, load, args.quick, rows=rows)
 
 
 if __name__ == "__main__":

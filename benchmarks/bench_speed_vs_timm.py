@@ -24,7 +24,7 @@ if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from t
     import pathlib, sys  # noqa: E401
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.passive import machine_note, omp_policy  # first: sets OMP_WAIT_POLICY before torch
+import benchmarks.passive  # noqa: F401  first: sets OMP_WAIT_POLICY before torch
 
 import os
 import resource
@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 import models
 from benchmarks import common
-from benchmarks.common import interleaved, md_table, ratio_stats, write_results
-
+from benchmarks.common import interleaved, md_table, ratio_stats
 STUDY = "speed_vs_timm"
 NAME = "deit_tiny_patch16_224"
 
@@ -148,12 +147,7 @@ def main() -> None:
            f"logits checked to agree first. {torch.get_num_threads()} torch threads. Page "
            f"faults: median minor page faults per call, i.e. 4 KB pages the allocator took "
            f"freshly from the OS (kernel time on top of the arithmetic).")
-    md += "\n\n" + machine_note(load)
-    path = write_results(name, {"omp_wait_policy": omp_policy(),
-                                "quick": args.quick, "loadavg": [load, os.getloadavg()],
-                                "rows": rows}, md)
-    print(md)
-    print(f"wrote {path}")
+    common.publish(name, md, load, args.quick, rows=rows)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ if not __package__:  # run as a file, `python benchmarks/NAME.py`: import from t
     import pathlib, sys  # noqa: E401
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from benchmarks.passive import omp_policy  # first: sets OMP_WAIT_POLICY before torch
+import benchmarks.passive  # noqa: F401  first: sets OMP_WAIT_POLICY before torch
 
 import copy
 import os
@@ -33,12 +33,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import builders
-from nvit_prune import frozen_copy
 import engine
 import models
 from benchmarks import common
 from benchmarks.bench_prune_overhead import SCALES, loss_args
-from benchmarks.common import md_table, write_results
+from benchmarks.common import md_table
 from models.dims import Dims
 from pruning import KINDS, Gates, Saliency
 from pruning.cost import MacsCost
@@ -137,7 +136,7 @@ def measure_case(case: str, name: str, frame: dict, batches: tuple[int, int],
                  device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     dense = models.build_model(name, **frame).to(device)
-    full = frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
+    full = builders.frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
     nb_classes = dense.dims.num_classes
     criterion = builders.build_criterion(loss_args(), nb_classes, None, device, kl_tau=3.0,
                                          per_head=False, full_model=full)
@@ -176,6 +175,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     name = common.apply_study_args(args, STUDY)
+    load = os.getloadavg()
     device = torch.device(args.device)
     cases = QUICK_CASES if args.quick else CASES
     rows = [r for case, (model, frame, batches) in cases.items()
@@ -192,11 +192,7 @@ def main() -> None:
            f"model, measured with {how} at two batch sizes (slope = per image, intercept = "
            f"fixed). Gated: Gates.attach; pruned: {PRUNED_SHARE:.0%} of the embedding channels "
            f"and of every block's QK, V and MLP units removed.")
-    path = write_results(name, {"omp_wait_policy": omp_policy(), "quick": args.quick,
-                                "device": str(device), "loadavg": os.getloadavg(),
-                                "rows": rows}, md)
-    print(md)
-    print(f"wrote {path}")
+    common.publish(name, md, load, args.quick, device=str(device), rows=rows)
 
 
 if __name__ == "__main__":

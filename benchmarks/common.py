@@ -10,6 +10,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -102,6 +103,19 @@ def write_results(study: str, data: dict, table_md: str) -> Path:
     for suffix, text in ((".json", json.dumps(payload, indent=1)), (".md", header + table_md + "\n")):
         write_text_atomic(RESULTS / f"{study}{suffix}", text)
     return RESULTS / f"{study}.md"
+
+
+def publish(study: str, table_md: str, load_at_start: tuple, quick: bool, **data) -> Path:
+    """A study's last step: the machine's state under its table (OpenMP policy, malloc, load
+    averages) and beside its data, both files written, the table printed."""
+    from benchmarks.passive import machine_note, omp_policy
+    table_md += "\n\n" + machine_note(load_at_start)
+    path = write_results(study, {"omp_wait_policy": omp_policy(), "quick": quick,
+                                 "loadavg": [list(load_at_start), list(os.getloadavg())], **data},
+                         table_md)
+    print(table_md)
+    print(f"wrote {path}")
+    return path
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:

@@ -99,7 +99,7 @@ def state_dict_of(ckpt: dict, source: str, ema: bool = False) -> dict[str, torch
         sd = next((ckpt[k] for k in EMA_KEYS if isinstance(ckpt.get(k), dict)), None)
         if sd is None:
             raise UserError(f"{source} holds no EMA weights (none of {', '.join(EMA_KEYS)}; "
-                            f"trained with --no-model-ema?)")
+                            f"saved without a weight EMA?)", field="ema")
     else:
         for key in ("model", "state_dict", "model_ema"):
             if isinstance(ckpt.get(key), dict):
@@ -173,8 +173,8 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
         raise UserError(
             f"{source} has {'an' if fc_norm else 'no'} fc_norm and a class token, unlike the "
             f"model name's {base.family('global_pool')!r} pooling, and the tensors cannot tell "
-            f"how it pooled; say how it was trained: global_pool='avg' or 'token', and fc_norm "
-            f"(timm's --gp, --model-kwargs fc_norm=...)", field="global_pool")
+            f"how it pooled; say how it was trained: global_pool='avg' or 'token', and fc_norm",
+            field="global_pool")
     return Dims.uniform(embed, depth, num_heads, mlp, qk_dim=qkv_out // num_heads,
                         img_size=side * w.shape[-1], patch_size=w.shape[-1], in_chans=w.shape[1],
                         num_classes=num_classes, distilled=distilled,

@@ -144,9 +144,8 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
             for key, value in frame.items():
                 if value is not None and getattr(ck_dims, key) != value:
                     hint = ("; it is a backbone without a classifier (as timm's DINOv2): "
-                            "finetune it on the data first (revit_scratch.py --finetune), then "
-                            "prune that" if key == "num_classes" and ck_dims.num_classes == 0
-                            else "")
+                            "finetune it with a classifier on the data first, then prune that"
+                            if key == "num_classes" and ck_dims.num_classes == 0 else "")
                     raise UserError(
                         f"{source} was made with {key}={getattr(ck_dims, key)}, but {key}={value} "
                         f"was asked for{hint}", field=key)

@@ -319,8 +319,7 @@ class LatencyTable(CostModel):
                 widest = max(values) if isinstance(values, list) else values
                 if len(pts) > 1 and widest <= pts[0]:
                     return (f"its {part} grid starts at {axis} {pts[0]:g}, above the model's "
-                            f"widest {axis} {widest}, so pruning {axis} changes no latency; "
-                            f"build a table for this model with tools/build_latency_table.py")
+                            f"widest {axis} {widest}, so pruning {axis} changes no latency")
         return None
 
     # ------------------------------------------------------------- building
@@ -487,8 +486,7 @@ def build_cost_model(kind: str, dims: Dims, table: dict | None = None) -> CostMo
         return ParamsCost(dims)
     if kind == "latency":
         if table is None:
-            raise UserError("the latency cost needs a latency table (make one with "
-                            "tools/build_latency_table.py)", field="latency_table")
+            raise UserError("the latency cost needs a latency table", field="latency_table")
         try:
             return LatencyTable.from_dict(table)
         except UserError as e:

@@ -112,6 +112,10 @@ class PruningLoop:
             self.prune_step(epoch, i)
         return self.done
 
+    def request_stop(self, signum=None, frame=None) -> None:
+        """A signal handler (Ctrl-C, SIGTERM): this process asks to stop after its step."""
+        self.stop_requested = True
+
     def stop_agreed(self) -> bool:
         """Whether any rank was asked to stop; every rank gets the same answer (a collective)."""
         self.stop_requested = _any_rank(self.stop_requested)

@@ -198,7 +198,7 @@ ROWS = [
     ("eval_without_checkpoint", "revit_scratch", [*TRAIN, "--eval"], ["--eval"], None),
     ("use_ema_without_ema", "revit_scratch",
      [*TRAIN, "--eval", "--resume", "{W}/runA/checkpoint.pth", "--use-ema"],
-     ["runA", "holds no EMA weights", "--no-model-ema"], None),
+     ["--use-ema", "runA", "holds no EMA weights", "without a weight EMA"], None),
     ("use_ema_when_training", "revit_scratch", [*T, "--dims", "{W}/tiny.yaml", "--use-ema"],
      ["--use-ema", "--eval or --finetune"], "fresh"),
     ("best_on_ema_without_ema", "revit_scratch", [*T, "--dims", "{W}/tiny.yaml", "--best-on-ema"],

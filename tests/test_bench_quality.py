@@ -112,6 +112,7 @@ def test_timm_vit_to_nvit_refuses_unsupported() -> None:
 @pytest.mark.slow
 def test_quick_study_reports_every_method_budget_and_seed(tmp_path: Path) -> None:
     from benchmarks import bench_quality as bq
+    from benchmarks import quality_models as qm, quality_training as qt  # noqa: F401
     results = tmp_path / "results"
     # (g) trains 20 epochs instead of the study's 153 to keep CI short
     out = run("benchmarks/bench_quality.py", "--quick", "--seeds", "0,1", "--uniform-epochs", "20",
@@ -163,6 +164,7 @@ def test_paired_interval_and_summary_by_seed() -> None:
     """Seed-paired differences to (a) with a Student t interval: diffs 1, 2, 3 give mean 2,
     sd 1 and a half-width t(0.975, 2) / sqrt(3) = 2.484."""
     from benchmarks import bench_quality as bq
+    from benchmarks import quality_models as qm, quality_training as qt  # noqa: F401
     from benchmarks.common import paired_interval
     iv = paired_interval([1.0, 2.0, 3.0])
     assert iv["mean"] == pytest.approx(2.0) and iv["n"] == 3
@@ -187,6 +189,7 @@ def test_cached_loss_equals_the_shipped_loss_with_the_full_model() -> None:
     """The study's loss looks the dense logits up instead of running the dense model; with
     the KL on and off it equals losses.FullModelKLLoss run on the dense model itself."""
     from benchmarks import bench_quality as bq
+    from benchmarks import quality_models as qm, quality_training as qt  # noqa: F401
     from losses import DistillationLoss, FullModelKLLoss
     cfg = bq.Config(data="digits", **bq.QUICK)
     torch.manual_seed(0)
@@ -195,7 +198,7 @@ def test_cached_loss_equals_the_shipped_loss_with_the_full_model() -> None:
     with torch.no_grad():
         packed = torch.cat([y[:, None].float(), dense(x)], 1)
     for tau, per_head in ((cfg.kl_tau, False), (cfg.ft_kl_tau, True)):
-        cached = bq.CachedFullModelKL(cfg, 10, tau, per_head)
+        cached = qt.CachedFullModelKL(cfg, 10, tau, per_head)
         label = DistillationLoss(torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
                                  None, "none", 0.0, 1.0)
         shipped = FullModelKLLoss(label, dense, 1000.0, 1.0, tau, per_head=per_head)
@@ -211,22 +214,23 @@ def test_committed_dense_model_matches_its_manifest(tmp_path, monkeypatch) -> No
     """The committed DIGITS model loads for the quick recipe, and a file whose sha256 is not
     the manifest's is refused in one line."""
     from benchmarks import bench_quality as bq
+    from benchmarks import quality_models as qm, quality_training as qt  # noqa: F401
     cfg = bq.Config(data="digits", **bq.QUICK)
-    ck = bq.committed_dense("quality_quick_dense_digits.pth")
+    ck = qm.committed_dense("quality_quick_dense_digits.pth")
     assert ck is not None and ck["key"] == cfg.dense_key()
-    assert ck["plateau_gain"] < bq.PLATEAU_POINTS
-    manifest = json.loads((bq.COMMITTED / "manifest.json").read_text())
+    assert ck["plateau_gain"] < qm.PLATEAU_POINTS
+    manifest = json.loads((qm.COMMITTED / "manifest.json").read_text())
     assert "--quick" in manifest["quality_quick_dense_digits.pth"]["command"]
     for name, entry in manifest.items():  # every committed model is at most ~2 MB
-        assert entry["bytes"] == (bq.COMMITTED / name).stat().st_size <= 2_300_000
+        assert entry["bytes"] == (qm.COMMITTED / name).stat().st_size <= 2_300_000
     fake = tmp_path / "models"
     fake.mkdir()
     (fake / "manifest.json").write_text(json.dumps({"m.pth": {"sha256": "0" * 64}}))
     torch.save({"key": {}}, fake / "m.pth")
-    monkeypatch.setattr(bq, "COMMITTED", fake)
+    monkeypatch.setattr(qm, "COMMITTED", fake)
     with pytest.raises(SystemExit, match="sha256"):
-        bq.committed_dense("m.pth")
-    assert bq.committed_dense("other.pth") is None
+        qm.committed_dense("m.pth")
+    assert qm.committed_dense("other.pth") is None
 
 
 def test_a_finished_method_is_reused_not_rerun(tmp_path) -> None:
@@ -235,6 +239,7 @@ def test_a_finished_method_is_reused_not_rerun(tmp_path) -> None:
     from dataclasses import asdict
 
     from benchmarks import bench_quality as bq
+    from benchmarks import quality_models as qm, quality_training as qt  # noqa: F401
     cfg = bq.Config(data="digits", **bq.QUICK)
     s = bq.Study(cfg, None, None, 97.0, 1.0, None, None, tmp_path)
     key = {"config": asdict(cfg), "dense_top1": 97.0, "threads": 1, "seed": 2}
@@ -255,11 +260,11 @@ def test_keep_adds_to_a_result_and_runs_g_without_the_dense_weights(tmp_path,
     from dataclasses import asdict
 
     from benchmarks import bench_quality as bq
+    from benchmarks import quality_models as qm, quality_training as qt  # noqa: F401
     from benchmarks import common
     results = tmp_path / "results"
     results.mkdir()
-    for mod in (bq, common):
-        monkeypatch.setattr(mod, "RESULTS", results)
+    monkeypatch.setattr(common, "RESULTS", results)
 
     def no_dense(*a, **k):
         raise AssertionError("the dense model was asked for")
@@ -330,6 +335,7 @@ def test_dense_training_resumes_exactly_and_reports_its_plateau(tmp_path, monkey
     the per-epoch checkpoint, it ends with the weights and top-1 curve of an uninterrupted
     run, and the finished file says how much the last fifth of the epochs gained."""
     from benchmarks import bench_quality as bq
+    from benchmarks import quality_models as qm, quality_training as qt  # noqa: F401
     cfg = bq.Config(data="digits", **{**bq.QUICK, "dense_epochs": 3, "train_subset": 256})
     data = bq.load_data("digits", cfg.img_size, cfg.train_subset)
     whole = tmp_path / "whole"
@@ -347,16 +353,16 @@ def test_dense_training_resumes_exactly_and_reports_its_plateau(tmp_path, monkey
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(bq, "accuracy", stop_after_two)
+    monkeypatch.setattr(qm, "accuracy", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         bq.dense_model(cfg, data, part, {})
     assert torch.load(part / "dense_digits.partial.pth", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(bq, "accuracy", real)
+    monkeypatch.setattr(qm, "accuracy", real)
     bq.dense_model(cfg, data, part, {})
     got = torch.load(part / "dense_digits.pth", weights_only=True)
     assert got["curve"] == ref["curve"] and not (part / "dense_digits.partial.pth").exists()
     assert all(torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"])
-    assert bq.plateau_gain([50.0, 60.0, 70.0, 70.2, 70.3]) == pytest.approx(0.1)
+    assert qm.plateau_gain([50.0, 60.0, 70.0, 70.2, 70.3]) == pytest.approx(0.1)
 
 
 @pytest.mark.slow
@@ -403,6 +409,7 @@ def test_user_errors_end_in_one_line(tmp_path, monkeypatch) -> None:
     EMB the ReViT rule cannot use and a dense model too large to commit are refused with a
     message, before anything is written."""
     from benchmarks import bench_quality as bq
+    from benchmarks import quality_models as qm, quality_training as qt  # noqa: F401
     from benchmarks import bench_revit_scratch as rs
     for argv, match in ((["--seeds", "0,0"], "repeats"), (["--methods", ","], "no method"),
                         (["--budgets", "0.5,0.3"], "subset of 0.5,0.25"),
@@ -419,7 +426,7 @@ def test_user_errors_end_in_one_line(tmp_path, monkeypatch) -> None:
     cfg = bq.Config(data="digits", **bq.QUICK)
     big = tmp_path / "big.pth"
     torch.save({"key": cfg.dense_key(), "model": {"w": torch.zeros(300_000)}}, big)
-    monkeypatch.setattr(bq, "COMMITTED", tmp_path / "models")
+    monkeypatch.setattr(qm, "COMMITTED", tmp_path / "models")
     with pytest.raises(SystemExit, match="more than"):
         bq.commit_dense(big, "big.pth", "cmd", cfg.dense_key())
     assert not (tmp_path / "models" / "big.pth").exists()

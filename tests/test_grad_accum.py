@@ -123,21 +123,21 @@ def test_pruning_with_accumulation_matches_larger_batch(tmp_path, dense):
 
 
 def test_pruning_with_accumulation_resumes_exactly(tmp_path, dense, monkeypatch):
-    import nvit_prune
+    import prune_recorder
     full = _prune(dense, tmp_path / "full", 16, 2)
-    line = nvit_prune.prune_step_line
+    line = prune_recorder.prune_step_line
 
-    def stop_after_second(record, loop, args):  # Ctrl-C during prune step 2 (mid-epoch)
+    def stop_after_second(record, loop, cost):  # Ctrl-C during prune step 2 (mid-epoch)
         if record["step"] == 2:
             signal.raise_signal(signal.SIGINT)
-        return line(record, loop, args)
-    monkeypatch.setattr(nvit_prune, "prune_step_line", stop_after_second)
+        return line(record, loop, cost)
+    monkeypatch.setattr(prune_recorder, "prune_step_line", stop_after_second)
     with pytest.raises(SystemExit) as stopped:
         _prune(dense, tmp_path / "part", 16, 2)
     assert stopped.value.code == 130
     state = torch.load(tmp_path / "part" / "pruning_state.pth", weights_only=True)
     assert state["pruner"]["steps"] == 2 and state["iteration"] > 0  # mid-epoch
-    monkeypatch.setattr(nvit_prune, "prune_step_line", line)
+    monkeypatch.setattr(prune_recorder, "prune_step_line", line)
     part = _prune(dense, tmp_path / "part", 16, 2, "--resume")
     assert part == [{**r, "seconds": p["seconds"], "img_s": p["img_s"]}
                     for r, p in zip(full, part)] and len(part) == len(full)

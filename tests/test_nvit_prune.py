@@ -125,9 +125,11 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
               "--mixup", "0.5", "--pruning_exit", "--student_eval", "false"]
     full, part = tmp_path / "full", tmp_path / "part"
     run("nvit_prune.py", *common, "--output_dir", full)
+    # a state at every prune step, so the kill comes in mid-epoch: the resumed epoch's means
+    # must still cover the whole epoch (they covered the batches after the resume only)
     proc = subprocess.Popen([sys.executable, str(ROOT / "nvit_prune.py"), *map(str, common),
-                             "--output_dir", str(part)], cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--save-every", "1", "--output_dir", str(part)], cwd=ROOT,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = part / "pruning_state.pth"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -138,6 +140,7 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
     proc.wait()
     killed = torch.load(state, map_location="cpu", weights_only=True)
     assert not killed["done"], "the run finished before it could be killed"
+    assert killed["iteration"] > 0 and killed["epoch_means"]["counts"]["loss"] > 0  # mid-epoch
     run("nvit_prune.py", *common, "--output_dir", part, "--resume")
     assert masks_of(part) == masks_of(full)
 
@@ -334,6 +337,7 @@ def spy_run(monkeypatch, tmp_path, dense, *extra):
     """Run nvit_prune.main in this process, recording after every iteration the student's
     mode, whether the KL term is on and the learning rate, and the saliency's EMA."""
     import nvit_prune
+    import pruning
     from pruning import Saliency
 
     records, emas, resets = [], [], []
@@ -357,7 +361,7 @@ def spy_run(monkeypatch, tmp_path, dense, *extra):
             resets.append((len(emas), [e.clone() for e in self.ema]))
 
     monkeypatch.setattr(nvit_prune, "train_one_epoch", spy_train)
-    monkeypatch.setattr(nvit_prune, "Saliency", SpySaliency)
+    monkeypatch.setattr(pruning, "Saliency", SpySaliency)
     args = nvit_prune.get_args_parser().parse_args(
         [*map(str, FAST), *PRUNE, "--pretrained-path", str(dense), "--epochs", "2",
          "--drop-path", "0.2", "--output_dir", str(tmp_path / "o"), *extra])

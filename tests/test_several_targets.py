@@ -63,15 +63,15 @@ def test_one_compact_model_per_target_with_its_top1_and_cost(uninterrupted, dens
 
 
 def test_resume_between_targets_replays_the_run(uninterrupted, dense, tmp_path, monkeypatch):
-    import nvit_prune
+    import prune_recorder
     full, full_steps = uninterrupted
-    line = nvit_prune.prune_step_line
+    line = prune_recorder.prune_step_line
 
-    def stop_at_first_target(record, loop, args):  # Ctrl-C as the first target is reached
+    def stop_at_first_target(record, loop, cost):  # Ctrl-C as the first target is reached
         if record.get("targets_reached"):
             signal.raise_signal(signal.SIGINT)
-        return line(record, loop, args)
-    monkeypatch.setattr(nvit_prune, "prune_step_line", stop_at_first_target)
+        return line(record, loop, cost)
+    monkeypatch.setattr(prune_recorder, "prune_step_line", stop_at_first_target)
     part = tmp_path / "part"
     with pytest.raises(SystemExit) as stopped:
         prune(dense, part)
@@ -79,7 +79,7 @@ def test_resume_between_targets_replays_the_run(uninterrupted, dense, tmp_path, 
     assert not (part / "pruned_0.6.pth").exists()
     state = torch.load(part / "pruning_state.pth", weights_only=True)
     assert state["targets"] == [0.6]  # what is left to reach
-    monkeypatch.setattr(nvit_prune, "prune_step_line", line)
+    monkeypatch.setattr(prune_recorder, "prune_step_line", line)
     steps = prune(dense, part, "--resume")
     timing = ("seconds", "img_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in steps] == \

@@ -294,20 +294,20 @@ def test_prune_compact_evaluate_a_deit3_style_model(tmp_path, monkeypatch):
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert float(re.search(r"top-1 ([\d.]+)%", ev.stdout).group(1)) == pytest.approx(top1, abs=0.006)
     # Ctrl-C at the third prune step, then --resume: the same compact model, bitwise
-    import nvit_prune
-    line = nvit_prune.prune_step_line
+    import prune_recorder
+    line = prune_recorder.prune_step_line
 
-    def interrupt(record, loop, args):
+    def interrupt(record, loop, cost):
         if record["step"] == 3:
             signal.raise_signal(signal.SIGINT)
-        return line(record, loop, args)
-    monkeypatch.setattr(nvit_prune, "prune_step_line", interrupt)
+        return line(record, loop, cost)
+    monkeypatch.setattr(prune_recorder, "prune_step_line", interrupt)
     part = tmp_path / "part"
     common = [*args, *PRUNE_FLAGS, "--model", name, "--pretrained-path", ckpt, "--cost", "macs",
               "--latency_target", "0.6", "--epochs", "2", "--output_dir", part, "--pruning_exit"]
     assert run_here("nvit_prune.py", *common).returncode == 130
     assert not (part / "pruned_checkpoint.pth").exists()
-    monkeypatch.setattr(nvit_prune, "prune_step_line", line)
+    monkeypatch.setattr(prune_recorder, "prune_step_line", line)
     assert run_here("nvit_prune.py", *common, "--resume").returncode == 0
     a = torch.load(pruned, weights_only=True)["model"]
     b = torch.load(part / "pruned_checkpoint.pth", weights_only=True)["model"]

@@ -1,0 +1,177 @@
+"""Study 5: the pruning methods - the shipped pruning loop under each criterion and cost, and
+Torch-Pruning's ViT recipe (h)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import time
+import warnings
+
+import torch
+
+import engine
+import models
+from benchmarks.quality_config import BUDGETS, Config
+from benchmarks.quality_training import CPU, DistilBatches, make_optimizer, pruning_loss
+from pruning import Gates, Saliency, compact
+from pruning.cost import LatencyTable, MacsCost
+from pruning.loop import PruningLoop
+from pruning.pruner import GlobalPruner
+
+
+# ------------------------------------------------------------------------- pruning
+def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: DistilBatches,
+               cfg: Config, seed: int, table: LatencyTable | None,
+               scales: dict | None = None) -> dict:
+    """NViT's shipped loop (pruning.loop.PruningLoop over engine.train_one_epoch, the loss,
+    pace, student_eval and constant learning rate of the reference) from dense weights
+    through every budget; returns compact snapshots. (b) ranks by the latency table, lambda
+    calibrated at the first prune step (GlobalPruner.calibrate_lambda), and stops at the
+    MACs budget like every other method."""
+    torch.manual_seed(seed)
+    model = copy.deepcopy(dense).train()
+    gates = Gates.attach(model)
+    saliency = Saliency(gates, criterion, scales, 0.9, seed)  # None: reference scales
+    targets = sorted(BUDGETS, reverse=True)
+    pruner = GlobalPruner(gates, saliency, MacsCost(model.dims), targets[0], cfg.prune_per_iter,
+                          cfg.group_sizes, rank_cost=table if cost_kind == "latency" else None)
+    opt = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
+    out, t0 = {}, time.perf_counter()
+    loop = None
+
+    def on_prune(record: dict) -> None:
+        for target in record.get("targets_reached", []):
+            snap = compact(model).eval()
+            Gates.detach_from(snap)
+            out[target] = {"model": snap,
+                           "iterations": record["epoch"] * per_epoch + record["iteration"],
+                           "steps": pruner.steps, "lambda": pruner.latency_lambda,
+                           "stuck": loop.stuck, "seconds": time.perf_counter() - t0}
+            print(f"  {criterion}+{cost_kind}: {target:.2f} reached after {pruner.steps} "
+                  f"steps, MACs ratio {record['ratio']:.3f}"
+                  f"{' (STUCK at minimum widths)' if loop.stuck else ''} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    per_epoch = batches.per_epoch()
+    loop = PruningLoop(model, gates, saliency, pruner, pruning_loss(cfg, model.dims.num_classes),
+                       opt, interval=cfg.interval, iters_per_epoch=per_epoch,
+                       student_eval=cfg.student_eval, on_prune=on_prune,
+                       later_targets=targets[1:],
+                       lambda_weight=cfg.latency_weight if cost_kind == "latency" else None)
+    max_epochs = math.ceil(200 * cfg.interval / per_epoch)  # 200 prune steps at most
+    for epoch in range(max_epochs):
+        if loop.done:
+            break
+        loop.set_phase()  # as nvit_prune.py, before every epoch
+        batch_list = [batches.next() for _ in range(per_epoch)]
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine.train_one_epoch(model, loop.criterion, batch_list, opt, CPU, epoch,
+                                   print_freq=10**9, **loop.hooks(epoch))
+    return out
+
+
+# ------------------------------------------------------------------ Torch-Pruning
+def _sync_timm_heads(vit, pruner) -> None:
+    """After a Torch-Pruning step the attention modules must learn their new head count."""
+    from timm.models.vision_transformer import Attention
+    for m in vit.modules():
+        if isinstance(m, Attention):
+            m.num_heads = pruner.num_heads[m.qkv]
+            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+            m.attn_dim = m.num_heads * m.head_dim
+
+
+def _skip_headless_steps(pruner) -> None:
+    """Work around a Torch-Pruning 1.6.0 bug in global head pruning.
+
+    When a step's scheduled head ratio removes no further head, `_prune` reads an unset
+    `head_thres` (UnboundLocalError). Such steps get head ratio 0 instead (no head scope at
+    all, which TP handles); the steps that do remove heads keep their scheduled ratio, so the
+    head schedule is unchanged.
+    """
+    total = pruner.initial_total_heads
+    ratios = list(pruner.per_step_head_pruning_ratio)
+    removed = 0
+    for k in range(1, len(ratios)):
+        wanted = total - int(total * (1 - ratios[k]))
+        if wanted > removed:
+            removed = wanted
+        else:
+            ratios[k] = 0.0
+    pruner.per_step_head_pruning_ratio = ratios
+
+
+def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config,
+                        seed: int) -> dict:
+    """Torch-Pruning's documented ViT recipe, iterative, with the same loss between steps as
+    ours (the label loss, then the KL term too from the first step on, student in train mode).
+
+    MetaPruner + GroupTaylorImportance, global_pruning with isomorphic scopes, whole heads
+    removed (prune_num_heads, head_pruning_ratio) and the embedding, MLP hidden widths;
+    the classifier is ignored. Taylor scores use the gradient averaged over the batches
+    since the last step. Steps continue until the MACs ratio of the converted model is at or
+    below each budget; the optimizer is rebuilt after each step (parameters are replaced).
+    """
+    import torch_pruning as tp
+    from timm.models.vision_transformer import Attention
+
+    from models.timm_vit import (
+        load_nvit,
+        nvit_to_timm_vit,
+        timm_vit_dims,
+        timm_vit_to_nvit,
+    )
+
+    torch.manual_seed(seed)
+    vit = nvit_to_timm_vit(dense).train()
+    loss = pruning_loss(cfg, dense.dims.num_classes)
+    macs = MacsCost(dense.dims)
+    dense_cost = macs.total(dense.dims)
+    num_heads = {m.qkv: m.num_heads for m in vit.modules() if isinstance(m, Attention)}
+    example = torch.randn(1, 3, cfg.img_size, cfg.img_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            vit, example, importance=tp.importance.GroupTaylorImportance(), global_pruning=True,
+            isomorphic=True, pruning_ratio=cfg.tp_ratio, iterative_steps=cfg.tp_steps,
+            ignored_layers=[vit.head], num_heads=num_heads, prune_num_heads=True,
+            prune_head_dims=False, head_pruning_ratio=cfg.tp_head_ratio, round_to=2)
+    _skip_headless_steps(pruner)
+    targets = sorted(BUDGETS, reverse=True)
+    out, it, t0 = {}, 0, time.perf_counter()
+    for step in range(cfg.tp_steps):
+        opt = make_optimizer(vit, cfg.prune_lr, cfg.weight_decay)
+        params = [p for p in vit.parameters() if p.requires_grad]
+        acc = [torch.zeros_like(p) for p in params]
+
+        def accumulate(grad_scale: float) -> None:  # the gradient Taylor scores read
+            for a, p in zip(acc, params):
+                if p.grad is not None:
+                    a += p.grad
+        loss.kl_enabled = step > 0
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine.train_one_epoch(vit, loss, [batches.next() for _ in range(cfg.interval)],
+                                   opt, CPU, step, print_freq=10**9, after_backward=accumulate)
+        it += cfg.interval
+        for a, p in zip(acc, params):
+            p.grad = a / cfg.interval
+        pruner.step()
+        _sync_timm_heads(vit, pruner)
+        vit.zero_grad(set_to_none=True)
+        ratio = macs.total(timm_vit_dims(vit)) / dense_cost
+        while targets and ratio <= targets[0]:
+            snap = load_nvit(*timm_vit_to_nvit(vit.eval())).eval()
+            vit.train()
+            out[targets[0]] = {"model": snap, "iterations": it, "steps": step + 1,
+                               "seconds": time.perf_counter() - t0}
+            print(f"  torch-pruning: {targets[0]:.2f} reached after {step + 1} steps / {it} "
+                  f"iterations, MACs ratio {ratio:.3f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+            targets.pop(0)
+        if not targets:
+            break
+    if targets:
+        print(f"  torch-pruning: budgets {targets} not reached in {cfg.tp_steps} steps")
+    return out
