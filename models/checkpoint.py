@@ -49,6 +49,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         except Exception as e:
             raise UserError(_refusal(path, e) or
                             f"could not fetch checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a checkpoint file (give the .pth or "
+                        f".safetensors file in it)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):

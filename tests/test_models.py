@@ -355,6 +355,8 @@ def test_checkpoint_errors(tmp_path):
         build_model(NAME, checkpoint=corrupt)
     with pytest.raises(UserError, match="checkpoint not found"):
         build_model(NAME, checkpoint=tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="is a folder, not a checkpoint file"):
+        build_model(NAME, checkpoint=tmp_path)  # --pretrained-path DIR said "not found"
     # a timm state dict whose shapes do not fit the named model's heads / our frame
     ref = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
     torch.save(ref.state_dict(), tmp_path / "timm.pth")
