@@ -1,7 +1,7 @@
 """Command-line flags, in groups that each entry script assembles.
 
 Each script's --help lists exactly the flags it honours. Flag names and defaults are DeiT's
-(and the NViT reference's) unless the README's "Differences from the reference" says
+(and the NViT reference's) unless docs/differences.md says
 otherwise. `FLAG_OF_FIELD` is the one place where a field named by the library (models/,
 pruning/) in an error is mapped to the flag that sets it.
 """
@@ -317,7 +317,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist-timeout", default=30, type=POSITIVE,
                    help="minutes a collective waits for a process before the run fails (an "
                         "out-of-memory error on one GPU leaves the others waiting this long; "
-                        "under srun add --kill-on-bad-exit=1, see README)")
+                        "under srun add --kill-on-bad-exit=1, see docs/training.md)")
     g.add_argument("--local_rank", "--local-rank", default=0, type=int,
                    help="set by torch.distributed.launch without --use_env")
 

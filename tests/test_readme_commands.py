@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import shlex
 
+import pytest
+
 
 import flags
 import nvit_prune
@@ -109,3 +111,64 @@ def test_the_lock_pins_every_requirement_within_its_range():
         pinned = pins.get(canonicalize_name(req.name))
         assert pinned is not None, f"{req.name} is not pinned in requirements-lock.txt"
         assert req.specifier.contains(pinned, prereleases=True), f"{req.name}=={pinned} not in {req}"
+
+
+# ------------------------------------------------------------------ every page's commands
+PAGES = ["README.md", "ARCHITECTURE.md", "benchmarks/README.md",
+         *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+LAUNCHERS = {"torchrun", "srun"}
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _program(words: list[str]) -> tuple[str, list[str]] | None:
+    """(module or script, its arguments) of a command that runs one of ours, else None."""
+    for i, w in enumerate(words):
+        if w.endswith(".py") and (ROOT / w).is_file() and not w.startswith("tests/"):
+            return w.removesuffix(".py").replace("/", "."), words[i + 1:]
+        if w == "-m" and i + 1 < len(words) and words[i + 1].startswith(("tools.", "benchmarks.")):
+            return words[i + 1], words[i + 2:]
+    return None
+
+
+def page_commands() -> list[tuple[str, str, list[str]]]:
+    """(page, program, arguments) of every command of ours in every page's bash blocks."""
+    out = []
+    for page in PAGES:
+        for block in re.findall(r"```bash\n(.*?)```", (ROOT / page).read_text(), re.S):
+            for words in _commands(block):
+                found = _program(words)
+                if found and "..." not in found[1] and "bench_X" not in found[0]:
+                    out.append((page, *found))
+    return out
+
+
+def test_every_page_has_its_commands_checked():
+    pages = {page for page, _, _ in page_commands()}
+    assert {"README.md", "docs/timm_family.md", "benchmarks/README.md"} <= pages
+    programs = {program for _, program, _ in page_commands()}
+    assert {"revit_scratch", "nvit_prune", "tools.build_latency_table", "tools.export"} <= programs
+
+
+@pytest.mark.parametrize("page,program,argv", page_commands(),
+                         ids=[f"{p}:{m}:{i}" for i, (p, m, _) in enumerate(page_commands())])
+def test_every_command_in_every_page_parses(page, program, argv, monkeypatch):
+    """The command's flags parse as its page writes them (with -c files read from the
+    repository); nothing runs."""
+    import argparse
+    import importlib
+    monkeypatch.chdir(ROOT)
+    module = importlib.import_module(program)
+    if hasattr(module, "get_args_parser"):
+        module.get_args_parser().parse_args(argv)
+        return
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise _Parsed(real(self, args, namespace))
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr("sys.argv", [program, *argv])
+    with pytest.raises(_Parsed):
+        module.parse_args(argv) if hasattr(module, "parse_args") else module.main()
