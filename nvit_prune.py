@@ -7,7 +7,7 @@
 
 The flags mean what they meant in the NViT reference's main_full_global_latency.py. The
 weights train on original_loss_coeff * DeiT loss, plus, from the first prune step on,
-kl_loss_coeff * KL(student || frozen full model) at --kl-tau; with --student_eval the
+kl_loss_coeff * KL(frozen full model || student) at --kl-tau; with --student_eval the
 student trains in eval mode from that step, and the saliency EMA restarts there. The
 learning rate stays at its first value. Every --interval_prune iterations (optimizer
 steps, of --grad-accum-steps batches each) a prune step removes --prune_per_iter //

@@ -4,7 +4,7 @@
 
 Three copies of one distilled model with the same weights, each with its own optimizer
 (builders.build_optimizer: timm AdamW), the same batches and the same loss
-(builders.build_criterion: kl_loss_coeff * KL(student || frozen full model) + DeiT loss;
+(builders.build_criterion: kl_loss_coeff * KL(frozen full model || student) + DeiT loss;
 distillation type "none", so the DeiT loss is label-smoothed CE on both heads and no CNN
 teacher runs). Every variant runs the shipped `engine.train_one_epoch` over the same few
 batches, timed interleaved, in fp32 and under bf16 autocast (--amp on the CPU):

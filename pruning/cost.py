@@ -111,6 +111,7 @@ class ParamsCost(CostModel):
         _need_frame(dims, "ParamsCost")
         self.qkv_bias = dims.family("qkv_bias")
         self.layer_scale = bool(dims.family("layer_scale"))
+        self.token_scales = dims.num_tokens if dims.token_scale else 0  # one per token, unpruned
 
     def block(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
               mlp_dim: int) -> float:
@@ -119,7 +120,7 @@ class ParamsCost(CostModel):
         attention = E * (2 * qk + v) + self.qkv_bias * (2 * qk + v) + (v * E + E)
         mlp = (E * M + M) + (M * E + E)
         gammas = 2 * E * self.layer_scale
-        return float(norms + attention + mlp + gammas)
+        return float(norms + attention + mlp + gammas + self.token_scales)
 
     def stem(self, dims: Dims, embed_dim: int) -> float:
         _need_frame(dims, "ParamsCost")

@@ -54,9 +54,11 @@ def test_macs_equal_flop_counter_when_qk_equals_v() -> None:
     assert MacsCost(dims).total(dims) == count_macs(model)[0]
 
 
+@pytest.mark.parametrize("token_scale", [False, True])
 @pytest.mark.parametrize("patch,distilled", FRAMES)
-def test_params_equal_numel(patch: int, distilled: bool) -> None:
-    dims = odd_dims(patch, distilled)
+def test_params_equal_numel(patch: int, distilled: bool, token_scale: bool) -> None:
+    """Exact, the token scales (one per token per block, an nvit_prune.py student's) included."""
+    dims = dataclasses.replace(odd_dims(patch, distilled), token_scale=token_scale)
     model = ReViT(dims)
     assert ParamsCost(dims).total(dims) == sum(p.numel() for p in model.parameters())
 
