@@ -62,7 +62,8 @@ from benchmarks.quality_config import BUDGETS, Config, FULL, METHODS, QUICK, REF
 from benchmarks.quality_data import Data, cifar_dir, load_data  # noqa: E402
 from benchmarks.quality_methods import prune_ours, prune_torch_pruning  # noqa: E402
 from benchmarks.quality_models import commit_dense, dense_model, latency_table, train_resumable  # noqa: E402
-from benchmarks.quality_report import describe, dims_text, latency_vs_dense, report, summarise  # noqa: E402
+from benchmarks.quality_report import (describe, dims_text, latency_vs_dense,  # noqa: E402
+                                        measured_where, report, summarise)
 from benchmarks.quality_training import DistilBatches, TeacherCache, accuracy, finetune  # noqa: E402
 from models.flops import count_macs  # noqa: E402
 from pruning.gates import widths_to_dims  # noqa: E402
@@ -191,6 +192,9 @@ def run_method(s: Study, method: str, seed: int, threads: int, tag: str = "",
     else:
         rows = uniform_scratch(s, seed, budgets)
     seconds = time.perf_counter() - t0
+    env = common.environment()  # each row keeps where and when it was measured
+    for r in rows:
+        r["environment"] = {k: env[k] for k in ("date", "cpu", "threads", "torch", "timm")}
     write_text_atomic(done, json.dumps({"key": key, "rows": rows, "seconds": seconds}))
     return rows, seconds
 
@@ -285,6 +289,24 @@ def result_to_keep(study: str, cfg: Config, threads: int) -> dict:
     return old
 
 
+def report_again(study: str) -> None:
+    """The report of a written result, rebuilt from its rows (after the report changed)."""
+    path = common.RESULTS / f"{study}.json"
+    if not path.is_file():
+        raise SystemExit(f"--report-only: no result at {path}")
+    old = json.loads(path.read_text())
+    cfg = Config(**old["config"])
+    dense = models.ReViT(models.Dims.from_dict(old["dense"]["dims"])).eval()
+    rows = old["rows"]
+    summary = summarise(rows)
+    md = report(rows, summary, cfg, dense, old["dense"]["top1"], old["dense"]["macs"],
+                old["times_s"], old["n_val"], study)
+    data = {k: v for k, v in old.items() if k != "study"}
+    written = write_results(study, {**data, "summary": summary}, md, where=measured_where(rows))
+    print(md)
+    print(f"wrote {written}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=["cifar10", "digits"], default=None)
@@ -316,11 +338,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-dense", action="store_true",
                    help="copy the trained dense model into benchmarks/models/ with its "
                         "manifest entry (sha256, this command), to be committed")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report (Markdown, plots) again from the written result's "
+                        "rows, measuring nothing")
     args = p.parse_args(argv)
     command = "python -m benchmarks.bench_quality " + " ".join(
         argv if argv is not None else sys.argv[1:])
     if args.results_dir:
         common.RESULTS = Path(args.results_dir)
+    if args.report_only:
+        report_again("quality_quick" if args.quick else "quality")
+        return
     methods = [m for m in args.methods.split(",") if m]
     if not methods:
         raise SystemExit("--methods names no method; known: " + ", ".join(METHODS))
@@ -414,8 +442,10 @@ def main(argv: list[str] | None = None) -> None:
     # (g) trains from scratch: with the dense top-1 on record, it needs only the dense shape
     needs_dense = (old is None or args.save_dense
                    or any(method != "uniform_scratch" for _, method in todo))
+    dense_record = {k: v for k, v in (old or {}).get("dense", {}).items()
+                    if k in ("sha256", "curve", "plateau_gain", "train_seconds")}
     if needs_dense:
-        dense, dense_top1 = dense_model(cfg, data, work, times, committed_name)
+        dense, dense_top1, dense_record = dense_model(cfg, data, work, times, committed_name)
         if old is not None and old["dense"]["top1"] != dense_top1:
             raise SystemExit(f"--keep: the result's dense model had top-1 "
                              f"{old['dense']['top1']}%, this one {dense_top1}%: its rows do not "
@@ -443,7 +473,8 @@ def main(argv: list[str] | None = None) -> None:
         times["total_s"] = time.perf_counter() - t_start
         name = study.replace("quality", "quality_lambda")
         path = write_results(name, {"config": asdict(cfg), "data": data_kind, "seeds": seeds,
-                                    "weights": weights, "dense_top1": dense_top1, "rows": rows,
+                                    "weights": weights, "dense_top1": dense_top1,
+                                    "dense_sha256": dense_record.get("sha256"), "rows": rows,
                                     "reference_rows": list(base.values()),
                                     "times_s": times}, lambda_report(rows, base, cfg))
         print(path.read_text())
@@ -469,13 +500,13 @@ def main(argv: list[str] | None = None) -> None:
               "n_val": len(data.x_val), "seeds": seeds,
               "dense": {"top1": dense_top1, "macs": s.dense_macs,
                         "params": sum(p.numel() for p in dense.parameters()),
-                        "dims": dense.dims.to_dict()},
+                        "dims": dense.dims.to_dict(), **dense_record},
               "methods": {k: v[1] for k, v in METHODS.items()}, "budgets": list(BUDGETS),
               "summary": summary, "rows": rows, "times_s": times}
     if old is not None:  # where and in how long the kept rows were measured
         result["earlier_runs"] = old.get("earlier_runs", []) + [
             {"environment": old["environment"], "times_s": old["times_s"]}]
-    path = write_results(study, result, md)
+    path = write_results(study, result, md, where=measured_where(rows))
     print(md)
     print(f"wrote {path}")
 

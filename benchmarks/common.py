@@ -93,13 +93,15 @@ def ratio_stats(numerator: list[float], denominator: list[float]) -> dict:
     return {"median": statistics.median(ratios), "p25": q[0], "p75": q[2], "n": len(ratios)}
 
 
-def write_results(study: str, data: dict, table_md: str) -> Path:
-    """Write RESULTS/<study>.json and .md (atomically); returns the Markdown path."""
+def write_results(study: str, data: dict, table_md: str, where: str | None = None) -> Path:
+    """Write RESULTS/<study>.json and .md (atomically); returns the Markdown path. `where`:
+    the .md's line on where the figures were measured, when not all in this run."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"study": study, "environment": environment(), **data}
     env = payload["environment"]
     header = (f"# {study}\n\n{env['date']} - torch {env['torch']}, timm {env['timm']}, "
-              f"{env['cpu']}, {env['threads']} threads\n\n")
+              f"{env['cpu']}, {env['threads']} threads\n\n" if where is None else
+              f"# {study}\n\n{where}\n\n")
     for suffix, text in ((".json", json.dumps(payload, indent=1)), (".md", header + table_md + "\n")):
         write_text_atomic(RESULTS / f"{study}{suffix}", text)
     return RESULTS / f"{study}.md"
@@ -173,6 +175,24 @@ def paired_interval(diffs: list[float]) -> dict | None:
     from scipy.stats import t
     half = float(t.ppf(0.5 + T_LEVEL / 2, n - 1)) * statistics.stdev(diffs) / math.sqrt(n)
     return {"mean": m, "lo": m - half, "hi": m + half, "n": n}
+
+
+def welch_interval(a: list[float], b: list[float]) -> dict | None:
+    """Difference of the means of two independent samples (mean(a) - mean(b)) with a
+    two-sided T_LEVEL Welch t interval (unequal variances, Welch-Satterthwaite degrees of
+    freedom); for runs that share a seed number but nothing else, so cannot be paired."""
+    if not a or not b:
+        return None
+    m = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return {"mean": m, "lo": None, "hi": None, "n": len(a), "paired": False}
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return {"mean": m, "lo": m, "hi": m, "n": len(a), "paired": False}
+    from scipy.stats import t
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = float(t.ppf(0.5 + T_LEVEL / 2, df)) * math.sqrt(va + vb)
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": len(a), "paired": False}
 
 
 def pm(stat: dict | None, digits: int = 2) -> str:

@@ -21,6 +21,9 @@ METHODS = {  # key: (label, description); the labels are the issue's, (a) is the
     "torch_pruning": ("(h)", "Torch-Pruning (isomorphic, group Taylor)"),
 }
 REFERENCE = "hessian_macs"  # every other method is compared with this one, seed by seed
+# ... except these: trained from scratch, a run shares only its seed number with (a)'s (not
+# the dense model, nor the batch order), so it is compared by an unpaired (Welch) interval
+UNPAIRED = ("uniform_scratch",)
 # The reference's commands pass --kl_loss_coeff 100000 on ImageNet's 1000 classes; the KL is an
 # element-wise mean over batch x classes, so the same weight relative to the label loss here is
 # 100000 x classes / 1000 (100x the batch-mean KL whatever the class count).

@@ -143,16 +143,18 @@ def commit_dense(trained: Path, name: str, command: str, key: dict) -> None:
 
 
 def dense_model(cfg: Config, data: Data, work: Path, times: dict,
-                committed_name: str | None = None) -> tuple[models.ReViT, float]:
+                committed_name: str | None = None) -> tuple[models.ReViT, float, dict]:
     """The dense model: the committed file `committed_name` when its recipe matches, else the
     work dir's `dense_<data>.pth`, else trained now (resumably, by `train_resumable`) until
     cfg.dense_epochs; the file keeps its top-1 curve and `plateau_gain` (converged when below
-    PLATEAU_POINTS)."""
+    PLATEAU_POINTS). Returns (model, top-1, record): the record (the file's sha256, its top-1
+    curve, plateau gain and training seconds) goes into every result that uses the model."""
     key = cfg.dense_key()
     epochs = int(cfg.dense_epochs)
     if epochs != cfg.dense_epochs:
         raise SystemExit(f"dense_epochs must be whole epochs, got {cfg.dense_epochs}")
     ck, where = (committed_dense(committed_name) if committed_name else None), "committed"
+    path = COMMITTED / committed_name if committed_name else None
     if ck is None or ck.get("key") != key:
         where = f"{work}"
         path = work / f"dense_{cfg.data}.pth"
@@ -166,7 +168,10 @@ def dense_model(cfg: Config, data: Data, work: Path, times: dict,
     print(f"dense model ({where}): top-1 {ck['top1']:.2f}% after {len(ck['curve'])} epochs "
           f"({ck['seconds']:.0f} s of training); the last fifth gained {gain:.2f} points "
           f"({'converged' if gain < PLATEAU_POINTS else 'NOT converged'})")
-    return model.eval(), ck["top1"]
+    import hashlib
+    record = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "curve": ck["curve"],
+              "plateau_gain": gain, "train_seconds": ck["seconds"]}
+    return model.eval(), ck["top1"], record
 
 
 def latency_table(cfg: Config, work: Path, num_tokens: int, times: dict) -> LatencyTable:

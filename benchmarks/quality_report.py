@@ -10,8 +10,8 @@ import torch
 import models
 from benchmarks import common
 from benchmarks.common import (ROOT, T_LEVEL, interleaved, interval_text, md_table,
-                               mean_sd, paired_interval, pm, ratio_stats)
-from benchmarks.quality_config import BUDGETS, Config, METHODS, REFERENCE
+                               mean_sd, paired_interval, welch_interval, pm, ratio_stats)
+from benchmarks.quality_config import BUDGETS, Config, METHODS, REFERENCE, UNPAIRED
 from models.flops import count_macs
 
 
@@ -47,7 +47,8 @@ def dims_text(d: dict) -> str:
 # ------------------------------------------------------------------------ statistics
 def summarise(rows: list[dict]) -> list[dict]:
     """Per method and budget over the seeds: mean +- sd of every figure, and the difference
-    to the reference method (a) paired by seed, after pruning and after finetuning."""
+    to the reference method (a) paired by seed, after pruning and after finetuning (for the
+    UNPAIRED methods, a Welch interval of the finetuned top-1)."""
     by = {(r["method"], r["budget"], r["seed"]): r for r in rows}
     out = []
     for budget in BUDGETS:
@@ -62,7 +63,13 @@ def summarise(rows: list[dict]) -> list[dict]:
                 s[f] = mean_sd([r[f] for r in rs])
             for b in ("b1", "b32"):
                 s[f"latency_{b}"] = mean_sd([r["latency"][b]["median"] for r in rs])
-            if method != REFERENCE:
+            if method in UNPAIRED:
+                ref = [r["top1_finetuned"] for r in rows
+                       if r["method"] == REFERENCE and r["budget"] == budget]
+                s["top1_finetuned_vs_reference"] = welch_interval(
+                    [r["top1_finetuned"] for r in rs], ref)
+                s["top1_pruned_vs_reference"] = None
+            elif method != REFERENCE:
                 for f in ("top1_pruned", "top1_finetuned"):
                     pairs = [(r[f], by[(REFERENCE, budget, r["seed"])][f]) for r in rs
                              if (REFERENCE, budget, r["seed"]) in by]
@@ -107,9 +114,11 @@ def findings(summary: list[dict], dense_top1: float, n_val: int) -> str:
                 verdict = f"loses to {ref_label}"
             else:
                 verdict = f"not separated from {ref_label}"
+            how = (f"{iv['n']} paired seeds" if iv.get("paired", True) else
+                   f"{iv['n']} and {len(ref['seeds'])} seeds, unpaired (Welch)")
             lines.append(f"  - {name}: {verdict} (finetuned top-1 difference "
                          f"{interval_text(iv)} points, {int(T_LEVEL * 100)}% interval over "
-                         f"{iv['n']} paired seeds).")
+                         f"{how}).")
         lat = next((s for s in cands if s["method"] == "hessian_latency"), None)
         if lat is not None:
             lines.append(f"  - latency-table ranking (b) vs MACs ranking {ref_label} at batch 32: "
@@ -153,6 +162,21 @@ def plot(summary: list[dict], dense_top1: float, study: str) -> list[str]:
     return paths
 
 
+def run_of(row: dict) -> str:
+    """Where and when a row was measured (rows written before this was recorded: unknown)."""
+    env = row.get("environment")
+    return "unrecorded" if env is None else f"{env['cpu']}, {env['date'][:10]}"
+
+
+def measured_where(rows: list[dict]) -> str:
+    """The result's line on where its rows were measured: one machine and day, or each with
+    its row count when they differ."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[run_of(r)] = counts.get(run_of(r), 0) + 1
+    return "Measured on " + "; ".join(f"{where} ({n} rows)" for where, n in counts.items()) + "."
+
+
 def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReViT,
            dense_top1: float, dense_macs: float, times: dict, n_val: int, study: str) -> str:
     ref_label = METHODS[REFERENCE][0]
@@ -169,10 +193,12 @@ def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReV
                       interval_text(s.get("top1_pruned_vs_reference")),
                       f"{s['params']['mean']:,.0f}", pm(s["macs_ratio"], 3),
                       pm(s["latency_b1"]), pm(s["latency_b32"]), dims_text(s["dims_first_seed"])])
+    several = len({run_of(r) for r in rows}) > 1  # rows measured on several machines or days
     runs = [[f"{r['label']}", f"{r['budget']:.2f}", r["seed"],
              "-" if r["top1_pruned"] is None else f"{r['top1_pruned']:.2f}",
              f"{r['top1_finetuned']:.2f}", f"{r['macs_ratio']:.3f}",
              f"{r['latency']['b32']['median']:.2f}", dims_text(r["dims"])]
+            + ([run_of(r)] if several else [])
             for r in sorted(rows, key=lambda r: (-r["budget"], list(METHODS).index(r["method"]),
                                                  r["seed"]))]
     design = (
@@ -200,12 +226,15 @@ def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReV
         f"recipe from scratch for {cfg.scratch_epochs()} epochs (dense + finetune epochs). "
         f"Seeds order the pruning and finetune batches, draw (f)'s scores and initialise (g); "
         f"the dense model is one (seed {cfg.seed}). Intervals: Student t over the seed-paired "
-        f"differences. Latency = model / dense time, median of interleaved pairs, on this CPU.")
+        f"differences; (g), which shares only a seed number with (a), Welch's unpaired "
+        f"interval. Latency = model / dense time, median of interleaved pairs, on the CPU of "
+        f"the row's run.")
     part_times = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items())
     return (md_table(headers, table) + "\n\n## Findings\n\n"
             + findings(summary, dense_top1, n_val)
             + "\n\n## Every run\n\n"
             + md_table(["method", "budget", "seed", "top-1 pruned", "top-1 finetuned",
-                        "MACs ratio", "latency/dense b32", "dims"], runs)
+                        "MACs ratio", "latency/dense b32", "dims"]
+                       + (["measured on"] if several else []), runs)
             + "\n\n## Design\n\n" + design + "\n\n## Time per part\n\n" + part_times
             + f"\n\nPlots: {', '.join(plot(summary, dense_top1, study))}")

@@ -153,7 +153,14 @@ def test_quick_study_reports_every_method_budget_and_seed(tmp_path: Path) -> Non
         assert iv["n"] == 2 and iv["mean"] == pytest.approx((finals[0] - ref[0] + finals[1] - ref[1]) / 2)
         assert iv["lo"] <= iv["mean"] <= iv["hi"]
     assert data["dense"]["top1"] > 90  # the committed converged model
+    manifest = json.loads((qm.COMMITTED / "manifest.json").read_text())
+    assert data["dense"]["sha256"] == manifest["quality_quick_dense_digits.pth"]["sha256"]
+    assert data["dense"]["plateau_gain"] < qm.PLATEAU_POINTS
+    env = data["environment"]  # every row says where and when it was measured
+    assert all(r["environment"]["cpu"] == env["cpu"] for r in data["rows"])
     md = (results / "quality_quick.md").read_text()
+    assert md.startswith(f"# quality_quick\n\nMeasured on {env['cpu']}, {env['date'][:10]} "
+                         f"({len(data['rows'])} rows).")
     assert "## Findings" in md and "best mean is" in md and "## Every run" in md
     for name in ("quality_quick_macs.png", "quality_quick_latency.png"):
         assert (results / name).stat().st_size > 1000
@@ -183,6 +190,16 @@ def test_paired_interval_and_summary_by_seed() -> None:
     iv = s["taylor_macs"]["top1_finetuned_vs_reference"]  # pairs by seed: -2 and -1
     assert iv["mean"] == pytest.approx(-1.5) and iv["n"] == 2
     assert s["taylor_macs"]["top1_pruned_vs_reference"]["mean"] == pytest.approx(-1.5)
+    # (g) shares only a seed number with (a): compared by Welch's unpaired interval, which
+    # scipy's own Welch test gives too
+    from scipy.stats import ttest_ind
+    rows += [row("uniform_scratch", 0, 74.0), row("uniform_scratch", 1, 73.0)]
+    g = {x["method"]: x for x in bq.summarise(rows)}["uniform_scratch"]
+    iv = g["top1_finetuned_vs_reference"]
+    ci = ttest_ind([74.0, 73.0], [70.0, 72.0], equal_var=False).confidence_interval(0.95)
+    assert not iv["paired"] and iv["mean"] == pytest.approx(2.5)
+    assert (iv["lo"], iv["hi"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert g["top1_pruned_vs_reference"] is None
 
 
 def test_cached_loss_equals_the_shipped_loss_with_the_full_model() -> None:
@@ -318,7 +335,7 @@ def test_keep_adds_to_a_result_and_runs_g_without_the_dense_weights(tmp_path,
         with pytest.raises(AssertionError, match="dense model was asked for"):  # (a) seed 1
             bq.main(["--methods", "hessian_macs", "--seeds", "0,1", "--keep", *common_args])
         monkeypatch.setattr(bq, "dense_model",
-                            lambda *a, **k: (models.ReViT(cfg.dims()).eval(), 90.0))
+                            lambda *a, **k: (models.ReViT(cfg.dims()).eval(), 90.0, {}))
         refused = (([], "top-1 96.5%, this one 90.0%"), (["--threads", "2"], "--threads 1"),
                    (["--uniform-epochs", "2"], "differs in uniform_epochs"))
         for extra, match in refused:
