@@ -131,6 +131,9 @@ def test_feature_extraction_by_fx_matches_forward_intermediates(model):
         _, maps = model.forward_intermediates(x, indices=[0, 2], output_fmt="NLC")
     n = model.num_prefix_tokens
     assert torch.equal(feats["b0"][:, n:], maps[0]) and torch.equal(feats["b2"][:, n:], maps[1])
+    from timm.models import create_feature_extractor as timm_extractor  # timm's FX wrapper
+    feats = _eager(timm_extractor(model, return_nodes={"blocks.2": "b2"}), x)
+    assert torch.equal(feats["b2"][:, n:], maps[1])
 
 
 def test_cfg_describes_the_model(model):
