@@ -303,6 +303,8 @@ def main(args) -> None:
     recorder.open()  # on resume from the state: a kill after the state lost nothing
     if not resume:
         recorder.dense_scored(score())
+    elif recorder.unfinished_epoch() is not None:  # killed between its last step and its end
+        recorder.epoch_ended(recorder.unfinished_epoch(), recorder.epoch_means.averages(), score())
 
     # Ctrl-C / SIGTERM: every rank stops after the next step, the state is saved (--resume)
     previous = {s: signal.signal(s, loop.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -99,6 +99,15 @@ class PruneRecorder:
         self.top1_dense = stats["acc1"]
         print(f"before pruning: top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%")
 
+    def unfinished_epoch(self) -> int | None:
+        """An epoch whose every step ran but whose end (evaluation, record) did not: a state
+        saved at a prune step in the epoch's last iteration, then a kill. Its running sums
+        are in the state; the resumed run ends it before going on."""
+        epoch = self.loop.epoch - 1
+        if self.loop.iteration or epoch < 0 or not self.epoch_means.counts:
+            return None
+        return None if any(r["epoch"] == epoch for r in self.epochs) else epoch
+
     def epoch_started(self, resumed_in_it: bool) -> None:
         if not resumed_in_it:
             self.epoch_means.reset()

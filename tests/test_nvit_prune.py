@@ -211,6 +211,38 @@ def test_torchrun_ranks_agree(tmp_path, dense, family):
     assert (tmp_path / "o" / "pruned_checkpoint.pth").is_file()
 
 
+def test_a_kill_between_an_epochs_last_step_and_its_end_loses_no_record(tmp_path, dense,
+                                                                         monkeypatch):
+    """A prune step in an epoch's last iteration saves the state (at epoch 1, iteration 0);
+    a kill before the epoch's evaluation left that epoch without its log line for good. The
+    resumed run ends the epoch first (its running sums are in the state), so its log.txt
+    equals an uninterrupted run's but for timings."""
+    import prune_recorder
+    common = [*FAST, *PRUNE, "--pretrained-path", dense, "--epochs", "2", "--interval_prune",
+              "19", "--latency_target", "0", "--save-every", "1",
+              "--student_eval", "false"]  # 20 steps an epoch: a prune step in its last one
+    assert run_here("nvit_prune.py", *common, "--output_dir", tmp_path / "full").returncode == 0
+    ended = prune_recorder.PruneRecorder.epoch_ended
+
+    def killed(self, *a, **k):
+        raise KeyboardInterrupt  # the process dies before the epoch's end is recorded
+    monkeypatch.setattr(prune_recorder.PruneRecorder, "epoch_ended", killed)
+    part = tmp_path / "part"
+    assert run_here("nvit_prune.py", *common, "--output_dir", part).returncode == 130
+    state = torch.load(part / "pruning_state.pth", weights_only=True)
+    assert (state["epoch"], state["iteration"]) == (1, 0) and not state["epoch_log"]
+    monkeypatch.setattr(prune_recorder.PruneRecorder, "epoch_ended", ended)
+    assert run_here("nvit_prune.py", *common, "--output_dir", part, "--resume").returncode == 0
+
+    def logged(folder):
+        timing = {"seconds", "img_s", "train_epoch_time"}
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (folder / "log.txt").read_text().splitlines()
+                if json.loads(line)["kind"] != "speed"]
+    assert [r["kind"] for r in logged(part)].count("epoch") == 2
+    assert logged(part) == logged(tmp_path / "full")
+
+
 def _worker_pid(launcher: int, rank: int) -> int | None:
     """The pid of torchrun's worker process of this RANK (a child of the launcher)."""
     from pathlib import Path
