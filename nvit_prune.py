@@ -343,7 +343,8 @@ def main(args) -> None:
     if run.is_main:
         compact_model = pruning.compact(model_without_ddp)
         speed = measured_speed(args, original, compact_model, cost, device, amp_dtype)
-        recorder.finished(compact_model, ratio, stats, speed)
+        recorder.finished(compact_model, ratio, stats, speed,
+                          cost.meta if isinstance(cost, pruning.LatencyTable) else None)
     recorder.close()
     print(f"pruned model: {args.cost} ratio {ratio:.4f} of the original, top-1 {stats['acc1']:.2f}%"
           f"{recorder.dense_note()}; dims {json.dumps(gates.widths())}")

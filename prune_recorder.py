@@ -149,14 +149,18 @@ class PruneRecorder:
     def dense_note(self) -> str:
         return "" if self.top1_dense is None else f" (dense {self.top1_dense:.2f}%)"
 
-    def finished(self, compact_model, ratio: float, stats: dict, speed: dict | None) -> None:
-        """The compact model, its speed report and widths.png (rank 0)."""
+    def finished(self, compact_model, ratio: float, stats: dict, speed: dict | None,
+                 latency_table: dict | None = None) -> None:
+        """The compact model (with its speed report and the latency table's settings, which
+        a model card quotes), log.txt and widths.png (rank 0)."""
         self.speed = speed
         self.write_logs()
+        extra = {} if latency_table is None else {"latency_table": latency_table}
         checkpoints.save_model_file(
             self.output_dir / checkpoints.PRUNED_FILE, compact_model, self.args,
             run_id=self.run_id, original_dims=self.original.to_dict(), cost=self.args.cost,
-            cost_ratio=ratio, top1_dense=self.top1_dense, top1_pruned=stats["acc1"], speed=speed)
+            cost_ratio=ratio, top1_dense=self.top1_dense, top1_pruned=stats["acc1"], speed=speed,
+            **extra)
         if self.loop.history:
             plot_widths(widths_of(self.original), self.loop.history[-1]["dims"],
                         self.output_dir / "widths.png")

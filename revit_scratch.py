@@ -20,6 +20,7 @@ from datasets import skipped_images
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
 from errors import UserError
 from models import Dims, revit_dims
+from models.checkpoint import is_hub_folder
 
 
 # ================================== EDIT HERE ==================================
@@ -92,7 +93,7 @@ def finetune_folder_defaults(args) -> None:
     pruned_checkpoint.pth, and without --output_dir write next to it, in the subfolder the
     reference named after the run."""
     folder = Path(args.finetune)
-    if not folder.is_dir():
+    if not folder.is_dir() or is_hub_folder(folder):  # a hub folder is a checkpoint itself
         return
     args.finetune = str(folder / checkpoints.PRUNED_FILE)
     if not Path(args.finetune).is_file():

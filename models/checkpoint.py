@@ -50,8 +50,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             raise UserError(_refusal(path, e) or
                             f"could not fetch checkpoint {path}: {str(e).splitlines()[0]}") from None
     if os.path.isdir(path):
+        if is_hub_folder(path):
+            return read_hub_folder(path)
         raise UserError(f"{path} is a folder, not a checkpoint file (give the .pth or "
-                        f".safetensors file in it)")
+                        f".safetensors file in it, or a timm/Hugging Face hub folder with "
+                        f"config.json)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
@@ -75,6 +78,34 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} does not hold a state dict or checkpoint dict")
     return ckpt
+
+
+HUB_CONFIG = "config.json"
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # timm's names, preferred first
+
+
+def is_hub_folder(path: str | os.PathLike) -> bool:
+    """A timm / Hugging Face hub folder: config.json beside the weights."""
+    return os.path.isfile(os.path.join(path, HUB_CONFIG))
+
+
+def read_hub_folder(path: str | os.PathLike) -> dict:
+    """A hub folder as a checkpoint dict: its weights, and its config under "hub_config"
+    (architecture, model_args; build_model reads our architectures' dims from it)."""
+    path = str(path)
+    try:
+        with open(os.path.join(path, HUB_CONFIG)) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}/{HUB_CONFIG} is not readable JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise UserError(f"{path}/{HUB_CONFIG} names no architecture: not a timm hub folder")
+    weights = next((os.path.join(path, w) for w in HUB_WEIGHTS
+                    if os.path.isfile(os.path.join(path, w))), None)
+    if weights is None:
+        raise UserError(f"{path} holds a {HUB_CONFIG} but no weights ({' or '.join(HUB_WEIGHTS)})")
+    ckpt = read_checkpoint(weights)
+    return {"model": state_dict_of(ckpt, weights), "hub_config": config}
 
 
 def peek_checkpoint(path: str | os.PathLike) -> dict:

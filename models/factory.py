@@ -69,9 +69,21 @@ def _split_kwargs(kwargs: dict) -> tuple[dict, dict, dict]:
     return frame, model, kwargs
 
 
+OURS = ("revit",)  # our registered architectures (and revit_*), as a hub folder names them
+
+
+def is_our_architecture(name: str) -> bool:
+    return name in OURS or name.startswith("revit_")
+
+
 def saved_timm_kwargs(ckpt: dict) -> dict:
-    """The model kwargs a timm train.py checkpoint records in its args: `gp` (--gp, the
-    pooling) and `model_kwargs` (--model-kwargs)."""
+    """The model kwargs a checkpoint records: a timm train.py checkpoint's `gp` (--gp, the
+    pooling) and `model_kwargs` (--model-kwargs) in its args; a timm hub folder's
+    `model_args` (but the frame, which the weights give)."""
+    hub = ckpt.get("hub_config")
+    if hub is not None and not is_our_architecture(hub["architecture"]):
+        return {k: v for k, v in (hub.get("model_args") or {}).items()
+                if k not in FRAME_FIELDS and k not in MODEL_KWARGS}
     args = ckpt.get("args")
     args = vars(args) if hasattr(args, "__dict__") else args if isinstance(args, dict) else {}
     out = dict(args.get("model_kwargs") or {})
@@ -208,6 +220,15 @@ def _checkpoint_dims(ckpt: dict, base: Dims, source: str, ema: bool = False
                      ) -> tuple[Dims, dict]:
     """The dims a checkpoint holds (or implies) and its weights (or their EMA) in our layout."""
     state = state_dict_of(ckpt, source, ema)
+    hub = ckpt.get("hub_config")
+    if hub is not None and is_our_architecture(hub["architecture"]):  # our hub folder
+        args = hub.get("model_args") or {}
+        if "dims" in args:
+            ck_dims = Dims.from_dict(args["dims"], source=f"model_args.dims in {source}")
+        else:  # a registered ReViT name: its dims, in the frame the folder records
+            frame = {k: v for k, v in args.items() if k in FRAME_FIELDS}
+            ck_dims = name_dims(hub["architecture"]).with_frame(**frame)
+        return ck_dims, state
     if is_reference_layout(state):  # an NViT reference model (released or masked)
         ck_dims, state = from_reference(ckpt, state, source)
         return ck_dims, fuse_split_qkv(state)

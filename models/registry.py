@@ -7,7 +7,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from errors import UserError
 
-from .dims import FRAME_FIELDS, Dims, revit_dims
+from .dims import FAMILY_FIELDS, FRAME_FIELDS, Dims, revit_dims
 from .revit import ReViT, pretrained_cfg
 
 _DEFAULT_FRAME = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, distilled=True)
@@ -19,25 +19,36 @@ default_cfgs = generate_default_cfgs({
     for name, emb in {**_SHAPES, "revit": 176}.items()})  # revit: overlaid by its dims, if given
 
 
+def _has_source(cfg) -> bool:
+    """Whether timm resolved weights to load for this call: a hub folder (`local-dir:`) or a
+    hub repo (`hf-hub:`) whose config names our architecture."""
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {})
+    return isinstance(cfg, dict) and bool(cfg.get("file") or cfg.get("hf_hub_id"))
+
+
 def _create(name: str, dims: Dims, pretrained: bool, kwargs: dict) -> ReViT:
-    if pretrained:
+    if pretrained and not _has_source(kwargs.get("pretrained_cfg")):
         raise UserError(f"{name} has no published weights; load a checkpoint with "
-                        f"models.build_model(..., checkpoint=FILE) instead")
-    frame = {k: kwargs.pop(k) for k in FRAME_FIELDS if k in kwargs}
+                        f"models.build_model(..., checkpoint=FILE), or a folder written by "
+                        f"the export tool with timm.create_model('local-dir:FOLDER', "
+                        f"pretrained=True)")
+    # the frame and the family fields may come as timm's kwargs too (a hub folder's config
+    # restates them): they describe these dims
+    frame = {k: kwargs.pop(k) for k in (*FRAME_FIELDS, *FAMILY_FIELDS) if k in kwargs}
     dims = dims.with_frame(**{k: v for k, v in _DEFAULT_FRAME.items() if getattr(dims, k) is None})
     dims = dims.with_frame(**frame)
     # the cfg describes these dims (input size, classes, heads), whatever cfg timm resolved
     # for the name; a caller's overlay still wins
-    kwargs["pretrained_cfg_overlay"] = {**pretrained_cfg(dims),
-                                        **(kwargs.get("pretrained_cfg_overlay") or {})}
+    own = {k: v for k, v in pretrained_cfg(dims).items() if v is not None}  # keep the source
+    kwargs["pretrained_cfg_overlay"] = {**own, **(kwargs.get("pretrained_cfg_overlay") or {})}
 
     def build(**model_kwargs) -> ReViT:
-        for key in FRAME_FIELDS:
+        for key in (*FRAME_FIELDS, *FAMILY_FIELDS):
             model_kwargs.pop(key, None)  # already in dims
         return ReViT(dims, **model_kwargs)
     # features_only: the last 3 blocks unless out_indices says otherwise, as timm's ViTs
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(build, name, pretrained=False,
+    return build_model_with_cfg(build, name, pretrained=pretrained,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
                                 **kwargs)
 
