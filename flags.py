@@ -20,10 +20,12 @@ from timm.utils import ParseKwargs
 from atomic import write_text_atomic
 from datasets import INAT_CATEGORIES
 from losses import BASE_LOSS_HEADS
+from pruning import RUNTIMES
 
 FLAG_OF_FIELD = {
     "name": "--model", "emb": "--EMB", "dims": "--dims/--EMB", "img_size": "--input-size",
     "global_pool": "--gp", "model_kwargs": "--gp/--model-kwargs", "ema": "--use-ema",
+    "runtime": "--runtime",
     "patch_size": "--patch-size", "num_classes": "--data-set (its class count)",
     "distilled": "--model", "in_chans": "--model", "pretrained": "--pretrained (or --pretrained-path FILE)",
     "latency_table": "--latency_look_up_table", "cost": "--cost",
@@ -458,6 +460,10 @@ def add_checkpoint_args(p: argparse.ArgumentParser, resume_help: str, finetune: 
         g.add_argument("--eval", action="store_true", help="evaluate the checkpoint, train nothing")
 
 
+def add_runtime_arg(p, help: str) -> None:
+    p.add_argument("--runtime", default="torch", choices=RUNTIMES, help=help + " (default torch)")
+
+
 def add_pruning_args(p: argparse.ArgumentParser, pace: int, emb_saliency: tuple,
                      qkv_units: tuple) -> None:
     g = p.add_argument_group("pruning")
@@ -502,6 +508,9 @@ def add_pruning_args(p: argparse.ArgumentParser, pace: int, emb_saliency: tuple,
     g.add_argument("--token_scale", "--token-scale", default=True, type=str2bool,
                    help="give the student the reference's learnable token scale on q, k, v "
                         "(initialised to 1) if it has none")
+    add_runtime_arg(g, "where the pruned model will run: a latency table must have been timed "
+                       "there (tools/build_latency_table.py --runtime), and the end-of-run "
+                       "speed report times there")
     g.add_argument("--speed-report-pairs", default=10, type=COUNT,
                    help="at the end, time the dense against the compact model in this many "
                         "interleaved pairs at --batch-size and report the speedup beside the "

@@ -12,9 +12,6 @@ top-1 and the speedups measured when it was made.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,7 +26,7 @@ DATASETS = {"IMNET": "imagenet-1k", "CIFAR": "cifar10", "CIFAR10": "cifar10",
 METHOD_FLAGS = ("model", "data_set", "cost", "latency_target", "latency_regularization",
                 "prune_per_iter", "interval_prune", "group_size", "prune_dict",
                 "pruning_config", "kl_loss_coeff", "original_loss_coeff", "kl_tau",
-                "student_eval", "qk_v_units", "emb_saliency", "token_scale", "epochs",
+                "student_eval", "qk_v_units", "emb_saliency", "token_scale", "runtime", "epochs",
                 "batch_size", "lr", "seed")
 
 
@@ -76,13 +73,13 @@ def model_card(model, info: dict, license: str = "other") -> str:
                      "pretrained=True)  # or 'hf-hub:ORG/NAME'", "```", ""]
     macs = count_macs(model)[0]
     params = sum(p.numel() for p in model.parameters())
-    rows = [["params", f"{params:,}"], ["MACs per image", f"{macs / 1e9:.3f} G"]]
+    rows = [["params", f"{params:,}"], ["MACs per image", _macs(macs)]]
     if pruned:
         dense = ReViT(Dims.from_dict(info["original_dims"]))
         d_macs = count_macs(dense)[0]
         d_params = sum(p.numel() for p in dense.parameters())
         rows = [["params", f"{d_params:,}", f"{params:,}", f"{params / d_params:.3f}"],
-                ["MACs per image", f"{d_macs / 1e9:.3f} G", f"{macs / 1e9:.3f} G",
+                ["MACs per image", _macs(d_macs), _macs(macs),
                  f"{macs / d_macs:.3f}"]]
         if info.get("top1_dense") is not None or info.get("top1_pruned") is not None:
             rows.append(["top-1 (%) on " + str(args.get("data_set", "its data")),
@@ -106,8 +103,9 @@ def model_card(model, info: dict, license: str = "other") -> str:
     speed = info.get("speed")
     if speed:
         lines += ["## Speed, measured when it was made", "",
-                  f"Dense against pruned on {speed.get('device')} "
-                  f"({speed.get('precision')}, batch {speed.get('batch_size')}, "
+                  f"Dense against pruned on {speed.get('device')} in "
+                  f"{speed.get('runtime', 'torch')} ({speed.get('precision')}, batch "
+                  f"{speed.get('batch_size')}, "
                   f"{speed.get('pairs')} interleaved pairs): measured speedup "
                   f"**{speed['speedup']:.2f}x** (p25-p75 {speed['speedup_p25']:.2f}-"
                   f"{speed['speedup_p75']:.2f}); the MACs promised {speed['macs_speedup']:.2f}x"
@@ -122,34 +120,12 @@ def model_card(model, info: dict, license: str = "other") -> str:
     return "\n".join(lines)
 
 
+def _macs(n: float) -> str:
+    return f"{n / 1e9:.3f} G" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def _pct(v) -> str:
     return "-" if v is None else f"{float(v):.2f}"
-
-
-def check_folder(folder: Path, force: bool) -> None:
-    """The hub folder may be written: new, empty, or (with --force) replaced."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output-dir {folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise UserError(f"--output-dir {folder} is not empty (--force replaces its hub files)")
-    parent = folder.resolve().parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--output-dir {folder}: cannot write in {parent}")
-
-
-def write_folder_atomic(model, info: dict, folder: Path, license: str = "other") -> None:
-    """write_folder into a temporary folder beside `folder`, moved into place only whole."""
-    folder = folder.resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write_folder(model, info, tmp, license)
-        folder.mkdir(exist_ok=True)
-        for name in (CONFIG, WEIGHTS, CARD):
-            os.replace(tmp / name, folder / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def push(folder: Path, repo_id: str, token: str | None = None) -> str:

@@ -182,11 +182,16 @@ def check_cost_model(cost, dims, args, device, amp_dtype) -> None:
     """A latency table must describe this model (else refused) and should describe this
     device and precision (else a warning)."""
     advice = (f"build a table for this model (tools/build_latency_table.py --model {args.model} "
-              f"--input-size {args.input_size} --token-scale {str(args.token_scale).lower()})")
+              f"--input-size {args.input_size} --token-scale {str(args.token_scale).lower()} "
+              f"--runtime {args.runtime})")
+    if isinstance(cost, pruning.LatencyTable) and cost.runtime != args.runtime:
+        raise UserError(f"the latency table was timed in {cost.runtime}, this run deploys to "
+                        f"{args.runtime}; {advice}", field="runtime")
     note = cost.frame_note(dims)
     if note:
         raise UserError(f"{note}; {advice}", field="latency_table")
-    note = cost.settings_note(device.type, pruning.precision_name(amp_dtype),
+    deployed = pruning.deploy_dtype(args.runtime, amp_dtype)
+    note = cost.settings_note(device.type, pruning.precision_name(deployed),
                               torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     if note:
         print(f"warning: {note}")
@@ -235,8 +240,10 @@ def measured_speed(args, original, compact_model, cost, device, amp_dtype) -> di
     if not args.speed_report_pairs:
         return None
     speed = pruning.speed_report(models.ReViT(original).to(device), compact_model.eval(), device,
-                         args.batch_size, amp_dtype, args.speed_report_pairs, repeats=3,
-                         table=cost if isinstance(cost, pruning.LatencyTable) else None)
+                         args.batch_size, pruning.deploy_dtype(args.runtime, amp_dtype),
+                         args.speed_report_pairs, repeats=3,
+                         table=cost if isinstance(cost, pruning.LatencyTable) else None,
+                         runtime=args.runtime)
     print("\n".join(pruning.report_lines(speed)))
     return speed
 

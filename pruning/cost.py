@@ -274,6 +274,11 @@ class LatencyTable(CostModel):
         n = self.meta.get("num_tokens")
         return n if isinstance(n, int) else None
 
+    @property
+    def runtime(self) -> str:
+        """Where the table was timed (tables from before it was recorded: torch)."""
+        return str(self.meta.get("runtime") or "torch")
+
     def frame_note(self, dims: Dims) -> str | None:
         """A warning for callers to print when the table was timed at another token count."""
         n = self.num_tokens

@@ -13,6 +13,7 @@ import math
 import platform
 import statistics
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -25,6 +26,7 @@ from models.revit import LN_EPS, Attention, Mlp, ReViT, StreamNorm
 from tf32 import tf32_matmul_enabled
 
 from .cost import LatencyTable, precision_name
+from .runtimes import ONNX_RUNTIMES, check_runtime, describe, prepare
 
 
 class Sublayer(nn.Module):
@@ -50,21 +52,27 @@ def stem_of(dims: Dims, embed_dim: int) -> nn.Module:
 
 
 class Timer:
-    """Median milliseconds of one eval forward of a module.
+    """Median milliseconds of one eval forward of a module, run in `runtime`
+    (pruning/runtimes.py: torch, torch-compile, onnxruntime, tensorrt; `int8` for the
+    CPU's int8 paths).
 
-    On the CPU each forward is timed with the wall clock. On CUDA the host only queues
-    kernels, so a sample is CUDA events around `CUDA_FORWARDS_PER_SAMPLE` forwards queued
-    back to back, divided by their number: the GPU's time, not the launch overhead a
-    synchronise per forward would add.
+    Each forward is timed with the wall clock, except torch on CUDA: there the host only
+    queues kernels, so a sample is CUDA events around `CUDA_FORWARDS_PER_SAMPLE` forwards
+    queued back to back, divided by their number: the GPU's time, not the launch overhead a
+    synchronise per forward would add (ONNX Runtime's run returns when the output is ready).
+    A module is prepared for the runtime once (compiled, exported) and reused.
     """
 
     CUDA_FORWARDS_PER_SAMPLE = 10
 
     def __init__(self, device: torch.device, warmup: int, repeats: int,
-                 amp_dtype: torch.dtype | None) -> None:
+                 amp_dtype: torch.dtype | None, runtime: str = "torch",
+                 int8: bool = False) -> None:
         self.device, self.warmup, self.repeats = device, warmup, repeats
-        self.cuda = device.type == "cuda"
-        self.amp_dtype = amp_dtype
+        self.amp_dtype, self.runtime, self.int8 = amp_dtype, runtime, int8
+        self.cuda = device.type == "cuda" and runtime not in ONNX_RUNTIMES
+        check_runtime(runtime, device, amp_dtype, int8)
+        self._prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def method(self) -> str:
@@ -73,33 +81,33 @@ class Timer:
         return "wall clock per forward"
 
     def __call__(self, module: nn.Module, x: torch.Tensor) -> float:
-        module = module.to(self.device).eval()
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype is not None else nullcontext())
+        run = self._prepared.get(module)
+        if run is None:
+            run = prepare(module, self.runtime, self.device, self.amp_dtype, x, self.int8)
+            self._prepared[module] = run
         # CUDA events record on the current device's stream: make it the timed GPU's
-        on_device = torch.cuda.device(self.device) if self.cuda else nullcontext()
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
         times = []
-        with torch.inference_mode(), autocast, on_device:
+        with on_device:
             for _ in range(self.warmup):  # also lets cudnn.benchmark settle on its algorithm
-                module(x)
+                run(x)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
             for _ in range(self.repeats):
-                times.append(self._cuda_sample(module, x) if self.cuda
-                             else self._cpu_sample(module, x))
+                times.append(self._cuda_sample(run, x) if self.cuda else self._wall_sample(run, x))
         return statistics.median(times)
 
     @staticmethod
-    def _cpu_sample(module: nn.Module, x: torch.Tensor) -> float:
+    def _wall_sample(run, x: torch.Tensor) -> float:
         t0 = time.perf_counter()
-        module(x)
+        run(x)
         return (time.perf_counter() - t0) * 1000.0
 
-    def _cuda_sample(self, module: nn.Module, x: torch.Tensor) -> float:
+    def _cuda_sample(self, run, x: torch.Tensor) -> float:
         start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
         start.record()
         for _ in range(self.CUDA_FORWARDS_PER_SAMPLE):
-            module(x)
+            run(x)
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / self.CUDA_FORWARDS_PER_SAMPLE
@@ -108,13 +116,14 @@ class Timer:
 def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: int,
                   num_tokens: int, warmup: int = 5, repeats: int = 20,
                   amp_dtype: torch.dtype | None = None, model_dims: Dims | None = None,
-                  model: str | None = None, token_scale: bool = False) -> dict:
-    """A latency table (pruning.cost.LatencyTable's JSON) timed on `device`: per embed width,
-    every (heads, QK, V) attention sublayer and MLP sublayer of the grid, and with
-    `model_dims` the model's stem (ReViT itself with its blocks taken out). `token_scale`:
-    the attention multiplies q, k and v by a per-token scale, as a model with one does (an
-    nvit_prune.py student by default)."""
-    timer = Timer(device, warmup, repeats, amp_dtype)
+                  model: str | None = None, token_scale: bool = False,
+                  runtime: str = "torch") -> dict:
+    """A latency table (pruning.cost.LatencyTable's JSON) timed on `device` in `runtime`: per
+    embed width, every (heads, QK, V) attention sublayer and MLP sublayer of the grid, and
+    with `model_dims` the model's stem (ReViT itself with its blocks taken out).
+    `token_scale`: the attention multiplies q, k and v by a per-token scale, as a model with
+    one does (an nvit_prune.py student by default)."""
+    timer = Timer(device, warmup, repeats, amp_dtype, runtime)
     B, N = batch_size, num_tokens
     Es, Hs, Qs, Vs, Ms = (grid[k] for k in ("embed_dims", "heads", "qk_dims", "v_dims",
                                               "mlp_dims"))
@@ -144,7 +153,7 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         "dtype": precision_name(timer.amp_dtype),
         "amp": amp_dtype is not None,
         "tf32": tf32_matmul_enabled() if device.type == "cuda" and amp_dtype is None else None,
-        "timing": timer.method,
+        "timing": timer.method, **describe(runtime, device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "warmup": warmup, "repeats": repeats, "statistic": "median",
         "model": model, "token_scale": bool(token_scale),
@@ -163,24 +172,35 @@ SHORT_OF_MACS = 0.8  # warn below this fraction of the speedup the MACs ratio pr
 
 
 def speed_report(dense: ReViT, compact: ReViT, device: torch.device, batch: int,
-                 amp_dtype, pairs: int, repeats: int, table: LatencyTable | None = None) -> dict:
-    """Measured and promised speedups of `compact` over `dense` (see the module docstring)."""
+                 amp_dtype, pairs: int, repeats: int, table: LatencyTable | None = None,
+                 runtime: str = "torch", int8: bool = False) -> dict:
+    """Measured and promised speedups of `compact` over `dense` (see the module docstring),
+    both run in `runtime`. With `int8`, each round also times the compact model in int8
+    (`int8_ms`, `int8_speedup` over the dense model in full precision): what an int8
+    deployment gains."""
     macs_ratio = count_macs(compact)[0] / count_macs(dense)[0]
     d = dense.dims
     x = torch.randn(batch, d.in_chans, d.img_size, d.img_size, device=device)
-    timer = Timer(device, warmup=2, repeats=repeats, amp_dtype=amp_dtype)
-    times = {"dense": [], "compact": []}
-    for _ in range(pairs):
-        times["dense"].append(timer(dense, x))
-        times["compact"].append(timer(compact, x))
-    ratios = sorted(a / b for a, b in zip(times["dense"], times["compact"]))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    timer = Timer(device, warmup=2, repeats=repeats, amp_dtype=amp_dtype, runtime=runtime)
+    runs = {"dense": (timer, dense), "compact": (timer, compact)}
+    if int8:
+        runs["int8"] = (Timer(device, warmup=2, repeats=repeats, amp_dtype=amp_dtype,
+                              runtime=runtime, int8=True), compact)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(pairs):  # interleaved rounds: drift and heat hit every model alike
+        for k, (t, module) in runs.items():
+            times[k].append(t(module, x))
     report = {"device": str(device), "batch_size": batch, "precision": precision_name(amp_dtype),
-              "timing": timer.method, "pairs": pairs,
-              "dense_ms": statistics.median(times["dense"]),
-              "compact_ms": statistics.median(times["compact"]),
-              "speedup": statistics.median(ratios), "speedup_p25": q[0], "speedup_p75": q[2],
+              "timing": timer.method, "pairs": pairs, **describe(runtime, device),
               "macs_ratio": macs_ratio, "macs_speedup": 1 / macs_ratio}
+    for k in runs:
+        report[f"{k}_ms"] = statistics.median(times[k])
+    for k, key in (("compact", "speedup"), ("int8", "int8_speedup")):
+        if k in runs:
+            ratios = sorted(a / b for a, b in zip(times["dense"], times[k]))
+            q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+            report.update({key: statistics.median(ratios), f"{key}_p25": q[0],
+                           f"{key}_p75": q[2]})
     if table is not None:
         report["table_speedup"] = float(table.total(dense.dims) / table.total(compact.dims))
     return report
@@ -189,8 +209,10 @@ def speed_report(dense: ReViT, compact: ReViT, device: torch.device, batch: int,
 def report_lines(r: dict) -> list[str]:
     """A speed report as printed: times, measured against promised speedups, and a warning
     when the compact model falls well short of its MACs ratio."""
-    lines = [f"dense {r['dense_ms']:.3f} ms, compact {r['compact_ms']:.3f} ms per batch of "
-             f"{r['batch_size']} on {r['device']} ({r['precision']}, {r['pairs']} pairs)",
+    int8 = f", compact int8 {r['int8_ms']:.3f} ms" if "int8_ms" in r else ""
+    lines = [f"dense {r['dense_ms']:.3f} ms, compact {r['compact_ms']:.3f} ms{int8} per batch "
+             f"of {r['batch_size']} on {r['device']} in {r.get('runtime', 'torch')} "
+             f"({r['precision']}, {r['pairs']} pairs)",
              f"measured speedup {r['speedup']:.2f}x (p25-p75 {r['speedup_p25']:.2f}-"
              f"{r['speedup_p75']:.2f})  promised by MACs {r['macs_speedup']:.2f}x (ratio "
              f"{r['macs_ratio']:.4f})" + (f"  by the latency table {r['table_speedup']:.2f}x"
@@ -200,4 +222,14 @@ def report_lines(r: dict) -> list[str]:
                      f"promise {r['macs_speedup']:.2f}x: at this size and batch, fixed costs "
                      f"(small matrix products, kernel launches, LayerNorm, copies) dominate; a "
                      f"latency table built here ranks by what this device does")
+    if "int8_speedup" in r:
+        lines.append(f"compact int8 speedup over dense {r['int8_speedup']:.2f}x (p25-p75 "
+                     f"{r['int8_speedup_p25']:.2f}-{r['int8_speedup_p75']:.2f})")
+    top1 = r.get("top1")
+    if top1:
+        dense = ("dense -" if top1.get("dense") is None else f"dense {top1['dense']:.2f}"
+                 + (" (recorded when pruned)" if top1.get("dense_recorded") else ""))
+        int8 = f", compact int8 {top1['int8']:.2f}" if "int8" in top1 else ""
+        lines.append(f"top-1 on {top1['data_set']} ({top1['images']} val images, %): {dense}, "
+                     f"compact {top1['compact']:.2f}{int8}")
     return lines

@@ -403,3 +403,23 @@ def test_tool_user_errors(tmp_path: Path, capsys, extra: list[str], message: str
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_tool_model_frame_and_a_grid_down_to_one_group(tmp_path: Path, capsys) -> None:
+    """--input-size/--patch-size give --model's frame (its token count; what nvit_prune.py's
+    advice asks for), and the model's grid reaches down to one pruning group per axis, so no
+    width a run can leave reads as free."""
+    from pruning import DEFAULT_GROUP_SIZES as G
+    tool = _load_tool()
+    grid, dims = tool.model_grid("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8)
+    assert dims.num_tokens == 18
+    firsts = {k: int(v.split(",")[0]) for k, v in grid.items()}
+    assert (firsts["embed_dims"], firsts["qk_dims"], firsts["v_dims"], firsts["mlp_dims"]) == \
+        (G["emb"], G["qk"], G["v"], G["mlp"]) and firsts["heads"] == 1
+    out = tmp_path / "t.json"
+    assert tool.main(["--output", str(out), "--model", "deit_tiny_distilled_patch16_224",
+                      "--input-size", "32", "--patch-size", "8", *TINY_GRID]) == 0
+    assert json.loads(out.read_text())["meta"]["num_tokens"] == 18
+    assert tool.main(["--output", str(tmp_path / "u.json"), "--input-size", "32", *TINY_GRID]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--model" in err and not (tmp_path / "u.json").exists()

@@ -5,16 +5,22 @@ add; the model's own `Attention`) over a grid of (embed, heads, QK per head, V p
 and the MLP part (LayerNorm, fc1, GELU, fc2, residual add; the model's own `Mlp`) over
 (embed, MLP width), in eval mode under torch.inference_mode, as the median of repeated
 runs after warm-up; the attention multiplies q, k and v by a per-token scale as the pruning
-student does (--token-scale false: without). With --model the stem (patch embedding, tokens, final norm, heads) is
-timed per embed width too. The JSON format is described in pruning/cost.py (LatencyTable).
+student does (--token-scale false: without). With --model the grid spans the model's widths
+down to one pruning group per axis, and the stem (patch embedding, tokens, final norm,
+heads) is timed per embed width too. The JSON format is described in pruning/cost.py
+(LatencyTable).
 
 Time where and as you deploy: on CUDA the defaults are batch 256 under fp16 autocast (what
 nvit_prune.py --amp runs), timed with CUDA events over queued forwards; on the CPU batch 1
-in fp32. The table records device, versions, batch, precision and token count, which
+in fp32. --runtime onnxruntime times every sublayer exported to ONNX in ONNX Runtime (this
+process's threads), as a model exported by tools.export runs (pruning/runtimes.py). The
+table records device, versions, runtime, batch, precision and token count, which
 nvit_prune.py compares with its run.
 
     python -m tools.build_latency_table --output latency.json
     python -m tools.build_latency_table --output latency.json --model deit_small_patch16_224
+    python -m tools.build_latency_table --output latency_ort.json --model deit_small_patch16_224 \
+        --runtime onnxruntime --batch-size 32
 """
 from __future__ import annotations
 
@@ -34,12 +40,14 @@ import torch
 from atomic import check_output_file, write_text_atomic
 from errors import UserError
 from engine import amp_dtype_for
-from flags import (COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, add_tf32_arg, str2bool,
-                   user_message)
+from flags import (COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, add_runtime_arg,
+                   add_tf32_arg, str2bool, user_message)
 from models.dims import Dims
 from models.factory import name_dims
+from pruning import DEFAULT_GROUP_SIZES
 from pruning.cost import LatencyTable, precision_name
 from pruning.latency import measure_table
+from pruning.runtimes import deploy_dtype
 from utils import configure_math, resolve_device
 
 DEFAULT_BATCH = {"cuda": 256, "cpu": 1}
@@ -65,6 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None,
                    help="timm DeiT/ReViT name: grid around its widths, its token count, and "
                         "the stem timed too")
+    p.add_argument("--input-size", type=POSITIVE_INT, default=None,
+                   help="with --model: the image size the model runs at (default the name's), "
+                        "which sets its token count and the stem")
+    p.add_argument("--patch-size", type=POSITIVE_INT, default=None,
+                   help="with --model: its patch size (default the name's)")
     for flag, key in (("--embed-dims", "embed_dims"), ("--heads", "heads"),
                       ("--qk-dims", "qk_dims"), ("--v-dims", "v_dims"),
                       ("--mlp-dims", "mlp_dims")):
@@ -83,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="time the attention with the per-token scale on q, k and v that "
                         "nvit_prune.py gives its student by default (--token_scale); false for "
                         "a run with --token_scale false")
+    add_runtime_arg(p, "time the sublayers in this runtime: torch, torch.compile, ONNX Runtime "
+                       "(exported to ONNX, this process's threads), or TensorRT through ONNX "
+                       "Runtime; recorded in the table, which nvit_prune.py --runtime checks")
     add_amp_dtype_arg(p)
     add_tf32_arg(p)
     return p.parse_args(argv)
@@ -99,22 +115,29 @@ def parse_widths(text: str, flag: str) -> list[int]:
     return sorted(set(values))
 
 
-def _fractions(full: int, fracs: tuple[float, ...], floor: int = 1, multiple: int = 1) -> str:
+def _fractions(full: int, fracs: tuple[float, ...], floor: int = 1, multiple: int = 1,
+               smallest: int | None = None) -> str:
     vals = {max(floor, int(round(full * f / multiple)) * multiple) for f in fracs}
+    if smallest is not None and smallest < full:
+        vals.add(smallest)
     return ",".join(str(v) for v in sorted(vals | {full}))
 
 
-def model_grid(name: str) -> tuple[dict[str, str], Dims]:
-    """Grid strings around a model's widths, each axis reaching the model's own width."""
-    d = name_dims(name)
+def model_grid(name: str, **frame) -> tuple[dict[str, str], Dims]:
+    """Grid strings around a model's widths, each axis reaching the model's own width and
+    down to one pruning group (the narrowest layer a run can leave; below a grid's first
+    point a table is flat, so pruning there would look free)."""
+    d = name_dims(name, **frame)
     E = d.embed_dim
     H, QK, V, M = (max(getattr(d, n)) for n in ("num_heads", "qk_dim", "v_dim", "mlp_dim"))
+    g = DEFAULT_GROUP_SIZES
     grid = {
-        "embed_dims": _fractions(E, (0.25, 0.5, 0.75), floor=8, multiple=8),
+        "embed_dims": _fractions(E, (0.25, 0.5, 0.75), floor=8, multiple=8, smallest=g["emb"]),
         "heads": _fractions(H, (0.0, 0.25, 0.5, 0.75)),
-        "qk_dims": _fractions(QK, (0.125, 0.25, 0.5), floor=min(8, QK)),
-        "v_dims": _fractions(V, (0.125, 0.25, 0.5), floor=min(8, V)),
-        "mlp_dims": _fractions(M, (1 / 16, 0.25, 0.5, 0.75), floor=8, multiple=8),
+        "qk_dims": _fractions(QK, (0.125, 0.25, 0.5), floor=min(8, QK), smallest=g["qk"]),
+        "v_dims": _fractions(V, (0.125, 0.25, 0.5), floor=min(8, V), smallest=g["v"]),
+        "mlp_dims": _fractions(M, (1 / 16, 0.25, 0.5, 0.75), floor=8, multiple=8,
+                               smallest=g["mlp"]),
     }
     return grid, d
 
@@ -129,13 +152,19 @@ def run(args: argparse.Namespace) -> None:
     configure_math(device, args.tf32)  # as the pruning run: cudnn.benchmark, TF32 if asked
     if args.batch_size is None:
         args.batch_size = DEFAULT_BATCH[device.type]
-    amp_dtype = amp_dtype_for(device, args.amp if args.amp is not None else
-                              device.type == "cuda", args.amp_dtype)
+    default_amp = device.type == "cuda" and deploy_dtype(args.runtime, True) is not None
+    amp_dtype = amp_dtype_for(device, args.amp if args.amp is not None else default_amp,
+                              args.amp_dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     defaults, model_dims = dict(DEFAULTS), None
     if args.model is not None:
-        defaults, model_dims = model_grid(args.model)
+        frame = {k: v for k, v in (("img_size", args.input_size),
+                                   ("patch_size", args.patch_size)) if v is not None}
+        defaults, model_dims = model_grid(args.model, **frame)
+    elif args.input_size is not None or args.patch_size is not None:
+        raise UserError("--input-size and --patch-size set the frame of --model: name the "
+                        "model too (or give --num-tokens)")
     num_tokens = args.num_tokens or (model_dims.num_tokens if model_dims is not None else 198)
     grid = {}
     for key in DEFAULTS:
@@ -146,10 +175,11 @@ def run(args: argparse.Namespace) -> None:
     n_att = math.prod(len(grid[k]) for k in ("embed_dims", "heads", "qk_dims", "v_dims"))
     print(f"timing {n_att} attention and {len(grid['embed_dims']) * len(grid['mlp_dims'])} MLP "
           f"configurations on {device} (batch {args.batch_size}, {num_tokens} tokens, "
-          f"{precision_name(amp_dtype)}, {torch.get_num_threads()} threads)", flush=True)
+          f"{precision_name(amp_dtype)}, {torch.get_num_threads()} threads, in {args.runtime})",
+          flush=True)
     t0 = time.perf_counter()
     data = measure_table(grid, device, args.batch_size, num_tokens, args.warmup, args.repeats,
-                         amp_dtype, model_dims, args.model, args.token_scale)
+                         amp_dtype, model_dims, args.model, args.token_scale, args.runtime)
     table = LatencyTable.from_dict(data)  # the table must read back before it is written
     write_atomic(output, data)
 

@@ -38,7 +38,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -47,16 +46,9 @@ import hub_folder
 from atomic import atomic_path, check_output_file
 from errors import UserError
 from flags import POSITIVE_INT, Parser, user_message
+from pruning import runtimes
 
-# The TorchScript exporter (dynamo=False) is the default: in this torch (2.14) it exports
-# F.scaled_dot_product_attention with an explicit per-block `scale=` exactly (opset >= 14;
-# checked against onnxruntime for non-default scales), turns the batch into a dynamic axis
-# through `dynamic_axes`, needs only the `onnx` package and takes ~2 s for DeiT-base. The
-# dynamo exporter (--onnx-exporter dynamo) gives the same numbers, needs onnxscript too and
-# is 5-10x slower.
 EXPORTER_OPSETS = (14, 20)  # SDPA needs opset 14; the TorchScript exporter stops at 20
-DEFAULT_OPSET = 17  # first opset with a native LayerNormalization
-DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest implemented opset
 TOLERANCE = 1e-4
 CHECK_BATCH = 2
 BUILD_NAME = "deit_base_distilled_patch16_224"  # frame comes from the checkpoint's dims
@@ -77,8 +69,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="base name of the files (default: checkpoint stem)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=1,
                    help="batch size of the example input used for tracing (the axis stays dynamic)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset ({EXPORTER_OPSETS[0]}-{EXPORTER_OPSETS[1]}, default {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, default=runtimes.OPSET,
+                   help=f"ONNX opset ({EXPORTER_OPSETS[0]}-{EXPORTER_OPSETS[1]}, default {runtimes.OPSET})")
     p.add_argument("--onnx-exporter", default="torchscript", choices=["torchscript", "dynamo"],
                    help="torch.onnx's TorchScript exporter (default) or its dynamo exporter")
     p.add_argument("--calibration-data-set", default=None,
@@ -159,39 +151,6 @@ def example_input(model, batch: int, seed: int | None = None) -> torch.Tensor:
     return torch.randn(batch, d.in_chans, d.img_size, d.img_size, generator=gen)
 
 
-def export_onnx(model: torch.nn.Module, path: Path, batch_size: int, opset: int,
-                exporter: str = "torchscript") -> None:
-    try:
-        import onnx  # noqa: F401  (both exporters serialise through it)
-    except ImportError:
-        raise UserError("ONNX export needs the onnx package: pip install -r "
-                        "requirements-export.txt") from None
-    example = example_input(model, batch_size)
-    with warnings.catch_warnings():
-        # the exporters' notices and timm's traced image-size assert (the image size is fixed
-        # by the dims anyway) are noise here
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            try:
-                import onnxscript  # noqa: F401
-            except ImportError:
-                raise UserError("--onnx-exporter dynamo needs the onnxscript package: pip "
-                                "install -r requirements-export.txt") from None
-            batch = torch.export.Dim("batch", min=1)
-            # its lowest implemented opset is 18: ask for that rather than a conversion
-            program = torch.onnx.export(model, (example,), dynamo=True,
-                                        opset_version=max(opset, DYNAMO_MIN_OPSET),
-                                        input_names=["images"], output_names=["logits"],
-                                        dynamic_shapes=({0: batch},), verbose=False)
-            program.save(str(path))
-        else:
-            torch.onnx.export(
-                model, (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=["images"], output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                do_constant_folding=True)
-
-
 def export_pt2(model: torch.nn.Module, path: Path, batch_size: int) -> None:
     """A torch.export program of the eval model, the batch axis dynamic."""
     example = example_input(model, max(batch_size, 2))
@@ -199,37 +158,6 @@ def export_pt2(model: torch.nn.Module, path: Path, batch_size: int) -> None:
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
-
-
-def quantize_onnx(fp32: Path, int8: Path, model, calibration: list[torch.Tensor] | None) -> None:
-    """ONNX Runtime's int8 quantization: dynamic (weights int8, activations quantized on the
-    fly), or static (activation ranges from the calibration images)."""
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic, quantize_static
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat
-    except ImportError:
-        raise UserError("onnx-int8 needs onnxruntime: pip install -r requirements-export.txt") \
-            from None
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    prepared = int8.with_name(int8.name + ".prep.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quant_pre_process(str(fp32), str(prepared))  # shape inference and graph clean-up
-        if calibration is None:
-            quantize_dynamic(str(prepared), str(int8), weight_type=QuantType.QInt8)
-            prepared.unlink()
-            return
-
-        class Images(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.batches = iter(calibration)
-
-            def get_next(self):
-                x = next(self.batches, None)
-                return None if x is None else {"images": x.numpy()}
-        quantize_static(str(prepared), str(int8), Images(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-        prepared.unlink()
 
 
 def calibration_images(model, data_set: str, data_path: str, n: int) -> list[torch.Tensor]:
@@ -282,7 +210,7 @@ def compare(what: str, got: torch.Tensor | None, expected: torch.Tensor, exact: 
 
 
 def export(checkpoint: str, output_dir: str | None = None, name: str | None = None,
-           batch_size: int = 1, opset: int = DEFAULT_OPSET, check: bool = True,
+           batch_size: int = 1, opset: int = runtimes.OPSET, check: bool = True,
            force: bool = False, formats: str = DEFAULT_FORMATS, exporter: str = "torchscript",
            calibration: tuple[str, str, int] | None = None, license: str = "other",
            push_to_hub: str | None = None) -> dict[str, Path]:
@@ -327,11 +255,11 @@ def write_all(model, info: dict, tmp: dict, fmts: list[str], batch_size: int, op
     try:
         if "onnx" in fmts or "onnx-int8" in fmts:
             fp32 = tmp.get("onnx", scratch / "fp32.onnx")
-            export_onnx(model, fp32, batch_size, opset, exporter)
+            runtimes.export_onnx(model, fp32, example_input(model, batch_size), opset, exporter)
             if check_files and "onnx" in fmts:
                 compare("ONNX", run_onnx(fp32, x), expected)
             if "onnx-int8" in fmts:
-                quantize_onnx(fp32, tmp["onnx-int8"], model, calibration)
+                runtimes.quantize_onnx(fp32, tmp["onnx-int8"], calibration)
                 if check_files:
                     compare("ONNX int8", run_onnx(tmp["onnx-int8"], x), expected, exact=False)
         if "safetensors" in fmts:

@@ -2,6 +2,8 @@
 
     python -m tools.speed_report OUT/pruned_checkpoint.pth [--device cuda] [--batch-size 256] [--amp]
     python -m tools.speed_report COMPACT.pth --dense deit_base_distilled_patch16_224
+    python -m tools.speed_report OUT/pruned_checkpoint.pth --runtime onnxruntime --int8 \
+        --batch-size 32 --data-set IMNET --data-path /data/imagenet --dense DENSE.pth
 
 Times the dense and the compact model (eval forward under torch.inference_mode, the timing of
 tools/build_latency_table.py: wall clock on the CPU, CUDA events on a GPU) in interleaved
@@ -11,6 +13,13 @@ latency table), the table's prediction. Fewer MACs do not always mean faster: sm
 products, unequal attention widths and fixed per-layer costs keep a compact model from its
 MACs ratio; a warning says so when the measured speedup falls well short of it. The dense
 model is rebuilt from the checkpoint's `original_dims` (weights do not change the timing).
+
+--runtime times both in the runtime the model is deployed with (torch, torch-compile,
+onnxruntime, or tensorrt where ONNX Runtime has its TensorRT provider; pruning/runtimes.py);
+--int8 adds the compact model in int8 (the runtime's CPU int8: ONNX Runtime's or torch's
+dynamic quantization) to every round. With --data-set, the same runners score the
+validation set: top-1 of dense fp32 (measured when --dense is a weights file, else the
+top-1 the pruning run recorded), compact fp32 and compact int8, side by side.
 """
 from __future__ import annotations
 
@@ -22,14 +31,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from torch.utils.data import DataLoader
 
 from checkpoints import is_url
-from engine import amp_dtype_for
+from datasets import build_dataset
+from engine import amp_dtype_for, evaluate
 from errors import UserError
-from flags import POSITIVE_INT, Parser, add_amp_dtype_arg, user_message
+from flags import (COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, add_runtime_arg, ranged,
+                   user_message)
 from models import Dims, ReViT, build_model, read_checkpoint
+from pruning import runtimes
 from pruning.cost import LatencyTable
 from pruning.latency import report_lines, speed_report
 from utils import resolve_device
@@ -51,6 +65,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="forwards per model per pair (their median is the pair's time)")
     p.add_argument("--threads", type=POSITIVE_INT, default=None, help="CPU threads for torch")
     p.add_argument("--latency-table", default=None, help="a latency table to compare with")
+    add_runtime_arg(p, "the runtime both models are timed (and scored) in")
+    p.add_argument("--int8", action="store_true",
+                   help="also time (and score) the compact model in the runtime's CPU int8")
+    g = p.add_argument_group("top-1 side by side (optional)")
+    g.add_argument("--data-set", default=None, type=str.upper,
+                   help="score the models on this data set's validation images (as --eval)")
+    g.add_argument("--data-path", default=None)
+    g.add_argument("--inat-category", default="name")
+    g.add_argument("--eval-crop-ratio", default=0.875,
+                   type=ranged(float, 0.0, 1.0, low_open=True))
+    g.add_argument("--eval-batch-size", default=64, type=POSITIVE_INT)
+    g.add_argument("--num-workers", default=2, type=COUNT)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     return p
 
@@ -86,7 +112,40 @@ def run(args) -> dict:
             raise UserError(f"{source}: not JSON ({e})") from None
         table = LatencyTable.from_dict(data, source=source)
     batch = args.batch_size or (256 if device.type == "cuda" else 1)
-    return speed_report(dense, compact, device, batch, amp_dtype, args.pairs, args.repeats, table)
+    report = speed_report(dense, compact, device, batch, amp_dtype, args.pairs, args.repeats,
+                          table, runtime=args.runtime, int8=args.int8)
+    if args.data_set is not None:
+        report["top1"] = top1_side_by_side(args, ckpt, dense, compact, device, amp_dtype)
+    return report
+
+
+def top1_side_by_side(args, ckpt: dict, dense: ReViT, compact: ReViT, device,
+                      amp_dtype) -> dict:
+    """Top-1 (%) of each timed variant on the validation set, run in the timed runtime; the
+    dense one's is the pruning run's record unless --dense gave its weights."""
+    d = compact.dims
+    frame = SimpleNamespace(data_set=args.data_set, data_path=args.data_path,
+                            input_size=d.img_size, inat_category=args.inat_category,
+                            eval_crop_ratio=args.eval_crop_ratio)
+    dataset, classes = build_dataset(False, frame)
+    if classes != d.num_classes:
+        raise UserError(f"--data-set {args.data_set} has {classes} classes, the model "
+                        f"{d.num_classes}")
+    loader = DataLoader(dataset, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+    example = next(iter(loader))[0][:1].to(device)
+    top1 = {"data_set": args.data_set, "images": len(dataset)}
+    variants = {"compact": (compact, False)}
+    if args.int8:
+        variants["int8"] = (compact, True)
+    weighted_dense = args.dense is not None and (Path(args.dense).exists() or is_url(args.dense))
+    if weighted_dense:
+        variants = {"dense": (dense, False), **variants}
+    else:
+        top1["dense"], top1["dense_recorded"] = ckpt.get("top1_dense"), True
+    for name, (model, int8) in variants.items():
+        run = runtimes.prepare(model, args.runtime, device, amp_dtype, example, int8)
+        top1[name] = evaluate(loader, runtimes.Deployed(run), device)["acc1"]
+    return top1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,33 @@ def test_cuda_timing_on_the_last_gpu():
     assert torch.cuda.current_device() == 0  # the caller's device is left as it was
 
 
+@needs_cuda
+@pytest.mark.parametrize("runtime,provider", [("onnxruntime", "CUDAExecutionProvider"),
+                                              ("tensorrt", "TensorrtExecutionProvider")])
+def test_onnx_runtimes_on_the_gpu(runtime, provider):
+    """ONNX Runtime's CUDA and TensorRT providers run the model as PyTorch does (TensorRT may
+    use TF32: within 1% of the logits' scale), time it, and a table timed there says so."""
+    ort = pytest.importorskip("onnxruntime")
+    if provider not in ort.get_available_providers():
+        pytest.skip(f"{runtime} needs ONNX Runtime's {provider} (onnxruntime-gpu"
+                    f"{' built with TensorRT' if runtime == 'tensorrt' else ''})")
+    from pruning import runtimes
+    from pruning.latency import Timer, measure_table
+    device = torch.device("cuda")
+    model = models.ReViT(models.Dims(**TINY_REVIT, img_size=32, patch_size=8, in_chans=3,
+                                     num_classes=10)).to(device).eval()
+    x = torch.randn(4, 3, 32, 32, device=device)
+    with torch.no_grad():
+        expected = model(x)
+    got = runtimes.prepare(model, runtime, device, None, x)(x)
+    assert got.device == x.device
+    assert float((got - expected).abs().max()) <= 0.01 * float(expected.abs().max())
+    assert Timer(device, 1, 2, None, runtime=runtime)(model, x) > 0
+    grid = {"embed_dims": [64], "heads": [1, 2], "qk_dims": [8], "v_dims": [8], "mlp_dims": [64]}
+    meta = measure_table(grid, device, 8, 17, warmup=1, repeats=2, runtime=runtime)["meta"]
+    assert meta["runtime"] == runtime and meta["provider"] == provider
+
+
 # ------------------------------------------------------------------------------ memory
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
