@@ -284,3 +284,24 @@ def test_revit_scratch_skips_without_cifar(tmp_path):
     with mock.patch.object(bench_quality, "cifar_dir", return_value=tmp_path / "absent"):
         out = study_here("bench_revit_scratch.py", "--out", str(tmp_path / "out"))
     assert "skipped" in out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_deploy_quick(tmp_path):
+    """Study 13 end to end on DIGITS: a table per runtime, a pruning run per table, every
+    variant timed in ONNX Runtime and eager torch, and int8's top-1 on study 5's model,
+    whose fp32 top-1 is the one study 5 recorded for it."""
+    data = quick("bench_deploy.py", "deploy", tmp_path)
+    rows = {r["table"]: r for r in data["speed"]}
+    assert set(rows) == {"onnxruntime", "torch"}
+    for rt, r in rows.items():
+        assert r["table_meta"]["runtime"] == rt and 0 < r["table_ratio"] <= 0.5
+        for where in ("onnxruntime", "torch"):
+            assert all(is_stats(r[f"delivered_{where}_b{b}"]) for b in (1, 4))
+    assert set(data["times"]["4"]) >= {"dense int8", "ort-table int8", "torch-table"}
+    top1 = {r["variant"]: r for r in data["int8_top1"]}
+    manifest = json.loads((ROOT / "benchmarks" / "models" / "manifest.json").read_text())
+    assert top1["fp32 (eager torch)"]["top1"] == pytest.approx(
+        manifest["quality_quick_dense_digits.pth"]["top1"], abs=1e-4)
+    assert top1["fp32 ONNX Runtime"]["agreement"] == 100.0
+    assert len(top1) == 5 and all(50 < r["top1"] <= 100 for r in top1.values())
