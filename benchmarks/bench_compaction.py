@@ -82,7 +82,7 @@ def prune_to(dense: models.ReViT, target: float, seed: int = 0) -> models.ReViT:
     model.load_state_dict(dense.state_dict())
     gates = Gates.attach(model)
     w = random_widths(dense.dims, target, seed)
-    gates.emb[w["embed_dim"]:] = 0
+    gates.embs[0][w["embed_dim"]:] = 0
     for i, b in enumerate(gates.blocks):
         b["head"][w["num_heads"][i]:] = 0
         b["qk"][:, w["qk_dim"][i]:] = 0

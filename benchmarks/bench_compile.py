@@ -91,7 +91,7 @@ def measure_case(case: str, frame: dict, batch: int, backend: str, amp_dtype, re
             if gates is not None and mode == "compiled":  # a prune step: values, no shapes
                 compiled_graphs = counters["stats"]["unique_graphs"]
                 gates.remove("mlp", 0, [gates.dims.mlp_dim[0] - 1])
-                gates.remove("emb", None, [gates.dims.embed_dim - 1])
+                gates.remove("emb", 0, [gates.dims.embed_dim - 1])
                 run()
                 graphs["recompiled_after_prune_step"] = \
                     counters["stats"]["unique_graphs"] - compiled_graphs

@@ -104,7 +104,7 @@ def prune_a_share(gates: Gates, share: float) -> None:
     units (heads stay): the state of a run some prune steps in."""
     def first(n: int) -> list[int]:
         return list(range(int(n * share)))
-    gates.remove("emb", None, first(gates.emb.numel()))
+    gates.remove("emb", 0, first(gates.embs[0].numel()))
     for i, block in enumerate(gates.blocks):
         for kind in ("qk", "v", "mlp"):
             gates.remove(kind, i, first(block[kind].shape[-1]))

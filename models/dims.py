@@ -177,6 +177,20 @@ class Dims:
         return self.num_patches + self.pos_embed_prefix
 
     @property
+    def streams(self) -> list[int]:
+        """The embedding width of each residual stream: a ViT has one."""
+        return [self.embed_dim]
+
+    def stream_of(self, block: int) -> int:
+        """The stream block `block` belongs to."""
+        return 0
+
+    def embed_value(self, widths: list[int]) -> int:
+        """What the embed_dim field holds for these per-stream widths."""
+        (width,) = widths
+        return width
+
+    @property
     def is_uniform(self) -> bool:
         return all(len(set(getattr(self, n))) == 1 for n in (*BLOCK_LISTS, "attn_scale"))
 
@@ -243,6 +257,12 @@ class Dims:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Dims":
+        return cls.from_dict(cls.read_file(path), source=f"dims file {path}")
+
+    @staticmethod
+    def read_file(path: str | os.PathLike):
+        """A dims file's content (YAML for .yaml/.yml, else JSON), refused in one line when
+        absent or malformed."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"dims file not found: {path}")
@@ -259,7 +279,7 @@ class Dims:
         except Exception as e:  # yaml and json raise different types; both mean "malformed"
             raise UserError(f"dims file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: "
                             f"{str(e).splitlines()[0]}") from None
-        return cls.from_dict(data, source=f"dims file {path}")
+        return data
 
 
 def _is_int(v) -> bool:

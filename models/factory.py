@@ -22,6 +22,11 @@ from .dims import FAMILY_FIELDS, FRAME_FIELDS, Dims
 from .hub import download_problem
 from .nvit_reference import from_reference, is_reference_layout
 from .revit import ReViT
+from .swin import ReSwin
+from .swin_dims import FRAME_FIELDS as SWIN_FRAME, SwinDims
+from .swin_factory import (adapt_state as adapt_swin_state, check_frame as swin_frame,
+                           is_swin_state, state_dims as swin_state_dims, timm_layout)
+from .timm_swin import is_timm_swin_name, timm_swin_dims
 from .timm_vit import timm_vit_dims
 
 MODEL_KWARGS = ("drop_rate", "attn_drop_rate", "drop_path_rate")  # ours and timm's alike
@@ -43,17 +48,20 @@ def _name_dims(name: str, timm_kwargs: tuple) -> Dims:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{name} with {given}: timm refuses it ({first[:160]})",
                         field="model_kwargs") from None
-    if isinstance(m, ReViT):
+    if isinstance(m, (ReViT, ReSwin)):
         return m.dims
     what = name + (f" with {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}" if kwargs else "")
+    if "Swin" in type(m).__name__:
+        return timm_swin_dims(m, what)
     return timm_vit_dims(m, what)
 
 
-def name_dims(name: str, **timm_kwargs) -> Dims:
-    """Dims (frame and family fields included) of a timm ViT/DeiT/DeiT III/DINOv2 name as
-    timm builds it with these keyword arguments (global_pool, fc_norm, class_token,
-    reg_tokens, qkv_bias, init_values, ...: timm interprets them), read without allocating
-    weights; a timm feature we do not cover (qk_norm=True) is refused by name."""
+def name_dims(name: str, **timm_kwargs) -> Dims | SwinDims:
+    """Dims (frame and family fields included) of a timm ViT/DeiT/DeiT III/DINOv2 name, or
+    SwinDims of a timm Swin / Swin v2 name, as timm builds it with these keyword arguments
+    (global_pool, fc_norm, class_token, reg_tokens, qkv_bias, init_values, window_size, ...:
+    timm interprets them), read without allocating weights; a timm feature we do not cover
+    (qk_norm=True, the swinv2_cr variant) is refused by name."""
     try:
         return _name_dims(name, tuple(sorted(timm_kwargs.items())))
     except TypeError as e:  # an unhashable value (a list): not cached
@@ -69,11 +77,33 @@ def _split_kwargs(kwargs: dict) -> tuple[dict, dict, dict]:
     return frame, model, kwargs
 
 
-OURS = ("revit",)  # our registered architectures (and revit_*), as a hub folder names them
+OURS = ("revit", "reswin")  # our registered architectures (and revit_*), as a hub folder names them
 
 
 def is_our_architecture(name: str) -> bool:
     return name in OURS or name.startswith("revit_")
+
+
+def model_class(dims):
+    """The model class a dims spec describes: ReSwin for SwinDims, else ReViT."""
+    return ReSwin if isinstance(dims, SwinDims) else ReViT
+
+
+def architecture_of(dims) -> str:
+    """The registered timm architecture that builds any model of this dims spec."""
+    return "reswin" if isinstance(dims, SwinDims) else "revit"
+
+
+def dims_from_dict(data: dict, source: str = "dims") -> Dims | SwinDims:
+    """A ViT's Dims or a Swin's SwinDims (it has stages: `depths`) from a file or checkpoint."""
+    if isinstance(data, dict) and "depths" in data:
+        return SwinDims.from_dict(data, source=source)
+    return Dims.from_dict(data, source=source)
+
+
+def load_dims(path) -> Dims | SwinDims:
+    """A dims file (YAML or JSON) of either family."""
+    return dims_from_dict(Dims.read_file(path), source=f"dims file {path}")
 
 
 def saved_timm_kwargs(ckpt: dict) -> dict:
@@ -111,59 +141,62 @@ def _adapt_state_dict(sd: dict, model: ReViT) -> dict:
     return sd
 
 
-def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLike | None = None,
-                pretrained: bool = False, adapt: bool = False, token_scale: bool = False,
-                ema: bool = False, **kwargs) -> ReViT:
-    """Build a ReViT.
+def build_model(name: str, dims: Dims | SwinDims | None = None,
+                checkpoint: str | os.PathLike | None = None, pretrained: bool = False,
+                adapt: bool = False, token_scale: bool = False, ema: bool = False,
+                **kwargs) -> ReViT | ReSwin:
+    """Build a ReViT, or a ReSwin for a Swin (a swin_* / swinv2_* name, SwinDims, or a Swin
+    checkpoint: the checkpoint decides, then the dims, then the name).
 
-    name: a timm ViT name (deit_*, deit3_*, vit_*, *_dinov2); fixes patch, image size,
-        depth (for uniform dims), distillation and the family fields unless `dims`, the
-        checkpoint or keyword arguments say otherwise.
+    name: a timm ViT name (deit_*, deit3_*, vit_*, *_dinov2) or Swin name (swin_*,
+        swinv2_*); fixes patch, image size, depth (for uniform dims), distillation and the
+        family fields unless `dims`, the checkpoint or keyword arguments say otherwise.
     dims: per-block widths (and optionally frame) to use instead of the name's uniform ones.
-    checkpoint: a timm/DeiT state dict file or URL (qkv split, dims inferred, strict), one
-        of our checkpoints (dims read from it), or an NViT reference checkpoint (a released
-        NViT model or a masked pruning checkpoint, converted exactly).
+    checkpoint: a timm/DeiT state dict file or URL (qkv split, dims inferred, strict),
+        timm's or Microsoft's Swin weights, one of our checkpoints (dims read from it), or an
+        NViT reference checkpoint (a released NViT model or a masked pruning checkpoint,
+        converted exactly).
     pretrained: take timm's pretrained weights for `name` (needs the hub or its cache).
     adapt: allow the checkpoint's image size and classes to differ from the keyword
-        arguments (position embedding resampled, classifier re-initialised), as finetuning
-        on another data set needs; otherwise a mismatch is an error.
-    token_scale: give the model a token scale (at 1, so the function is unchanged) if its
-        dims or weights have none, as the NViT reference's pruning model has.
+        arguments (position embedding or Swin bias tables resampled, classifier
+        re-initialised), as finetuning on another data set needs; otherwise a mismatch is an
+        error.
+    token_scale: give a ViT a token scale (at 1, so the function is unchanged) if its dims or
+        weights have none, as the NViT reference's pruning model has (a Swin has none).
     ema: take the checkpoint's weight EMA instead of its model weights.
     kwargs: frame fields (img_size, num_classes, patch_size, in_chans, distilled),
         drop_rate, attn_drop_rate, drop_path_rate, and timm's model kwargs for `name`
         (global_pool, fc_norm, class_token, reg_tokens, qkv_bias, init_values,
-        no_embed_class, ...), which timm interprets; a timm train.py checkpoint's recorded
-        --gp and --model-kwargs count as given, the explicit ones win.
+        no_embed_class, window_size, ...), which timm interprets; a timm train.py
+        checkpoint's recorded --gp and --model-kwargs count as given, the explicit ones win.
     """
     frame, model_kwargs, timm_kwargs = _split_kwargs(dict(kwargs))
+    ckpt = source = None
+    if checkpoint is not None:
+        source = str(checkpoint)
+        ckpt = read_checkpoint(checkpoint)
+        timm_kwargs = {**saved_timm_kwargs(ckpt), **timm_kwargs}
+    elif pretrained:
+        source = f"timm's pretrained {name}"
+        ckpt = _timm_pretrained_state(name, timm_kwargs)
+    swin = (_is_swin_checkpoint(ckpt) if ckpt is not None
+            else isinstance(dims, SwinDims) or is_timm_swin_name(name))
+    if swin:
+        return _build_swin(name, dims, ckpt, source, adapt, ema, frame, model_kwargs, timm_kwargs)
     state = None
-    source = None
-    if checkpoint is not None or pretrained:
-        if checkpoint is not None:
-            source = str(checkpoint)
-            ckpt = read_checkpoint(checkpoint)
-            timm_kwargs = {**saved_timm_kwargs(ckpt), **timm_kwargs}
-        else:
-            source = f"timm's pretrained {name}"
-            ckpt = _timm_pretrained_state(name, timm_kwargs)
+    if ckpt is not None:
         base = name_dims(name, **timm_kwargs)
         ck_dims, state = _checkpoint_dims(ckpt, base, source, ema)
         if dims is not None and _widths(dims) != _widths(ck_dims):
             raise UserError(f"{source} holds a model of other dims than the ones given "
                             f"(give none: the checkpoint's dims are used)", field="dims")
         if not adapt:
-            for key, value in frame.items():
-                if value is not None and getattr(ck_dims, key) != value:
-                    hint = ("; it is a backbone without a classifier (as timm's DINOv2): "
-                            "finetune it with a classifier on the data first, then prune that"
-                            if key == "num_classes" and ck_dims.num_classes == 0 else "")
-                    raise UserError(
-                        f"{source} was made with {key}={getattr(ck_dims, key)}, but {key}={value} "
-                        f"was asked for{hint}", field=key)
+            _check_frame(ck_dims, frame, source)
         dims = ck_dims.with_family_defaults()  # a field a checkpoint lacks is DeiT's
     else:
         base = name_dims(name, **timm_kwargs)
+        if isinstance(base, SwinDims):
+            raise UserError(f"{name} is a Swin; its dims are SwinDims (stages)", field="dims")
     if dims is None:
         dims = base
     else:  # a spec by hand or by the ReViT rule: what it leaves open is the name's
@@ -186,10 +219,88 @@ def build_model(name: str, dims: Dims | None = None, checkpoint: str | os.PathLi
     return model
 
 
-def parameter_count(dims: Dims) -> int:
+def _check_frame(ck_dims, frame: dict, source: str) -> None:
+    """Without `adapt`, the frame asked for must be the checkpoint's."""
+    for key, value in frame.items():
+        if value is not None and getattr(ck_dims, key) != value:
+            hint = ("; it is a backbone without a classifier (as timm's DINOv2): "
+                    "finetune it with a classifier on the data first, then prune that"
+                    if key == "num_classes" and ck_dims.num_classes == 0 else "")
+            raise UserError(f"{source} was made with {key}={getattr(ck_dims, key)}, but "
+                            f"{key}={value} was asked for{hint}", field=key)
+
+
+def _is_swin_checkpoint(ckpt: dict) -> bool:
+    hub = ckpt.get("hub_config")
+    if hub is not None:
+        return hub["architecture"] == "reswin" or is_timm_swin_name(hub["architecture"])
+    if isinstance(ckpt.get("dims"), dict):
+        return "depths" in ckpt["dims"]
+    try:
+        return is_swin_state(state_dict_of(ckpt, "checkpoint"))
+    except UserError:
+        return False
+
+
+def _build_swin(name: str, dims: SwinDims | None, ckpt: dict | None, source: str | None,
+                adapt: bool, ema: bool, frame: dict, model_kwargs: dict,
+                timm_kwargs: dict) -> ReSwin:
+    frame = swin_frame(frame)
+    base = name_dims(name, **timm_kwargs) if is_timm_swin_name(name) else None
+    state = None
+    if ckpt is not None:
+        # a foreign state dict does not say its image size: the one asked for, else the name's
+        seen = base.with_frame(img_size=frame.get("img_size")) if base is not None else None
+        ck_dims, state = _swin_checkpoint_dims(ckpt, seen, source, ema)
+        if dims is not None and _swin_widths(dims) != _swin_widths(ck_dims):
+            raise UserError(f"{source} holds a model of other dims than the ones given "
+                            f"(give none: the checkpoint's dims are used)", field="dims")
+        if not adapt:
+            _check_frame(ck_dims, frame, source)
+        dims = ck_dims
+    elif dims is None:
+        if base is None:
+            raise UserError(f"{name} is not a timm Swin name (e.g. swin_tiny_patch4_window7_224)",
+                            field="name")
+        dims = base
+    else:  # a spec by hand: what it leaves open is the name's (Swin-T's for a ViT name)
+        base = base if base is not None else name_dims("reswin")
+        dims = dims.with_frame(**{f: getattr(base, f) for f in SWIN_FRAME
+                                  if getattr(dims, f) is None})
+    dims = dims.with_frame(**frame)
+    dims.validate()
+    _check_fits_in_memory(dims)
+    model = ReSwin(dims, **model_kwargs)
+    if state is not None:
+        if adapt:
+            state = adapt_swin_state(state, model)
+        check_fits(model, state, source)
+        model.load_state_dict(state)
+    return model
+
+
+def _swin_checkpoint_dims(ckpt: dict, base: SwinDims | None, source: str, ema: bool = False
+                          ) -> tuple[SwinDims, dict]:
+    """The SwinDims a checkpoint holds (or implies) and its weights in timm's layout."""
+    state = state_dict_of(ckpt, source, ema)
+    hub = ckpt.get("hub_config")
+    if hub is not None and hub["architecture"] == "reswin":
+        return SwinDims.from_dict(hub["model_args"]["dims"],
+                                  source=f"model_args.dims in {source}"), state
+    if isinstance(ckpt.get("dims"), dict):
+        return SwinDims.from_dict(ckpt["dims"], source=f"dims in {source}"), state
+    state = timm_layout(state)
+    return swin_state_dims(state, base, source), state
+
+
+def _swin_widths(d: SwinDims) -> tuple:
+    return (d.embed_dim, d.depths, d.num_heads, d.qk_dim, d.v_dim, d.mlp_dim)
+
+
+def parameter_count(dims: Dims | SwinDims) -> int:
     """Parameters of the model `dims` describes, counted without allocating them."""
     with torch.device("meta"):
-        return sum(p.numel() for p in ReViT(dims).parameters())
+        return sum(p.numel() for p in model_class(dims)(dims).parameters())
 
 
 def available_memory() -> int | None:
@@ -204,7 +315,7 @@ def available_memory() -> int | None:
     return None
 
 
-def _check_fits_in_memory(dims: Dims) -> None:
+def _check_fits_in_memory(dims: Dims | SwinDims) -> None:
     """Refuse a model whose fp32 weights alone exceed the free memory, instead of letting
     the allocation take the machine down (--EMB 100000 asks for tens of GB)."""
     free = available_memory()
@@ -243,14 +354,18 @@ def _checkpoint_dims(ckpt: dict, base: Dims, source: str, ema: bool = False
                     f"(no fused qkv and no dims)")
 
 
-def planned_img_size(name: str, dims: Dims | None = None,
+def planned_img_size(name: str, dims: Dims | SwinDims | None = None,
                      checkpoint: str | os.PathLike | None = None, **timm_kwargs) -> int:
     """The image size build_model gives when none is asked for: the checkpoint's, else the
     dims spec's, else the name's. Lets a script size its data transforms before building the
     model; a local checkpoint is memory-mapped, not read."""
     if checkpoint is not None:
         ckpt = peek_checkpoint(checkpoint)
-        base = name_dims(name, **{**saved_timm_kwargs(ckpt), **timm_kwargs})
+        kw = {**saved_timm_kwargs(ckpt), **timm_kwargs}
+        if _is_swin_checkpoint(ckpt):
+            base = name_dims(name, **kw) if is_timm_swin_name(name) else None
+            return _swin_checkpoint_dims(ckpt, base, str(checkpoint))[0].img_size
+        base = name_dims(name, **kw)
         return _checkpoint_dims(ckpt, base, str(checkpoint))[0].img_size or base.img_size
     base = name_dims(name, **timm_kwargs)
     if dims is not None and dims.img_size is not None:

@@ -44,8 +44,10 @@ class StreamNorm(nn.LayerNorm):
 
     `gate` (E,) zeroes channels; statistics use the live ones (gate != 0) only, so the
     result equals a LayerNorm over the compacted stream. The gate scales this norm's weight
-    and bias, so its gradient includes them. The live channels are found once per change
-    of the gate (its in-place version counter), not per forward: no host sync per step.
+    and bias, so its gradient includes them. `repeats`: the normalised axis holds that many
+    copies of the stream one after another (a Swin's patch merging, 4), each gated alike.
+    The live channels are found once per change of the gate (its in-place version counter),
+    not per forward: no host sync per step.
     """
 
     __jit_ignored_attributes__ = ["_live_key", "_live"]  # the gated path's cache
@@ -53,28 +55,34 @@ class StreamNorm(nn.LayerNorm):
     _live = None
 
     @torch.jit.unused
-    def live_channels(self, gate: torch.Tensor) -> torch.Tensor | None:
-        """Indices of the live channels, or None when every channel is live."""
-        key = (gate.data_ptr(), gate._version)
+    def live_channels(self, gate: torch.Tensor, repeats: int = 1) -> torch.Tensor | None:
+        """Indices of the live positions, or None when every one is live."""
+        key = (gate.data_ptr(), gate._version, repeats)
         if self._live_key != key:
             idx = torch.nonzero(gate.detach() != 0).flatten()
-            self._live = None if idx.numel() == gate.numel() else idx
+            if idx.numel() == gate.numel():
+                self._live = None
+            else:
+                n = gate.numel()
+                self._live = torch.cat([idx + j * n for j in range(repeats)])
             self._live_key = key
         return self._live
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None,
+                repeats: int = 1) -> torch.Tensor:
         if gate is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return self.gated(x, gate)
+        return self.gated(x, gate, repeats)
 
     @torch.jit.unused
-    def gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def gated(self, x: torch.Tensor, gate: torch.Tensor, repeats: int = 1) -> torch.Tensor:
         """The norm while pruning: the gate scales weight and bias, statistics over live
         channels (kept out of TorchScript: a scripted model has no gates)."""
-        weight, bias = scaled(self.weight, self.bias, gate)
+        full = gate if repeats == 1 else gate.repeat(repeats)
+        weight, bias = scaled(self.weight, self.bias, full)
         if torch.compiler.is_compiling():
-            return self.masked(x, gate, weight, bias)
-        idx = self.live_channels(gate)
+            return self.masked(x, full, weight, bias)
+        idx = self.live_channels(gate, repeats)
         if idx is None:
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         if idx.numel() == 0:
@@ -407,24 +415,33 @@ class ReViT(nn.Module):
                 nn.init.zeros_(h.bias)
 
     # ---------------------------------------------------------------- gates
-    def set_gates(self, emb: torch.Tensor | None, blocks: list[dict] | None,
-                  emb_frame: torch.Tensor | None = None) -> None:
+    def set_gates(self, embs: list | None, blocks: list[dict] | None,
+                  frames: list | None = None) -> None:
         """Attach gates (or remove them with `None, None`).
 
-        `blocks[i]` holds tensors `head` (H,), `qk` (H, qk_dim), `v` (H, v_dim), `mlp` (M,).
-        Either all block gates are set or none; the embedding gate is independent.
-        `emb_frame` (default `emb`) is the embedding gate used where the stream meets the
-        class/distillation tokens, the position embedding and the final norm (the classifier
-        columns); the same values, detached, leave those weights out of the embedding score.
+        `embs` holds the one embedding gate (E,) of the residual stream; `blocks[i]` holds
+        tensors `head` (H,), `qk` (H, qk_dim), `v` (H, v_dim), `mlp` (M,). Either all block
+        gates are set or none; the embedding gate is independent. `frames` (default `embs`)
+        holds the embedding gate used where the stream meets the class/distillation tokens,
+        the position embedding and the final norm (the classifier columns); the same values,
+        detached, leave those weights out of the embedding score.
         """
-        self.emb_gate = emb
-        self.emb_frame_gate = emb if emb_frame is None else emb_frame
+        self.emb_gate = None if embs is None else embs[0]
+        self.emb_frame_gate = self.emb_gate if frames is None else frames[0]
         for i, blk in enumerate(self.blocks):
             g = blocks[i] if blocks is not None else {}
             blk.attn.head_gate = g.get("head")
             blk.attn.qk_gate = g.get("qk")
             blk.attn.v_gate = g.get("v")
             blk.mlp.gate = g.get("mlp")
+
+    def current_gates(self) -> dict:
+        """The gates set: {"emb": [per stream] or None, "blocks": [{kind: ...}] or None}."""
+        blocks = [{"head": b.attn.head_gate, "qk": b.attn.qk_gate, "v": b.attn.v_gate,
+                   "mlp": b.mlp.gate} for b in self.blocks]
+        if all(v is None for g in blocks for v in g.values()):
+            blocks = None
+        return {"emb": None if self.emb_gate is None else [self.emb_gate], "blocks": blocks}
 
     # -------------------------------------------------------------- forward
     def embed_patches(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:

@@ -43,6 +43,12 @@ class CostModel:
         """Everything outside the blocks (patch embedding, tokens, final norm, heads)."""
         raise NotImplementedError
 
+    def block_at(self, index: int, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
+                 mlp_dim: int) -> float:
+        """Block `index` at these widths (a ViT's blocks all see the same tokens; a
+        hierarchical model's cost depends on the block's stage)."""
+        return self.block(embed_dim, num_heads, qk_dim, v_dim, mlp_dim)
+
     def frame_note(self, dims: Dims) -> str | None:
         """A warning for the caller when the cost was measured for another frame (None: fine)."""
         return None
@@ -484,18 +490,31 @@ def _read_grid(node, part: str, axes: tuple[str, ...], scale: float, source: str
 
 
 # ---------------------------------------------------------------------- factory
-def build_cost_model(kind: str, dims: Dims, table: dict | None = None) -> CostModel:
-    """The cost model for `--cost KIND`; "latency" needs the table's JSON content."""
+def build_cost_model(kind: str, dims, table: dict | None = None) -> CostModel:
+    """The cost model for `--cost KIND` of a ViT's Dims or a Swin's SwinDims; "latency"
+    needs the table's JSON content."""
+    from models.swin_dims import SwinDims
+    swin = isinstance(dims, SwinDims)
+    if swin:
+        from .cost_swin import SwinMacsCost, SwinParamsCost
     if kind == "macs":
-        return MacsCost(dims)
+        return SwinMacsCost(dims) if swin else MacsCost(dims)
     if kind == "params":
-        return ParamsCost(dims)
+        return SwinParamsCost(dims) if swin else ParamsCost(dims)
     if kind == "latency":
         if table is None:
             raise UserError("the latency cost needs a latency table", field="latency_table")
+        from .cost_swin import SwinLatencyTable, is_swin_table
         try:
-            return LatencyTable.from_dict(table)
+            built = (SwinLatencyTable.from_dict(table) if is_swin_table(table)
+                     else LatencyTable.from_dict(table))
         except UserError as e:
             e.field = e.field or "latency_table"
             raise
+        if isinstance(built, SwinLatencyTable) != swin:
+            raise UserError("the latency table was timed for " + (
+                "a Swin's stages, this model is a ViT" if not swin else
+                "a ViT's blocks; a Swin's is timed per stage at each stage's tokens and "
+                "window") + "; build the table for this model", field="latency_table")
+        return built.bind(dims) if swin else built
     raise UserError(f"cost {kind!r} is not one of {', '.join(KINDS)}", field="cost")

@@ -1,7 +1,8 @@
 """Multiplicative pruning gates attached to a ReViT, and the units they are read in.
 
-One gate per prunable element: embedding channels (the whole residual stream), and per
-block heads, QK dims and V dims (per head) and MLP neurons. At value 1 a gate leaves the
+One gate per prunable element: embedding channels (one gate per residual stream: a ViT has
+one, a Swin one per stage), and per block heads, QK dims and V dims (per head) and MLP
+neurons. At value 1 a gate leaves the
 model unchanged and its gradient times its value is the summed `theta * dL/dtheta` of the
 element's producing weights, which is what the saliency criteria need; at value 0 it
 removes the element.
@@ -18,10 +19,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from models.dims import Dims
-from models.revit import ReViT
-
-from .units import BLOCK_KINDS, gate_shape
+from .units import BLOCK_KINDS, gate_shape, num_streams
 
 QKV_UNITS = ("shared", "per_head")
 EMB_SALIENCY = ("full", "reference")  # what the embedding gate's gradient sums, see attach
@@ -48,9 +46,11 @@ def head_widths(head: torch.Tensor, qk: torch.Tensor, v: torch.Tensor) -> tuple[
     return n_heads, widths[0], widths[1]
 
 
-def live_widths(emb: torch.Tensor | None, blocks: list[dict] | None, dims: Dims) -> dict:
-    """Widths of the compact model as Dims field names; a missing gate counts as all ones."""
-    out = {"embed_dim": dims.embed_dim if emb is None else int((emb != 0).sum()),
+def live_widths(embs: list | None, blocks: list[dict] | None, dims) -> dict:
+    """Widths of the compact model as dims field names; a missing gate counts as all ones."""
+    streams = [w if embs is None or embs[s] is None else int((embs[s] != 0).sum())
+               for s, w in enumerate(dims.streams)]
+    out = {"embed_dim": dims.embed_value(streams),
            "num_heads": [], "qk_dim": [], "v_dim": [], "mlp_dim": []}
     for i in range(dims.depth):
         g = blocks[i] if blocks is not None else {}
@@ -71,10 +71,16 @@ def live_widths(emb: torch.Tensor | None, blocks: list[dict] | None, dims: Dims)
     return out
 
 
-def widths_to_dims(widths: dict, dims: Dims) -> Dims:
-    """A buildable Dims from live widths: frame and attention scales kept from `dims`.
+def stream_widths(widths: dict) -> list[int]:
+    """The per-stream embedding widths of a widths dict (a ViT's embed_dim is one number)."""
+    e = widths["embed_dim"]
+    return list(e) if isinstance(e, (list, tuple)) else [e]
 
-    ReViT cannot hold a zero width, so a width that was pruned to 0 becomes a single
+
+def widths_to_dims(widths: dict, dims):
+    """A buildable dims spec from live widths: frame and attention scales kept from `dims`.
+
+    A model cannot hold a zero width, so a width that was pruned to 0 becomes a single
     placeholder unit whose producing weights are zero (compaction then keeps the function).
     """
     clamp = {k: (max(1, v) if isinstance(v, int) else [max(1, x) for x in v])
@@ -83,19 +89,23 @@ def widths_to_dims(widths: dict, dims: Dims) -> Dims:
 
 
 class Gates:
-    """All gate tensors of one model, with unit, mask, width and distributed helpers."""
+    """All gate tensors of one model, with unit, mask, width and distributed helpers.
 
-    def __init__(self, emb: torch.Tensor, blocks: list[dict], dims: Dims,
+    `embs`: one embedding gate per residual stream; `blocks[i]`: block i's head, qk, v and
+    mlp gates. A layer is addressed as (kind, index): the stream for "emb", else the block.
+    """
+
+    def __init__(self, embs: list[torch.Tensor], blocks: list[dict], dims,
                  qkv_units: str = "shared") -> None:
         if qkv_units not in QKV_UNITS:
             raise ValueError(f"QK/V units must be one of {QKV_UNITS}, got {qkv_units!r}")
-        self.emb = emb
+        self.embs = list(embs)
         self.blocks = blocks
         self.dims = dims
         self.qkv_units = qkv_units
 
     @classmethod
-    def attach(cls, model: ReViT, dtype: torch.dtype = torch.float32, qkv_units: str = "shared",
+    def attach(cls, model, dtype: torch.dtype = torch.float32, qkv_units: str = "shared",
                emb_saliency: str = "full") -> "Gates":
         """All-ones leaf gates on the model's device, set on the model.
 
@@ -103,40 +113,51 @@ class Gates:
         removes (patch embedding, tokens, position embedding, every block's writers and
         readers, the classifier columns); "reference": only the patch embedding and the
         blocks' weights, as the NViT reference scores a channel (the tokens, position
-        embedding and classifier see the same gate values, detached).
+        embedding and final norm see the same gate values, detached).
         """
         if emb_saliency not in EMB_SALIENCY:
             raise ValueError(f"embedding saliency must be one of {EMB_SALIENCY}, got {emb_saliency!r}")
-        device = model.pos_embed.device
+        device = next(model.parameters()).device
         d = model.dims
 
         def ones(*shape: int) -> torch.Tensor:
             return torch.ones(*shape, dtype=dtype, device=device, requires_grad=True)
 
         blocks = [{k: ones(*gate_shape(k, d, i)) for k in BLOCK_KINDS} for i in range(d.depth)]
-        gates = cls(ones(*gate_shape("emb", d, None)), blocks, d, qkv_units)
-        frame = gates.emb.detach() if emb_saliency == "reference" else None  # shares storage
-        model.set_gates(gates.emb, gates.blocks, frame)
+        embs = [ones(*gate_shape("emb", d, s)) for s in range(num_streams(d))]
+        gates = cls(embs, blocks, d, qkv_units)
+        # "reference": detached views sharing storage, so the values follow every removal
+        frames = [e.detach() for e in embs] if emb_saliency == "reference" else None
+        model.set_gates(gates.embs, gates.blocks, frames)
         return gates
 
     @staticmethod
-    def detach_from(model: ReViT) -> None:
+    def detach_from(model) -> None:
         model.set_gates(None, None)
 
     # ------------------------------------------------------------- iteration
     def tensors(self) -> list[torch.Tensor]:
-        """Every gate in a fixed order (emb, then per block head, qk, v, mlp)."""
-        return [self.emb] + [g[k] for g in self.blocks for k in BLOCK_KINDS]
+        """Every gate in a fixed order (the streams' embedding gates, then per block head,
+        qk, v, mlp)."""
+        return self.embs + [g[k] for g in self.blocks for k in BLOCK_KINDS]
+
+    def layers(self) -> list[tuple[str, int]]:
+        """(kind, index) of each tensor in `tensors()` order."""
+        return ([("emb", s) for s in range(len(self.embs))]
+                + [(k, i) for i in range(len(self.blocks)) for k in BLOCK_KINDS])
 
     def kinds(self) -> list[str]:
         """The kind of each tensor in `tensors()` order."""
-        return ["emb"] + [k for _ in self.blocks for k in BLOCK_KINDS]
+        return [kind for kind, _ in self.layers()]
 
     def nest(self, flat: list) -> dict:
-        """A flat list in `tensors()` order -> {"emb": ..., "blocks": [{kind: ...}]}."""
+        """A flat list in `tensors()` order -> {"emb": [per stream], "blocks": [{kind: ...}]}."""
         it = iter(flat)
-        emb = next(it)
-        return {"emb": emb, "blocks": [{k: next(it) for k in BLOCK_KINDS} for _ in self.blocks]}
+        embs = [next(it) for _ in self.embs]
+        return {"emb": embs, "blocks": [{k: next(it) for k in BLOCK_KINDS} for _ in self.blocks]}
+
+    def gate(self, kind: str, index: int) -> torch.Tensor:
+        return self.embs[index] if kind == "emb" else self.blocks[index][kind]
 
     # ----------------------------------------------------------------- units
     def shares_heads(self, kind: str) -> bool:
@@ -151,7 +172,7 @@ class Gates:
     def unit_live(self) -> list[torch.Tensor]:
         """Which units are alive, per gate tensor in unit shape; a removed head's QK/V dims
         are not alive in per-head units."""
-        out = [self.emb.detach() != 0]
+        out = [e.detach() != 0 for e in self.embs]
         for g in self.blocks:
             head = g["head"].detach() != 0
             for kind in BLOCK_KINDS:
@@ -163,19 +184,19 @@ class Gates:
                 out.append(live)
         return out
 
-    def gate_units(self, kind: str, block: int | None, units: list) -> list:
+    def gate_units(self, kind: str, index: int, units: list) -> list:
         """Unit indices -> indices into the gate tensor ((head, dim) pairs for QK/V)."""
         if self.shares_heads(kind):
-            heads = self.blocks[block]["head"].shape[0]
+            heads = self.blocks[index]["head"].shape[0]
             return [(h, int(d)) for d in units for h in range(heads)]
         return list(units)
 
     @torch.no_grad()
-    def remove(self, kind: str, block: int | None, units: list) -> None:
-        """Zero the gates of these units (indices in unit shape)."""
-        gate = self.emb if kind == "emb" else self.blocks[block][kind]
+    def remove(self, kind: str, index: int, units: list) -> None:
+        """Zero the gates of these units (indices in unit shape) of layer (kind, index)."""
+        gate = self.gate(kind, index)
         if kind in ("qk", "v"):
-            hs, ds = zip(*self.gate_units(kind, block, units))
+            hs, ds = zip(*self.gate_units(kind, index, units))
             gate[list(hs), list(ds)] = 0
         else:
             gate[list(units)] = 0
@@ -212,32 +233,32 @@ class Gates:
             t.copy_(part.view_as(t))
 
     def removed_since(self, before: list[torch.Tensor]) -> list:
-        """(kind, block, gate indices) of every gate element that was live in `before` (an
+        """(kind, index, gate indices) of every gate element that was live in `before` (an
         earlier `tensors()` snapshot) and is zero now: what a prune step removed, read off
         the masks every rank holds rather than one rank's own decisions."""
         out = []
-        for i, (t, was) in enumerate(zip(self.tensors(), before)):
+        for (kind, index), t, was in zip(self.layers(), self.tensors(), before):
             gone = torch.nonzero((was != 0) & (t.detach() == 0))
             if gone.numel() == 0:
                 continue
-            kind = self.kinds()[i]
-            block = None if i == 0 else (i - 1) // len(BLOCK_KINDS)
             idx = [tuple(r) for r in gone.tolist()] if t.dim() == 2 else gone.flatten().tolist()
-            out.append((kind, block, idx))
+            out.append((kind, index, idx))
         return out
 
     # ----------------------------------------------------------------- masks
     def masks(self) -> dict:
         """Which units are alive (gate != 0), nested like the gates."""
-        return {"emb": (self.emb.detach() != 0),
-                "blocks": [{k: (g[k].detach() != 0) for k in BLOCK_KINDS} for g in self.blocks]}
+        return self.nest([t.detach() != 0 for t in self.tensors()])
 
     @torch.no_grad()
     def load_masks(self, masks: dict) -> None:
-        """Set gate values to 1 (alive) or 0 (removed) in place, keeping the gate tensors."""
-        if len(masks["blocks"]) != len(self.blocks):
-            raise ValueError(f"masks have {len(masks['blocks'])} blocks, gates {len(self.blocks)}")
-        pairs = [(self.emb, masks["emb"])] + [(g[k], m[k]) for g, m in zip(self.blocks, masks["blocks"])
+        """Set gate values to 1 (alive) or 0 (removed) in place, keeping the gate tensors.
+        A ViT's masks saved before streams were lists hold one tensor under "emb"."""
+        embs = masks["emb"] if isinstance(masks["emb"], (list, tuple)) else [masks["emb"]]
+        if len(masks["blocks"]) != len(self.blocks) or len(embs) != len(self.embs):
+            raise ValueError(f"masks have {len(embs)} streams and {len(masks['blocks'])} blocks, "
+                             f"gates {len(self.embs)} and {len(self.blocks)}")
+        pairs = list(zip(self.embs, embs)) + [(g[k], m[k]) for g, m in zip(self.blocks, masks["blocks"])
                                                for k in BLOCK_KINDS]
         for gate, mask in pairs:
             if tuple(mask.shape) != tuple(gate.shape):
@@ -247,14 +268,14 @@ class Gates:
 
     # ---------------------------------------------------------------- widths
     def widths(self) -> dict:
-        """Widths a compact model would have, keyed like Dims fields (0 if fully pruned)."""
-        return live_widths(self.emb, self.blocks, self.dims)
+        """Widths a compact model would have, keyed like dims fields (0 if fully pruned)."""
+        return live_widths(self.embs, self.blocks, self.dims)
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
         """Masks on the CPU: all that a resumed run needs to restore its gates."""
         m = self.masks()
-        return {"emb": m["emb"].cpu().clone(),
+        return {"emb": [e.cpu().clone() for e in m["emb"]],
                 "blocks": [{k: v.cpu().clone() for k, v in b.items()} for b in m["blocks"]]}
 
     def load_state_dict(self, state: dict) -> None:

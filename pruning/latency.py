@@ -113,6 +113,25 @@ class Timer:
         return start.elapsed_time(end) / self.CUDA_FORWARDS_PER_SAMPLE
 
 
+def table_meta(timer: Timer, device: torch.device, batch_size: int, amp_dtype,
+               runtime: str, warmup: int, repeats: int) -> dict:
+    """What every latency table records about where and how it was timed."""
+    return {
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "threads": torch.get_num_threads(),
+        "batch_size": batch_size, "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "dtype": precision_name(timer.amp_dtype),
+        "amp": amp_dtype is not None,
+        "tf32": tf32_matmul_enabled() if device.type == "cuda" and amp_dtype is None else None,
+        "timing": timer.method, **describe(runtime, device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "warmup": warmup, "repeats": repeats, "statistic": "median"}
+
+
 def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: int,
                   num_tokens: int, warmup: int = 5, repeats: int = 20,
                   amp_dtype: torch.dtype | None = None, model_dims: Dims | None = None,
@@ -143,19 +162,7 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         print(f"  embed {E}: {len(Hs) * len(Qs) * len(Vs)} attention + {len(Ms)} MLP points "
               f"in {time.perf_counter() - t0:.1f} s", flush=True)
     meta = {
-        "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
-        "threads": torch.get_num_threads(),
-        "batch_size": B, "num_tokens": N, "torch": torch.__version__,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "dtype": precision_name(timer.amp_dtype),
-        "amp": amp_dtype is not None,
-        "tf32": tf32_matmul_enabled() if device.type == "cuda" and amp_dtype is None else None,
-        "timing": timer.method, **describe(runtime, device),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "warmup": warmup, "repeats": repeats, "statistic": "median",
+        **table_meta(timer, device, B, amp_dtype, runtime, warmup, repeats), "num_tokens": N,
         "model": model, "token_scale": bool(token_scale),
         "timed": {"attention": "LayerNorm + Attention (q, k, v, token scale if set, SDPA, "
                                "proj) + residual add",

@@ -2,7 +2,8 @@
 
 It follows the NViT reference's pruning engine (`pruning_engine_general.py`, method 23):
 
-- A *layer* is the embedding, or one kind (head, QK, V, MLP) in one block. Each unit's
+- A *layer* is the embedding of one residual stream (a ViT has one, a Swin one per stage),
+  or one kind (head, QK, V, MLP) in one block. Each unit's
   value is its saliency (0 once removed) minus `lambda * drop`, where `drop` is how much
   the ranking cost falls when the layer loses one unit at the current widths (0 once the
   layer is down to one group). A layer's units, sorted, are cut into groups of the kind's
@@ -31,10 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from models.dims import Dims
-
 from .cost import CostModel
-from .gates import Gates, widths_to_dims
+from .gates import Gates, stream_widths, widths_to_dims
 from .saliency import Saliency
 from .units import BLOCK_KINDS, KINDS, UNIT_KINDS
 
@@ -49,7 +48,7 @@ _WIDTH = {k: UNIT_KINDS[k].width for k in BLOCK_KINDS}
 @dataclass
 class Group:
     kind: str
-    block: int | None
+    block: int  # the stream for "emb", else the block
     units: list  # indices into the layer's unit tensor (ints, or (head, dim) pairs)
     score: float  # sum (or mean) of the units' saliency
     cost_drop: float  # the ranking cost's drop for the group's width steps, in lambda units
@@ -122,7 +121,7 @@ class GlobalPruner:
     def minimum_ratio(self) -> float:
         """Cost ratio with every layer down to one group: targets below it are unreachable."""
         g, d = self.group_sizes, self.original
-        w = {"embed_dim": min(g["emb"], d.embed_dim)}
+        w = {"embed_dim": d.embed_value([min(g["emb"], e) for e in d.streams])}
         for kind, key in _WIDTH.items():
             w[key] = [min(g[kind], x) for x in getattr(d, key)]
         return self.cost.total(widths_to_dims(w, self.original)) / self.original_cost
@@ -134,23 +133,27 @@ class GlobalPruner:
         self.steps = int(state["steps"])
 
     # ------------------------------------------------------------- groups
-    def _unit_drop(self, kind: str, block: int | None, w: dict, dims_now: Dims) -> float:
+    def _unit_drop(self, kind: str, index: int, w: dict, dims_now) -> float:
         """The ranking cost's drop when the layer loses one unit, in lambda units; 0 for a
         block layer already down to one group (the reference's rule)."""
         cost = self.rank_cost
         scale = COST_UNITS.get(getattr(cost, "name", "latency"), 1.0)
+        streams = stream_widths(w)
         if kind == "emb":
-            fewer = widths_to_dims(dict(w, embed_dim=w["embed_dim"] - 1), self.original)
-            return (cost.total(dims_now) - cost.total(fewer)) * scale
-        now = [w["embed_dim"]] + [w[_WIDTH[k]][block] for k in BLOCK_KINDS]
+            fewer = list(streams)
+            fewer[index] -= 1
+            fewer_dims = widths_to_dims(dict(w, embed_dim=self.original.embed_value(fewer)),
+                                        self.original)
+            return (cost.total(dims_now) - cost.total(fewer_dims)) * scale
+        now = [streams[self.original.stream_of(index)]] + [w[_WIDTH[k]][index] for k in BLOCK_KINDS]
         i = 1 + BLOCK_KINDS.index(kind)
         if now[i] <= self.group_sizes[kind]:
             return 0.0
         fewer = list(now)
         fewer[i] -= 1
-        return (cost.block(*now) - cost.block(*fewer)) * scale
+        return (cost.block_at(index, *now) - cost.block_at(index, *fewer)) * scale
 
-    def _layer_groups(self, kind: str, block: int | None, score: torch.Tensor,
+    def _layer_groups(self, kind: str, block: int, score: torch.Tensor,
                       live: torch.Tensor, unit_drop: float) -> list[Group]:
         """The layer's groups in the reference's order: its units sorted ascending, cut into
         consecutive groups (per-head units: slice k of every live head's sorted dims)."""
@@ -182,13 +185,14 @@ class GlobalPruner:
         return groups
 
     def layers(self, scores: dict) -> list[list[Group]]:
-        """Every layer's groups (embedding first, then per block head, QK, V, MLP) at the
-        current widths, with their values under the ranking cost."""
+        """Every layer's groups (each stream's embedding first, then per block head, QK, V,
+        MLP) at the current widths, with their values under the ranking cost."""
         w = self.widths()
         dims_now = widths_to_dims(w, self.original)
         live = self.gates.nest(self.gates.unit_live())
-        out = [self._layer_groups("emb", None, scores["emb"], live["emb"],
-                                  self._unit_drop("emb", None, w, dims_now))]
+        out = [self._layer_groups("emb", s, scores["emb"][s], live["emb"][s],
+                                  self._unit_drop("emb", s, w, dims_now))
+               for s in range(len(self.gates.embs))]
         for i in range(self.original.depth):
             for k in BLOCK_KINDS:
                 out.append(self._layer_groups(k, i, scores["blocks"][i][k], live["blocks"][i][k],
@@ -256,6 +260,6 @@ class GlobalPruner:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return stuck
         self.gates.broadcast_from(0)
-        flag = torch.tensor([float(stuck)], dtype=torch.float64, device=self.gates.emb.device)
+        flag = torch.tensor([float(stuck)], dtype=torch.float64, device=self.gates.embs[0].device)
         dist.broadcast(flag, src=0)
         return bool(flag.item())

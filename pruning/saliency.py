@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from models.revit import ReViT
 
 from .gates import Gates
 from .units import BLOCK_KINDS, KINDS, squared_magnitudes
@@ -34,7 +33,7 @@ class Criterion:
         """One batch's score from per-unit `sum(gate * dL/dgate) / scale`."""
         raise NotImplementedError
 
-    def fresh(self, saliency: "Saliency", model: ReViT | None, alive: list) -> list:
+    def fresh(self, saliency: "Saliency", model: torch.nn.Module | None, alive: list) -> list:
         """Scores computed at the prune step itself, in unit shape."""
         raise NotImplementedError
 
@@ -61,11 +60,11 @@ class Magnitude(Criterion):
     would never be pruned and the widest layers always first."""
     name = "magnitude"
 
-    def fresh(self, saliency: "Saliency", model: ReViT | None, alive: list) -> list:
+    def fresh(self, saliency: "Saliency", model: torch.nn.Module | None, alive: list) -> list:
         if model is None:
             raise ValueError("Saliency.step: the magnitude criterion needs the model")
         sq = squared_magnitudes(model)
-        raw = saliency.gates.to_units([sq["emb"]] + [b[k] for b in sq["blocks"] for k in BLOCK_KINDS])
+        raw = saliency.gates.to_units([*sq["emb"]] + [b[k] for b in sq["blocks"] for k in BLOCK_KINDS])
         out = []
         for r, a in zip(raw, alive):
             r = torch.where(a, r.sqrt().to(a.device), torch.zeros_like(r, device=a.device))
@@ -77,7 +76,7 @@ class Random(Criterion):
     """A baseline: the same draw on every rank, a new one at every step."""
     name = "random"
 
-    def fresh(self, saliency: "Saliency", model: ReViT | None, alive: list) -> list:
+    def fresh(self, saliency: "Saliency", model: torch.nn.Module | None, alive: list) -> list:
         gen = torch.Generator().manual_seed(saliency.seed + saliency.step_index)
         out = []
         for a in alive:
@@ -153,7 +152,7 @@ class Saliency:
 
     # ------------------------------------------------------------ per step
     @torch.no_grad()
-    def step(self, model: ReViT | None = None) -> dict:
+    def step(self, model: torch.nn.Module | None = None) -> dict:
         """Scores for one pruning decision in unit shape, nested like the gates; removed
         units get 0.
 

@@ -1,18 +1,26 @@
-"""The unit map: what each prunable unit kind consists of, written once.
+"""The unit map: what each prunable unit kind consists of, written once per model family.
 
 A unit kind (embedding channel, head, QK dim, V dim, MLP neuron) is a width of the model
-(a Dims field) and a set of parameter slices: which parameter, along which axis, in which
+(a dims field) and a set of parameter slices: which parameter, along which axis, in which
 head-major segment of that axis (the Q, K or V rows of `attn.qkv`; the V columns of
-`attn.proj`), whether a unit *produces* it (output rows: what magnitude scores and what the
-gate's value is folded into) or *consumes* it (input columns), and whether the kind's gate
-multiplies it in the forward pass (`models/revit.py` applies the gates; this table says what
-they mean). Gate shapes, magnitude scores, compaction, optimizer-state clean-up and the
-pruner's width bookkeeping are derived from it, and each refuses a model parameter that the
-map neither covers nor lists in `UNPRUNED` (a new parameter cannot be skipped silently).
-The timm family's extra parameters are entries like any other: LayerScale gammas are "emb"
-produce slices of a block, register tokens and fc_norm model slices like `cls_token` and
-`norm`. A slice whose parameter a model does not have (no qkv bias, no LayerScale, no class
-token) is simply absent from it.
+`attn.proj`; "h": one position per head), whether a unit *produces* it (output rows: what
+magnitude scores and what the gate's value is folded into), *consumes* it (input columns)
+or merely *owns* it (a per-head bias table: removed with the head, neither scored nor
+gated), and whether the kind's gate multiplies it in the forward pass (the models apply the
+gates; this table says what they mean). Gate shapes, magnitude scores, compaction,
+optimizer-state clean-up and the pruner's width bookkeeping are derived from it, and each
+refuses a model parameter that the map neither covers nor lists in its family's `UNPRUNED`
+(a new parameter cannot be skipped silently).
+
+A *layer* is one gate tensor: the embedding of one residual stream (a ViT has one; a Swin
+one per stage), or one kind in one block. Embedding slices are the blocks' of that stream
+plus model-level ones: `where` "first" / "last" keeps a slice to the first or last stream
+(the patch embedding; the final norm and classifier), and a name may hold `{s}` (this
+stream's stage) or `{n}` (the next stage, where a Swin's patch merging reads the stream
+as four concatenated copies: `repeats` 4). The timm ViT family's extra parameters are
+entries like any other: LayerScale gammas are "emb" produce slices of a block, register
+tokens and fc_norm model slices like `cls_token` and `norm`. A slice whose parameter a
+model does not have (no qkv bias, no LayerScale, no class token) is simply absent from it.
 """
 from __future__ import annotations
 
@@ -21,36 +29,48 @@ from dataclasses import dataclass
 
 import torch
 
-from models.dims import Dims
+from models.swin_dims import SwinDims
 
 
 @dataclass(frozen=True)
 class Slice:
-    param: str  # model-level name ("pos_embed") or, for block slices, the name in a block
+    param: str  # model-level name ("pos_embed", "layers.{n}.downsample.reduction.weight") or,
+    #             for block slices, the name in a block
     axis: int
-    role: str  # "produce" (output rows of the unit) or "consume" (input columns)
-    segment: str | None = None  # "q", "k" or "v": those head-major rows/columns of the axis
+    role: str  # "produce" (output rows of the unit), "consume" (input columns) or "own"
+    segment: str | None = None  # "q", "k", "v": those head-major rows/columns; "h": per head
     gated: bool = False  # the kind's gate multiplies this slice's contribution
+    repeats: int = 1  # the axis holds this many copies of the unit axis, one after another
+    where: str | None = None  # model slices: "first" or "last" stream only; None: every one
 
 
 @dataclass(frozen=True)
 class UnitKind:
     name: str
-    width: str  # the Dims field this kind prunes
+    width: str  # the dims field this kind prunes
     per_head: bool  # gate (heads, width) rather than (width,)
     block_slices: tuple[Slice, ...]
     model_slices: tuple[Slice, ...] = ()
 
 
-def _p(param: str, axis: int, segment: str | None = None, gated: bool = True) -> Slice:
-    return Slice(param, axis, "produce", segment, gated)
+def _p(param: str, axis: int, segment: str | None = None, gated: bool = True, repeats: int = 1,
+       where: str | None = None) -> Slice:
+    return Slice(param, axis, "produce", segment, gated, repeats, where)
 
 
-def _c(param: str, axis: int, segment: str | None = None) -> Slice:
-    return Slice(param, axis, "consume", segment, False)
+def _c(param: str, axis: int, segment: str | None = None, repeats: int = 1,
+       where: str | None = None) -> Slice:
+    return Slice(param, axis, "consume", segment, False, repeats, where)
+
+
+def _own(param: str, axis: int) -> Slice:
+    return Slice(param, axis, "own", "h")
 
 
 _QKV = ("attn.qkv.weight", "attn.qkv.bias")
+_MLP = UnitKind("mlp", "mlp_dim", False,
+                block_slices=(_p("mlp.fc1.weight", 0), _p("mlp.fc1.bias", 0),
+                              _c("mlp.fc2.weight", 1)))
 UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
     UnitKind("emb", "embed_dim", False,
              block_slices=(_p("norm1.weight", 0), _p("norm1.bias", 0), _c("attn.qkv.weight", 1),
@@ -72,9 +92,7 @@ UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
              + tuple(_p(n, 0, "k", gated=False) for n in _QKV)),
     UnitKind("v", "v_dim", True,
              block_slices=tuple(_p(n, 0, "v") for n in _QKV) + (_c("attn.proj.weight", 1, "v"),)),
-    UnitKind("mlp", "mlp_dim", False,
-             block_slices=(_p("mlp.fc1.weight", 0), _p("mlp.fc1.bias", 0),
-                           _c("mlp.fc2.weight", 1))),
+    _MLP,
 )}
 KINDS = tuple(UNIT_KINDS)
 BLOCK_KINDS = KINDS[1:]
@@ -82,33 +100,123 @@ BLOCK_KINDS = KINDS[1:]
 UNPRUNED = (re.compile(r"head(_dist)?\.bias"), re.compile(r"blocks\.\d+\.attn\.token_scale"))
 
 
+def _swin_kinds(version: int) -> dict[str, UnitKind]:
+    """A Swin's map. Per stage, the stream is produced by the patch embedding (stage 0) or
+    the patch merging's reduction (and v2's norm after it), and read by the next stage's
+    merging as four copies (v1's norm over them is gated by this stream). v1 keeps ViT's
+    QK rule (the gate on q); v2's cosine attention normalises k over its dims too, so its QK
+    gate scales k as well. Per-head tables are owned by the head: v1's relative position
+    bias columns, v2's logit scale and position-bias MLP output rows."""
+    v1 = version == 1
+    merge_in = ((_p("layers.{n}.downsample.norm.weight", 0, repeats=4),
+                 _p("layers.{n}.downsample.norm.bias", 0, repeats=4)) if v1 else ())
+    merge_out = (() if v1 else (_p("layers.{s}.downsample.norm.weight", 0),
+                                _p("layers.{s}.downsample.norm.bias", 0)))
+    qkv = ("attn.qkv.weight", "attn.qkv.bias") if v1 else ("attn.qkv.weight",)
+    q_rows = tuple(_p(n, 0, "q") for n in qkv) + (() if v1 else (_p("attn.q_bias", 0, "q"),))
+    k_rows = tuple(_p(n, 0, "k", gated=not v1) for n in qkv)
+    v_rows = tuple(_p(n, 0, "v") for n in qkv) + (() if v1 else (_p("attn.v_bias", 0, "v"),))
+    owned = ((_own("attn.relative_position_bias_table", 1),) if v1 else
+             (_own("attn.logit_scale", 0), _own("attn.cpb_mlp.2.weight", 0)))
+    return {k.name: k for k in (
+        UnitKind("emb", "embed_dim", False,
+                 block_slices=(_p("norm1.weight", 0), _p("norm1.bias", 0),
+                               _c("attn.qkv.weight", 1), _p("attn.proj.weight", 0),
+                               _p("attn.proj.bias", 0), _p("norm2.weight", 0),
+                               _p("norm2.bias", 0), _c("mlp.fc1.weight", 1),
+                               _p("mlp.fc2.weight", 0), _p("mlp.fc2.bias", 0)),
+                 model_slices=(_p("patch_embed.proj.weight", 0, where="first"),
+                               _p("patch_embed.proj.bias", 0, where="first"),
+                               _p("patch_embed.norm.weight", 0, where="first"),
+                               _p("patch_embed.norm.bias", 0, where="first"),
+                               _p("layers.{s}.downsample.reduction.weight", 0),
+                               *merge_out, *merge_in,
+                               _c("layers.{n}.downsample.reduction.weight", 1, repeats=4),
+                               _p("norm.weight", 0, where="last"),
+                               _p("norm.bias", 0, where="last"),
+                               _c("head.fc.weight", 1, where="last"))),
+        UnitKind("head", "num_heads", False,
+                 block_slices=q_rows + k_rows + v_rows + (_c("attn.proj.weight", 1, "v"),)
+                 + owned),
+        UnitKind("qk", "qk_dim", True, block_slices=q_rows + k_rows),
+        UnitKind("v", "v_dim", True, block_slices=v_rows + (_c("attn.proj.weight", 1, "v"),)),
+        _MLP,
+    )}
+
+
+SWIN_KINDS = {1: _swin_kinds(1), 2: _swin_kinds(2)}
+SWIN_UNPRUNED = (re.compile(r"head\.fc\.bias"),
+                 re.compile(r"layers\.\d+\.blocks\.\d+\.attn\.cpb_mlp\.0\.(weight|bias)"))
+
+
+def unit_kinds(model: torch.nn.Module) -> dict[str, UnitKind]:
+    """The unit map of this model's family."""
+    d = model.dims
+    return SWIN_KINDS[d.version] if isinstance(d, SwinDims) else UNIT_KINDS
+
+
+def _unpruned(model: torch.nn.Module) -> tuple:
+    return SWIN_UNPRUNED if isinstance(model.dims, SwinDims) else UNPRUNED
+
+
+def block_names(model: torch.nn.Module) -> list[str]:
+    """Each block's module name, in block order."""
+    d = model.dims
+    if isinstance(d, SwinDims):
+        return [f"layers.{s}.blocks.{j}" for s in range(d.num_stages) for j in range(d.depths[s])]
+    return [f"blocks.{i}" for i in range(d.depth)]
+
+
+def num_streams(dims) -> int:
+    return len(dims.streams)
+
+
 # ------------------------------------------------------------------------- the model side
-def gate_shape(kind: str, dims: Dims, block: int | None) -> tuple[int, ...]:
-    """Shape of one gate tensor of this kind."""
-    k = UNIT_KINDS[kind]
+def gate_shape(kind: str, dims, layer: int) -> tuple[int, ...]:
+    """Shape of one gate tensor of this kind (layer: the stream for "emb", else the block)."""
     if kind == "emb":
-        return (dims.embed_dim,)
-    width = getattr(dims, k.width)[block]
-    return (dims.num_heads[block], width) if k.per_head else (width,)
-
-
-def slices(model: torch.nn.Module, kind: str, block: int | None):
-    """(full parameter name, Slice) pairs of one layer (the embedding: every block's too)."""
+        return (dims.streams[layer],)
     k = UNIT_KINDS[kind]
+    width = getattr(dims, k.width)[layer]
+    return (dims.num_heads[layer], width) if k.per_head else (width,)
+
+
+def slices(model: torch.nn.Module, kind: str, layer: int | None):
+    """(full parameter name, Slice, layer) of one layer (None: every layer of the kind); an
+    embedding layer is a stream: its blocks' slices and its model-level ones."""
+    k = unit_kinds(model)[kind]
+    d = model.dims
     params = dict(model.named_parameters())
-    blocks = range(len(model.blocks)) if block is None else [block]
-    out = [(s.param, s) for s in k.model_slices if s.param in params]
-    out += [(f"blocks.{i}.{s.param}", s) for i in blocks for s in k.block_slices
-            if f"blocks.{i}.{s.param}" in params]
-    return out
+    names = block_names(model)
+    out = []
+    if kind == "emb":
+        streams = range(num_streams(d)) if layer is None else [layer]
+        last = num_streams(d) - 1
+        for s in streams:
+            for sl in k.model_slices:
+                if (sl.where == "first" and s != 0) or (sl.where == "last" and s != last):
+                    continue
+                name = sl.param.format(s=s, n=s + 1)
+                if name in params:
+                    out.append((name, sl, s))
+            blocks = [i for i in range(d.depth) if d.stream_of(i) == s]
+            out += [(f"{names[i]}.{sl.param}", sl, s) for i in blocks for sl in k.block_slices
+                    if f"{names[i]}.{sl.param}" in params]
+        return out
+    blocks = range(d.depth) if layer is None else [layer]
+    return [(f"{names[i]}.{sl.param}", sl, i) for i in blocks for sl in k.block_slices
+            if f"{names[i]}.{sl.param}" in params]
 
 
 def segment(model: torch.nn.Module, name: str, s: Slice) -> tuple[int, int, int]:
-    """(offset, heads, width per head) of a slice's segment along its axis; whole axis: (0, 1, n)."""
+    """(offset, heads, width per head) of a slice's segment of one copy of the unit axis;
+    the whole axis (one copy of it): (0, 1, n)."""
     if s.segment is None:
-        return 0, 1, model.get_parameter(name).shape[s.axis]
+        return 0, 1, model.get_parameter(name).shape[s.axis] // s.repeats
     attn = model.get_submodule(name.split(".attn.")[0] + ".attn")
     H, qk, v = attn.num_heads, attn.qk_dim, attn.v_dim
+    if s.segment == "h":
+        return 0, H, 1
     width = v if s.segment == "v" else qk
     offset = {"q": 0, "k": H * qk, "v": 2 * H * qk}[s.segment] if ".attn.qkv." in name else 0
     return offset, H, width
@@ -116,9 +224,10 @@ def segment(model: torch.nn.Module, name: str, s: Slice) -> tuple[int, int, int]
 
 def check_covered(model: torch.nn.Module) -> None:
     """Raise if the model has a parameter the unit map does not account for."""
-    covered = {name for kind in KINDS for name, _ in slices(model, kind, None)}
+    covered = {name for kind in unit_kinds(model) for name, _, _ in slices(model, kind, None)}
+    unpruned = _unpruned(model)
     for name, _ in model.named_parameters():
-        if name not in covered and not any(p.fullmatch(name) for p in UNPRUNED):
+        if name not in covered and not any(p.fullmatch(name) for p in unpruned):
             raise ValueError(f"the unit map (pruning/units.py) does not cover parameter {name!r}: "
                              f"say which unit kinds own it, or list it as unpruned")
 
@@ -132,31 +241,46 @@ def _rows_of(kind: str, gate: torch.Tensor, width: int) -> torch.Tensor:
     return gate
 
 
+def _tile(positions: torch.Tensor, s: Slice, copy: int) -> torch.Tensor:
+    """Positions in one copy of the unit axis -> positions in every copy of it."""
+    if s.repeats == 1:
+        return positions
+    return torch.cat([positions + j * copy for j in range(s.repeats)])
+
+
 def indices(model: torch.nn.Module, name: str, s: Slice, kind: str, units: list) -> torch.Tensor:
     """Positions along the slice's axis of the given units (gate indices: ints or (head, dim))."""
-    offset, _, width = segment(model, name, s)
+    offset, H, width = segment(model, name, s)
     if kind == "head":
         rows = [h * width + d for h in units for d in range(width)]
     elif UNIT_KINDS[kind].per_head:
         rows = [h * width + d for h, d in units]
     else:
         rows = list(units)
-    return torch.tensor(rows, dtype=torch.long) + offset
+    return _tile(torch.tensor(rows, dtype=torch.long) + offset, s, H * width)
 
 
 # --------------------------------------------------------------------- derived quantities
+def nest_layers(model: torch.nn.Module, layer) -> dict:
+    """{"emb": [layer("emb", s) per stream], "blocks": [{kind: layer(kind, i)}]}."""
+    d = model.dims
+    return {"emb": [layer("emb", s) for s in range(num_streams(d))],
+            "blocks": [{k: layer(k, i) for k in BLOCK_KINDS} for i in range(d.depth)]}
+
+
 @torch.no_grad()
 def squared_magnitudes(model: torch.nn.Module) -> dict:
     """Squared L2 norm of each gate element's producing slices, nested like the gates."""
     check_covered(model)
 
-    def layer(kind: str, block: int | None) -> torch.Tensor:
+    def layer(kind: str, index: int) -> torch.Tensor:
         total = None
-        for name, s in slices(model, kind, block):
+        for name, s, _ in slices(model, kind, index):
             if s.role != "produce":
                 continue
             t = model.get_parameter(name).detach().double().pow(2)
             t = t.movedim(s.axis, 0).reshape(t.shape[s.axis], -1).sum(1)
+            t = t.view(s.repeats, -1).sum(0)
             offset, H, width = segment(model, name, s)
             t = t[offset:offset + H * width]
             if kind == "head":
@@ -166,16 +290,15 @@ def squared_magnitudes(model: torch.nn.Module) -> dict:
             total = t if total is None else total + t
         return total
 
-    return {"emb": layer("emb", None),
-            "blocks": [{k: layer(k, i) for k in BLOCK_KINDS} for i in range(len(model.blocks))]}
+    return nest_layers(model, layer)
 
 
-def pruned_slices(model: torch.nn.Module, kind: str, block: int | None, units: list
+def pruned_slices(model: torch.nn.Module, kind: str, layer: int, units: list
                   ) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
     """(parameter, axis, positions) of every weight that belongs to the given units."""
     check_covered(model)
     return [(model.get_parameter(name), s.axis, indices(model, name, s, kind, units))
-            for name, s in slices(model, kind, block)]
+            for name, s, _ in slices(model, kind, layer)]
 
 
 @torch.no_grad()
@@ -186,33 +309,34 @@ def clear_pruned_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module,
     A removed unit's weights get zero gradient, but Adam's running moments would keep moving
     them and keep their memory of the dense model; zeroed, they stand still as if gone.
     """
-    for kind, block, units in removed:
-        for param, axis, pos in pruned_slices(model, kind, block, units):
+    for kind, layer, units in removed:
+        for param, axis, pos in pruned_slices(model, kind, layer, units):
             for value in optimizer.state.get(param, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
                     value.index_fill_(axis, pos.to(value.device), 0)
 
 
 def _touching(model: torch.nn.Module) -> dict:
-    """parameter name -> axis -> segment -> [(kind, slice, block)]: every unit kind that owns
+    """parameter name -> axis -> segment -> [(kind, slice, layer)]: every unit kind that owns
     positions along each axis of each covered parameter (segments in Q, K, V order)."""
     out: dict[str, dict[int, dict[str | None, list]]] = {}
-    for kind in KINDS:
-        for name, s in slices(model, kind, None):
-            block = int(name.split(".")[1]) if kind != "emb" else None
+    for kind in unit_kinds(model):
+        for name, s, layer in slices(model, kind, None):
             out.setdefault(name, {}).setdefault(s.axis, {}).setdefault(s.segment, []).append(
-                (kind, s, block))
+                (kind, s, layer))
     return out
 
 
-def _required(new_dims: Dims, name: str, kind: str, s: Slice) -> int:
-    """Positions a segment has in the compact model."""
+def _required(new_dims, kind: str, s: Slice, layer: int) -> int:
+    """Positions a slice's segment has in the compact model (all copies)."""
+    if kind == "emb":
+        return new_dims.streams[layer] * s.repeats
+    heads = new_dims.num_heads[layer]
     if s.segment is None:
-        width = getattr(new_dims, UNIT_KINDS[kind].width)
-        return width if kind == "emb" else width[int(name.split(".")[1])]
-    block = int(name.split(".")[1])
-    width = new_dims.v_dim[block] if s.segment == "v" else new_dims.qk_dim[block]
-    return new_dims.num_heads[block] * width
+        return getattr(new_dims, UNIT_KINDS[kind].width)[layer] * s.repeats
+    if s.segment == "h":
+        return heads
+    return heads * (new_dims.v_dim[layer] if s.segment == "v" else new_dims.qk_dim[layer])
 
 
 def _segment_selection(model: torch.nn.Module, name: str, entries: list, gate_of, need: int,
@@ -220,18 +344,20 @@ def _segment_selection(model: torch.nn.Module, name: str, entries: list, gate_of
     """(positions kept, factor per kept position) in one segment of one axis: live where every
     owning kind's gate is non-zero, scaled by the gates that multiply the slice; a segment
     pruned to nothing keeps `need` zero placeholder positions."""
-    offset, H, width = segment(model, name, entries[0][1])
+    first = entries[0][1]
+    offset, H, width = segment(model, name, first)
     live = torch.ones(H * width, dtype=torch.bool, device=ref.device)
     factor = torch.ones(H * width, dtype=ref.dtype, device=ref.device)
-    for kind, s, block in entries:
-        g = gate_of(kind, block)
+    for kind, s, layer in entries:
+        g = gate_of(kind, layer)
         if g is None:
             continue
         rows = _rows_of(kind, g.detach().to(device=ref.device, dtype=ref.dtype), width)
         live &= rows != 0
         if s.gated:
             factor = factor * rows
-    keep = torch.nonzero(live).flatten()
+    keep = _tile(torch.nonzero(live).flatten(), first, H * width)
+    factor = factor.repeat(first.repeats)
     if keep.numel() == 0:  # a width pruned to 0
         return torch.full((need,), offset, device=ref.device), ref.new_zeros(need)
     if keep.numel() != need:
@@ -239,26 +365,28 @@ def _segment_selection(model: torch.nn.Module, name: str, entries: list, gate_of
     return keep + offset, factor[keep]
 
 
-def compact_state(model: torch.nn.Module, gates: dict, new_dims: Dims) -> dict:
+def compact_state(model: torch.nn.Module, gates: dict, new_dims) -> dict:
     """The compact model's state dict: live positions kept along every covered axis, the
     values of the gates that multiply a slice folded into it, and a width pruned to 0 kept as
     zero placeholder positions (as many as `new_dims` holds) on every slice it touches.
 
-    gates: {"emb": tensor or None, "blocks": [{kind: tensor or None}] or None}.
+    gates: {"emb": [tensor or None per stream] or None, "blocks": [{kind: tensor or None}]
+    or None}.
     """
     check_covered(model)
 
-    def gate_of(kind: str, block: int | None) -> torch.Tensor | None:
+    def gate_of(kind: str, layer: int) -> torch.Tensor | None:
         if kind == "emb":
-            return gates["emb"]
-        return None if gates["blocks"] is None else gates["blocks"][block].get(kind)
+            return None if gates["emb"] is None else gates["emb"][layer]
+        return None if gates["blocks"] is None else gates["blocks"][layer].get(kind)
 
     touching = _touching(model)
     out = {}
     for name, t in model.state_dict().items():
         for axis, segments in touching.get(name, {}).items():
             picks = [_segment_selection(model, name, entries, gate_of,
-                                        _required(new_dims, name, entries[0][0], entries[0][1]), t)
+                                        _required(new_dims, entries[0][0], entries[0][1],
+                                                  entries[0][2]), t)
                      for entries in segments.values()]
             shape = [1] * t.dim()
             shape[axis] = -1

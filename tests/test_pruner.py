@@ -87,7 +87,7 @@ class FixedScores:
         self.scores = gates.nest(scores)
         self.criterion = CRITERIA_BY_NAME["hessian"]
         if low_kind is not None:
-            target = self.scores["emb"] if low_kind == "emb" else \
+            target = self.scores["emb"][0] if low_kind == "emb" else \
                 self.scores["blocks"][low_block][low_kind]
             target[list(low_units)] = 0.0
         self.gates = gates
@@ -95,7 +95,7 @@ class FixedScores:
     def step(self, model=None):
         live = self.gates.nest(self.gates.unit_live())
         mask = lambda s, a: torch.where(a, s, torch.zeros_like(s))  # noqa: E731
-        return {"emb": mask(self.scores["emb"], live["emb"]),
+        return {"emb": [mask(s, a) for s, a in zip(self.scores["emb"], live["emb"])],
                 "blocks": [{k: mask(b[k], a[k]) for k in b}
                            for b, a in zip(self.scores["blocks"], live["blocks"])]}
 
@@ -140,7 +140,7 @@ def test_step_stops_after_the_step_that_crosses_the_target():
 
 
 @pytest.mark.parametrize("kind,block,units", [("mlp", 1, list(range(40, 56))),
-                                              ("emb", None, list(range(3, 19))),
+                                              ("emb", 0, list(range(3, 19))),
                                               ("head", 2, [0, 3]),
                                               ("qk", 2, [1, 4, 6, 9, 11, 12, 20, 23])])
 def test_lowest_saliency_group_goes_first(kind, block, units):
@@ -183,7 +183,7 @@ def test_latency_penalty_prefers_costly_groups():
         picks[lam] = result.removed_units[0][:2]
     # the largest parameter drop of one group in DIMS is an embedding group (16 channels
     # through every block)
-    assert picks[1e9] == ("emb", None)
+    assert picks[1e9] == ("emb", 0)
 
 
 class MlpHeavyCost(MacsCost):
@@ -204,7 +204,7 @@ def test_rank_cost_ranks_and_stop_cost_stops():
     cands = pruner.candidates(scores)
     drops = {(c.kind, c.block): c.cost_drop for c in cands}
     assert drops[("mlp", 0)] == pytest.approx(16.0)  # 16 neurons x 1e9 MACs, in GMACs
-    assert drops[("head", 1)] == 0.0 and drops[("emb", None)] < 1e-3  # emb: the stem only
+    assert drops[("head", 1)] == 0.0 and drops[("emb", 0)] < 1e-3  # emb: the stem only
     pruner.saliency = None  # the scores given are used: no second saliency (EMA) step
     kinds = set()
     for _ in range(3):  # 1 + 3 + 4 groups, fewer than the MLP layers can give
@@ -356,7 +356,7 @@ def _prune_with_drift(rank: int, folder: str) -> None:
         saliency.accumulate()
         scores = saliency.step(model)
         low, high = 1e-12, 1e12
-        scores["emb"] = torch.full_like(scores["emb"], low if rank == 0 else high)
+        scores["emb"] = [torch.full_like(scores["emb"][0], low if rank == 0 else high)]
         scores["blocks"][0]["mlp"] = torch.full_like(scores["blocks"][0]["mlp"],
                                                      high if rank == 0 else low)
         result = pruner.step(model, scores)
@@ -368,7 +368,7 @@ def _prune_with_drift(rank: int, folder: str) -> None:
         opt.step()  # with moments cleared unlike rank 0's, the weights would now differ
         import utils
         torch.save({"removed": result.removed_units, "logits": y.detach(),
-                    "emb_live": int((gates.emb != 0).sum()),
+                    "emb_live": int((gates.embs[0] != 0).sum()),
                     "mlp_live": int((gates.blocks[0]["mlp"] != 0).sum()),
                     "moments": {n: opt.state[p]["exp_avg"].clone()
                                 for n, p in model.named_parameters()},

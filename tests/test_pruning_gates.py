@@ -142,8 +142,8 @@ def test_reference_embedding_saliency_leaves_out_tokens_and_classifier() -> None
     full_plain, full = gated_and_plain_grads("full")
     for c in (0, 7, 31):
         want = reference_emb_sum(plain, c)
-        torch.testing.assert_close(gates.emb.grad[c], want.detach(), rtol=1e-6, atol=1e-12)
-        assert not torch.isclose(full.emb.grad[c], want.detach(), rtol=1e-3)
+        torch.testing.assert_close(gates.embs[0].grad[c], want.detach(), rtol=1e-6, atol=1e-12)
+        assert not torch.isclose(full.embs[0].grad[c], want.detach(), rtol=1e-3)
 
 
 def test_shared_qk_v_scores_are_the_reference_formula() -> None:
@@ -171,7 +171,7 @@ def test_gate_saliency_equals_weight_saliency(kind: str) -> None:
 
     gen = torch.Generator().manual_seed(7)
     checked = 0
-    layers = [(None, gates.emb)] if kind == "emb" else [(i, b[kind]) for i, b in enumerate(gates.blocks)]
+    layers = [(0, gates.embs[0])] if kind == "emb" else [(i, b[kind]) for i, b in enumerate(gates.blocks)]
     for block, g in layers:
         for _ in range(3):
             unit = tuple(int(torch.randint(n, (1,), generator=gen)) for n in g.shape)
@@ -198,7 +198,7 @@ def random_masks(dims: Dims, seed: int) -> tuple[dict, dict]:
 
     E = dims.embed_dim
     n_emb = between(E // 2, E - 1)
-    masks = {"emb": pick(E, n_emb), "blocks": []}
+    masks = {"emb": [pick(E, n_emb)], "blocks": []}
     widths = {"embed_dim": n_emb, "num_heads": [], "qk_dim": [], "v_dim": [], "mlp_dim": []}
     for i in range(dims.depth):
         H, Q, V, M = dims.num_heads[i], dims.qk_dim[i], dims.v_dim[i], dims.mlp_dim[i]
@@ -253,7 +253,7 @@ def soften(gates: Gates) -> None:
     with torch.no_grad():
         for t in gates.tensors():
             t.mul_(0.5 + torch.rand(t.shape, generator=gen))
-        gates.emb[::3] = 0
+        gates.embs[0][::3] = 0
 
 
 def test_compact_folds_soft_gate_values_and_zero_widths() -> None:
@@ -308,7 +308,7 @@ def set_grads(gates: Gates, seed: int) -> list[torch.Tensor]:
 
 
 def flat(scores: dict) -> list[torch.Tensor]:
-    return [scores["emb"]] + [b[k] for b in scores["blocks"] for k in ("head", "qk", "v", "mlp")]
+    return [*scores["emb"]] + [b[k] for b in scores["blocks"] for k in ("head", "qk", "v", "mlp")]
 
 
 def kinds_of(gates: Gates) -> list[str]:
@@ -446,8 +446,9 @@ def test_magnitude_criterion() -> None:
                                    for h in range(a.num_heads)]).detach()).sqrt()
     torch.testing.assert_close(scores["blocks"][2]["qk"][1], qk[1] / qk[1:].mean())
     assert float(scores["blocks"][2]["qk"][0].abs().sum()) == 0.0
-    assert scores["emb"].shape == (48,) and bool((scores["emb"] > 0).all())
-    torch.testing.assert_close(scores["emb"].mean(), torch.tensor(1.0, dtype=torch.float64))
+    emb = scores["emb"][0]
+    assert emb.shape == (48,) and bool((emb > 0).all())
+    torch.testing.assert_close(emb.mean(), torch.tensor(1.0, dtype=torch.float64))
 
 
 def test_shared_units_remove_an_index_from_every_head() -> None:
@@ -501,12 +502,12 @@ def test_masks_round_trip_and_state() -> None:
     masks, widths = random_masks(model.dims, 11)
     gates.load_masks(masks)
     got = gates.masks()
-    assert torch.equal(got["emb"], masks["emb"])
+    assert torch.equal(got["emb"][0], masks["emb"][0])
     for g, m in zip(got["blocks"], masks["blocks"]):
         for k in ("head", "qk", "v", "mlp"):
             assert g[k].dtype == torch.bool and torch.equal(g[k], m[k])
     assert all(t.requires_grad and t.is_leaf for t in gates.tensors())
-    assert model.emb_gate is gates.emb  # loaded in place: the model sees the new values
+    assert model.emb_gate is gates.embs[0]  # loaded in place: the model sees the new values
 
     other = Gates.attach(tiny())
     other.load_state_dict(gates.state_dict())
@@ -560,7 +561,7 @@ def test_collect_unscales_skips_overflow_and_clears() -> None:
     want = flat(ref.step())
     sal = Saliency(gates, "hessian")
     set_grads(gates, 2)
-    gates.emb.grad[0] = float("inf")  # an overflowed batch: skipped
+    gates.embs[0].grad[0] = float("inf")  # an overflowed batch: skipped
     assert sal.collect() is False and sal.count == 0
     assert all(t.grad is None for t in gates.tensors())
     set_grads(gates, 1)
@@ -614,7 +615,7 @@ def test_gated_norm_follows_every_in_place_change_of_the_embedding_gate() -> Non
     x = images()
     with torch.no_grad():
         for channels in ([], [3, 7], [3, 7, 20]):
-            gates.emb[channels] = 0
+            gates.embs[0][channels] = 0
             out = model(x)
             small = compact(model)
             torch.testing.assert_close(small(x), out, rtol=0, atol=1e-5)

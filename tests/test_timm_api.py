@@ -29,7 +29,7 @@ def pruned_compact():
     model = models.build_model("deit_tiny_distilled_patch16_224", dims=models.Dims(**DIMS),
                                num_classes=10, **FRAME)
     gates = Gates.attach(model)
-    gates.remove("emb", None, [1, 7, 30])
+    gates.remove("emb", 0, [1, 7, 30])
     gates.remove("head", 1, [0])
     gates.remove("qk", 2, [3])
     gates.remove("mlp", 0, list(range(10)))
@@ -197,7 +197,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_gates_included():
         m = models.build_model("deit_tiny_distilled_patch16_224", dims=models.Dims(**DIMS),
                                num_classes=10, **FRAME).train()
         gates = Gates.attach(m)
-        gates.remove("emb", None, [3])
+        gates.remove("emb", 0, [3])
         m.set_grad_checkpointing(checkpointing)
         out = m(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
         sum(o.square().mean() for o in out).backward()
@@ -243,7 +243,7 @@ def test_a_backbone_prunes_compacts_and_reloads(tmp_path):
     m = models.build_model("deit_tiny_distilled_patch16_224", dims=models.Dims(**DIMS),
                            num_classes=0, **FRAME).eval()
     gates = Gates.attach(m)
-    gates.remove("emb", None, [1, 2])
+    gates.remove("emb", 0, [1, 2])
     gates.remove("v", 1, [0])
     small = compact(m).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -191,7 +191,7 @@ def test_embedding_saliency_includes_layer_scale_and_register_tokens(tmp_path):
     assert dims.reg_tokens == 4 and dims.fc_norm and plain.cls_token is None
     for c in (0, 5, 17):
         want = emb_producer_sum(plain, c)
-        torch.testing.assert_close(gates.emb.grad[c], want.detach(), rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(gates.embs[0].grad[c], want.detach(), rtol=1e-6, atol=1e-12)
     # LayerScale: DINOv2 with registers
     name, _ = FAMILIES["DINOv2 with registers"]
     plain = ours_from_file(name, tiny_timm(name), tmp_path).double()
@@ -202,7 +202,7 @@ def test_embedding_saliency_includes_layer_scale_and_register_tokens(tmp_path):
     torch.nn.functional.cross_entropy(gated(x), target).backward()
     assert plain.dims.layer_scale and plain.reg_token is not None
     want = emb_producer_sum(plain, 3)
-    torch.testing.assert_close(gates.emb.grad[3], want.detach(), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(gates.embs[0].grad[3], want.detach(), rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("family", FAMILY_IDS)

@@ -62,7 +62,7 @@ def test_compiled_training_and_prune_steps_equal_eager_without_recompiling():
     graphs = counters["stats"]["unique_graphs"]
     # prune steps: units of all five kinds removed, the embedding's with a live-channel norm
     for g in (gates, eager_gates):
-        g.remove("emb", None, [0, 5, 9])
+        g.remove("emb", 0, [0, 5, 9])
         g.remove("head", 0, [1])
         g.remove("qk", 1, [2, 3])
         g.remove("v", 0, [4])
