@@ -66,8 +66,8 @@ FULL = {"img": 224, "patch": 16, "table": ["--model", NAME, "--batch-size", "32"
 QUICK = {"img": 32, "patch": 8, "table": ["--num-tokens", "18", "--batch-size", "4",
                                           "--embed-dims", "48,192", "--heads", "1,3",
                                           "--qk-dims", "8,64", "--v-dims", "8,64",
-                                          "--mlp-dims", "48,768", "--warmup", "0",
-                                          "--repeats", "1"],
+                                          "--mlp-dims", "48,768", "--warmup", "2",
+                                          "--repeats", "3"],
          "prune": ["--batch-size", "32", "--epochs", "1", "--interval_prune", "1",
                    "--prune_per_iter", "1024"],
          "batches": [1, 4], "rounds": [2, 2], "repeats": 1, "timeout": 600}
