@@ -2,7 +2,7 @@
 model.safetensors and a model card (README.md).
 
 config.json is timm's (`timm.models.save_config_for_hf`): `architecture` is our registered
-`revit`, `model_args` holds the per-block dims, `pretrained_cfg` the input size and
+`revit` (`reswin` for a Swin), `model_args` holds the per-block dims, `pretrained_cfg` the input size and
 preprocessing. Once `import models` has registered our architectures,
 `timm.create_model('local-dir:FOLDER', pretrained=True)` (or `hf-hub:ORG/NAME` for a pushed
 folder) builds the model with its weights; `models.build_model` and every script's checkpoint
@@ -19,7 +19,6 @@ import torch
 from errors import UserError
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
-ARCHITECTURE = "revit"
 DATASETS = {"IMNET": "imagenet-1k", "CIFAR": "cifar10", "CIFAR10": "cifar10",
             "CIFAR100": "cifar100", "INAT": "inat2018", "INAT19": "inat2019"}
 # the flags of a pruning run that say how it pruned (the card's "how it was made")
@@ -35,10 +34,11 @@ def write_folder(model, info: dict, folder: Path, license: str = "other") -> Non
     exist or be empty); `info` is the checkpoint it came from (args, original_dims, top-1,
     speed report, ...; whatever it has)."""
     from safetensors.torch import save_file
+    from models import architecture_of
     from timm.models._hub import save_config_for_hf  # timm exports no public name for it
     model = model.eval()
     save_config_for_hf(model, str(folder / CONFIG),
-                       model_config={"pretrained_cfg": {"architecture": ARCHITECTURE}},
+                       model_config={"pretrained_cfg": {"architecture": architecture_of(model.dims)}},
                        model_args={"dims": model.dims.to_dict()})
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
@@ -48,13 +48,14 @@ def write_folder(model, info: dict, folder: Path, license: str = "other") -> Non
 def model_card(model, info: dict, license: str = "other") -> str:
     """The README.md of a hub folder: YAML front matter (library_name timm, license, tags,
     datasets), then what the model is, how it was made, its dims, cost, top-1 and speed."""
-    from models import Dims, ReViT
+    from models import architecture_of, dims_from_dict, model_class
     from models.flops import count_macs
     args = info.get("args") or {}
     dims = model.dims
     data = DATASETS.get(str(args.get("data_set", "")).upper())
     front = ["---", "library_name: timm", f"license: {license}", "tags:",
-             "- image-classification", "- timm", "- vision-transformer", "- pruned", "- nvit"]
+             "- image-classification", "- timm", "- vision-transformer",
+             *(["- swin-transformer"] if hasattr(dims, "depths") else []), "- pruned", "- nvit"]
     if data:
         front += ["datasets:", f"- {data}"]
     origin = args.get("model", "a ViT")
@@ -68,14 +69,15 @@ def model_card(model, info: dict, license: str = "other") -> str:
                       if pruned else f"A `{origin}`-style model with per-block dims, trained "
                       f"with nvit. ") + "Load it with timm after `import models` (nvit "
                      "registers its architectures with timm on import):",
-                     "", "```python", "import models  # nvit: registers 'revit' with timm",
+                     "", "```python", f"import models  # nvit: registers '{architecture_of(dims)}' with timm",
                      "import timm", "model = timm.create_model('local-dir:PATH/TO/THIS/FOLDER', "
                      "pretrained=True)  # or 'hf-hub:ORG/NAME'", "```", ""]
     macs = count_macs(model)[0]
     params = sum(p.numel() for p in model.parameters())
     rows = [["params", f"{params:,}"], ["MACs per image", _macs(macs)]]
     if pruned:
-        dense = ReViT(Dims.from_dict(info["original_dims"]))
+        original = dims_from_dict(info["original_dims"])
+        dense = model_class(original)(original)
         d_macs = count_macs(dense)[0]
         d_params = sum(p.numel() for p in dense.parameters())
         rows = [["params", f"{d_params:,}", f"{params:,}", f"{params / d_params:.3f}"],
@@ -88,12 +90,7 @@ def model_card(model, info: dict, license: str = "other") -> str:
     else:
         lines += ["## Cost", "", "| | |", "|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
-    lines += ["## Per-block dims", "",
-              f"Embedding width {dims.embed_dim}; {dims.img_size} px, patch {dims.patch_size}, "
-              f"{dims.num_classes} classes{', distilled' if dims.distilled else ''}.", "",
-              "| block | heads | QK per head | V per head | MLP |", "|---|---|---|---|---|"]
-    lines += [f"| {i} | {dims.num_heads[i]} | {dims.qk_dim[i]} | {dims.v_dim[i]} | "
-              f"{dims.mlp_dim[i]} |" for i in range(dims.depth)] + [""]
+    lines += ["## Per-block dims", ""] + _dims_lines(dims)
     if pruned:
         lines += ["## How it was made", "",
                   f"`nvit_prune.py` toward a {info.get('cost', args.get('cost', '?'))} ratio of "
@@ -118,6 +115,25 @@ def model_card(model, info: dict, license: str = "other") -> str:
         lines += ["## Latency table the pruner ranked by", "",
                   "; ".join(f"{k} {table[k]}" for k in keys if table.get(k) is not None) + ".", ""]
     return "\n".join(lines)
+
+
+def _dims_lines(dims) -> list[str]:
+    """The card's dims section: the frame, then one row per block (a Swin's with its stage
+    and that stage's embedding width)."""
+    swin = hasattr(dims, "depths")
+    frame = (f"{dims.img_size} px, patch {dims.patch_size}, {dims.num_classes} classes"
+             f"{', distilled' if dims.distilled else ''}.")
+    if not swin:
+        return [f"Embedding width {dims.embed_dim}; {frame}", "",
+                "| block | heads | QK per head | V per head | MLP |", "|---|---|---|---|---|"] + [
+            f"| {i} | {dims.num_heads[i]} | {dims.qk_dim[i]} | {dims.v_dim[i]} | "
+            f"{dims.mlp_dim[i]} |" for i in range(dims.depth)] + [""]
+    return [f"Swin v{dims.version}, stages of {dims.depths} blocks; {frame}", "",
+            "| stage | embedding | window | block | heads | QK per head | V per head | MLP |",
+            "|---|---|---|---|---|---|---|---|"] + [
+        f"| {s} | {dims.embed_dim[s]} | {dims.window(s)[0]} | {i} | {dims.num_heads[i]} | "
+        f"{dims.qk_dim[i]} | {dims.v_dim[i]} | {dims.mlp_dim[i]} |"
+        for s in range(dims.num_stages) for i in dims.stage_blocks(s)] + [""]
 
 
 def _macs(n: float) -> str:

@@ -181,8 +181,12 @@ def not_reached_reason(loop: pruning.PruningLoop) -> str:
 def check_cost_model(cost, dims, args, device, amp_dtype) -> None:
     """A latency table must describe this model (else refused) and should describe this
     device and precision (else a warning)."""
-    advice = (f"build a table for this model (tools/build_latency_table.py --model {args.model} "
-              f"--input-size {args.input_size} --token-scale {str(args.token_scale).lower()} "
+    source = f"--model {args.model} " + (f"--checkpoint {args.pretrained_path} "
+                                         if args.pretrained_path else "")
+    source += f"--input-size {args.input_size}"
+    scale = "" if isinstance(dims, models.SwinDims) else \
+        f" --token-scale {str(args.token_scale).lower()}"
+    advice = (f"build a table for this model (tools/build_latency_table.py {source}{scale} "
               f"--runtime {args.runtime})")
     if isinstance(cost, pruning.LatencyTable) and cost.runtime != args.runtime:
         raise UserError(f"the latency table was timed in {cost.runtime}, this run deploys to "
@@ -239,7 +243,8 @@ def measured_speed(args, original, compact_model, cost, device, amp_dtype) -> di
     the latency table promised (--speed-report-pairs 0: none)."""
     if not args.speed_report_pairs:
         return None
-    speed = pruning.speed_report(models.ReViT(original).to(device), compact_model.eval(), device,
+    speed = pruning.speed_report(models.model_class(original)(original).to(device),
+                                 compact_model.eval(), device,
                          args.batch_size, pruning.deploy_dtype(args.runtime, amp_dtype),
                          args.speed_report_pairs, repeats=3,
                          table=cost if isinstance(cost, pruning.LatencyTable) else None,

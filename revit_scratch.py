@@ -19,7 +19,7 @@ import utils
 from datasets import skipped_images
 from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
 from errors import UserError
-from models import Dims, revit_dims
+from models import Dims, SwinDims, revit_dims
 from models.checkpoint import is_hub_folder
 
 
@@ -53,9 +53,9 @@ def get_args_parser() -> flags.Parser:
     return p
 
 
-def requested_dims(args) -> Dims | None:
+def requested_dims(args) -> Dims | SwinDims | None:
     if args.dims:
-        return Dims.load(args.dims)
+        return models.load_dims(args.dims)
     if args.EMB is not None:
         return dims_for_emb(args.EMB)
     return None
@@ -70,7 +70,7 @@ def student_source(args, resume: str | None) -> str | None:
     return None
 
 
-def create_student(args, dims: Dims | None, nb_classes: int, resume: str | None) -> torch.nn.Module:
+def create_student(args, dims: Dims | SwinDims | None, nb_classes: int, resume: str | None) -> torch.nn.Module:
     """Which weights and dims the student starts from: resume > finetune > pretrained > random."""
     frame = builders.model_kwargs(args, nb_classes)
     source = resume or args.finetune or None

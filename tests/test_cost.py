@@ -411,7 +411,9 @@ def test_tool_model_frame_and_a_grid_down_to_one_group(tmp_path: Path, capsys) -
     width a run can leave reads as free."""
     from pruning import DEFAULT_GROUP_SIZES as G
     tool = _load_tool()
-    grid, dims = tool.model_grid("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8)
+    from models import name_dims
+    dims = name_dims("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8)
+    grid = tool.model_grid(dims)
     assert dims.num_tokens == 18
     firsts = {k: int(v.split(",")[0]) for k, v in grid.items()}
     assert (firsts["embed_dims"], firsts["qk_dims"], firsts["v_dims"], firsts["mlp_dims"]) == \

@@ -19,6 +19,7 @@ nvit_prune.py compares with its run.
 
     python -m tools.build_latency_table --output latency.json
     python -m tools.build_latency_table --output latency.json --model deit_small_patch16_224
+    python -m tools.build_latency_table --output swin.json --model swin_tiny_patch4_window7_224
     python -m tools.build_latency_table --output latency_ort.json --model deit_small_patch16_224 \
         --runtime onnxruntime --batch-size 32
 """
@@ -42,11 +43,14 @@ from errors import UserError
 from engine import amp_dtype_for
 from flags import (COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, add_runtime_arg,
                    add_tf32_arg, str2bool, user_message)
-from models.dims import Dims
+from models.dims import BLOCK_LISTS as BLOCK_AXES, Dims
 from models.factory import name_dims
+from models.swin_dims import SwinDims
 from pruning import DEFAULT_GROUP_SIZES
 from pruning.cost import LatencyTable, precision_name
+from pruning.cost_swin import SwinLatencyTable
 from pruning.latency import measure_table
+from pruning.latency_swin import measure_swin_table
 from pruning.runtimes import deploy_dtype
 from utils import configure_math, resolve_device
 
@@ -71,10 +75,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tokens per image (default: the --model's, else 198 = DeiT at 224 px "
                         "with class and distillation tokens)")
     p.add_argument("--model", default=None,
-                   help="timm DeiT/ReViT name: grid around its widths, its token count, and "
-                        "the stem timed too")
+                   help="timm DeiT/ViT or Swin name: grid around its widths, its token count, "
+                        "and the stem timed too (a Swin: each stage at its tokens and window)")
+    p.add_argument("--checkpoint", default=None,
+                   help="as --model, with the dims of the model in this checkpoint (a pruning "
+                        "run's --pretrained-path, a dims-file model, a hub folder)")
     p.add_argument("--input-size", type=POSITIVE_INT, default=None,
-                   help="with --model: the image size the model runs at (default the name's), "
+                   help="with --model or --checkpoint: the image size the model runs at (default the name's), "
                         "which sets its token count and the stem")
     p.add_argument("--patch-size", type=POSITIVE_INT, default=None,
                    help="with --model: its patch size (default the name's)")
@@ -123,15 +130,12 @@ def _fractions(full: int, fracs: tuple[float, ...], floor: int = 1, multiple: in
     return ",".join(str(v) for v in sorted(vals | {full}))
 
 
-def model_grid(name: str, **frame) -> tuple[dict[str, str], Dims]:
-    """Grid strings around a model's widths, each axis reaching the model's own width and
-    down to one pruning group (the narrowest layer a run can leave; below a grid's first
-    point a table is flat, so pruning there would look free)."""
-    d = name_dims(name, **frame)
-    E = d.embed_dim
-    H, QK, V, M = (max(getattr(d, n)) for n in ("num_heads", "qk_dim", "v_dim", "mlp_dim"))
+def width_grid(E: int, H: int, QK: int, V: int, M: int) -> dict[str, str]:
+    """Grid strings around these widths, each axis reaching the width and down to one
+    pruning group (the narrowest layer a run can leave; below a grid's first point a table
+    is flat, so pruning there would look free)."""
     g = DEFAULT_GROUP_SIZES
-    grid = {
+    return {
         "embed_dims": _fractions(E, (0.25, 0.5, 0.75), floor=8, multiple=8, smallest=g["emb"]),
         "heads": _fractions(H, (0.0, 0.25, 0.5, 0.75)),
         "qk_dims": _fractions(QK, (0.125, 0.25, 0.5), floor=min(8, QK), smallest=g["qk"]),
@@ -139,7 +143,34 @@ def model_grid(name: str, **frame) -> tuple[dict[str, str], Dims]:
         "mlp_dims": _fractions(M, (1 / 16, 0.25, 0.5, 0.75), floor=8, multiple=8,
                                smallest=g["mlp"]),
     }
-    return grid, d
+
+
+def model_grid(d: Dims) -> dict[str, str]:
+    """A ViT's grid: around its embedding and its widest block on each axis."""
+    return width_grid(d.embed_dim, *(max(getattr(d, n)) for n in BLOCK_AXES))
+
+
+def stage_grids(d: SwinDims) -> list[dict[str, str]]:
+    """A Swin's grids, one per stage: around the stage's width and its widest block."""
+    return [width_grid(d.embed_dim[s], *(max(getattr(d, n)[i] for i in d.stage_blocks(s))
+                                         for n in BLOCK_AXES))
+            for s in range(d.num_stages)]
+
+
+def model_dims(args: argparse.Namespace) -> Dims | SwinDims | None:
+    """The dims of --model (at --input-size / --patch-size) or of --checkpoint's model."""
+    frame = {k: v for k, v in (("img_size", args.input_size),
+                               ("patch_size", args.patch_size)) if v is not None}
+    if args.checkpoint is not None:
+        import models
+        return models.build_model(args.model or "revit", checkpoint=args.checkpoint,
+                                  adapt=bool(frame), **frame).dims
+    if args.model is not None:
+        return name_dims(args.model, **frame)
+    if frame:
+        raise UserError("--input-size and --patch-size set the frame of --model: name the "
+                        "model too (or give --num-tokens)")
+    return None
 
 
 def write_atomic(path: Path, data: dict) -> None:
@@ -157,15 +188,12 @@ def run(args: argparse.Namespace) -> None:
                               args.amp_dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    defaults, model_dims = dict(DEFAULTS), None
-    if args.model is not None:
-        frame = {k: v for k, v in (("img_size", args.input_size),
-                                   ("patch_size", args.patch_size)) if v is not None}
-        defaults, model_dims = model_grid(args.model, **frame)
-    elif args.input_size is not None or args.patch_size is not None:
-        raise UserError("--input-size and --patch-size set the frame of --model: name the "
-                        "model too (or give --num-tokens)")
-    num_tokens = args.num_tokens or (model_dims.num_tokens if model_dims is not None else 198)
+    dims = model_dims(args)
+    if isinstance(dims, SwinDims):
+        run_swin(args, output, device, amp_dtype, dims)
+        return
+    defaults = model_grid(dims) if dims is not None else dict(DEFAULTS)
+    num_tokens = args.num_tokens or (dims.num_tokens if dims is not None else 198)
     grid = {}
     for key in DEFAULTS:
         given = getattr(args, key)
@@ -179,7 +207,7 @@ def run(args: argparse.Namespace) -> None:
           flush=True)
     t0 = time.perf_counter()
     data = measure_table(grid, device, args.batch_size, num_tokens, args.warmup, args.repeats,
-                         amp_dtype, model_dims, args.model, args.token_scale, args.runtime)
+                         amp_dtype, dims, args.model, args.token_scale, args.runtime)
     table = LatencyTable.from_dict(data)  # the table must read back before it is written
     write_atomic(output, data)
 
@@ -189,14 +217,42 @@ def run(args: argparse.Namespace) -> None:
           f"(embed {E}, {H} heads, qk {Q}, v {V}, mlp {M}) a block takes "
           f"{table.block(E, H, Q, V, M):.3f} ms (attention {table.attention(E, H, Q, V):.3f}, "
           f"MLP {table.mlp(E, M):.3f})")
-    lowered = sum(g.lowered for g in table.parts.values())
+    lowered_note(sum(g.lowered for g in table.parts.values()))
+    if dims is not None:
+        print(f"{args.model}: estimated {table.total(dims):.2f} ms per batch of "
+              f"{args.batch_size} (stem {table.stem(dims, dims.embed_dim):.3f} ms)")
+
+
+def run_swin(args: argparse.Namespace, output: Path, device: torch.device, amp_dtype,
+             dims: SwinDims) -> None:
+    """A Swin's table: each stage timed at its own tokens and window, over a grid around the
+    stage's widths (the per-axis width flags describe one ViT grid and are refused here)."""
+    given = [k for k in DEFAULTS if getattr(args, k) is not None] + (
+        ["num_tokens"] if args.num_tokens is not None else [])
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')}: a Swin's table is timed per stage on "
+                        f"a grid around each stage's widths and at its own tokens; give the "
+                        f"model only", field=given[0])
+    grids = [{k: parse_widths(v, k) for k, v in g.items()} for g in stage_grids(dims)]
+    print(f"timing a Swin v{dims.version} of {dims.num_stages} stages on {device} (batch "
+          f"{args.batch_size}, {precision_name(amp_dtype)}, {torch.get_num_threads()} threads, "
+          f"in {args.runtime})", flush=True)
+    t0 = time.perf_counter()
+    data = measure_swin_table(grids, dims, device, args.batch_size, args.warmup, args.repeats,
+                              amp_dtype, args.model or args.checkpoint, args.runtime)
+    table = SwinLatencyTable.from_dict(data).bind(dims)  # must read back before it is written
+    write_atomic(output, data)
+    print(f"wrote {output} in {time.perf_counter() - t0:.1f} s; the model: estimated "
+          f"{table.total(dims):.2f} ms per batch of {args.batch_size} (stem, merges and head "
+          f"{table.stem(dims):.3f} ms)")
+    lowered_note(table.lowered)
+
+
+def lowered_note(lowered: int) -> None:
     if lowered:
         print(f"note: {lowered} measured point(s) were slower than a wider configuration and "
               f"are read as that one's time (timing noise, is the machine busy? or, on CUDA, a "
               f"kernel or alignment the narrower shape does not reach)")
-    if model_dims is not None:
-        print(f"{args.model}: estimated {table.total(model_dims):.2f} ms per batch of "
-              f"{args.batch_size} (stem {table.stem(model_dims, model_dims.embed_dim):.3f} ms)")
 
 
 def main(argv: list[str] | None = None) -> int:

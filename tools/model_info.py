@@ -1,9 +1,11 @@
-"""Per-block widths, parameters and MACs of a per-block-dims DeiT (ReViT / a pruned NViT).
+"""Per-block widths, parameters and MACs of a per-block-dims DeiT (ReViT / a pruned NViT) or
+Swin (per stage: embedding width, tokens, window, patch merging).
 
     python -m tools.model_info --model deit_base_distilled_patch16_224 --EMB 176
     python -m tools.model_info --dims my_dims.yaml --input-size 32 --patch-size 8
     python -m tools.model_info --checkpoint OUT/pruned_checkpoint.pth --json
     python -m tools.model_info --model deit3_small_patch16_224
+    python -m tools.model_info --model swin_tiny_patch4_window7_224
     python -m tools.model_info --families     # the supported timm ViT families
 
 MACs are measured, not computed by formula: torch.utils.flop_counter.FlopCounterMode counts
@@ -33,7 +35,7 @@ DEFAULT_MODEL = "deit_base_distilled_patch16_224"
 def get_args_parser() -> argparse.ArgumentParser:
     p = Parser("Per-block widths, parameters and MACs of a ReViT / NViT model.")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"timm ViT name giving the frame, family and uniform dims "
+                   help=f"timm ViT or Swin name giving the frame, family and uniform dims "
                         f"(default {DEFAULT_MODEL}; see --families)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--EMB", type=POSITIVE_INT, default=None,
@@ -101,66 +103,103 @@ def build_from_args(args: argparse.Namespace) -> torch.nn.Module:
     if args.EMB is not None:
         return models.build_model(args.model, dims=models.revit_dims(args.EMB), **frame)
     if args.dims is not None:
-        return models.build_model(args.model, dims=models.Dims.load(args.dims), **frame)
+        return models.build_model(args.model, dims=models.load_dims(args.dims), **frame)
     if args.checkpoint is not None:
         return models.build_model(args.model, checkpoint=args.checkpoint, **frame)
     return models.build_model(args.model, **frame)
 
 
+def _block_modules(model: torch.nn.Module) -> list[tuple[str, int | None, torch.nn.Module]]:
+    """(module path, stage or None, block) of every block in order: a ViT's `blocks.i`, a
+    Swin's `layers.s.blocks.j`."""
+    if hasattr(model, "layers"):
+        return [(f"layers.{s}.blocks.{j}", s, blk) for s, stage in enumerate(model.layers)
+                for j, blk in enumerate(stage.blocks)]
+    return [(f"blocks.{i}", None, blk) for i, blk in enumerate(model.blocks)]
+
+
 @torch.no_grad()
 def model_info(model: torch.nn.Module) -> dict:
-    """Widths, parameters and measured MACs per block, for the stem/head and in total."""
+    """Widths, parameters and measured MACs per block (a Swin's per stage, with its patch
+    merging and window), for the stem/head and in total."""
     d = model.dims
     prefix = type(model).__name__
     total_macs, per_module = count_macs(model)  # torch's counter plus the CPU attention kernel
     total_params = sum(p.numel() for p in model.parameters())
     blocks = []
-    for i, blk in enumerate(model.blocks):
-        blocks.append({
-            "index": i, "num_heads": d.num_heads[i], "qk_dim": d.qk_dim[i], "v_dim": d.v_dim[i],
-            "mlp_dim": d.mlp_dim[i], "attn_scale": d.attn_scale[i],
-            "params": sum(p.numel() for p in blk.parameters()),
-            "macs": per_module.get(f"{prefix}.blocks.{i}", 0.0),
-        })
+    for i, (path, stage, blk) in enumerate(_block_modules(model)):
+        row = {"index": i, "num_heads": d.num_heads[i], "qk_dim": d.qk_dim[i],
+               "v_dim": d.v_dim[i], "mlp_dim": d.mlp_dim[i], "attn_scale": d.attn_scale[i],
+               "params": sum(p.numel() for p in blk.parameters()),
+               "macs": per_module.get(f"{prefix}.{path}", 0.0)}
+        if stage is not None:
+            row.update(stage=stage, embed_dim=d.embed_dim[stage], window=blk.window,
+                       shift=blk.shift, tokens=d.grid(stage) ** 2)
+        blocks.append(row)
     block_params = sum(b["params"] for b in blocks)
     block_macs = sum(b["macs"] for b in blocks)
-    return {
+    swin = hasattr(model, "layers")
+    info = {
         "params": total_params,
         "macs": total_macs,
         "gmacs": total_macs / 1e9,
         "stem_head": {"params": total_params - block_params, "macs": total_macs - block_macs},
         "embed_dim": d.embed_dim,
         "depth": d.depth,
-        "tokens": d.num_tokens,
         "img_size": d.img_size,
         "patch_size": d.patch_size,
         "num_classes": d.num_classes,
-        "distilled": bool(d.distilled),
-        "token_scale": bool(d.token_scale),
         "init": d.init,
-        "prefix_tokens": d.num_prefix_tokens,
-        "layer_scale": d.layer_scale,
-        "pool": d.global_pool + (" + fc_norm" if d.fc_norm else ""),
+        "pool": d.global_pool + (" + fc_norm" if getattr(d, "fc_norm", False) else ""),
         "dims": d.to_dict(),
         "blocks": blocks,
     }
+    if swin:
+        info.update(version=d.version, depths=d.depths, tokens=[d.grid(s) ** 2 for s in
+                                                                range(d.num_stages)])
+        info["merges"] = [{"stage": s, "params": sum(p.numel() for p in st.downsample.parameters()),
+                           "macs": per_module.get(f"{prefix}.layers.{s}.downsample", 0.0)}
+                          for s, st in enumerate(model.layers) if s > 0]
+    else:
+        info.update(tokens=d.num_tokens, distilled=bool(d.distilled),
+                    token_scale=bool(d.token_scale), prefix_tokens=d.num_prefix_tokens,
+                    layer_scale=d.layer_scale)
+    return info
 
 
 def format_table(info: dict) -> str:
-    header = f"{'block':>5} {'heads':>5} {'QK/head':>7} {'V/head':>6} {'MLP':>6} {'scale':>8} " \
-             f"{'params':>12} {'MMACs':>10}"
+    swin = "merges" in info
+    lead = f"{'stage':>5} {'emb':>5} {'tokens':>6} {'window':>6} " if swin else ""
+    header = f"{lead}{'block':>5} {'heads':>5} {'QK/head':>7} {'V/head':>6} {'MLP':>6} " \
+             f"{'scale':>8} {'params':>12} {'MMACs':>10}"
+    width = len(header) - 24
     lines = [header, "-" * len(header)]
+    merges = {m["stage"]: m for m in info.get("merges", [])}
     for b in info["blocks"]:
-        lines.append(f"{b['index']:>5} {b['num_heads']:>5} {b['qk_dim']:>7} {b['v_dim']:>6} "
+        if swin and b["stage"] in merges and b["index"] == sum(info["depths"][:b["stage"]]):
+            m = merges[b["stage"]]
+            lines.append(f"{b['stage']:>5} {'patch merging':<{width - 6}} {m['params']:>12,} "
+                         f"{m['macs'] / 1e6:>10.2f}")
+        win = f"{b['window']}{'s' if b['shift'] else ''}" if swin else ""
+        lead = (f"{b['stage']:>5} {b['embed_dim']:>5} {b['tokens']:>6} {win:>6} " if swin else "")
+        lines.append(f"{lead}{b['index']:>5} {b['num_heads']:>5} {b['qk_dim']:>7} {b['v_dim']:>6} "
                      f"{b['mlp_dim']:>6} {b['attn_scale']:>8.4f} {b['params']:>12,} "
                      f"{b['macs'] / 1e6:>10.2f}")
     sh = info["stem_head"]
-    lines.append(f"{'stem/head':<42} {sh['params']:>12,} {sh['macs'] / 1e6:>10.2f}")
+    if swin:  # the merges' rows are shown above; stem/head is the rest
+        sh = {k: sh[k] - sum(m[k] for m in merges.values()) for k in ("params", "macs")}
+    lines.append(f"{'stem/head':<{width}} {sh['params']:>12,} {sh['macs'] / 1e6:>10.2f}")
     lines.append("-" * len(header))
-    lines.append(f"{'total':<42} {info['params']:>12,} {info['macs'] / 1e6:>10.2f}")
+    lines.append(f"{'total':<{width}} {info['params']:>12,} {info['macs'] / 1e6:>10.2f}")
     lines.append("")
     lines.append(f"params {info['params']:,} ({info['params'] / 1e6:.2f} M)   "
                  f"MACs {info['gmacs']:.3f} G ({info['macs'] / 1e6:.2f} M)")
+    if swin:
+        lines.append(f"Swin v{info['version']}   embed dims {info['embed_dim']}   depths "
+                     f"{info['depths']}   tokens {info['tokens']}   image size {info['img_size']}   "
+                     f"patch size {info['patch_size']}   classes {info['num_classes']}   "
+                     f"pooling {info['pool'] or 'none'}   (window Ns: shifted by N/2)")
+        return "\n".join(lines)
     lines.append(f"embed dim {info['embed_dim']}   depth {info['depth']}   tokens {info['tokens']}   "
                  f"image size {info['img_size']}   patch size {info['patch_size']}   "
                  f"classes {info['num_classes']}   distilled {'yes' if info['distilled'] else 'no'}   "

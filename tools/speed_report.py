@@ -42,9 +42,9 @@ from engine import amp_dtype_for, evaluate
 from errors import UserError
 from flags import (COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, add_runtime_arg, ranged,
                    user_message)
-from models import Dims, ReViT, build_model, read_checkpoint
+from models import ReViT, build_model, dims_from_dict, model_class, read_checkpoint
 from pruning import runtimes
-from pruning.cost import LatencyTable
+from pruning.cost import build_cost_model
 from pruning.latency import report_lines, speed_report
 from utils import resolve_device
 
@@ -91,7 +91,8 @@ def dense_of(args, ckpt: dict, compact: ReViT) -> ReViT:
     if not isinstance(ckpt.get("original_dims"), dict):
         raise UserError(f"{args.checkpoint} holds no original_dims (not a pruned_checkpoint.pth "
                         f"of nvit_prune.py); name the model it came from with --dense")
-    return ReViT(Dims.from_dict(ckpt["original_dims"], source=f"original_dims in {args.checkpoint}"))
+    dims = dims_from_dict(ckpt["original_dims"], source=f"original_dims in {args.checkpoint}")
+    return model_class(dims)(dims)
 
 
 def run(args) -> dict:
@@ -110,7 +111,10 @@ def run(args) -> dict:
                 data = json.load(f)
         except ValueError as e:
             raise UserError(f"{source}: not JSON ({e})") from None
-        table = LatencyTable.from_dict(data, source=source)
+        try:
+            table = build_cost_model("latency", dense.dims, data)
+        except UserError as e:
+            raise UserError(f"{source}: {e}".replace(f"{source}: latency table: ", f"{source}: ")) from None
     batch = args.batch_size or (256 if device.type == "cuda" else 1)
     report = speed_report(dense, compact, device, batch, amp_dtype, args.pairs, args.repeats,
                           table, runtime=args.runtime, int8=args.int8)
