@@ -25,6 +25,7 @@ group sizes, --prune_per_iter 32) with a MACs cost and with a latency table (a s
 of tools/build_latency_table.py's default grid, values proportional to MACs: only the lookup
 cost matters here; a fresh table each time, so its memo starts cold), timed between the same
 plain steps and reported amortised over --interval_prune 100: t(pruner.step) / (100 t(plain)).
+The Swin case (Swin-T's first two stages at 32 px) runs the same, with the MACs cost only.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ import models
 from benchmarks import common
 from benchmarks.common import md_table, ratio_stats
 from pruning import Gates, Saliency
-from pruning.cost import LatencyTable, MacsCost
+from pruning.cost import LatencyTable, build_cost_model
 from pruning.loop import PruningLoop
 from pruning.pruner import GlobalPruner
 
@@ -59,10 +60,14 @@ INTERVAL = 100
 PRUNE_PER_ITER = 32
 GROUP_SIZES = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16}  # configs/nvit_reference.json
 SCALES = {"emb": 12, "head": 12, "qk": 2, "v": 2, "mlp": 1}
-CASES = {  # name -> (frame, batch)
+SWIN = "swin_tiny_patch4_window7_224"
+CASES = {  # case -> (timm name, frame and timm kwargs, batch)
     "cpu-sized (32 px, patch 4, depth 4, E 192)": (
-        dict(img_size=32, patch_size=4, num_classes=10, depth=4), 64),
-    "DeiT-Ti/224 distilled": (dict(num_classes=1000), 8),
+        NAME, dict(img_size=32, patch_size=4, num_classes=10, depth=4), 64),
+    "DeiT-Ti/224 distilled": (NAME, dict(num_classes=1000), 8),
+    "Swin, cpu-sized (32 px, patch 2, windows 4, Swin-T's first two stages)": (
+        SWIN, dict(img_size=32, patch_size=2, window_size=4, depths=(2, 2), embed_dim=96,
+                   num_heads=(3, 6), num_classes=10), 64),
 }
 
 
@@ -76,14 +81,14 @@ def loss_args() -> SimpleNamespace:
         unscale_lr=True, batch_size=None, weight_decay=0.05, momentum=0.9)
 
 
-def make_dense(frame: dict) -> models.ReViT:
+def make_dense(name: str, frame: dict):
     frame = dict(frame)
     depth = frame.pop("depth", None)
-    base = models.name_dims(NAME)
     dims = None
     if depth is not None:
+        base = models.name_dims(name)
         dims = models.Dims.uniform(base.embed_dim, depth, base.num_heads[0], base.mlp_dim[0])
-    return models.build_model(NAME, dims=dims, **frame)
+    return models.build_model(name, dims=dims, **frame)
 
 
 def synthetic_latency_table(num_tokens: int) -> dict:
@@ -115,10 +120,11 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int, steps: int,
-                 amp_dtype) -> dict:
+def measure_case(case: str, name: str, frame: dict, batch: int, repeats: int, warmup: int,
+                 steps: int, amp_dtype) -> dict:
     torch.manual_seed(0)
-    dense = make_dense(frame)
+    dense = make_dense(name, frame)
+    swin = isinstance(dense.dims, models.SwinDims)
     full = builders.frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
     args = loss_args()
     nb_classes = dense.dims.num_classes
@@ -137,10 +143,11 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int, 
     saliency = Saliency(gates, "hessian", SCALES, 0.9)
     opts = {name: builders.build_optimizer(args, m)
             for name, m in (("plain", plain), ("pruning loop", pruned), ("gates only", gated))}
-    pruner = GlobalPruner(gates, saliency, MacsCost(dense.dims), 0.0, PRUNE_PER_ITER, GROUP_SIZES)
+    pruner = GlobalPruner(gates, saliency, build_cost_model("macs", dense.dims), 0.0,
+                          PRUNE_PER_ITER, GROUP_SIZES)
     loop = PruningLoop(pruned, gates, saliency, pruner, criterion, opts["pruning loop"],
                        interval=10**9, iters_per_epoch=steps)  # no prune step while timed
-    Gates.attach(gated)
+    only_gates = Gates.attach(gated)
 
     def epoch(model, name, **hooks):
         def run():
@@ -150,7 +157,7 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int, 
         return run
     runs = {"plain": epoch(plain, "plain"),
             "pruning loop": epoch(pruned, "pruning loop", **loop.hooks(0)),
-            "gates only": epoch(gated, "gates only", after_backward=lambda s: gated_zero(gated))}
+            "gates only": epoch(gated, "gates only", after_backward=lambda s: gated_zero(only_gates))}
 
     def step_bytes(model) -> int:
         x, y = batches[0]
@@ -163,7 +170,7 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int, 
     # the prune step itself, on its own gated copy so the loop above is not disturbed
     victim = copy.deepcopy(dense).train()
     victim_gates = Gates.attach(victim)
-    table = synthetic_latency_table(dense.dims.num_tokens)
+    table = None if swin else synthetic_latency_table(dense.dims.num_tokens)
     gen = torch.Generator().manual_seed(1)
 
     def fresh_pruner(kind: str) -> GlobalPruner:
@@ -173,13 +180,14 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int, 
         sal = Saliency(victim_gates, "hessian", SCALES, 0.9)
         sal.sums = [torch.rand(s.shape, generator=gen, dtype=torch.float64) for s in sal.sums]
         sal.count = INTERVAL
-        cost = MacsCost(dense.dims) if kind == "macs" else LatencyTable.from_dict(table)
+        cost = (build_cost_model("macs", dense.dims) if kind == "macs"
+                else LatencyTable.from_dict(table))
         p = GlobalPruner(victim_gates, sal, cost, 0.5, PRUNE_PER_ITER, GROUP_SIZES,
                          latency_lambda=5e-4 if kind == "latency" else 0.0)
         p.steps = 1  # past the first step: a steady-state one, prune_per_iter // 16 groups
         return p
 
-    prune_kinds = ("macs", "latency")
+    prune_kinds = ("macs",) if swin else ("macs", "latency")  # no synthetic Swin table
     times = {k: [] for k in (*runs, *(f"pruner.step {k}" for k in prune_kinds))}
     removed = {}
     for r in range(warmup + repeats):
@@ -210,12 +218,10 @@ def measure_case(case: str, frame: dict, batch: int, repeats: int, warmup: int, 
     return result
 
 
-def gated_zero(model) -> None:
+def gated_zero(gates: Gates) -> None:
     """Gates only: drop the gate gradients as the loop would, without scoring them."""
-    model.emb_gate.grad = None
-    for b in model.blocks:
-        for g in (b.attn.head_gate, b.attn.qk_gate, b.attn.v_gate, b.mlp.gate):
-            g.grad = None
+    for g in gates.tensors():
+        g.grad = None
 
 
 def timed(fn) -> float:
@@ -238,13 +244,14 @@ def main() -> None:
     repeats, warmup = (2, 0) if args.quick else (20, 3)
     load = os.getloadavg()
     steps = 1 if args.quick else 4
-    rows = [measure_case(case, frame, batch // 8 if args.quick else batch, repeats, warmup, steps,
-                         amp)
-            for case, (frame, batch) in CASES.items() for amp in (None, torch.bfloat16)]
+    rows = [measure_case(case, name, frame, batch // 8 if args.quick else batch, repeats, warmup,
+                         steps, amp)
+            for case, (name, frame, batch) in CASES.items() for amp in (None, torch.bfloat16)]
     table = [[r["case"], r["amp"], r["batch"], fmt(r["loop_over_plain"]),
               fmt(r["gates_only_over_plain"]), f"{r['saved_bytes_ratio']:.3f}",
               fmt(r["pruner_step_macs_amortised"], pct=True),
-              fmt(r["pruner_step_latency_amortised"], pct=True)] for r in rows]
+              fmt(r["pruner_step_latency_amortised"], pct=True)
+              if "pruner_step_latency_amortised" in r else "-"] for r in rows]
     md = md_table(["model", "precision", "batch", "pruning-loop step / plain step (p25-p75)",
                    "gates only / plain", "activation bytes saved for backward, gated / plain",
                    "pruner.step MACs cost, amortised / plain step",

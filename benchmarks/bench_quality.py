@@ -58,9 +58,10 @@ from atomic import write_text_atomic  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.common import (ROOT, interval_text, md_table, mean_sd,  # noqa: E402
                                paired_interval, pm, uniform_dims, write_results)
-from benchmarks.quality_config import BUDGETS, Config, FULL, METHODS, QUICK, REFERENCE  # noqa: E402
+from benchmarks.quality_config import (BUDGETS, FULL, METHODS, QUICK, REFERENCE, SWIN,  # noqa: E402
+                                       SWIN_LABELS, SWIN_METHODS, SWIN_QUICK, Config)
 from benchmarks.quality_data import Data, cifar_dir, load_data  # noqa: E402
-from benchmarks.quality_methods import prune_ours, prune_torch_pruning  # noqa: E402
+from benchmarks.quality_methods import prune_ours, prune_torch_pruning, prune_torch_pruning_swin  # noqa: E402
 from benchmarks.quality_models import commit_dense, dense_model, latency_table, train_resumable  # noqa: E402
 from benchmarks.quality_report import (describe, dims_text, latency_vs_dense,  # noqa: E402
                                         measured_where, report, summarise)
@@ -157,7 +158,8 @@ def uniform_scratch(s: Study, seed: int, budgets: tuple[float, ...]) -> list[dic
     rows, epochs = [], s.cfg.scratch_epochs()
     for budget in budgets:
         ck = train_uniform(s.cfg, s.data, budget, seed, s.work)
-        model = models.ReViT(models.Dims.from_dict(ck["dims"]))
+        dims = models.dims_from_dict(ck["dims"])
+        model = models.model_class(dims)(dims)
         model.load_state_dict(ck["model"])
         rows.append(measure(s, "uniform_scratch", budget, seed, model, None,
                             {"epochs": epochs, "plateau_gain": ck["plateau_gain"],
@@ -187,8 +189,9 @@ def run_method(s: Study, method: str, seed: int, threads: int, tag: str = "",
             s.dense, criterion, cost, batches, s.cfg, seed, s.table, scales), budgets)
     elif method == "torch_pruning":
         batches = DistilBatches(s.data, s.teacher, s.cfg.prune_batch, s.cfg.hflip, seed + 10)
-        rows = finetune_snapshots(s, method, seed,
-                                  prune_torch_pruning(s.dense, batches, s.cfg, seed), budgets)
+        tp_prune = prune_torch_pruning_swin if s.cfg.family == "swin" else prune_torch_pruning
+        rows = finetune_snapshots(s, method, seed, tp_prune(s.dense, batches, s.cfg, seed),
+                                  budgets)
     else:
         rows = uniform_scratch(s, seed, budgets)
     seconds = time.perf_counter() - t0
@@ -296,7 +299,8 @@ def report_again(study: str) -> None:
         raise SystemExit(f"--report-only: no result at {path}")
     old = json.loads(path.read_text())
     cfg = Config(**old["config"])
-    dense = models.ReViT(models.Dims.from_dict(old["dense"]["dims"])).eval()
+    dims = models.dims_from_dict(old["dense"]["dims"])
+    dense = models.model_class(dims)(dims).eval()
     rows = old["rows"]
     summary = summarise(rows)
     md = report(rows, summary, cfg, dense, old["dense"]["top1"], old["dense"]["macs"],
@@ -311,10 +315,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=["cifar10", "digits"], default=None)
     p.add_argument("--quick", action="store_true", help="tiny DIGITS variant for CI (~3 min)")
+    p.add_argument("--family", choices=["vit", "swin"], default="vit",
+                   help="swin: the Swin arm, a two-stage Swin on DIGITS with the methods that "
+                        "apply to it (results quality_swin[_quick])")
     p.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "work" / "quality"))
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default 2; 1 with --quick, whose tiny ops gain nothing)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset (default: all; the Swin arm's: "
+                        f"{','.join(SWIN_METHODS)})")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated integers")
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS),
                    help="comma-separated subset of the MACs budgets to finetune and measure")
@@ -346,10 +355,21 @@ def main(argv: list[str] | None = None) -> None:
         argv if argv is not None else sys.argv[1:])
     if args.results_dir:
         common.RESULTS = Path(args.results_dir)
+    swin = args.family == "swin"
+    study = ("quality_swin" if swin else "quality") + ("_quick" if args.quick else "")
     if args.report_only:
-        report_again("quality_quick" if args.quick else "quality")
+        report_again(study)
         return
+    if args.methods is None:
+        args.methods = ",".join(SWIN_METHODS if swin else METHODS)
     methods = [m for m in args.methods.split(",") if m]
+    if swin and set(methods) - set(SWIN_METHODS):
+        raise SystemExit(f"the Swin arm runs {', '.join(SWIN_METHODS)}, not "
+                         f"{', '.join(sorted(set(methods) - set(SWIN_METHODS)))}")
+    if swin and (args.data == "cifar10" or args.lambda_sweep):
+        raise SystemExit("the Swin arm runs on DIGITS, without a lambda sweep")
+    if swin:  # (h) has another scope on a Swin: the reports say so
+        METHODS.update(SWIN_LABELS)
     if not methods:
         raise SystemExit("--methods names no method; known: " + ", ".join(METHODS))
     unknown = set(methods) - set(METHODS)
@@ -395,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     data_kind = args.data
     if data_kind is None:
-        if args.quick:
+        if args.quick or swin:
             data_kind = "digits"
         elif (cifar_dir() / "cifar10_train20k.npz").is_file():
             data_kind = "cifar10"
@@ -405,16 +425,17 @@ def main(argv: list[str] | None = None) -> None:
     if data_kind == "cifar10" and not (cifar_dir() / "cifar10_train20k.npz").is_file():
         raise SystemExit(f"no CIFAR-10 subset at {cifar_dir()} (see ../shared/data/README); "
                          f"--data digits runs on scikit-learn's DIGITS")
-    cfg = Config(data=data_kind, **(QUICK if args.quick else FULL))
+    presets = {(False, False): FULL, (False, True): QUICK, (True, False): SWIN,
+               (True, True): SWIN_QUICK}
+    cfg = Config(data=data_kind, **presets[(swin, args.quick)])
     if data_kind == "digits" and not args.quick:
         cfg.crop_pad, cfg.hflip = 2, False  # digits are not mirror-symmetric
     if args.uniform_epochs is not None:
         if args.uniform_epochs < 1:
             raise SystemExit(f"--uniform-epochs must be positive, got {args.uniform_epochs}")
         cfg.uniform_epochs = args.uniform_epochs
-    work = Path(args.work_dir)
+    work = Path(args.work_dir + ("_swin" if swin else ""))
     work.mkdir(parents=True, exist_ok=True)
-    study = "quality_quick" if args.quick else "quality"
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -451,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"{old['dense']['top1']}%, this one {dense_top1}%: its rows do not "
                              f"compare with new ones (only (g) can run without it)")
     else:
-        dense, dense_top1 = models.ReViT(cfg.dims()).eval(), old["dense"]["top1"]
+        dense, dense_top1 = models.model_class(cfg.dims())(cfg.dims()).eval(), old["dense"]["top1"]
         print(f"dense model: not loaded, only (g) runs; its top-1 {dense_top1:.2f}% is the "
               f"existing result's, its shape the latency reference")
     if args.save_dense:

@@ -1,4 +1,5 @@
-"""Study 1: is our model as fast as timm's? ReViT with uniform dims against timm's VisionTransformer.
+"""Study 1: is our model as fast as timm's? ReViT with uniform dims against timm's VisionTransformer,
+and ReSwin against timm's SwinTransformer.
 
     python -m benchmarks.bench_speed_vs_timm [--quick] [--threads N]
 
@@ -11,8 +12,9 @@ timm, ...) and repeated:
 - inference: eval mode under torch.inference_mode(), one forward pass;
 - training: one step of forward, cross entropy, backward and AdamW (one optimizer per model).
 
-at a CPU-sized shape (32 px, patch 4, depth 4, embed 192, 3 heads, batch 64) and at the
-DeiT-Ti/224 shape (batch 1 and 16 for inference, 8 for training). The headline is the
+at a CPU-sized shape (32 px, patch 4, depth 4, embed 192, 3 heads, batch 64), at the
+DeiT-Ti/224 shape (batch 1 and 16 for inference, 8 for training) and at Swin-T/224 (batch
+16 for inference, 8 for training). The headline is the
 throughput ratio ours/timm = timm's time / our time per pair (median and p25-p75):
 1.0 means as fast, below 1.0 means ours is slower. The minor page faults of each call are
 counted too: memory freshly mapped from the OS costs kernel time that the arithmetic does not
@@ -40,22 +42,28 @@ from benchmarks import common
 from benchmarks.common import interleaved, md_table, ratio_stats
 STUDY = "speed_vs_timm"
 NAME = "deit_tiny_patch16_224"
+SWIN = "swin_tiny_patch4_window7_224"
 
-# name -> timm overrides, inference batches, training batch
+# case -> timm name, timm overrides, inference batches, training batch
 CASES = {
     "cpu-sized (32 px, patch 4, depth 4, E 192)": (
-        dict(img_size=32, patch_size=4, depth=4, num_classes=10), [64], 64),
-    "DeiT-Ti/224 (patch 16, depth 12, E 192)": (dict(), [1, 16], 8),
+        NAME, dict(img_size=32, patch_size=4, depth=4, num_classes=10), [64], 64),
+    "DeiT-Ti/224 (patch 16, depth 12, E 192)": (NAME, dict(), [1, 16], 8),
+    "Swin-T/224 (window 7, depths 2-2-6-2, E 96-768)": (SWIN, dict(), [16], 8),
 }
 LOGIT_TOL = 1e-4
+QUICK_SWIN = dict(img_size=32, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(1, 2),
+                  num_classes=10)
 
 
-def make_pair(overrides: dict, workdir: Path) -> tuple[torch.nn.Module, torch.nn.Module, float]:
+def make_pair(name: str, overrides: dict, workdir: Path
+              ) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     """(ours, timm, max |logit difference|), same dims and weights, in eval mode."""
-    theirs = timm.create_model(NAME, pretrained=False, drop_path_rate=0.0, **overrides)
+    theirs = timm.create_model(name, pretrained=False, drop_path_rate=0.0, **overrides)
     path = workdir / "timm_state.pth"
     torch.save(theirs.state_dict(), path)
-    ours = models.build_model(NAME, checkpoint=path)
+    ours = models.build_model(name, checkpoint=path, **{k: v for k, v in overrides.items()
+                                                        if k != "depth"})
     ours.eval(), theirs.eval()
     x = torch.randn(4, 3, ours.dims.img_size, ours.dims.img_size)
     with torch.inference_mode():
@@ -85,10 +93,10 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tens
     return step
 
 
-def measure_case(case: str, overrides: dict, infer_batches: list[int], train_batch: int,
-                 repeats: dict, workdir: Path) -> list[dict]:
+def measure_case(case: str, name: str, overrides: dict, infer_batches: list[int],
+                 train_batch: int, repeats: dict, workdir: Path) -> list[dict]:
     torch.manual_seed(0)
-    ours, theirs, diff = make_pair(overrides, workdir)
+    ours, theirs, diff = make_pair(name, overrides, workdir)
     size, classes = ours.dims.img_size, ours.dims.num_classes
     rows = []
     for b in infer_batches:
@@ -130,8 +138,11 @@ def main() -> None:
     rows = []
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        for case, (overrides, batches, train_batch) in CASES.items():
-            rows += measure_case(case, overrides, batches, train_batch, repeats, Path(tmp))
+        for case, (timm_name, overrides, batches, train_batch) in CASES.items():
+            if args.quick and timm_name == SWIN:  # Swin-T/224 is the slow one; the smoke
+                case, overrides, batches, train_batch = "Swin, tiny (smoke test)", QUICK_SWIN, [4], 4
+            rows += measure_case(case, timm_name, overrides, batches, train_batch, repeats,
+                                 Path(tmp))
     table = []
     for r in rows:
         s = r["throughput_ratio"]

@@ -23,7 +23,6 @@ import torch  # noqa: E402
 
 from atomic import write_text_atomic  # noqa: E402
 from benchmarks.passive import malloc_setting  # noqa: E402
-from models.dims import Dims  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -128,12 +127,28 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def uniform_dims(base: "Dims", target: float) -> "Dims":
-    """Embed, heads and MLP all scaled by one factor (head width kept), closest MACs <= target."""
+def uniform_dims(base, target: float):
+    """Embed, heads and MLP all scaled by one factor (head width kept), closest MACs <= target;
+    a Swin's every stage alike."""
     import numpy as np
 
     import models
-    from pruning.cost import MacsCost
+    from pruning.cost import MacsCost, build_cost_model
+    if isinstance(base, models.SwinDims):
+        from dataclasses import replace
+        macs = build_cost_model("macs", base)
+        full = macs.total(base)
+        best = None
+        for s in np.linspace(0.05, 1.0, 400):
+            d = replace(base, embed_dim=[max(8, int(round(e * s / 8)) * 8) for e in base.embed_dim],
+                        num_heads=[max(1, int(round(h * s))) for h in base.num_heads],
+                        mlp_dim=[max(8, int(round(m * s / 8)) * 8) for m in base.mlp_dim])
+            r = macs.total(d) / full
+            if r <= target and (best is None or r > best[0]):
+                best = (r, d)
+        if best is None:
+            raise ValueError(f"no uniform scaling of this Swin reaches {target:.0%} of its MACs")
+        return best[1]
     macs = MacsCost(base)
     full = macs.total(base)
     H, hd, E, M = base.num_heads[0], base.qk_dim[0], base.embed_dim, base.mlp_dim[0]

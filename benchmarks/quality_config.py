@@ -76,6 +76,11 @@ class Config:
     eval_batch: int = 500
     latency_repeats: int = 15
     seed: int = 0  # the dense model's
+    # "vit", or "swin": `stages` stages of `depth` blocks each, the width, heads and MLP
+    # doubling per stage from embed_dim, num_heads and mlp_dim, windows of `window`
+    family: str = "vit"
+    stages: int = 1
+    window: int = 4
 
     def kl_coeff(self, num_classes: int) -> float:
         if self.kl_loss_coeff is not None:
@@ -87,17 +92,27 @@ class Config:
         epochs of its batches on CIFAR-10, is not counted)."""
         return int(math.ceil(self.uniform_epochs or self.dense_epochs + self.ft_epochs))
 
-    def dims(self, num_classes: int = 10) -> models.Dims:
+    def dims(self, num_classes: int = 10) -> models.Dims | models.SwinDims:
+        frame = dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=3,
+                     num_classes=num_classes)
+        if self.family == "swin":
+            n, width = self.stages, [self.embed_dim * 2 ** s for s in range(self.stages)]
+            return models.SwinDims(
+                width, [self.depth] * n,
+                [self.num_heads * 2 ** s for s in range(n) for _ in range(self.depth)],
+                self.embed_dim // self.num_heads, self.embed_dim // self.num_heads,
+                [self.mlp_dim * 2 ** s for s in range(n) for _ in range(self.depth)],
+                [self.window] * n, **frame)
         return models.Dims.uniform(self.embed_dim, self.depth, self.num_heads, self.mlp_dim,
-                                   img_size=self.img_size, patch_size=self.patch_size, in_chans=3,
-                                   num_classes=num_classes, distilled=False)
+                                   distilled=False, **frame)
 
     def dense_key(self) -> dict:
         """The fields the cached dense model depends on."""
         keys = ("data", "embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "img_size",
                 "train_subset", "batch_size", "dense_epochs", "dense_lr", "weight_decay",
                 "warmup_frac", "label_smoothing", "crop_pad", "hflip", "seed")
-        return {k: getattr(self, k) for k in keys}
+        extra = ("family", "stages", "window") if self.family != "vit" else ()
+        return {k: getattr(self, k) for k in keys + extra}
 
 
 FULL = dict(embed_dim=128, depth=4, num_heads=4, mlp_dim=256, patch_size=4, dense_epochs=150)
@@ -105,3 +120,14 @@ QUICK = dict(embed_dim=48, depth=2, num_heads=3, mlp_dim=96, patch_size=8, batch
              dense_epochs=150, dense_lr=3e-3, crop_pad=2, hflip=False, prune_batch=32,
              interval=3, prune_per_iter=24, tp_steps=16, ft_epochs=3, ft_lr=1e-3,
              latency_repeats=6, group_sizes={"emb": 4, "head": 1, "qk": 4, "v": 4, "mlp": 8})
+# the Swin arm (--family swin): a two-stage Swin (32 then 64 channels, 2 and 4 heads of 16,
+# MLP 4x, windows of 4: stage 0's 8x8 tokens in shifted windows, stage 1's 4x4 in one) on
+# DIGITS; the methods that apply to it
+SWIN = dict(family="swin", stages=2, window=4, embed_dim=32, depth=2, num_heads=2, mlp_dim=128,
+            patch_size=4, dense_epochs=150, crop_pad=2, hflip=False,
+            tp_ratio=0.95)  # (h) prunes a Swin's MLPs only: to reach 50% it needs most of them
+SWIN_QUICK = dict(SWIN, depth=1, batch_size=64,
+                  dense_epochs=3, prune_batch=32, interval=3, prune_per_iter=24, tp_steps=16,
+                  ft_epochs=1, latency_repeats=3)
+SWIN_METHODS = ("hessian_macs", "magnitude_macs", "uniform_scratch", "torch_pruning")
+SWIN_LABELS = {"torch_pruning": ("(h)", "Torch-Pruning (group Taylor, MLP units only)")}

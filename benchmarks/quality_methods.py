@@ -16,7 +16,7 @@ import models
 from benchmarks.quality_config import BUDGETS, Config
 from benchmarks.quality_training import CPU, DistilBatches, make_optimizer, pruning_loss
 from pruning import Gates, Saliency, compact
-from pruning.cost import LatencyTable, MacsCost
+from pruning.cost import LatencyTable, MacsCost, build_cost_model
 from pruning.loop import PruningLoop
 from pruning.pruner import GlobalPruner
 
@@ -35,7 +35,7 @@ def prune_ours(dense: models.ReViT, criterion: str, cost_kind: str, batches: Dis
     gates = Gates.attach(model)
     saliency = Saliency(gates, criterion, scales, 0.9, seed)  # None: reference scales
     targets = sorted(BUDGETS, reverse=True)
-    pruner = GlobalPruner(gates, saliency, MacsCost(model.dims), targets[0], cfg.prune_per_iter,
+    pruner = GlobalPruner(gates, saliency, build_cost_model("macs", model.dims), targets[0], cfg.prune_per_iter,
                           cfg.group_sizes, rank_cost=table if cost_kind == "latency" else None)
     opt = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
     out, t0 = {}, time.perf_counter()
@@ -174,4 +174,95 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
             break
     if targets:
         print(f"  torch-pruning: budgets {targets} not reached in {cfg.tp_steps} steps")
+    return out
+
+
+def swin_to_timm(model):
+    """timm's SwinTransformer with the weights of a ReSwin whose stages are uniform."""
+    import timm
+    d = model.dims
+    if not d.is_uniform or d.qk_dim != d.v_dim or d.version != 1:
+        raise ValueError("timm's SwinTransformer needs uniform stages with QK width = V width")
+    firsts = [d.stage_blocks(s).start for s in range(d.num_stages)]
+    theirs = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=d.img_size,
+        patch_size=d.patch_size, embed_dim=d.embed_dim[0], depths=tuple(d.depths),
+        num_heads=tuple(d.num_heads[i] for i in firsts), window_size=d.window_size[0],
+        mlp_ratio=d.mlp_dim[0] / d.embed_dim[0], num_classes=d.num_classes)
+    if [s.blocks[0].norm1.normalized_shape[0] for s in theirs.layers] != d.embed_dim:
+        raise ValueError("timm's SwinTransformer doubles the width per stage; this one does not")
+    theirs.load_state_dict(model.state_dict(), strict=False)
+    return theirs
+
+
+def prune_torch_pruning_swin(dense, batches: DistilBatches, cfg: Config, seed: int) -> dict:
+    """Torch-Pruning on timm's SwinTransformer where it can prune it: the MLP hidden units
+    (MetaPruner + GroupTaylor, global, every other layer ignored), with the same loss
+    between steps as ours. Its other scopes break a Swin (Torch-Pruning 1.6.1, measured on
+    the study's model): with prune_num_heads the attentions' head counts and qkv rows
+    disagree; with the embedding, each patch merging's 4C input is pruned as channels of its
+    own (126 of 128 where the previous stage kept 30 of 32, so 120), and the model no longer
+    runs. Each step's model is read back as our ReSwin, whose logits must equal timm's."""
+    import torch_pruning as tp
+
+    from models.timm_swin import timm_swin_dims
+
+    torch.manual_seed(seed)
+    swin = swin_to_timm(dense).train()
+    loss = pruning_loss(cfg, dense.dims.num_classes)
+    macs = build_cost_model("macs", dense.dims)
+    dense_cost = macs.total(dense.dims)
+    fc1 = {m for n, m in swin.named_modules() if n.endswith("mlp.fc1")}
+    ignored = [m for m in swin.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m not in fc1]
+    example = torch.randn(1, 3, cfg.img_size, cfg.img_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            swin, example, importance=tp.importance.GroupTaylorImportance(), global_pruning=True,
+            pruning_ratio=cfg.tp_ratio, iterative_steps=cfg.tp_steps, ignored_layers=ignored,
+            round_to=2)
+    targets = sorted(BUDGETS, reverse=True)
+    out, it, t0 = {}, 0, time.perf_counter()
+    check = torch.randn(2, 3, cfg.img_size, cfg.img_size)
+    for step in range(cfg.tp_steps):
+        opt = make_optimizer(swin, cfg.prune_lr, cfg.weight_decay)
+        params = [p for p in swin.parameters() if p.requires_grad]
+        acc = [torch.zeros_like(p) for p in params]
+
+        def accumulate(grad_scale: float) -> None:
+            for a, p in zip(acc, params):
+                if p.grad is not None:
+                    a += p.grad
+        loss.kl_enabled = step > 0
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine.train_one_epoch(swin, loss, [batches.next() for _ in range(cfg.interval)],
+                                   opt, CPU, step, print_freq=10**9, after_backward=accumulate)
+        it += cfg.interval
+        for a, p in zip(acc, params):
+            p.grad = a / cfg.interval
+        pruner.step()
+        swin.zero_grad(set_to_none=True)
+        dims = timm_swin_dims(swin)
+        ours = models.ReSwin(dims)
+        ours.load_state_dict(swin.state_dict(), strict=True)
+        with torch.no_grad():
+            diff = float((ours.eval()(check) - swin.eval()(check)).abs().max())
+        swin.train()
+        if not diff < 1e-4:
+            raise RuntimeError(f"after step {step + 1} Torch-Pruning's Swin and its reading "
+                               f"differ by {diff:.3g}: TP left it inconsistent")
+        ratio = macs.total(dims) / dense_cost
+        while targets and ratio <= targets[0]:
+            out[targets[0]] = {"model": ours.eval(), "iterations": it, "steps": step + 1,
+                               "seconds": time.perf_counter() - t0}
+            print(f"  torch-pruning: {targets[0]:.2f} reached after {step + 1} steps / {it} "
+                  f"iterations, MACs ratio {ratio:.3f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+            targets.pop(0)
+        if not targets:
+            break
+    if targets:
+        print(f"  torch-pruning: budgets {targets} not reached in {cfg.tp_steps} steps (MACs "
+              f"ratio {ratio:.3f} at the end)")
     return out

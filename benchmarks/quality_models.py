@@ -31,7 +31,7 @@ def plateau_gain(curve: list[float]) -> float:
     return curve[-1] - (curve[before] if before >= 0 else 0.0)
 
 
-def train_resumable(dims: models.Dims, cfg: Config, data: Data, epochs: int, seed: int,
+def train_resumable(dims, cfg: Config, data: Data, epochs: int, seed: int,
                     path: Path, key: dict, label: str) -> dict:
     """A model trained from scratch with the dense recipe (CE with label smoothing, crop +
     flip, AdamW, warmup + cosine), evaluated after every epoch; returns the finished file's
@@ -50,7 +50,7 @@ def train_resumable(dims: models.Dims, cfg: Config, data: Data, epochs: int, see
     total = epochs * per_epoch
     warmup = max(1, int(cfg.warmup_frac * total))
     torch.manual_seed(seed)
-    model = models.ReViT(dims)
+    model = models.model_class(dims)(dims)
     opt = make_optimizer(model, cfg.dense_lr, cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     order = {"perm": torch.randperm(n, generator=gen), "pos": 0}
@@ -157,12 +157,13 @@ def dense_model(cfg: Config, data: Data, work: Path, times: dict,
     path = COMMITTED / committed_name if committed_name else None
     if ck is None or ck.get("key") != key:
         where = f"{work}"
-        path = work / f"dense_{cfg.data}.pth"
+        path = work / f"dense_{cfg.data}{'' if cfg.family == 'vit' else '_' + cfg.family}.pth"
         cached = path.is_file()
         ck = train_resumable(cfg.dims(), cfg, data, epochs, cfg.seed, path, key, "dense")
         where = where if cached else "trained now"
     times["dense_train_s" if where == "trained now" else "dense_train_cached_s"] = ck["seconds"]
-    model = models.ReViT(cfg.dims())
+    dims = cfg.dims()
+    model = models.model_class(dims)(dims)
     model.load_state_dict(ck["model"])
     gain = ck["plateau_gain"]
     print(f"dense model ({where}): top-1 {ck['top1']:.2f}% after {len(ck['curve'])} epochs "

@@ -40,6 +40,26 @@ def describe(model: models.ReViT, dense_macs: float) -> dict:
                      "v_dim": d.v_dim, "mlp_dim": d.mlp_dim}}
 
 
+def model_text(cfg: Config) -> str:
+    if cfg.family == "swin":
+        return (f"a Swin of {cfg.stages} stages of {cfg.depth} blocks, embed {cfg.embed_dim}, "
+                f"{cfg.num_heads} heads and MLP {cfg.mlp_dim} doubling per stage, windows of "
+                f"{cfg.window}")
+    return f"{cfg.depth} blocks, embed {cfg.embed_dim}, {cfg.num_heads} heads, MLP {cfg.mlp_dim}"
+
+
+def tp_text(cfg: Config) -> str:
+    if cfg.family == "swin":
+        return (f"Torch-Pruning MetaPruner + GroupTaylorImportance, global_pruning, on timm's "
+                f"SwinTransformer, the MLP hidden units only (ratio up to {cfg.tp_ratio} over "
+                f"{cfg.tp_steps} steps, every other layer ignored: its head and embedding "
+                f"scopes leave a Swin that no longer runs), round_to 2")
+    return (f"Torch-Pruning MetaPruner + GroupTaylorImportance, global_pruning + isomorphic, "
+            f"prune_num_heads (head ratio up to {cfg.tp_head_ratio}), embedding and MLP widths "
+            f"(channel ratio up to {cfg.tp_ratio} over {cfg.tp_steps} steps), round_to 2, "
+            f"classifier ignored")
+
+
 def dims_text(d: dict) -> str:
     return (f"E{d['embed_dim']} H{d['num_heads']} qk{d['qk_dim']} v{d['v_dim']} "
             f"mlp{d['mlp_dim']}").replace(" ", "")  # compact for the table
@@ -202,8 +222,7 @@ def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReV
             for r in sorted(rows, key=lambda r: (-r["budget"], list(METHODS).index(r["method"]),
                                                  r["seed"]))]
     design = (
-        f"Model: {cfg.depth} blocks, embed {cfg.embed_dim}, {cfg.num_heads} heads, MLP "
-        f"{cfg.mlp_dim}, {cfg.img_size} px, patch {cfg.patch_size}; data {cfg.data}. Dense: "
+        f"Model: {model_text(cfg)}, {cfg.img_size} px, patch {cfg.patch_size}; data {cfg.data}. Dense: "
         f"{cfg.dense_epochs} epochs, AdamW lr {cfg.dense_lr}, cosine, label smoothing "
         f"{cfg.label_smoothing}, crop pad {cfg.crop_pad}, flip {cfg.hflip}. (a)-(f): one pruning "
         f"run per seed through 50% to 25% MACs by the shipped PruningLoop, a prune step every "
@@ -216,10 +235,7 @@ def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReV
         f"{cfg.prune_lr}. (b): lambda set at the first step so the median latency penalty is "
         f"{cfg.latency_weight}x the median score (table: batch 32, this model's tokens). "
         f"(c): the hessian criterion with every per-kind scale 1 instead of 12/12/2/2/1. "
-        f"(h): Torch-Pruning MetaPruner + GroupTaylorImportance, global_pruning + isomorphic, "
-        f"prune_num_heads (head ratio up to {cfg.tp_head_ratio}), embedding and MLP widths "
-        f"(channel ratio up to {cfg.tp_ratio} over {cfg.tp_steps} steps), round_to 2, "
-        f"classifier ignored, the same loss between steps. Every pruned model: "
+        f"(h): {tp_text(cfg)}, the same loss between steps. Every pruned model: "
         f"{cfg.ft_epochs} finetune epoch(s), the reference's finetune loss (KL per head at "
         f"T={cfg.ft_kl_tau} x the same coefficient + label loss, student in eval mode), AdamW "
         f"lr {cfg.ft_lr} cosine (flip-only augmentation, dense logits cached). (g): the dense "

@@ -167,6 +167,34 @@ def test_quick_study_reports_every_method_budget_and_seed(tmp_path: Path) -> Non
     assert data["times_s"]["total_s"] > 0
 
 
+def test_swin_arm_quick(tmp_path: Path) -> None:
+    """--family swin: a two-stage Swin on DIGITS through NViT, magnitude, uniform scaling and
+    Torch-Pruning (its MLP units only: the one scope that leaves a Swin that runs), each
+    pruned model read back as our ReSwin."""
+    from benchmarks.quality_config import SWIN_METHODS
+    results = tmp_path / "results"
+    run("benchmarks/bench_quality.py", "--family", "swin", "--quick", "--seeds", "0",
+        "--uniform-epochs", "2", "--work-dir", tmp_path / "work", "--results-dir", results,
+        timeout=400)
+    data = json.loads((results / "quality_swin_quick.json").read_text())
+    assert data["config"]["family"] == "swin" and data["dense"]["dims"]["depths"] == [1, 1]
+    rows = {(r["method"], r["budget"]): r for r in data["rows"]}
+    for m in SWIN_METHODS:
+        for b in (0.5, 0.25):
+            if (m, b) == ("torch_pruning", 0.25):  # the MLPs alone cannot remove 75%
+                assert (m, b) not in rows
+                continue
+            r = rows[(m, b)]
+            assert b - 0.1 <= r["macs_ratio"] <= b + 1e-6, (m, b, r["macs_ratio"])
+            assert len(r["dims"]["embed_dim"]) == 2 and 0 <= r["top1_finetuned"] <= 100
+    tp = rows[("torch_pruning", 0.5)]["dims"]  # Torch-Pruning's scope: the MLPs, nothing else
+    assert tp["embed_dim"] == data["dense"]["dims"]["embed_dim"]
+    assert tp["num_heads"] == [2, 4] and tp["qk_dim"] == [16, 16]
+    assert sum(tp["mlp_dim"]) < (128 + 256) / 2
+    md = (results / "quality_swin_quick.md").read_text()
+    assert "Torch-Pruning (group Taylor, MLP units only)" in md and "a Swin of 2 stages" in md
+
+
 def test_paired_interval_and_summary_by_seed() -> None:
     """Seed-paired differences to (a) with a Student t interval: diffs 1, 2, 3 give mean 2,
     sd 1 and a half-width t(0.975, 2) / sqrt(3) = 2.484."""
