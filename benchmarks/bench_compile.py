@@ -42,7 +42,7 @@ from torch._dynamo.utils import counters
 import builders
 import engine
 from benchmarks import common
-from benchmarks.bench_prune_overhead import loss_args, make_dense, timed
+from benchmarks.bench_prune_overhead import NAME, loss_args, make_dense, timed
 from benchmarks.bench_step_memory import pruning_loop_hooks
 from benchmarks.common import md_table, ratio_stats
 
@@ -59,7 +59,7 @@ QUICK_CASES = {
 def measure_case(case: str, frame: dict, batch: int, backend: str, amp_dtype, repeats: int,
                  warmup: int, steps: int) -> list[dict]:
     torch.manual_seed(0)
-    dense = make_dense(frame)
+    dense = make_dense(NAME, frame)
     full = builders.frozen_copy(dense)  # the KL's full model, as nvit_prune.py makes it
     args = loss_args()
     cpu = torch.device("cpu")

@@ -61,8 +61,9 @@ def _create(name: str, dims: Dims | SwinDims, pretrained: bool, kwargs: dict) ->
         for key in fields:
             model_kwargs.pop(key, None)  # already in dims
         return cls(dims, **model_kwargs)
-    # features_only: the last 3 blocks unless out_indices says otherwise, as timm's ViTs
-    out_indices = kwargs.pop("out_indices", 3)
+    # features_only: as timm's models, the last 3 blocks of a ViT, every stage of a Swin,
+    # unless out_indices says otherwise
+    out_indices = kwargs.pop("out_indices", tuple(range(dims.num_stages)) if swin else 3)
     return build_model_with_cfg(build, name, pretrained=pretrained,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
                                 **kwargs)

@@ -14,7 +14,6 @@ produce its unit, and LayerNorms of a stream taking their statistics over its li
 attention normalises q and k over their QK dims, so there the QK gate scales K's rows as well
 as Q's: a removed dim is then absent from both norms, as in the compact block.
 """
-from __future__ import annotations
 
 import math
 from dataclasses import replace
@@ -101,10 +100,11 @@ class WindowAttention(nn.Module):
             self.cpb_mlp = nn.Sequential(nn.Linear(2, CPB_HIDDEN, bias=True), nn.ReLU(inplace=True),
                                          nn.Linear(CPB_HIDDEN, H, bias=False))
             self.qkv = nn.Linear(dim, H * (2 * qk_dim + v_dim), bias=False)
-            self.q_bias = nn.Parameter(torch.zeros(H * qk_dim)) if qkv_bias else None
-            self.register_buffer("k_bias", torch.zeros(H * qk_dim) if qkv_bias else None,
-                                 persistent=False)
-            self.v_bias = nn.Parameter(torch.zeros(H * v_dim)) if qkv_bias else None
+            if qkv_bias:  # timm's names; a marker attribute tells TorchScript they exist
+                self.q_bias = nn.Parameter(torch.zeros(H * qk_dim))
+                self.register_buffer("k_bias", torch.zeros(H * qk_dim), persistent=False)
+                self.v_bias = nn.Parameter(torch.zeros(H * v_dim))
+                self.q_bias_v2 = True
             self.register_buffer("relative_coords_table",
                                  relative_coords_table(window, pretrained_window), persistent=False)
         self.register_buffer("relative_position_index", relative_position_index(window),
@@ -129,25 +129,37 @@ class WindowAttention(nn.Module):
         return torch.cat([(head * self.qk_gate).flatten(), k.flatten(),
                           (head * self.v_gate).flatten()])
 
+    def _qkv_bias(self) -> torch.Tensor | None:
+        if hasattr(self, "q_bias_v2"):  # v2 with biases: q | zero k | v, as timm
+            return torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.qkv.bias
+
     def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.qkv.bias
-        if self.version == 2 and self.q_bias is not None:
-            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         if self.head_gate is None:
-            return F.linear(x, self.qkv.weight, bias)
-        weight, bias = scaled(self.qkv.weight, bias, self.qkv_gate_rows())
+            return F.linear(x, self.qkv.weight, self._qkv_bias())
+        return self._gated_qkv(x)
+
+    @torch.jit.unused
+    def _gated_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = scaled(self.qkv.weight, self._qkv_bias(), self.qkv_gate_rows())
         return F.linear(x, weight, bias)
 
     def _bias(self) -> torch.Tensor:
         """(H, N, N) relative position bias."""
         N = self.window * self.window
-        if self.version == 1:
+        if hasattr(self, "relative_position_bias_table"):  # v1
             table = self.relative_position_bias_table
-        else:
-            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+            bias = table[self.relative_position_index.view(-1)].view(N, N, -1)
+            return bias.permute(2, 0, 1).contiguous()
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
         bias = table[self.relative_position_index.view(-1)].view(N, N, -1)
-        bias = bias.permute(2, 0, 1).contiguous()
-        return bias if self.version == 1 else 16 * torch.sigmoid(bias)
+        return 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous())
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "logit_scale"):  # v2: cosine attention, learnable per-head scale
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            return attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        return (q * self.scale) @ k.transpose(-2, -1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,13 +169,7 @@ class WindowAttention(nn.Module):
         q = q.view(B_, N, H, self.qk_dim).transpose(1, 2)
         k = k.view(B_, N, H, self.qk_dim).transpose(1, 2)
         v = v.view(B_, N, H, self.v_dim).transpose(1, 2)
-        if self.version == 1:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = attn + self._bias().unsqueeze(0)
-        else:
-            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-            attn = attn * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
-            attn = attn + self._bias().unsqueeze(0)
+        attn = self._logits(q, k) + self._bias().unsqueeze(0)
         if mask is not None:
             windows = mask.shape[0]
             attn = attn.view(-1, windows, H, N, N) + mask.unsqueeze(1).unsqueeze(0)
@@ -172,8 +178,12 @@ class WindowAttention(nn.Module):
         x = (attn @ v).transpose(1, 2).reshape(B_, N, H * self.v_dim)
         if emb is None:
             return self.proj_drop(self.proj(x))
+        return self.proj_drop(self._gated_proj(x, emb))
+
+    @torch.jit.unused
+    def _gated_proj(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         weight, bias = scaled(self.proj.weight, self.proj.bias, emb)
-        return self.proj_drop(F.linear(x, weight, bias))
+        return F.linear(x, weight, bias)
 
 
 class SwinBlock(nn.Module):
@@ -198,18 +208,17 @@ class SwinBlock(nn.Module):
         self.register_buffer("attn_mask", shift_mask(padded, window, shift), persistent=False)
 
     def _attn(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
-        B, H, W, C = x.shape
-        w, s = self.window, self.shift
+        C = x.shape[-1]
+        w, s, g = self.window, self.shift, self.grid  # static: the input grid is the model's
+        pad = (w - g % w) % w
         shifted = torch.roll(x, shifts=(-s, -s), dims=(1, 2)) if s else x
-        pad_h, pad_w = (w - H % w) % w, (w - W % w) % w
-        if pad_h or pad_w:  # timm pads always; a zero pad is a copy of the same values
-            shifted = F.pad(shifted, (0, 0, 0, pad_w, 0, pad_h))
-        _, Hp, Wp, _ = shifted.shape
+        if pad:  # timm pads always; a zero pad is a copy of the same values
+            shifted = F.pad(shifted, (0, 0, 0, pad, 0, pad))
         windows = window_partition(shifted, w).view(-1, w * w, C)
         out = self.attn(windows, self.attn_mask, emb)
-        out = window_reverse(out.view(-1, w, w, C), w, Hp, Wp)
-        if pad_h or pad_w:
-            out = out[:, :H, :W, :].contiguous()
+        out = window_reverse(out.view(-1, w, w, C), w, g + pad, g + pad)
+        if pad:
+            out = out[:, :g, :g, :].contiguous()
         return torch.roll(out, shifts=(s, s), dims=(1, 2)) if s else out
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,9 +239,9 @@ class PatchMerging(nn.Module):
     stream one after another) and projected to the stage's width; v1 normalises the 4C
     input, v2 the projected output."""
 
-    def __init__(self, dim: int, out_dim: int, version: int) -> None:
+    def __init__(self, dim: int, out_dim: int, version: int, grid: int) -> None:
         super().__init__()
-        self.version = version
+        self.version, self.grid = version, grid  # the input's token grid
         if version == 1:
             self.norm = StreamNorm(4 * dim, eps=LN_EPS)
             self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
@@ -242,11 +251,11 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor, emb_in: torch.Tensor | None = None,
                 emb: torch.Tensor | None = None) -> torch.Tensor:
-        B, H, W, C = x.shape
-        if H % 2 or W % 2:
-            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-            _, H, W, _ = x.shape
-        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        B, C, g = x.shape[0], x.shape[-1], self.grid
+        if g % 2:
+            x = F.pad(x, (0, 0, 0, 1, 0, 1))
+            g += 1
+        x = x.reshape(B, g // 2, 2, g // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
         if self.version == 1:
             x = self.norm(x, emb_in, repeats=4)
         x = self._reduce(x, emb)
@@ -255,15 +264,28 @@ class PatchMerging(nn.Module):
     def _reduce(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         if emb is None:
             return self.reduction(x)
+        return self._gated_reduce(x, emb)
+
+    @torch.jit.unused
+    def _gated_reduce(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return F.linear(x, scaled(self.reduction.weight, None, emb)[0])
 
 
 class SwinStage(nn.Module):
-    def __init__(self, downsample: nn.Module, blocks: list[SwinBlock]) -> None:
+    """A stage without gates: its patch merging (none in stage 0), then its blocks."""
+
+    def __init__(self, downsample: nn.Module, blocks: list[SwinBlock], index: int) -> None:
         super().__init__()
         self.downsample = downsample
         self.blocks = nn.ModuleList(blocks)
         self.grad_checkpointing = False
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
 
 
 class SwinPatchEmbed(nn.Module):
@@ -280,9 +302,13 @@ class SwinPatchEmbed(nn.Module):
         if emb is None:
             x = self.proj(x)
         else:
-            weight, bias = scaled(self.proj.weight, self.proj.bias, emb)
-            x = F.conv2d(x, weight, bias, self.proj.stride, self.proj.padding)
+            x = self._gated_conv(x, emb)
         return self.norm(x.permute(0, 2, 3, 1), emb)
+
+    @torch.jit.unused
+    def _gated_conv(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        weight, bias = scaled(self.proj.weight, self.proj.bias, emb)
+        return F.conv2d(x, weight, bias, self.proj.stride, self.proj.padding)
 
 
 def pretrained_cfg(dims: SwinDims) -> dict:
@@ -324,9 +350,9 @@ class ReSwin(nn.Module):
                                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                                 drop_path=rates[s][j])
                       for j, i in enumerate(d.stage_blocks(s))]
-            down = (PatchMerging(d.embed_dim[s - 1], d.embed_dim[s], d.version) if s
-                    else nn.Identity())
-            stages.append(SwinStage(down, blocks))
+            down = (PatchMerging(d.embed_dim[s - 1], d.embed_dim[s], d.version, d.grid(s - 1))
+                    if s else nn.Identity())
+            stages.append(SwinStage(down, blocks, s))
             if s > 0:
                 scale *= 2
             self.feature_info.append(dict(num_chs=d.embed_dim[s], reduction=d.patch_size * scale,
@@ -358,7 +384,7 @@ class ReSwin(nn.Module):
                     trunc_normal_(m.relative_position_bias_table, std=0.02)
                 else:
                     nn.init.constant_(m.logit_scale, math.log(10))
-                    if m.q_bias is not None:
+                    if hasattr(m, "q_bias_v2"):
                         nn.init.zeros_(m.q_bias)
                         nn.init.zeros_(m.v_bias)
         self.patch_embed.proj.reset_parameters()
@@ -425,30 +451,49 @@ class ReSwin(nn.Module):
             blocks = None
         return {"emb": self.emb_gates, "blocks": blocks}
 
+    @torch.jit.unused
     def _gate(self, s: int) -> torch.Tensor | None:
         return None if self.emb_gates is None else self.emb_gates[s]
 
     # -------------------------------------------------------------- forward
     def _stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        if self.emb_gates is not None or self.layers[s].grad_checkpointing:
+            return self._gated_stage(s, x)
+        return self.layers[s](x)
+
+    @torch.jit.unused
+    def _gated_stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        """A stage with gates (or gradient checkpointing): kept out of TorchScript and FX."""
         stage = self.layers[s]
         if s:
             x = stage.downsample(x, self._gate(s - 1), self._gate(s))
         emb = self._gate(s)
         for blk in stage.blocks:
-            if stage.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            if stage.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, emb, use_reentrant=False)
             else:
                 x = blk(x, emb)
         return x
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        frame = None if self.emb_frame_gates is None else self.emb_frame_gates[-1]
-        return self.norm(x, frame)
+        if self.emb_frame_gates is None:
+            return self.norm(x)
+        return self._gated_final_norm(x)
+
+    @torch.jit.unused
+    def _gated_final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, self.emb_frame_gates[-1])
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.emb_gates is None:
+            return self.patch_embed(x)
+        return self.patch_embed(x, self._gate(0))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x, self._gate(0))
-        for s in range(len(self.layers)):
-            x = self._stage(s, x)
+        x = self._embed(x)
+        for stage in self.layers:  # (gated: one stage at a time, each with its gates)
+            x = stage(x) if self.emb_gates is None and not stage.grad_checkpointing \
+                else self._gated_stage(stage.index, x)
         return self._final_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

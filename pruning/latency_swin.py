@@ -108,8 +108,8 @@ def measure_swin_table(grids: list[dict[str, list[int]]], dims: SwinDims,
     for s in range(1, len(grids)):
         ins, outs, side = grids[s - 1]["embed_dims"], grids[s]["embed_dims"], d.grid(s - 1)
         stem["merges"].append(({"in_dim": ins, "embed_dim": outs}, [
-            [timer(PatchMerging(i, o, d.version), torch.randn(B, side, side, i, device=device))
-             for o in outs] for i in ins]))
+            [timer(PatchMerging(i, o, d.version, side),
+                   torch.randn(B, side, side, i, device=device)) for o in outs] for i in ins]))
     meta = {**table_meta(timer, device, B, amp_dtype, runtime, warmup, repeats),
             "model": model, "version": d.version, "stages": stage_frames(d),
             "timed": {"attention": "LayerNorm + window attention (roll and shift mask in "

@@ -332,3 +332,89 @@ def test_global_pruning_reaches_the_target_and_clears_optimizer_state(version):
     model.eval()
     small = compact(model)
     assert count_macs(small)[0] / count_macs(ReSwin(d))[0] == pytest.approx(result.ratio, rel=1e-12)
+
+
+# ------------------------------------------- timm's model API, as tests/test_timm_api.py
+def _api_models():
+    """v1 and v2 at 40 px (odd grids: padded windows and mergings), with and without qkv
+    bias, and a compact pruned one (per-block widths differ)."""
+    out = {}
+    for name, kw in (("swin_tiny_patch4_window7_224", {}),
+                     ("swinv2_tiny_window8_256", {}),
+                     ("swinv2_tiny_window8_256", {"qkv_bias": False})):
+        torch.manual_seed(0)
+        out[f"{name}{kw}"] = models.build_model(
+            name, img_size=40, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+            num_classes=10, **kw)
+    torch.manual_seed(0)
+    dense = models.build_model("swin_tiny_patch4_window7_224", img_size=40, window_size=4,
+                               embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=10)
+    gates = Gates.attach(dense)
+    with torch.no_grad():
+        gates.embs[1][:8] = 0
+        gates.blocks[1]["mlp"][:20] = 0
+        gates.blocks[2]["head"][0] = 0
+    out["compact"] = compact(dense)
+    return out
+
+
+API_MODELS = _api_models()
+
+
+@pytest.fixture(params=sorted(API_MODELS))
+def api_model(request):
+    return copy.deepcopy(API_MODELS[request.param]).eval()
+
+
+def test_api_forward_backward_and_cfg(api_model):
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert api_model(x).shape == (2, 10)
+    api_model.train()
+    api_model(x).mean().backward()
+    assert [n for n, p in api_model.named_parameters() if p.grad is None] == []
+    state = api_model.state_dict()
+    cfg = api_model.pretrained_cfg
+    assert f"{cfg['classifier']}.weight" in state and f"{cfg['first_conv']}.weight" in state
+    assert cfg["input_size"] == (3, 40, 40)
+
+
+def test_api_torchscript_and_fx_give_the_eager_logits(api_model):
+    """TorchScript, FX (eval and train, same gradients) and FX then TorchScript: the gated
+    path stays out of all of them."""
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        want = api_model(x)
+        assert torch.equal(torch.jit.script(api_model)(x), want)
+        traced = torch.fx.symbolic_trace(api_model)
+        assert torch.equal(traced(x), want)
+        assert torch.equal(torch.jit.script(traced)(x), want)
+    api_model.train()
+    grads = []
+    for m in (api_model, torch.fx.symbolic_trace(api_model)):
+        api_model.zero_grad()
+        torch.manual_seed(0)
+        m(x).square().mean().backward()
+        grads.append([p.grad.clone() for p in api_model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_api_features(api_model):
+    """FX feature extraction (torchvision's and timm's) and features_only give the stage
+    outputs forward_intermediates gives."""
+    from timm.models import create_feature_extractor as timm_extractor
+    from torchvision.models.feature_extraction import create_feature_extractor
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        _, maps = api_model.forward_intermediates(x)
+        feats = create_feature_extractor(api_model, {"layers.0": "s0", "layers.1": "s1"})(x)
+        assert torch.equal(feats["s0"].permute(0, 3, 1, 2), maps[0])
+        assert torch.equal(feats["s1"].permute(0, 3, 1, 2), maps[1])
+        feats = timm_extractor(api_model, {"layers.1": "s1"})(x)
+        assert torch.equal(feats["s1"].permute(0, 3, 1, 2), maps[1])
+        net = timm.create_model("reswin", dims=api_model.dims, features_only=True).eval()
+        missing, _ = net.model.load_state_dict(api_model.state_dict(), strict=False)
+        assert missing == []  # (the head it dropped is all that is left over)
+        outs = net(x)
+    assert [o.shape[1] for o in outs] == api_model.dims.embed_dim
+    assert all(torch.equal(a, b) for a, b in zip(outs, maps))
