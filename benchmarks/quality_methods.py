@@ -103,6 +103,26 @@ def _skip_headless_steps(pruner) -> None:
     pruner.per_step_head_pruning_ratio = ratios
 
 
+def _tp_train_interval(model, loss, batches: DistilBatches, cfg: Config, step: int) -> None:
+    """Between two Torch-Pruning steps: cfg.interval training iterations with the shared
+    loss (KL on from the second step), leaving in each parameter's .grad the gradient
+    averaged over them, which GroupTaylorImportance reads."""
+    opt = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = [torch.zeros_like(p) for p in params]
+
+    def accumulate(grad_scale: float) -> None:
+        for a, p in zip(acc, params):
+            if p.grad is not None:
+                a += p.grad
+    loss.kl_enabled = step > 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine.train_one_epoch(model, loss, [batches.next() for _ in range(cfg.interval)],
+                               opt, CPU, step, print_freq=10**9, after_backward=accumulate)
+    for a, p in zip(acc, params):
+        p.grad = a / cfg.interval
+
+
 def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config,
                         seed: int) -> dict:
     """Torch-Pruning's documented ViT recipe, iterative, with the same loss between steps as
@@ -142,21 +162,8 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
     targets = sorted(BUDGETS, reverse=True)
     out, it, t0 = {}, 0, time.perf_counter()
     for step in range(cfg.tp_steps):
-        opt = make_optimizer(vit, cfg.prune_lr, cfg.weight_decay)
-        params = [p for p in vit.parameters() if p.requires_grad]
-        acc = [torch.zeros_like(p) for p in params]
-
-        def accumulate(grad_scale: float) -> None:  # the gradient Taylor scores read
-            for a, p in zip(acc, params):
-                if p.grad is not None:
-                    a += p.grad
-        loss.kl_enabled = step > 0
-        with contextlib.redirect_stdout(io.StringIO()):
-            engine.train_one_epoch(vit, loss, [batches.next() for _ in range(cfg.interval)],
-                                   opt, CPU, step, print_freq=10**9, after_backward=accumulate)
+        _tp_train_interval(vit, loss, batches, cfg, step)
         it += cfg.interval
-        for a, p in zip(acc, params):
-            p.grad = a / cfg.interval
         pruner.step()
         _sync_timm_heads(vit, pruner)
         vit.zero_grad(set_to_none=True)
@@ -226,21 +233,8 @@ def prune_torch_pruning_swin(dense, batches: DistilBatches, cfg: Config, seed: i
     out, it, t0 = {}, 0, time.perf_counter()
     check = torch.randn(2, 3, cfg.img_size, cfg.img_size)
     for step in range(cfg.tp_steps):
-        opt = make_optimizer(swin, cfg.prune_lr, cfg.weight_decay)
-        params = [p for p in swin.parameters() if p.requires_grad]
-        acc = [torch.zeros_like(p) for p in params]
-
-        def accumulate(grad_scale: float) -> None:
-            for a, p in zip(acc, params):
-                if p.grad is not None:
-                    a += p.grad
-        loss.kl_enabled = step > 0
-        with contextlib.redirect_stdout(io.StringIO()):
-            engine.train_one_epoch(swin, loss, [batches.next() for _ in range(cfg.interval)],
-                                   opt, CPU, step, print_freq=10**9, after_backward=accumulate)
+        _tp_train_interval(swin, loss, batches, cfg, step)
         it += cfg.interval
-        for a, p in zip(acc, params):
-            p.grad = a / cfg.interval
         pruner.step()
         swin.zero_grad(set_to_none=True)
         dims = timm_swin_dims(swin)

@@ -456,10 +456,13 @@ class ReSwin(nn.Module):
         return None if self.emb_gates is None else self.emb_gates[s]
 
     # -------------------------------------------------------------- forward
+    @torch.jit.unused
     def _stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
-        if self.emb_gates is not None or self.layers[s].grad_checkpointing:
-            return self._gated_stage(s, x)
-        return self.layers[s](x)
+        """Stage s as forward_features runs it (forward_intermediates' one stage at a time)."""
+        stage = self.layers[s]
+        if self.emb_gates is None and not stage.grad_checkpointing:
+            return stage(x)
+        return self._gated_stage(s, x)
 
     @torch.jit.unused
     def _gated_stage(self, s: int, x: torch.Tensor) -> torch.Tensor:
@@ -491,9 +494,11 @@ class ReSwin(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
-        for stage in self.layers:  # (gated: one stage at a time, each with its gates)
-            x = stage(x) if self.emb_gates is None and not stage.grad_checkpointing \
-                else self._gated_stage(stage.index, x)
+        for stage in self.layers:  # as _stage, which TorchScript cannot index by a variable
+            if self.emb_gates is None and not stage.grad_checkpointing:
+                x = stage(x)
+            else:
+                x = self._gated_stage(stage.index, x)
         return self._final_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -510,7 +515,7 @@ class ReSwin(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("output_fmt must be NCHW")
         take, max_index = feature_take_indices(len(self.layers), indices)
-        x = self.patch_embed(x, self._gate(0))
+        x = self._embed(x)
         last = len(self.layers) - 1
         stages = range(max_index + 1) if stop_early else range(len(self.layers))
         intermediates, i = [], 0

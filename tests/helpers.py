@@ -131,3 +131,26 @@ def write_dense_model(path: Path) -> Path:
                            img_size=32, patch_size=8, num_classes=10)
     torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
     return path
+
+
+def kill_at_first_state(script: str, *args, output_dir: Path) -> dict:
+    """Run `script ARGS --save-every 1 --output_dir OUTPUT_DIR` and SIGKILL it as soon as its
+    first pruning state is on disk (mid-run, mid-epoch); that state, loaded."""
+    import signal
+    import time
+
+    import torch
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *map(str, args),
+                             "--save-every", "1", "--output_dir", str(output_dir)], cwd=ROOT,
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = output_dir / "pruning_state.pth"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    killed = torch.load(state, map_location="cpu", weights_only=True)
+    assert not killed["done"], "the run finished before it could be killed"
+    return killed

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import models
 from models.flops import count_macs
 from helpers import DENSE_DIMS as DENSE
 from helpers import FAST, PRUNE_FLAGS, TRAIN, ROOT, assert_user_error, env, run, run_here
-from helpers import free_port, write_dense_model
+from helpers import free_port, kill_at_first_state, write_dense_model
 
 pytestmark = pytest.mark.slow
 
@@ -127,19 +126,7 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
     run("nvit_prune.py", *common, "--output_dir", full)
     # a state at every prune step, so the kill comes in mid-epoch: the resumed epoch's means
     # must still cover the whole epoch (they covered the batches after the resume only)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "nvit_prune.py"), *map(str, common),
-                             "--save-every", "1", "--output_dir", str(part)], cwd=ROOT,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = part / "pruning_state.pth"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    killed = torch.load(state, map_location="cpu", weights_only=True)
-    assert not killed["done"], "the run finished before it could be killed"
+    killed = kill_at_first_state("nvit_prune.py", *common, output_dir=part)
     assert killed["iteration"] > 0 and killed["epoch_means"]["counts"]["loss"] > 0  # mid-epoch
     run("nvit_prune.py", *common, "--output_dir", part, "--resume")
     assert masks_of(part) == masks_of(full)

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
 
 import models
-from helpers import FAST, PRUNE_FLAGS, ROOT, assert_user_error, env, free_port, run, run_here
+from helpers import (FAST, PRUNE_FLAGS, ROOT, assert_user_error, env, free_port,
+                     kill_at_first_state, run, run_here)
 from models.flops import count_macs
 
 pytestmark = pytest.mark.slow
@@ -171,19 +170,7 @@ def test_resume_after_kill_is_bitwise(tmp_path, dense):
               "--pruning_exit", "--speed-report-pairs", "0"]
     full, part = tmp_path / "full", tmp_path / "part"
     run("nvit_prune.py", *common, "--output_dir", full)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "nvit_prune.py"), *map(str, common),
-                             "--save-every", "1", "--output_dir", str(part)], cwd=ROOT,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = part / "pruning_state.pth"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    killed = torch.load(state, map_location="cpu", weights_only=True)
-    assert not killed["done"], "the run finished before it could be killed"
+    kill_at_first_state("nvit_prune.py", *common, output_dir=part)
     run("nvit_prune.py", *common, "--output_dir", part, "--resume")
     a = torch.load(full / "pruning_state.pth", weights_only=True)
     b = torch.load(part / "pruning_state.pth", weights_only=True)
