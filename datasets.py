@@ -412,13 +412,16 @@ def _cifar(data_path: Optional[str], is_train: bool, data_set: str,
         ) from e
 
 
-def build_dataset(is_train: bool, args: Any) -> tuple[Dataset, int]:
-    """Build the train or val split named by --data-set; returns (dataset, nb_classes)."""
+def build_dataset(is_train: bool, args: Any, augment: bool | None = None
+                  ) -> tuple[Dataset, int]:
+    """Build the train or val split named by --data-set; returns (dataset, nb_classes).
+    `augment` (default: is_train) picks the training transform or the evaluation one (the
+    train split without augmentation: frozen-feature probes)."""
     raw = getattr(args, "data_set", None)
     data_set = str(raw).upper() if raw is not None else ""
     if data_set not in DATA_SETS:
         raise UserError(f"--data-set must be one of {', '.join(DATA_SETS)}, got {raw!r}")
-    transform = build_transform(is_train, args)
+    transform = build_transform(is_train if augment is None else augment, args)
     data_path = getattr(args, "data_path", None)
 
     if data_set in ("IMNET", "FOLDER"):

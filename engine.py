@@ -158,6 +158,21 @@ def _no_sync(model: torch.nn.Module):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def extract_features(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
+                     amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of a whole loader: the model's pooled pre-logits features (timm's
+    forward_head(..., pre_logits=True)) in eval mode, in fp32 on the CPU."""
+    model.eval()
+    feats, labels = [], []
+    for images, target in data_loader:
+        with autocast(device, amp_dtype):
+            f = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)
+        feats.append(f.float().cpu())
+        labels.append(torch.as_tensor(target))
+    return torch.cat(feats), torch.cat(labels)
+
+
 def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
              amp_dtype: torch.dtype | None = None, sharded: bool = False) -> dict[str, float]:
     """Top-1/top-5 and loss over the whole loader; `sharded` (--dist-eval) sums exact counts
