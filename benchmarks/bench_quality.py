@@ -59,7 +59,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.common import (ROOT, interval_text, md_table, mean_sd,  # noqa: E402
                                paired_interval, pm, uniform_dims, write_results)
 from benchmarks.quality_config import (BUDGETS, FULL, METHODS, QUICK, REFERENCE, SWIN,  # noqa: E402
-                                       SWIN_LABELS, SWIN_METHODS, SWIN_QUICK, Config)
+                                       SWIN_METHODS, SWIN_QUICK, Config, method_name)
 from benchmarks.quality_data import Data, cifar_dir, load_data  # noqa: E402
 from benchmarks.quality_methods import prune_ours, prune_torch_pruning, prune_torch_pruning_swin  # noqa: E402
 from benchmarks.quality_models import commit_dense, dense_model, latency_table, train_resumable  # noqa: E402
@@ -368,8 +368,6 @@ def main(argv: list[str] | None = None) -> None:
                          f"{', '.join(sorted(set(methods) - set(SWIN_METHODS)))}")
     if swin and (args.data == "cifar10" or args.lambda_sweep):
         raise SystemExit("the Swin arm runs on DIGITS, without a lambda sweep")
-    if swin:  # (h) has another scope on a Swin: the reports say so
-        METHODS.update(SWIN_LABELS)
     if not methods:
         raise SystemExit("--methods names no method; known: " + ", ".join(METHODS))
     unknown = set(methods) - set(METHODS)
@@ -506,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{sum(map(len, todo.values()))} more")
     # seed-major: a stopped study has every method at its first seeds
     for (seed, method), missing in todo.items():
-        print(f"{METHODS[method][0]} {METHODS[method][1]}, seed {seed}", flush=True)
+        print(f"{METHODS[method][0]} {method_name(method, cfg.family)}, seed {seed}", flush=True)
         done, seconds = run_method(s, method, seed, args.threads, budgets=missing)
         kept.update({(r["method"], r["budget"], r["seed"]): r for r in done})
         times[f"{method}_s"] = times.get(f"{method}_s", 0.0) + seconds

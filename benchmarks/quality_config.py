@@ -130,4 +130,9 @@ SWIN_QUICK = dict(SWIN, depth=1, batch_size=64,
                   dense_epochs=3, prune_batch=32, interval=3, prune_per_iter=24, tp_steps=16,
                   ft_epochs=1, latency_repeats=3)
 SWIN_METHODS = ("hessian_macs", "magnitude_macs", "uniform_scratch", "torch_pruning")
-SWIN_LABELS = {"torch_pruning": ("(h)", "Torch-Pruning (group Taylor, MLP units only)")}
+SWIN_NAMES = {"torch_pruning": "Torch-Pruning (group Taylor, MLP units only)"}  # its Swin scope
+
+
+def method_name(method: str, family: str = "vit") -> str:
+    """What a method is called in a report: on a Swin, (h) has another scope."""
+    return (SWIN_NAMES if family == "swin" else {}).get(method, METHODS[method][1])

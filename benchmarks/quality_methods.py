@@ -123,6 +123,19 @@ def _tp_train_interval(model, loss, batches: DistilBatches, cfg: Config, step: i
         p.grad = a / cfg.interval
 
 
+def _take_reached(out: dict, targets: list[float], ratio: float, snapshot, it: int,
+                  step: int, t0: float) -> None:
+    """For every budget (largest first) the MACs ratio is now at or below, a model of its
+    own from `snapshot()` (each budget's is finetuned apart); those budgets leave `targets`."""
+    while targets and ratio <= targets[0]:
+        out[targets[0]] = {"model": snapshot(), "iterations": it, "steps": step + 1,
+                           "seconds": time.perf_counter() - t0}
+        print(f"  torch-pruning: {targets[0]:.2f} reached after {step + 1} steps / {it} "
+              f"iterations, MACs ratio {ratio:.3f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+        targets.pop(0)
+
+
 def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config,
                         seed: int) -> dict:
     """Torch-Pruning's documented ViT recipe, iterative, with the same loss between steps as
@@ -168,15 +181,9 @@ def prune_torch_pruning(dense: models.ReViT, batches: DistilBatches, cfg: Config
         _sync_timm_heads(vit, pruner)
         vit.zero_grad(set_to_none=True)
         ratio = macs.total(timm_vit_dims(vit)) / dense_cost
-        while targets and ratio <= targets[0]:
-            snap = load_nvit(*timm_vit_to_nvit(vit.eval())).eval()
-            vit.train()
-            out[targets[0]] = {"model": snap, "iterations": it, "steps": step + 1,
-                               "seconds": time.perf_counter() - t0}
-            print(f"  torch-pruning: {targets[0]:.2f} reached after {step + 1} steps / {it} "
-                  f"iterations, MACs ratio {ratio:.3f} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-            targets.pop(0)
+        _take_reached(out, targets, ratio,
+                      lambda: load_nvit(*timm_vit_to_nvit(vit.eval())).eval(), it, step, t0)
+        vit.train()
         if not targets:
             break
     if targets:
@@ -247,13 +254,7 @@ def prune_torch_pruning_swin(dense, batches: DistilBatches, cfg: Config, seed: i
             raise RuntimeError(f"after step {step + 1} Torch-Pruning's Swin and its reading "
                                f"differ by {diff:.3g}: TP left it inconsistent")
         ratio = macs.total(dims) / dense_cost
-        while targets and ratio <= targets[0]:
-            out[targets[0]] = {"model": ours.eval(), "iterations": it, "steps": step + 1,
-                               "seconds": time.perf_counter() - t0}
-            print(f"  torch-pruning: {targets[0]:.2f} reached after {step + 1} steps / {it} "
-                  f"iterations, MACs ratio {ratio:.3f} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-            targets.pop(0)
+        _take_reached(out, targets, ratio, lambda: copy.deepcopy(ours).eval(), it, step, t0)
         if not targets:
             break
     if targets:

@@ -11,7 +11,7 @@ import models
 from benchmarks import common
 from benchmarks.common import (ROOT, T_LEVEL, interleaved, interval_text, md_table,
                                mean_sd, paired_interval, welch_interval, pm, ratio_stats)
-from benchmarks.quality_config import BUDGETS, Config, METHODS, REFERENCE, UNPAIRED
+from benchmarks.quality_config import BUDGETS, METHODS, REFERENCE, UNPAIRED, Config, method_name
 from models.flops import count_macs
 
 
@@ -100,7 +100,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------ report
-def findings(summary: list[dict], dense_top1: float, n_val: int) -> str:
+def findings(summary: list[dict], dense_top1: float, n_val: int, family: str = "vit") -> str:
     """Plain statements computed from the numbers: who wins each budget, and which methods
     the seed-paired intervals separate from NViT as published (a)."""
     lines = []
@@ -113,7 +113,7 @@ def findings(summary: list[dict], dense_top1: float, n_val: int) -> str:
         p = best["top1_finetuned"]["mean"] / 100
         noise = 2 * 100 * math.sqrt(max(p * (1 - p), 1e-4) / n_val)
         lines.append(f"- {int(b * 100)}% MACs: the best mean is {best['label']} "
-                     f"{METHODS[best['method']][1]} at {pm(best['top1_finetuned'])}% over "
+                     f"{method_name(best['method'], family)} at {pm(best['top1_finetuned'])}% over "
                      f"{len(best['seeds'])} seed(s) (dense {dense_top1:.2f}%; two standard "
                      f"errors of one evaluation on {n_val} images are about {noise:.1f} points).")
         ref = next((s for s in cands if s["method"] == REFERENCE), None)
@@ -123,7 +123,7 @@ def findings(summary: list[dict], dense_top1: float, n_val: int) -> str:
             iv = s.get("top1_finetuned_vs_reference")
             if s["method"] == REFERENCE or iv is None:
                 continue
-            name = f"{s['label']} {METHODS[s['method']][1]}"
+            name = f"{s['label']} {method_name(s['method'], family)}"
             if iv["lo"] is None:
                 lines.append(f"  - {name}: {iv['mean']:+.2f} points against {ref_label} after "
                              f"finetuning (one seed: no interval yet).")
@@ -147,7 +147,7 @@ def findings(summary: list[dict], dense_top1: float, n_val: int) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], dense_top1: float, study: str) -> list[str]:
+def plot(summary: list[dict], dense_top1: float, study: str, family: str = "vit") -> list[str]:
     """Top-1 after finetuning against MACs and against measured latency, mean +- sd bars."""
     import matplotlib
     matplotlib.use("Agg")
@@ -158,7 +158,8 @@ def plot(summary: list[dict], dense_top1: float, study: str) -> list[str]:
             ("macs", "MACs / dense MACs", "macs_ratio"),
             ("latency", "CPU latency / dense latency (batch 32, median)", "latency_b32")):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        for m, (label, desc) in METHODS.items():
+        for m, (label, _) in METHODS.items():
+            desc = method_name(m, family)
             pts = sorted((s[xfield]["mean"], s[xfield]["sd"] or 0.0,
                           s["top1_finetuned"]["mean"], s["top1_finetuned"]["sd"] or 0.0)
                          for s in summary if s["method"] == m)
@@ -207,7 +208,7 @@ def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReV
               f"{sum(p.numel() for p in dense.parameters()):,}", "1.000", "1.00", "1.00",
               dims_text(describe(dense, dense_macs)["dims"])]]
     for s in summary:
-        table.append([f"{s['label']} {METHODS[s['method']][1]}", f"{s['budget']:.2f}",
+        table.append([f"{s['label']} {method_name(s['method'], cfg.family)}", f"{s['budget']:.2f}",
                       len(s["seeds"]), pm(s["top1_pruned"]), pm(s["top1_finetuned"]),
                       interval_text(s.get("top1_finetuned_vs_reference")),
                       interval_text(s.get("top1_pruned_vs_reference")),
@@ -247,10 +248,10 @@ def report(rows: list[dict], summary: list[dict], cfg: Config, dense: models.ReV
         f"the row's run.")
     part_times = ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in times.items())
     return (md_table(headers, table) + "\n\n## Findings\n\n"
-            + findings(summary, dense_top1, n_val)
+            + findings(summary, dense_top1, n_val, cfg.family)
             + "\n\n## Every run\n\n"
             + md_table(["method", "budget", "seed", "top-1 pruned", "top-1 finetuned",
                         "MACs ratio", "latency/dense b32", "dims"]
                        + (["measured on"] if several else []), runs)
             + "\n\n## Design\n\n" + design + "\n\n## Time per part\n\n" + part_times
-            + f"\n\nPlots: {', '.join(plot(summary, dense_top1, study))}")
+            + f"\n\nPlots: {', '.join(plot(summary, dense_top1, study, cfg.family))}")
