@@ -19,7 +19,8 @@ import models
 import utils
 from datasets import build_dataset
 from errors import UserError
-from losses import DistillationLoss, FullModelKLLoss
+from datasets import LABEL_FREE_SETS
+from losses import DistillationLoss, FeatureDistillLoss, FullModelKLLoss
 from models.hub import download_problem
 from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
 
@@ -66,8 +67,42 @@ def check_dims_frame(dims, dims_file: str | None, nb_classes: int) -> None:
                         f"give RGB images (3 channels)")
 
 
+def label_free(args) -> bool:
+    """--distill-target features: the student matches the full model's output features; no
+    label, no classifier."""
+    return getattr(args, "distill_target", "logits") == "features"  # benchmarks' namespaces
+
+
+def model_classes(args, nb_classes: int) -> int | None:
+    """The classes to build a model with: the data set's; in a label-free run None, the
+    checkpoint's or the name's (the model then becomes a backbone: `for_objective`)."""
+    return None if label_free(args) else nb_classes
+
+
+def for_objective(args, model: torch.nn.Module) -> torch.nn.Module:
+    """The model as the run's objective uses it: label-free, a backbone (its classifier
+    dropped, timm's reset_classifier(0)) whose forward gives its feature pair."""
+    if label_free(args):
+        if model.num_classes:
+            model.reset_classifier(0)
+        model.return_features = True
+    return model
+
+
 def check_loss_args(args) -> None:
-    """Flag combinations where a given flag would be silently ignored."""
+    """Flag combinations where a given flag would be silently ignored, or cannot work."""
+    if label_free(args):
+        if args.kl_loss_coeff <= 0:
+            raise UserError("--distill-target features: the loss is --kl_loss_coeff x the "
+                            "feature distance, and --kl_loss_coeff is 0; give it a positive "
+                            "weight")
+        if args.distillation_type != "none":
+            raise UserError(f"--distillation-type {args.distillation_type} trains a "
+                            f"distillation head on a teacher's classes; --distill-target "
+                            f"features trains a backbone without one (--distillation-type none)")
+    elif str(args.data_set).upper() in LABEL_FREE_SETS:
+        raise UserError(f"--data-set {args.data_set} has no labels: prune or finetune with "
+                        f"--distill-target features (and the full model: --pretrained-path)")
     if args.distillation_type == "none" and args.teacher_path:
         raise UserError(f"--teacher-path {args.teacher_path} is given but --distillation-type is "
                         f"none, so no teacher would be used; add --distillation-type hard (or "
@@ -157,7 +192,8 @@ def build_mixup(args, nb_classes: int):
         return None
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=nb_classes)
+                 label_smoothing=args.smoothing, num_classes=max(nb_classes, 1))
+    # a label-free run mixes the images alike for student and full model; its targets unused
 
 
 def build_base_criterion(args, mixup_fn) -> torch.nn.Module:
@@ -216,28 +252,38 @@ def build_teacher(args, nb_classes: int, device) -> torch.nn.Module | None:
 
 
 def build_full_model(args, nb_classes: int, device) -> torch.nn.Module | None:
-    """The frozen pretrained model of the KL term; loaded only when --kl_loss_coeff > 0."""
+    """The frozen pretrained model of the KL term (a backbone for the feature term); loaded
+    only when --kl_loss_coeff > 0."""
     if args.kl_loss_coeff <= 0:
         return None
+    classes = {} if label_free(args) else {"num_classes": nb_classes}
     if args.pretrained_path:
         full = models.build_model(args.model, checkpoint=args.pretrained_path,
-                                  img_size=args.input_size, num_classes=nb_classes,
-                                  **timm_kwargs(args))
+                                  img_size=args.input_size, **classes, **timm_kwargs(args))
     elif args.pretrained:
         full = models.build_model(args.model, pretrained=True, img_size=args.input_size,
-                                  num_classes=nb_classes, **timm_kwargs(args))
+                                  **classes, **timm_kwargs(args))
     else:
         raise UserError("--kl_loss_coeff > 0 needs the full model: pass --pretrained "
                         "(timm weights of --model) or --pretrained-path FILE")
+    full = for_objective(args, full)
     return full.to(device).eval()
 
 
 def build_criterion(args, nb_classes: int, mixup_fn, device, kl_tau: float, per_head: bool,
                     full_model: torch.nn.Module | None = None,
-                    student: torch.nn.Module | None = None) -> FullModelKLLoss:
+                    student: torch.nn.Module | None = None,
+                    channels: list[int] | None = None) -> torch.nn.Module:
     """DeiT loss (with the CNN teacher) plus the KL term at temperature `kl_tau`, per head
     pair or on the heads' mean; `full_model` if already at hand. A `student` without a
-    distillation token is refused before any teacher is fetched."""
+    distillation token is refused before any teacher is fetched. Label-free
+    (--distill-target features): the feature distance to the full model alone, `channels`
+    the full model's output channels a compact student holds (None: all)."""
+    if label_free(args):
+        if full_model is None:
+            full_model = build_full_model(args, nb_classes, device)
+        return FeatureDistillLoss(full_model, args.kl_loss_coeff, args.distill_loss,
+                                  args.distill_tokens, channels).to(device)
     if student is not None and args.distillation_type != "none" and not student.distilled:
         raise UserError(f"--distillation-type {args.distillation_type} needs a model with a "
                         f"distillation token and head, and {args.model} (or the checkpoint's "

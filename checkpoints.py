@@ -215,15 +215,16 @@ def save_training_checkpoint(path: Path, model, optimizer, scheduler, scaler, mo
 
 
 def save_pruning_state(path: Path, model, loop, optimizer, scheduler, scaler, settings: dict,
-                       original_dims, args, run_id: str, top1_dense: float | None,
+                       original_dims, args, run_id: str, dense_score: dict,
                        epoch_log: list[dict], epoch_means: dict) -> None:
     """nvit_prune.py's resumable state: the gated model's weights, the pruning loop's state
     (masks, saliency, pruner, position, prune-step history), the optimizer's, the epochs'
-    log records and the current epoch's running sums, and what must not change."""
+    log records and the current epoch's running sums, and what must not change.
+    dense_score: engine.score_fields of the dense model ({} before it was scored)."""
     _save({**model_entry(model), **loop.state_dict(),
            **training_state(optimizer, scheduler, scaler), "settings": settings,
            "original_dims": original_dims.to_dict(), "run_id": run_id,
-           "top1_dense": top1_dense, "epoch_log": plain(epoch_log),
+           **dense_score, "epoch_log": plain(epoch_log),
            "epoch_means": plain(epoch_means), "args": plain(vars(args))},
           path)
 

@@ -24,7 +24,12 @@ from torchvision.transforms import InterpolationMode
 
 from errors import UserError
 
-DATA_SETS = ("IMNET", "FOLDER", "CIFAR", "CIFAR10", "CIFAR100", "INAT", "INAT19", "DIGITS")
+DATA_SETS = ("IMNET", "FOLDER", "CIFAR", "CIFAR10", "CIFAR100", "INAT", "INAT19", "DIGITS",
+             "IMAGES")
+LABEL_FREE_SETS = ("IMAGES",)  # no classes: only a label-free objective can use them
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm")
+IMAGES_VAL_EVERY = 50  # IMAGES: every 50th image (sorted by path) is held out to score a run
 INAT_CATEGORIES = (
     "kingdom", "phylum", "class", "order", "supercategory", "family", "genus", "name",
 )
@@ -357,6 +362,39 @@ class INatDataset(Dataset):
 # --------------------------------------------------------------------------- builders
 
 
+class UnlabeledImages(Dataset):
+    """--data-set IMAGES: every image file under a folder, recursively, with no classes.
+
+    Paths are sorted, so every process and every run sees the same order; every
+    IMAGES_VAL_EVERY-th one (at least one) is the val split, the rest the train split.
+    Items are (image, 0): the 0 is a placeholder no label-free loss reads.
+    """
+
+    classes: list[str] = []
+
+    def __init__(self, root: str, train: bool, transform: Optional[Callable] = None) -> None:
+        paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True)
+                       for f in files if f.lower().endswith(IMAGE_SUFFIXES))
+        if not paths:
+            raise UserError(f"--data-path {root} holds no image files (looked for "
+                            f"{', '.join(IMAGE_SUFFIXES)} in every subfolder)")
+        held_out = paths[::IMAGES_VAL_EVERY]
+        self.paths = [p for i, p in enumerate(paths) if i % IMAGES_VAL_EVERY] if train \
+            else held_out
+        if not self.paths:
+            raise UserError(f"--data-path {root} holds {len(paths)} image(s): too few to hold "
+                            f"one of every {IMAGES_VAL_EVERY} out for validation and train on "
+                            f"the rest")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img = _load_rgb(self.paths[i])
+        return (self.transform(img) if self.transform else img), 0
+
+
 def _require_dir(data_path: Optional[str], data_set: str, layout: str) -> str:
     """Fail early, naming --data-path, when the dataset root is unset or absent."""
     if not data_path:
@@ -435,6 +473,9 @@ def build_dataset(is_train: bool, args: Any, augment: bool | None = None
         )
         ds = INatDataset(root, train=is_train, year=year,
                          category=_arg(args, "inat_category"), transform=transform)
+    elif data_set == "IMAGES":
+        root = _require_dir(data_path, data_set, "image files in DIR and its subfolders")
+        ds = UnlabeledImages(root, is_train, transform)
     else:  # DIGITS
         ds = DigitsDataset(train=is_train, transform=transform)
     n_classes = len(ds.classes)

@@ -158,7 +158,6 @@ def _no_sync(model: torch.nn.Module):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def extract_features(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
                      amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of a whole loader: the model's pooled pre-logits features (timm's
@@ -171,6 +170,73 @@ def extract_features(data_loader: Iterable, model: torch.nn.Module, device: torc
         feats.append(f.float().cpu())
         labels.append(torch.as_tensor(target))
     return torch.cat(feats), torch.cat(labels)
+
+
+def headline(stats: dict) -> tuple[str, float]:
+    """The number a run is judged by: top-1 where there are labels and a classifier; the
+    pooled features' mean cosine similarity to the full model in a label-free run."""
+    if "acc1" in stats:
+        return "top-1", stats["acc1"]
+    return "feature cosine", stats["cos"]
+
+
+def score_fields(stats: dict, when: str) -> dict[str, float]:
+    """A score as a checkpoint records it: {"top1_<when>": ...} or, label-free,
+    {"feature_cos_<when>": ...}."""
+    return {f"top1_{when}": stats["acc1"]} if "acc1" in stats else \
+        {f"feature_cos_{when}": stats["cos"]}
+
+
+def recorded_score(ckpt: dict, when: str) -> float | None:
+    """The score `score_fields` wrote, whichever kind it is (None: none recorded)."""
+    for key in (f"top1_{when}", f"feature_cos_{when}"):
+        if ckpt.get(key) is not None:
+            return ckpt[key]
+    return None
+
+
+def score_text(stats: dict) -> str:
+    if "acc1" in stats:
+        return f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%"
+    return f"feature cosine {stats['cos']:.4f}  feature loss {stats['loss']:.4g}"
+
+
+@torch.no_grad()
+def evaluate_features(data_loader: Iterable, model: torch.nn.Module, criterion,
+                      device: torch.device, amp_dtype: torch.dtype | None = None,
+                      sharded: bool = False) -> dict[str, float]:
+    """A label-free run's score over the whole loader: the mean cosine similarity of the
+    student's pooled features to the full model's, and the mean of the feature loss
+    (`criterion` a losses.FeatureDistillLoss; `model` returns its feature pair). Per-batch
+    values are weighted by batch size; `sharded` as in `evaluate`."""
+    model.eval()
+    cos_sum = loss_sum = count = 0.0
+    error = None
+    batches = iter(data_loader)
+    while True:
+        try:
+            images, _ = next(batches)
+        except StopIteration:
+            break
+        except UserError as e:
+            if not sharded:
+                raise
+            error = e
+            break
+        images = images.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            parts = criterion.parts(model(images), criterion.full_model(images))
+        loss, cos = criterion.total(parts), parts["cos"]
+        n = images.shape[0]
+        cos_sum += cos.item() * n
+        loss_sum += loss.item() * n
+        count += n
+    if sharded:
+        cos_sum, loss_sum, count, failed = utils.all_reduce_sum(
+            [cos_sum, loss_sum, count, float(error is not None)])
+        utils.raise_on_every_rank(error, failed > 0)
+    count = max(count, 1)
+    return {"cos": cos_sum / count, "loss": loss_sum / count, "n": int(count)}
 
 
 def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device,

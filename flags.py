@@ -19,7 +19,7 @@ from timm.utils import ParseKwargs
 
 from atomic import write_text_atomic
 from datasets import INAT_CATEGORIES
-from losses import BASE_LOSS_HEADS
+from losses import BASE_LOSS_HEADS, DISTILL_TARGETS, DISTILL_TOKENS, FEATURE_DISTANCES
 from pruning import RUNTIMES
 
 FLAG_OF_FIELD = {
@@ -399,7 +399,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, type=str)
     g.add_argument("--data-set", default="IMNET", type=str.upper,
-                   help="IMNET, FOLDER, CIFAR (= CIFAR10), CIFAR100, INAT, INAT19, DIGITS")
+                   help="IMNET, FOLDER, CIFAR (= CIFAR10), CIFAR100, INAT, INAT19, DIGITS, or IMAGES "
+                        "(every image under --data-path, no labels: --distill-target features)")
     g.add_argument("--inat-category", default="name", choices=INAT_CATEGORIES)
     g.add_argument("--skip-bad-images", action="store_true",
                    help="replace an unreadable image by the next good one and count it in the log, "
@@ -447,6 +448,15 @@ def add_loss_args(p: argparse.ArgumentParser, kl_loss_coeff: float, student_eval
                         "the class head (DeiT)")
     g.add_argument("--student_eval", "--student-eval", default=None, type=str2bool,
                    help=student_eval_help)
+    g.add_argument("--distill-target", default="logits", choices=DISTILL_TARGETS,
+                   help="what the student matches in the full model: its logits (the KL term, "
+                        "the reference's) or, label-free, its output features: then the loss is "
+                        "--kl_loss_coeff x the feature distance alone, no label or teacher loss, "
+                        "and the model is trained as a backbone (no classifier)")
+    g.add_argument("--distill-loss", default="cosine", choices=FEATURE_DISTANCES,
+                   help="the feature distance: 1 - cosine similarity, or mean squared error")
+    g.add_argument("--distill-tokens", default="pooled", choices=DISTILL_TOKENS,
+                   help="compare the pooled features, or add every patch token's distance")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser, resume_help: str, finetune: bool) -> None:

@@ -210,3 +210,95 @@ class FullModelKLLoss(nn.Module):
         if self.kl_loss_coeff and self.original_loss_coeff:  # one term alone is the loss
             self.last_parts = {"loss_kl": kl.detach(), "loss_deit": deit.detach()}
         return kl + deit
+
+
+DISTILL_TARGETS = ("logits", "features")
+FEATURE_DISTANCES = ("cosine", "mse")
+DISTILL_TOKENS = ("pooled", "all")
+FeaturePair = Sequence[Tensor]  # (pooled (B, E), patch tokens (B, N, E)): a model's feature_pair
+
+
+def feature_distance(student: Tensor, target: Tensor, distance: str) -> Tensor:
+    """Mean over vectors (the last axis is the feature) of 1 - cos(s, t), or the mean over
+    every element of (s - t)^2; in fp32."""
+    s, t = student.float(), target.float()
+    if distance == "cosine":
+        return (1 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).mean()
+    return (s - t).pow(2).mean()
+
+
+class FeatureDistillLoss(nn.Module):
+    """Label-free objective: coeff * [D(pooled) + D(patch tokens) with tokens "all"], D a
+    feature distance between the student's and the frozen full model's output features.
+
+    No labels are read. `channels` (None: the student has the full model's width) are the
+    full model's output channels the student's features hold, in order (a compact model
+    after embedding pruning): the student's features are placed there and the rest are 0,
+    which is what the masked student gave, so pruning and finetuning compare the same things.
+    The term is on from the first step: the student differs from the full model through its
+    stochastic layers (drop path, dropout) before the first prune step, which is what the
+    gradient saliency then measures.
+    """
+
+    def __init__(self, full_model: nn.Module, coeff: float, distance: str = "cosine",
+                 tokens: str = "pooled", channels: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if distance not in FEATURE_DISTANCES:
+            raise UserError(f"--distill-loss must be one of {', '.join(FEATURE_DISTANCES)}, "
+                            f"got {distance!r}")
+        if tokens not in DISTILL_TOKENS:
+            raise UserError(f"--distill-tokens must be one of {', '.join(DISTILL_TOKENS)}, "
+                            f"got {tokens!r}")
+        self.full_model = full_model.eval()
+        for p in full_model.parameters():
+            p.requires_grad_(False)
+        full_model.return_features = True
+        self.coeff, self.distance, self.tokens = float(coeff), distance, tokens
+        self.register_buffer("channels", None if channels is None
+                             else torch.as_tensor(list(channels), dtype=torch.long),
+                             persistent=False)
+        self.last_parts: dict[str, Tensor] = {}
+
+    def train(self, mode: bool = True) -> "FeatureDistillLoss":
+        """Switch mode but keep the frozen full model in eval."""
+        super().train(mode)
+        self.full_model.eval()
+        return self
+
+    def placed(self, t: Tensor, width: int) -> Tensor:
+        """Student features in the full model's channels (zeros where it has none)."""
+        if self.channels is None:
+            if t.shape[-1] != width:
+                raise UserError(f"the student's features have {t.shape[-1]} channels and the "
+                                f"full model's {width}, and which of the full model's channels "
+                                f"the student kept is not recorded (prune with nvit_prune.py, "
+                                f"whose compact model records it)")
+            return t
+        out = t.new_zeros(*t.shape[:-1], width)
+        return out.index_copy(-1, self.channels.to(t.device), t)
+
+    def parts(self, student: FeaturePair, full: FeaturePair) -> dict[str, Tensor]:
+        """The distance of the pooled features and (tokens "all") of the patch tokens, and
+        the pooled features' mean cosine similarity (the score of a label-free run)."""
+        width = full[0].shape[-1]
+        pooled = self.placed(student[0], width)
+        out = {"pooled": feature_distance(pooled, full[0], self.distance),
+               "cos": F.cosine_similarity(pooled.float(), full[0].float(), dim=-1).mean()}
+        if self.tokens == "all":
+            out["tokens"] = feature_distance(self.placed(student[1], width), full[1],
+                                             self.distance)
+        return out
+
+    def total(self, parts: dict[str, Tensor]) -> Tensor:
+        """coeff * (pooled distance + tokens distance)."""
+        return self.coeff * (parts["pooled"] + parts.get("tokens", 0.0))
+
+    def forward(self, inputs: Tensor, outputs: FeaturePair, labels: Tensor | None = None
+                ) -> Tensor:
+        with torch.no_grad():
+            full = self.full_model(inputs)
+        p = self.parts(outputs, full)
+        if "tokens" in p:
+            self.last_parts = {"loss_pooled": self.coeff * p["pooled"].detach(),
+                               "loss_tokens": self.coeff * p["tokens"].detach()}
+        return self.total(p)

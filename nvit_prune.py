@@ -37,7 +37,8 @@ import flags
 import models
 import pruning
 import utils
-from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
+from engine import (amp_dtype_for, evaluate, evaluate_features, make_grad_scaler, score_text,
+                    train_one_epoch)
 from errors import UserError
 from models.checkpoint import has_split_qkv
 from prune_recorder import PruneRecorder
@@ -112,6 +113,17 @@ def check_args(args) -> None:
     utils.require_wandb(args)
 
 
+def check_label_free(args, config: pruning.PruningConfig) -> None:
+    """A gradient saliency of the feature distance needs a student that differs from the
+    full model before the first prune step: its drop path or dropout."""
+    if builders.label_free(args) and pruning.saliency.CRITERIA_BY_NAME[config.criterion].needs_gradients \
+            and not (args.drop_path > 0 or args.drop > 0 or args.attn_drop > 0):
+        raise UserError(f"--distill-target features with the {config.criterion} saliency needs "
+                        f"--drop-path (default 0.1), --drop or --attn-drop > 0: until the first "
+                        f"prune step the student equals the full model, and only its "
+                        f"stochastic layers give the feature distance a gradient to score")
+
+
 def load_dense_model(args, nb_classes: int):
     frame = dict(builders.model_kwargs(args, nb_classes), token_scale=args.token_scale)
     if args.pretrained_path:
@@ -141,7 +153,8 @@ def run_settings(args, config: pruning.PruningConfig) -> dict:
             "prune_dict", "cost", "latency_target", "latency_regularization", "seed", "data_set",
             "input_size",
             "kl_loss_coeff", "original_loss_coeff", "kl_tau", "qk_v_units", "emb_saliency",
-            "pruning_lr", "student_eval", "token_scale", "base_loss_head")
+            "pruning_lr", "student_eval", "token_scale", "base_loss_head", "distill_target",
+            "distill_loss", "distill_tokens")
     settings = {k: getattr(args, k) for k in keys}
     targets = flags.cost_targets(args.latency_target)  # one: a number, as states always held
     settings["latency_target"] = targets[0] if len(targets) == 1 else list(targets)
@@ -150,7 +163,8 @@ def run_settings(args, config: pruning.PruningConfig) -> dict:
 
 
 # run settings added since pruning states were first written, with the value older runs had
-SETTINGS_BEFORE_THEY_EXISTED = {"grad_accum_steps": 1}
+SETTINGS_BEFORE_THEY_EXISTED = {"grad_accum_steps": 1, "distill_target": "logits",
+                                "distill_loss": "cosine", "distill_tokens": "pooled"}
 
 
 def check_resumable(ckpt: dict, source: str, original, settings: dict) -> None:
@@ -269,8 +283,10 @@ def main(args) -> None:
         print(f"--pruning_config {args.pruning_config}: keys without effect, as in the reference "
               f"(set by flags here, or unused): {', '.join(config.ignored)}")
 
+    check_label_free(args, config)
     train_loader, val_loader, nb_classes, train_sampler = builders.build_loaders(args)
-    model = load_dense_model(args, nb_classes).to(device)
+    model = builders.for_objective(
+        args, load_dense_model(args, builders.model_classes(args, nb_classes))).to(device)
     original = model.dims
     amp_dtype = amp_dtype_for(device, args.amp, args.amp_dtype)
     cost = pruning.build_cost_model(args.cost, original, table)
@@ -291,7 +307,11 @@ def main(args) -> None:
     criterion = builders.build_criterion(args, nb_classes, mixup_fn, device, kl_tau=args.kl_tau,
                                          per_head=False, full_model=full_model,
                                          student=model_without_ddp)
-    score = functools.partial(evaluate, val_loader, model, device, amp_dtype, run.sharded_eval)
+    if builders.label_free(args):
+        score = functools.partial(evaluate_features, val_loader, model, criterion, device,
+                                  amp_dtype, run.sharded_eval)
+    else:
+        score = functools.partial(evaluate, val_loader, model, device, amp_dtype, run.sharded_eval)
 
     settings = run_settings(args, config)
     recorder = PruneRecorder(run.output_dir, run.is_main, args, settings, original,
@@ -358,7 +378,7 @@ def main(args) -> None:
         recorder.finished(compact_model, ratio, stats, speed,
                           cost.meta if isinstance(cost, pruning.LatencyTable) else None)
     recorder.close()
-    print(f"pruned model: {args.cost} ratio {ratio:.4f} of the original, top-1 {stats['acc1']:.2f}%"
+    print(f"pruned model: {args.cost} ratio {ratio:.4f} of the original, {score_text(stats)}"
           f"{recorder.dense_note()}; dims {json.dumps(gates.widths())}")
     print(f"wrote {run.output_dir / checkpoints.PRUNED_FILE}")
     if ratio > targets[-1] > 0:

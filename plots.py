@@ -33,26 +33,28 @@ def plot_widths(original: dict, pruned: dict, path: str | os.PathLike, title: st
     plt.close(fig)
 
 
-def plot_pareto(points: list[dict], dense_top1: float | None, cost: str,
+def plot_pareto(points: list[dict], dense_score: float | None, cost: str, key: str,
                 path: str | os.PathLike) -> None:
-    """Top-1 against cost ratio: the dense model at 1 and one point per target reached
-    (`points`: dicts with "ratio", "test_acc1", "target"); written atomically."""
+    """Score against cost ratio: the dense model at 1 and one point per target reached
+    (`points`: dicts with "ratio", `key` ("test_acc1"; label-free "test_cos"), "target");
+    written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xs = [p["ratio"] for p in points]
-    ys = [p["test_acc1"] for p in points]
+    ys = [p[key] for p in points]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    if dense_top1 is not None:
-        xs, ys = [1.0, *xs], [dense_top1, *ys]
-        ax.annotate("dense", (1.0, dense_top1), textcoords="offset points", xytext=(-30, 6))
+    if dense_score is not None:
+        xs, ys = [1.0, *xs], [dense_score, *ys]
+        ax.annotate("dense", (1.0, dense_score), textcoords="offset points", xytext=(-30, 6))
     ax.plot(xs, ys, "o-", color="#3b75af")
     for p in points:
-        ax.annotate(f"target {p['target']:g}", (p["ratio"], p["test_acc1"]),
+        ax.annotate(f"target {p['target']:g}", (p["ratio"], p[key]),
                     textcoords="offset points", xytext=(4, 6))
     ax.set_xlabel(f"{cost} ratio to the dense model")
-    ax.set_ylabel("top-1 (%) when the target is reached")
+    ax.set_ylabel(("top-1 (%)" if key == "test_acc1" else "feature cosine to the full model")
+                  + " when the target is reached")
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,6 +1,7 @@
 """What a pruning run writes, owned by one object (in the manner of timm's CheckpointSaver).
 
-`PruneRecorder` holds a run's output folder, run id, settings, the dense model's top-1, the
+`PruneRecorder` holds a run's output folder, run id, settings, the dense model's score (top-1,
+or label-free the feature cosine: engine.headline), the
 epochs' records and their running sums, the scalar log and the speed report, and has one
 method per event of the run: the dense model scored, a prune step, an epoch's end, a stop,
 the end. It writes pruning_state.pth (for --resume), log.txt, dims_history.json, the
@@ -15,10 +16,11 @@ from typing import Callable
 
 import checkpoints
 import utils
+from engine import headline, recorded_score, score_fields, score_text
 from atomic import write_text_atomic
 from errors import Stopped
 from plots import plot_pareto, plot_widths
-from pruning import compact
+from pruning import compact, feature_channels
 from pruning.loop import PruningLoop
 
 WIDTH_FIELDS = ("embed_dim", "num_heads", "qk_dim", "v_dim", "mlp_dim")
@@ -43,19 +45,31 @@ def prune_step_line(record: dict, loop: PruningLoop, cost: str) -> str:
     removed = ", ".join(f"{k} {n}" for k, n in record["removed_groups"].items() if n) or "none"
     return (f"prune step {record['step']}: {cost} ratio {record['ratio']:.4f} (target "
             f"{target})  removed groups: {removed}  {width_summary(record['dims'])}  loss "
-            f"{record['loss']:.4f} (kl {record.get('loss_kl', 0.0):.4g}, deit "
-            f"{record.get('loss_deit', 0.0):.4g})  img/s {record['img_s']:.1f}  eta {eta}")
+            f"{record['loss']:.4f}{loss_parts(record)}  img/s {record['img_s']:.1f}  eta {eta}")
 
 
-def log_records(top1_dense: float | None, prune_steps: list[dict], epochs: list[dict],
+def loss_parts(record: dict) -> str:
+    """The loss's weighted terms: the label-free run's pooled and token distances, else
+    the KL and DeiT terms."""
+    if "loss_pooled" in record:
+        return f" (pooled {record['loss_pooled']:.4g}, tokens {record['loss_tokens']:.4g})"
+    return (f" (kl {record.get('loss_kl', 0.0):.4g}, deit {record.get('loss_deit', 0.0):.4g})")
+
+
+def score_key(stats: dict) -> str:
+    """The log records' key of a score: test_acc1, or label-free test_cos."""
+    return "test_acc1" if "acc1" in stats else "test_cos"
+
+
+def log_records(dense: dict | None, prune_steps: list[dict], epochs: list[dict],
                 speed: dict | None = None) -> list[dict]:
     """log.txt of a pruning run, one JSON line each, in the order they happened: the dense
-    model's top-1, every prune step (cost ratio, widths, loss parts, lr, img/s), every epoch
+    model's score (`dense`: its log fields), every prune step (cost ratio, widths, loss parts, lr, img/s), every epoch
     (top-1, cost ratio, training loss parts) and the final speed report."""
     lines = [{"kind": "prune_step", **r} for r in prune_steps] + \
         [{"kind": "epoch", **r} for r in epochs]
     lines.sort(key=lambda r: (r["epoch"], r["kind"] == "epoch", r.get("iteration", 0)))
-    head = [] if top1_dense is None else [{"kind": "dense", "test_acc1": top1_dense}]
+    head = [] if not dense else [{"kind": "dense", **dense}]
     return head + lines + ([] if speed is None else [{"kind": "speed", **speed}])
 
 
@@ -63,13 +77,13 @@ class PruneRecorder:
     def __init__(self, output_dir: Path, is_main: bool, args, settings: dict, original,
                  images_per_step: int, several_targets: bool,
                  evaluate: Callable[[], dict]) -> None:
-        """evaluate(): the student's top-1/top-5 now (for the several-targets models)."""
+        """evaluate(): the student's score now (for the several-targets models)."""
         self.output_dir, self.is_main, self.args = output_dir, is_main, args
         self.settings, self.original = settings, original
         self.images_per_step, self.several_targets = images_per_step, several_targets
         self.evaluate = evaluate
         self.run_id = checkpoints.new_run_id()
-        self.top1_dense: float | None = None
+        self.dense_stats: dict = {}  # the dense model's evaluation ({} until scored)
         self.epochs: list[dict] = []
         self.epoch_means = utils.RunningMeans()  # the current epoch's, saved in mid-epoch
         self.speed: dict | None = None
@@ -84,7 +98,10 @@ class PruneRecorder:
     def restore(self, ckpt: dict) -> None:
         """A resumed run's records, as the state holds them (mid-epoch sums included)."""
         self.run_id = ckpt.get("run_id") or self.run_id
-        self.top1_dense = ckpt.get("top1_dense")
+        score = recorded_score(ckpt, "dense")
+        if score is not None:
+            self.dense_stats = {"acc1": score} if ckpt.get("top1_dense") is not None \
+                else {"cos": score}
         self.epochs = list(ckpt.get("epoch_log") or [])
         if ckpt.get("epoch_means"):
             self.epoch_means.load_state_dict(ckpt["epoch_means"])
@@ -96,8 +113,8 @@ class PruneRecorder:
 
     # ---------------------------------------------------------------------- events
     def dense_scored(self, stats: dict) -> None:
-        self.top1_dense = stats["acc1"]
-        print(f"before pruning: top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%")
+        self.dense_stats = stats
+        print(f"before pruning: {score_text(stats)}")
 
     def unfinished_epoch(self) -> int | None:
         """An epoch whose every step ran but whose end (evaluation, record) did not: a state
@@ -126,8 +143,8 @@ class PruneRecorder:
 
     def epoch_ended(self, epoch: int, train_stats: dict, stats: dict) -> None:
         pruner = self.loop.pruner
-        print(f"Epoch {epoch}: student top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%"
-              f"  {self.args.cost} ratio {pruner.ratio():.4f}")
+        print(f"Epoch {epoch}: student {score_text(stats)}  {self.args.cost} ratio "
+              f"{pruner.ratio():.4f}")
         record = {"epoch": epoch, "ratio": pruner.ratio(), "prune_steps": pruner.steps,
                   **{f"train_{k}": v for k, v in train_stats.items()},
                   **{f"test_{k}": v for k, v in stats.items()}}
@@ -146,8 +163,14 @@ class PruneRecorder:
                       f"is in {self.output_dir / checkpoints.PRUNING_STATE_FILE} (continue with "
                       f"--resume)")
 
+    def dense_scores(self) -> dict:
+        return score_fields(self.dense_stats, "dense") if self.dense_stats else {}
+
     def dense_note(self) -> str:
-        return "" if self.top1_dense is None else f" (dense {self.top1_dense:.2f}%)"
+        if not self.dense_stats:
+            return ""
+        name, value = headline(self.dense_stats)
+        return f" (dense {value:.2f}%)" if name == "top-1" else f" (dense {value:.4f})"
 
     def finished(self, compact_model, ratio: float, stats: dict, speed: dict | None,
                  latency_table: dict | None = None) -> None:
@@ -159,8 +182,8 @@ class PruneRecorder:
         checkpoints.save_model_file(
             self.output_dir / checkpoints.PRUNED_FILE, compact_model, self.args,
             run_id=self.run_id, original_dims=self.original.to_dict(), cost=self.args.cost,
-            cost_ratio=ratio, top1_dense=self.top1_dense, top1_pruned=stats["acc1"], speed=speed,
-            **extra)
+            cost_ratio=ratio, **self.dense_scores(), **score_fields(stats, "pruned"), speed=speed,
+            feature_channels=feature_channels(self.model), **extra)
         if self.loop.history:
             plot_widths(widths_of(self.original), self.loop.history[-1]["dims"],
                         self.output_dir / "widths.png")
@@ -174,7 +197,7 @@ class PruneRecorder:
             checkpoints.save_pruning_state(
                 self.output_dir / checkpoints.PRUNING_STATE_FILE, self.model, self.loop,
                 self.optimizer, self.scheduler, self.scaler, self.settings, self.original,
-                self.args, self.run_id, self.top1_dense, self.epochs,
+                self.args, self.run_id, self.dense_scores(), self.epochs,
                 self.epoch_means.state_dict())
         self.loop.mark_saved()
 
@@ -184,20 +207,26 @@ class PruneRecorder:
             write_text_atomic(self.output_dir / checkpoints.HISTORY_FILE, json.dumps(
                 {"original": widths_of(self.original), "steps": self.loop.history}, indent=1))
             write_text_atomic(self.output_dir / checkpoints.LOG_FILE, utils.json_lines(
-                log_records(self.top1_dense, self.loop.history, self.epochs, self.speed)))
+                log_records(self._dense_log(), self.loop.history, self.epochs, self.speed)))
+
+    def _dense_log(self) -> dict:
+        if not self.dense_stats:
+            return {}
+        return {score_key(self.dense_stats): headline(self.dense_stats)[1]}
 
     def save_target_models(self, record: dict) -> None:
         """Several targets: the compact model at each one reached, scored now (the student is
         evaluated mid-epoch, then put back in its training mode), and pareto.png."""
         stats = self.evaluate()
         self.loop.set_phase()
+        key = score_key(stats)
         record["target_models"] = [
             {"target": t, "file": checkpoints.target_file(t), "ratio": record["ratio"],
-             "test_acc1": stats["acc1"], "test_acc5": stats["acc5"]}
+             **{f"test_{k}": v for k, v in stats.items() if k != "n"}}
             for t in record["targets_reached"]]
         for entry in record["target_models"]:
             print(f"target {entry['target']:g} reached: {self.args.cost} ratio "
-                  f"{record['ratio']:.4f}, top-1 {stats['acc1']:.2f}%; wrote "
+                  f"{record['ratio']:.4f}, {score_text(stats)}; wrote "
                   f"{self.output_dir / entry['file']}")
         if not self.is_main:
             return
@@ -206,8 +235,8 @@ class PruneRecorder:
             checkpoints.save_model_file(
                 self.output_dir / entry["file"], compact_model, self.args, run_id=self.run_id,
                 original_dims=self.original.to_dict(), cost=self.args.cost,
-                cost_ratio=record["ratio"], target=entry["target"], top1_dense=self.top1_dense,
-                top1_pruned=stats["acc1"])
+                cost_ratio=record["ratio"], target=entry["target"], **self.dense_scores(),
+                **score_fields(stats, "pruned"), feature_channels=feature_channels(self.model))
         points = [e for r in self.loop.history for e in r.get("target_models", [])]
-        plot_pareto(points, self.top1_dense, self.args.cost,
+        plot_pareto(points, self._dense_log().get(key), self.args.cost, key,
                     self.output_dir / checkpoints.PARETO_FILE)

@@ -17,7 +17,8 @@ import flags
 import models
 import utils
 from datasets import skipped_images
-from engine import amp_dtype_for, evaluate, make_grad_scaler, train_one_epoch
+from engine import (amp_dtype_for, evaluate, evaluate_features, headline, make_grad_scaler,
+                    score_text, train_one_epoch)
 from errors import UserError
 from models import Dims, SwinDims, revit_dims
 from models.checkpoint import is_hub_folder
@@ -106,6 +107,18 @@ def finetune_folder_defaults(args) -> None:
         print(f"--finetune {folder}: writing to {args.output_dir}")
 
 
+def feature_channels(args) -> list[int] | None:
+    """The full model's output channels a compact --finetune model holds (recorded by
+    nvit_prune.py; None: all of them)."""
+    if not args.finetune:
+        return None
+    return models.read_checkpoint(args.finetune).get("feature_channels")
+
+
+def best_text(name: str, value: float) -> str:
+    return f"{name} {value:.2f}%" if name == "top-1" else f"{name} {value:.4f}"
+
+
 def check_args(args) -> None:
     if args.eval and not (args.resume or args.finetune):
         raise UserError("--eval needs a checkpoint: --resume CKPT or --finetune CKPT")
@@ -139,16 +152,28 @@ def main(args) -> None:
     train_loader, val_loader, nb_classes, train_sampler = builders.build_loaders(
         args, need_train=not args.eval)
     builders.check_dims_frame(dims, args.dims, nb_classes)
-    model = create_student(args, dims, nb_classes, resume).to(device)
+    model = builders.for_objective(
+        args, create_student(args, dims, builders.model_classes(args, nb_classes), resume)
+    ).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters, dims {json.dumps(model.dims.to_dict())}")
     amp_dtype = amp_dtype_for(device, args.amp, args.amp_dtype)
 
+    mixup_fn = builders.build_mixup(args, nb_classes)
+    criterion = builders.build_criterion(args, nb_classes, mixup_fn, device,
+                                         kl_tau=args.distillation_tau, per_head=True,
+                                         student=model, channels=feature_channels(args))
+
+    def score(m: torch.nn.Module, on: torch.device) -> dict:
+        if builders.label_free(args):
+            return evaluate_features(val_loader, m, criterion, on, amp_dtype, run.sharded_eval)
+        return evaluate(val_loader, m, on, amp_dtype, run.sharded_eval)
+
     if args.eval:
-        stats = evaluate(val_loader, builders.compile_model(args, model), device, amp_dtype,
-                         run.sharded_eval)
-        print(f"Accuracy of the network on the {stats['n']} test images: "
-              f"top-1 {stats['acc1']:.2f}%  top-5 {stats['acc5']:.2f}%  loss {stats['loss']:.4f}")
+        stats = score(builders.compile_model(args, model), device)
+        what = "Accuracy" if "acc1" in stats else "Score"  # DeiT's line, for scripts reading it
+        print(f"{what} of the network on the {stats['n']} test images: {score_text(stats)}"
+              + (f"  loss {stats['loss']:.4f}" if "acc1" in stats else ""))
         return
 
     model_without_ddp = model
@@ -159,13 +184,11 @@ def main(args) -> None:
     optimizer = builders.build_optimizer(args, model_without_ddp)
     scheduler = builders.build_scheduler(args, optimizer)
     scaler = make_grad_scaler(device, amp_dtype)
-    mixup_fn = builders.build_mixup(args, nb_classes)
-    criterion = builders.build_criterion(args, nb_classes, mixup_fn, device,
-                                         kl_tau=args.distillation_tau, per_head=True,
-                                         student=model_without_ddp)
     student_eval = bool(args.finetune) if args.student_eval is None else args.student_eval
     model_without_ddp.return_pair = student_eval  # both heads for the losses in eval mode
-    max_accuracy, best_epoch, history, run_id = 0.0, None, [], checkpoints.new_run_id()
+    # the best score so far: top-1, or label-free the feature cosine (which may be negative)
+    max_accuracy = -1.0 if builders.label_free(args) else 0.0
+    best_epoch, history, run_id = None, [], checkpoints.new_run_id()
     ckpt = None
     if resume:
         ckpt = models.read_checkpoint(resume)
@@ -204,23 +227,23 @@ def main(args) -> None:
             args.clip_grad, args.clip_mode, model_ema, mixup_fn, args.print_freq,
             seed_fn=utils.seed_fn(args.seed, epoch, run.rank), train_mode=not student_eval,
             accum_steps=args.grad_accum_steps)
-        test_stats = evaluate(val_loader, model, device, amp_dtype, run.sharded_eval)
+        test_stats = score(model, device)
         log = {"epoch": epoch, "n_parameters": n_params,
                **{f"train_{k}": v for k, v in train_stats.items()},
                **{f"test_{k}": v for k, v in test_stats.items()}}
         ema_note = ""
         if model_ema is not None:
             ema_device = next(model_ema.module.parameters()).device  # --model-ema-force-cpu
-            ema_stats = evaluate(val_loader, model_ema.module, ema_device, amp_dtype, run.sharded_eval)
-            ema_note = f"  EMA top-1 {ema_stats['acc1']:.2f}%"
+            ema_stats = score(model_ema.module, ema_device)
+            ema_note = f"  EMA {score_text(ema_stats)}"
             log.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
-        score = log["test_ema_acc1" if args.best_on_ema else "test_acc1"]
-        improved = score > max_accuracy
+        name, value = headline(ema_stats if args.best_on_ema else test_stats)
+        improved = value > max_accuracy
         if improved:
-            max_accuracy, best_epoch = score, epoch
-        print(f"Epoch {epoch}: top-1 {test_stats['acc1']:.2f}%  top-5 {test_stats['acc5']:.2f}%"
-              f"  (best {'EMA ' if args.best_on_ema else ''}top-1 {max_accuracy:.2f}%)  train "
-              f"loss {train_stats['loss']:.4f}{ema_note}", flush=True)
+            max_accuracy, best_epoch = value, epoch
+        print(f"Epoch {epoch}: {score_text(test_stats)}  (best {'EMA ' if args.best_on_ema else ''}"
+              f"{best_text(name, max_accuracy)})  train loss {train_stats['loss']:.4f}{ema_note}",
+              flush=True)
         if args.skip_bad_images:
             log["skipped_images"] = skipped_images()
         history.append(log)
@@ -236,8 +259,9 @@ def main(args) -> None:
         if not utils.replicas_identical(model_without_ddp):
             raise RuntimeError("processes ended with different weights: DDP lost synchronisation")
         print(f"all {run.world_size} processes hold identical weights")
+    best = "feature cosine" if builders.label_free(args) else "top-1"
     print(f"training time {time.time() - start:.0f}s; best {'EMA ' if args.best_on_ema else ''}"
-          f"top-1 {max_accuracy:.2f}%")
+          f"{best_text(best, max_accuracy)}")
 
 
 if __name__ == "__main__":

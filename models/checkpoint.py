@@ -216,7 +216,8 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
                         reg_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
                         layer_scale=layer_scale, qkv_bias="blocks.0.attn.qkv.bias" in sd,
                         no_embed_class=no_embed_class, global_pool=global_pool,
-                        fc_norm=fc_norm)
+                        fc_norm=fc_norm, pre_norm="norm_pre.weight" in sd,
+                        ln_eps=base.family("ln_eps"), mlp_act=base.family("mlp_act"))
 
 
 def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

@@ -34,11 +34,15 @@ FRAME_FIELDS = ("img_size", "patch_size", "in_chans", "num_classes", "distilled"
 INITS = ("trunc_normal", "torch_default")
 # The timm ViT family fields and their DeiT values; timm's VisionTransformer arguments of the
 # same names (layer_scale: timm's init_values, 0 = no LayerScale; fc_norm: the final norm
-# applies to the pooled features instead of the token stream).
+# applies to the pooled features instead of the token stream; pre_norm: CLIP's LayerNorm
+# `norm_pre` before the blocks, and no patch-embedding bias as timm then builds it; ln_eps:
+# every LayerNorm's eps; mlp_act: the MLP's activation, timm's name).
 FAMILY_DEFAULTS = dict(class_token=True, reg_tokens=0, layer_scale=0.0, qkv_bias=True,
-                       no_embed_class=False, global_pool="token", fc_norm=False)
+                       no_embed_class=False, global_pool="token", fc_norm=False, pre_norm=False,
+                       ln_eps=1e-6, mlp_act="gelu")
 FAMILY_FIELDS = tuple(FAMILY_DEFAULTS)
 GLOBAL_POOLS = ("token", "avg")
+MLP_ACTS = ("gelu", "quick_gelu")  # exact GELU; CLIP's x * sigmoid(1.702 x)
 REFERENCE_ATTN_SCALE = 64 ** -0.5  # the NViT reference's scale in every block, whatever the QK width
 
 
@@ -65,6 +69,9 @@ class Dims:
     no_embed_class: bool | None = None
     global_pool: str | None = None
     fc_norm: bool | None = None
+    pre_norm: bool | None = None
+    ln_eps: float | None = None
+    mlp_act: str | None = None
 
     def __post_init__(self) -> None:
         for name in BLOCK_LISTS:
@@ -119,6 +126,11 @@ class Dims:
         if self.layer_scale is not None and not self.layer_scale >= 0:
             raise UserError(f"dims: layer_scale (LayerScale's initial value, 0: none) must be "
                             f">= 0, got {self.layer_scale!r}")
+        if self.ln_eps is not None and not self.ln_eps > 0:
+            raise UserError(f"dims: ln_eps (every LayerNorm's eps) must be > 0, got {self.ln_eps!r}")
+        if self.family("mlp_act") not in MLP_ACTS:
+            raise UserError(f"dims: mlp_act must be one of {', '.join(MLP_ACTS)}, got "
+                            f"{self.mlp_act!r}")
         pool = self.family("global_pool")
         if pool not in GLOBAL_POOLS:
             raise UserError(f"dims: global_pool must be one of {', '.join(GLOBAL_POOLS)}, "
@@ -304,6 +316,9 @@ _SCALAR_TYPES = {
     "no_embed_class": (lambda v: isinstance(v, bool), "true or false"),
     "global_pool": (lambda v: isinstance(v, str), "a string"),
     "fc_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "pre_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "ln_eps": (_is_number, "a number"),
+    "mlp_act": (lambda v: isinstance(v, str), "a string"),
 }
 
 

@@ -238,11 +238,18 @@ class Attention(nn.Module):
         return self.proj_drop(F.linear(x, weight, bias))
 
 
+def mlp_activation(name: str) -> nn.Module:
+    """The MLP's activation by its Dims name: timm's modules, so the numbers are timm's (both
+    are 0 at 0, so a gate on fc1's output removes a neuron)."""
+    from timm.layers import QuickGELU
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
 class Mlp(nn.Module):
-    def __init__(self, embed_dim: int, hidden: int, drop: float = 0.0) -> None:
+    def __init__(self, embed_dim: int, hidden: int, drop: float = 0.0, act: str = "gelu") -> None:
         super().__init__()
         self.fc1 = nn.Linear(embed_dim, hidden)
-        self.act = nn.GELU()
+        self.act = mlp_activation(act)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, embed_dim)
         self.drop2 = nn.Dropout(drop)
@@ -266,15 +273,15 @@ class Block(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int, mlp_dim: int,
                  attn_scale: float, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, num_tokens: int | None = None, qkv_bias: bool = True,
-                 layer_scale: float = 0.0) -> None:
+                 layer_scale: float = 0.0, ln_eps: float = LN_EPS, mlp_act: str = "gelu") -> None:
         super().__init__()
-        self.norm1 = StreamNorm(embed_dim, eps=LN_EPS)
+        self.norm1 = StreamNorm(embed_dim, eps=ln_eps)
         self.attn = Attention(embed_dim, num_heads, qk_dim, v_dim, attn_scale, attn_drop, drop,
                               num_tokens, qkv_bias)
         self.ls1 = LayerScale(embed_dim, layer_scale) if layer_scale else Skip()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = StreamNorm(embed_dim, eps=LN_EPS)
-        self.mlp = Mlp(embed_dim, mlp_dim, drop)
+        self.norm2 = StreamNorm(embed_dim, eps=ln_eps)
+        self.mlp = Mlp(embed_dim, mlp_dim, drop, mlp_act)
         self.ls2 = LayerScale(embed_dim, layer_scale) if layer_scale else Skip()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -321,25 +328,31 @@ class ReViT(nn.Module):
         self.num_reg_tokens = dims.reg_tokens
         self.no_embed_class = dims.no_embed_class
         self.global_pool = dims.global_pool
-        self.patch_embed = PatchEmbed(dims.img_size, dims.patch_size, dims.in_chans, E)
+        # timm builds a pre-norm (CLIP) model's patch embedding without a bias
+        self.patch_embed = PatchEmbed(dims.img_size, dims.patch_size, dims.in_chans, E,
+                                      bias=not dims.pre_norm)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, E)) if dims.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, E)) if self.distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, dims.reg_tokens, E)) if dims.reg_tokens else None
         self.pos_embed = nn.Parameter(torch.zeros(1, dims.pos_embed_tokens, E))
         self.pos_drop = nn.Dropout(drop_rate)
+        eps = dims.ln_eps
+        self.norm_pre = StreamNorm(E, eps=eps) if dims.pre_norm else Skip()
         rates = [drop_path_rate * i / max(dims.depth - 1, 1) for i in range(dims.depth)]
         tokens = dims.num_tokens if dims.token_scale else None
         self.blocks = nn.ModuleList(
             Block(E, **dims.block(i), drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i],
-                  num_tokens=tokens, qkv_bias=dims.qkv_bias, layer_scale=dims.layer_scale)
+                  num_tokens=tokens, qkv_bias=dims.qkv_bias, layer_scale=dims.layer_scale,
+                  ln_eps=eps, mlp_act=dims.mlp_act)
             for i in range(dims.depth))
-        self.norm = Skip() if dims.fc_norm else StreamNorm(E, eps=LN_EPS)
-        self.fc_norm = StreamNorm(E, eps=LN_EPS) if dims.fc_norm else None
+        self.norm = Skip() if dims.fc_norm else StreamNorm(E, eps=eps)
+        self.fc_norm = StreamNorm(E, eps=eps) if dims.fc_norm else None
         self.head = self._classifier(dims.num_classes)
         self.head_dist = self._classifier(dims.num_classes) if self.distilled else None
         self.emb_gate: torch.Tensor | None = None
         self.emb_frame_gate: torch.Tensor | None = None
         self.return_pair = False
+        self.return_features = False  # forward gives feature_pair (label-free distillation)
         self.grad_checkpointing = False
         # timm's feature API: every block's output, at the patch grid's stride
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=E, reduction=dims.patch_size)
@@ -470,9 +483,11 @@ class ReViT(nn.Module):
         pos = self.framed(self.pos_embed)
         if self.no_embed_class:  # DeiT III, DINOv2 with registers: patches only
             tokens.append(x + pos)
-            return self.pos_drop(torch.cat(tokens, dim=1))
-        tokens.append(x)
-        return self.pos_drop(torch.cat(tokens, dim=1) + pos)
+            x = self.pos_drop(torch.cat(tokens, dim=1))
+        else:
+            tokens.append(x)
+            x = self.pos_drop(torch.cat(tokens, dim=1) + pos)
+        return self.norm_pre(x, self.emb_frame_gate)  # CLIP's; else the identity
 
     def framed(self, t: torch.Tensor) -> torch.Tensor:
         """A token or the position embedding under the embedding gate's frame values."""
@@ -558,5 +573,14 @@ class ReViT(nn.Module):
             return cls, dist
         return (cls + dist) / 2
 
+    @torch.jit.unused
+    def feature_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled pre-logits features, patch tokens (B, N, E)) of forward_features' output:
+        what a label-free distillation compares with the full model's."""
+        return self.forward_head(x, pre_logits=True), x[:, self.num_prefix_tokens:]
+
     def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
+        x = self.forward_features(x)
+        if self.return_features and not torch.jit.is_scripting():
+            return self.feature_pair(x)
+        return self.forward_head(x)

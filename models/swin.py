@@ -364,6 +364,7 @@ class ReSwin(nn.Module):
         self.emb_gates: list | None = None
         self.emb_frame_gates: list | None = None
         self.return_pair = False  # what a pruning loop sets on a distilled ViT; a Swin has one head
+        self.return_features = False  # forward gives feature_pair (label-free distillation)
         self.pretrained_cfg = self.default_cfg = pretrained_cfg(d)
         self.reset_parameters()
 
@@ -504,8 +505,16 @@ class ReSwin(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    @torch.jit.unused
+    def feature_pair(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled pre-logits features, the last stage's tokens (B, N, C)), as ReViT's."""
+        return self.forward_head(x, pre_logits=True), x.flatten(1, 2)
+
+    def forward(self, x: torch.Tensor):
+        x = self.forward_features(x)
+        if self.return_features and not torch.jit.is_scripting():
+            return self.feature_pair(x)
+        return self.forward_head(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               norm: bool = False, stop_early: bool = False,

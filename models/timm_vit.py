@@ -11,6 +11,7 @@ and the `qkv` layout are shared, so weights copy as they are.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from errors import UserError
 
 from .dims import Dims
-from .revit import LN_EPS, ReViT
+from .revit import ReViT
 
 TIMM_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
 # The supported timm ViT families, one example name each; tests/test_timm_families.py builds
@@ -35,6 +36,8 @@ FAMILIES = {
     "ViT, avg pool": "vit_base_patch16_gap_224",
     "ViT, no qkv bias": "vit_base_patch16_224_miil",
     "ViT, no qkv bias, LayerScale, avg pool": "vit_medium_patch16_gap_256",
+    "CLIP (pre-norm)": "vit_base_patch16_clip_224",
+    "CLIP, QuickGELU": "vit_base_patch16_clip_quickgelu_224",
 }
 POOLS = {"token": "token", "avg": "avg"}
 
@@ -68,22 +71,24 @@ def unsupported_features(model: nn.Module) -> list[str]:
         found.append("no learned position embedding")
     if getattr(model, "dynamic_img_size", False):
         found.append("dynamic_img_size")
-    if not _is_identity(getattr(model, "norm_pre", None)):
-        found.append("pre-norm (norm_pre)")
     if not _is_identity(getattr(model, "patch_drop", None)):
         found.append("patch dropout")
     if not _is_identity(getattr(model, "attn_pool", None)):
         found.append("attention pooling (global_pool='map')")
     if not _is_identity(getattr(model.patch_embed, "norm", None)):
         found.append("a norm in the patch embedding")
-    if model.patch_embed.proj.bias is None:
-        found.append("no patch-embedding bias")
+    pre_norm = not _is_identity(getattr(model, "norm_pre", None))
+    if (model.patch_embed.proj.bias is None) != pre_norm:  # timm ties the two (CLIP)
+        found.append("a patch-embedding bias with pre-norm" if pre_norm
+                     else "no patch-embedding bias")
     if not _is_identity(getattr(model, "head_hidden", None)) or not _is_identity(
             getattr(model, "pre_logits", None)):
         found.append("a pre-logits layer (representation_size)")
     norms = [m for m in (model.norm, getattr(model, "fc_norm", None)) if not _is_identity(m)]
     if len(norms) != 1:
         found.append("no final norm" if not norms else "both a final norm and fc_norm")
+    if pre_norm:
+        norms.append(model.norm_pre)
     for i, blk in enumerate(model.blocks):
         kind = type(blk).__name__
         if kind != "Block":
@@ -107,17 +112,26 @@ def unsupported_features(model: nn.Module) -> list[str]:
             continue
         if not _is_identity(getattr(mlp, "norm", None)):
             found.append("a norm inside the MLP (scale_mlp_norm)")
-        if type(mlp.act) is not nn.GELU or getattr(mlp.act, "approximate", "none") != "none":
-            found.append(f"MLP activation {type(mlp.act).__name__} (only exact GELU)")
+        if mlp_act_name(mlp.act) is None:
+            found.append(f"MLP activation {type(mlp.act).__name__} (only exact GELU and "
+                         f"QuickGELU)")
         if mlp.fc1.bias is None or mlp.fc2.bias is None:
             found.append("no MLP bias")
     if not all(isinstance(n, nn.LayerNorm) for n in norms):
         found.append("a norm that is not a LayerNorm (" + ", ".join(sorted(
             {type(n).__name__ for n in norms if not isinstance(n, nn.LayerNorm)})) + ")")
-    elif any(abs(n.eps - LN_EPS) > 1e-12 for n in norms):
-        found.append(f"LayerNorm eps {next(n.eps for n in norms if abs(n.eps - LN_EPS) > 1e-12)} "
-                     f"(ours is {LN_EPS})")
+    elif len({n.eps for n in norms}) > 1:
+        found.append(f"LayerNorms with different eps ({sorted({n.eps for n in norms})})")
     return list(dict.fromkeys(found))
+
+
+def mlp_act_name(act: nn.Module) -> str | None:
+    """Dims' name of a timm MLP activation (None: one we do not cover)."""
+    from timm.layers import QuickGELU
+    from timm.layers.activations import GELU  # what timm builds for act_layer="gelu"
+    if (type(act) is nn.GELU and act.approximate == "none") or type(act) is GELU:
+        return "gelu"
+    return "quick_gelu" if type(act) is QuickGELU else None
 
 
 def _attn_scale(attn: nn.Module, head_dim: int) -> float:
@@ -160,7 +174,9 @@ def timm_vit_dims(model: nn.Module, name: str | None = None) -> Dims:
                 class_token=model.cls_token is not None, reg_tokens=int(model.num_reg_tokens),
                 layer_scale=layer_scale, qkv_bias=blk.attn.qkv.bias is not None,
                 no_embed_class=bool(model.no_embed_class), global_pool=model.global_pool,
-                fc_norm=not _is_identity(model.fc_norm))
+                fc_norm=not _is_identity(model.fc_norm),
+                pre_norm=not _is_identity(getattr(model, "norm_pre", None)),
+                ln_eps=float(blk.norm1.eps), mlp_act=mlp_act_name(blk.mlp.act))
 
 
 def timm_vit_to_nvit(model: nn.Module) -> tuple[Dims, dict[str, torch.Tensor]]:
@@ -202,7 +218,9 @@ def nvit_to_timm_vit(model: ReViT) -> nn.Module:
               depth=d.depth, num_heads=H, mlp_ratio=M / d.embed_dim, qkv_bias=d.qkv_bias,
               class_token=d.class_token, reg_tokens=d.reg_tokens,
               init_values=d.layer_scale or None, no_embed_class=d.no_embed_class,
-              fc_norm=d.fc_norm)
+              fc_norm=d.fc_norm, pre_norm=d.pre_norm,
+              norm_layer=functools.partial(nn.LayerNorm, eps=d.ln_eps),
+              act_layer=nn.GELU if d.mlp_act == "gelu" else d.mlp_act)
     for blk in vit.blocks:  # head width need not be embed / heads
         if blk.attn.head_dim != hd or blk.mlp.fc1.out_features != M:
             raise ValueError("timm built other widths than the ReViT has")

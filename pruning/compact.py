@@ -47,6 +47,17 @@ def _copy_attr(new: torch.nn.Module, old: torch.nn.Module, path: str) -> None:
     setattr(dst, attr, copy.deepcopy(value))
 
 
+def feature_channels(model: torch.nn.Module) -> list[int] | None:
+    """Which of the model's output channels (the last stream's) its compact version keeps,
+    in order; None when every one is kept. A label-free finetuning of the compact model
+    compares these with the full model's features (losses.FeatureDistillLoss)."""
+    embs = model.current_gates()["emb"]
+    gate = None if embs is None else embs[-1]
+    if gate is None or bool((gate != 0).all()):
+        return None
+    return torch.nonzero(gate.detach() != 0).flatten().tolist()
+
+
 @torch.no_grad()
 def compact(model: torch.nn.Module) -> torch.nn.Module:
     """A new dense model of the same class, without gates, computing what the gated

@@ -130,10 +130,10 @@ class ParamsCost(CostModel):
 
     def stem(self, dims: Dims, embed_dim: int) -> float:
         _need_frame(dims, "ParamsCost")
-        E = embed_dim
-        patch = E * dims.in_chans * dims.patch_size ** 2 + E
+        E, pre_norm = embed_dim, dims.family("pre_norm")
+        patch = E * dims.in_chans * dims.patch_size ** 2 + (0 if pre_norm else E)  # bias
         tokens = (dims.num_prefix_tokens + dims.pos_embed_tokens) * E  # tokens, pos_embed
-        norm = 2 * E  # the final norm or fc_norm
+        norm = 2 * E * (2 if pre_norm else 1)  # the final norm or fc_norm, CLIP's norm_pre
         heads = dims.num_classifier_heads * (E * dims.num_classes + dims.num_classes)
         return float(patch + tokens + norm + heads)
 

@@ -147,6 +147,7 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
     Es, Hs, Qs, Vs, Ms = (grid[k] for k in ("embed_dims", "heads", "qk_dims", "v_dims",
                                               "mlp_dims"))
     attention, mlp, stem = [], [], []
+    act = model_dims.family("mlp_act") if model_dims is not None else "gelu"
     for E in Es:
         t0 = time.perf_counter()
         x = torch.randn(B, N, E, device=device)
@@ -154,7 +155,7 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         attention.append([[[timer(Sublayer(E, Attention(E, h, q, v, 1.0 / math.sqrt(q),
                                                         num_tokens=tokens)), x)
                             for v in Vs] for q in Qs] for h in Hs])
-        mlp.append([timer(Sublayer(E, Mlp(E, m)), x) for m in Ms])
+        mlp.append([timer(Sublayer(E, Mlp(E, m, act=act)), x) for m in Ms])
         if model_dims is not None:
             img = torch.randn(B, model_dims.in_chans, model_dims.img_size, model_dims.img_size,
                               device=device)
@@ -166,8 +167,9 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         "model": model, "token_scale": bool(token_scale),
         "timed": {"attention": "LayerNorm + Attention (q, k, v, token scale if set, SDPA, "
                                "proj) + residual add",
-                  "mlp": "LayerNorm + Mlp (fc1, GELU, fc2) + residual add",
-                  "stem": "patch embedding, tokens + pos_embed, final LayerNorm, head(s)"},
+                  "mlp": f"LayerNorm + Mlp (fc1, {act}, fc2) + residual add",
+                  "stem": "patch embedding, tokens + pos_embed (+ norm_pre), final LayerNorm, "
+                          "head(s)"},
     }
     return LatencyTable.make_dict(
         meta, {"embed_dim": Es, "num_heads": Hs, "qk_dim": Qs, "v_dim": Vs}, attention,

@@ -79,7 +79,8 @@ UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
                            _p("mlp.fc2.weight", 0), _p("mlp.fc2.bias", 0), _p("ls2.gamma", 0)),
              model_slices=(_p("patch_embed.proj.weight", 0), _p("patch_embed.proj.bias", 0),
                            _p("cls_token", 2), _p("dist_token", 2), _p("reg_token", 2),
-                           _p("pos_embed", 2), _p("norm.weight", 0), _p("norm.bias", 0),
+                           _p("pos_embed", 2), _p("norm_pre.weight", 0), _p("norm_pre.bias", 0),
+                           _p("norm.weight", 0), _p("norm.bias", 0),
                            _p("fc_norm.weight", 0), _p("fc_norm.bias", 0),
                            _c("head.weight", 1), _c("head_dist.weight", 1))),
     # the head gate multiplies the head's q, k and v

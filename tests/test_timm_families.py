@@ -42,6 +42,8 @@ EXPECTED = {
     "ViT, no qkv bias": dict(qkv_bias=False),
     "ViT, no qkv bias, LayerScale, avg pool": dict(qkv_bias=False, layer_scale=1e-6,
                                                    global_pool="avg"),
+    "CLIP (pre-norm)": dict(pre_norm=True, ln_eps=1e-5, mlp_act="gelu"),
+    "CLIP, QuickGELU": dict(pre_norm=True, ln_eps=1e-5, mlp_act="quick_gelu"),
 }
 FAMILIES = {f: (TABLE[f], EXPECTED[f]) for f in TABLE}
 FAMILY_IDS = list(FAMILIES)
@@ -94,7 +96,7 @@ def test_timm_state_dict_reproduces_timm_logits(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["DINOv2 with registers", "ViT, registers, avg pool + fc_norm",
-                                    "DeiT III"])
+                                    "DeiT III", "CLIP, QuickGELU"])
 def test_timm_api_matches_timm_on_families(family, tmp_path):
     """Pre-logits and forward_intermediates (prefix tokens included) equal timm's."""
     name, _ = FAMILIES[family]
@@ -114,7 +116,7 @@ def test_timm_api_matches_timm_on_families(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["DeiT III", "DINOv2 with registers", "ViT, avg pool",
-                                    "ViT, no qkv bias, LayerScale, avg pool"])
+                                    "ViT, no qkv bias, LayerScale, avg pool", "CLIP, QuickGELU"])
 def test_nvit_to_timm_round_trip(family, tmp_path):
     name, _ = FAMILIES[family]
     vit = tiny_timm(name)
@@ -143,7 +145,8 @@ def test_position_embedding_resampled_as_timm(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["DINOv2 with registers", "ViT, registers, avg pool + fc_norm",
-                                    "ViT, no qkv bias, LayerScale, avg pool"])
+                                    "ViT, no qkv bias, LayerScale, avg pool", "CLIP (pre-norm)",
+                                    "CLIP, QuickGELU"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_masked_model_equals_compact_model(family, seed, tmp_path):
     """Random masks over all five kinds: the compact model computes what the gated one does;
@@ -219,7 +222,7 @@ REFUSED = {
     "SwiGLU MLP": "swiglu",
     "parallel blocks": "parallel",
     "attention pooling": dict(global_pool="map"),
-    "pre-norm": dict(pre_norm=True),
+    "a patch-embedding bias with pre-norm": "pre_norm_bias",
     "MLP activation": dict(act_layer="gelu_tanh"),
     "rotary position embeddings": "rope",
 }
@@ -236,6 +239,10 @@ def test_unsupported_timm_features_are_refused_by_name(feature):
     elif spec == "swiglu":
         from timm.layers import SwiGLUPacked
         vit = VisionTransformer(**frame, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+    elif spec == "pre_norm_bias":
+        from timm.layers import PatchEmbed
+        vit = VisionTransformer(**frame, pre_norm=True)
+        vit.patch_embed = PatchEmbed(32, 8, 3, 32)
     elif spec == "parallel":
         from timm.models.vision_transformer import ParallelScalingBlock
         vit = VisionTransformer(**frame, block_fn=ParallelScalingBlock)

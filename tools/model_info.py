@@ -69,14 +69,17 @@ def families() -> list[dict]:
                      "layer_scale": d.layer_scale, "qkv_bias": d.qkv_bias,
                      "pos_embed": "patches" if d.no_embed_class else "all tokens",
                      "pool": d.global_pool + (" + fc_norm" if d.fc_norm else ""),
-                     "patch": d.patch_size, "img": d.img_size})
+                     "patch": d.patch_size, "img": d.img_size,
+                     "norms": ("norm_pre, " if d.pre_norm else "") + f"eps {d.ln_eps:g}",
+                     "act": d.mlp_act})
     return rows
 
 
 def format_families(rows: list[dict]) -> str:
     cols = [("family", "family"), ("name", "example timm name"), ("tokens", "prefix tokens"),
             ("layer_scale", "LayerScale"), ("qkv_bias", "qkv bias"), ("pos_embed", "pos. embed"),
-            ("pool", "pooling"), ("patch", "patch"), ("img", "image")]
+            ("pool", "pooling"), ("norms", "LayerNorms"), ("act", "MLP act."), ("patch", "patch"),
+            ("img", "image")]
     def cell(r, k):
         v = r[k]
         if k == "layer_scale":
