@@ -28,7 +28,7 @@ FLAG_OF_FIELD = {
     "runtime": "--runtime",
     "patch_size": "--patch-size", "num_classes": "--data-set (its class count)",
     "distilled": "--model", "in_chans": "--model", "pretrained": "--pretrained (or --pretrained-path FILE)",
-    "latency_table": "--latency_look_up_table", "cost": "--cost",
+    "latency_table": "--latency_look_up_table", "cost": "--cost", "qkv_units": "--qk-v-units",
 }
 
 

@@ -182,6 +182,8 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
     except (KeyError, ValueError) as e:
         raise UserError(f"{source} is not a ViT/DeiT state dict (missing {e})") from None
     num_heads = base.num_heads[0]
+    if base.family("mlp_act") == "swiglu_packed":
+        mlp //= 2  # fc1 holds each unit's gate and value rows
     num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
     distilled = "dist_token" in sd
     prefix = ("cls_token" in sd) + distilled + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
@@ -217,7 +219,8 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
                         layer_scale=layer_scale, qkv_bias="blocks.0.attn.qkv.bias" in sd,
                         no_embed_class=no_embed_class, global_pool=global_pool,
                         fc_norm=fc_norm, pre_norm="norm_pre.weight" in sd,
-                        ln_eps=base.family("ln_eps"), mlp_act=base.family("mlp_act"))
+                        ln_eps=base.family("ln_eps"), mlp_act=base.family("mlp_act"),
+                        qk_norm="blocks.0.attn.q_norm.weight" in sd)
 
 
 def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

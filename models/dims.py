@@ -36,13 +36,15 @@ INITS = ("trunc_normal", "torch_default")
 # same names (layer_scale: timm's init_values, 0 = no LayerScale; fc_norm: the final norm
 # applies to the pooled features instead of the token stream; pre_norm: CLIP's LayerNorm
 # `norm_pre` before the blocks, and no patch-embedding bias as timm then builds it; ln_eps:
-# every LayerNorm's eps; mlp_act: the MLP's activation, timm's name).
+# every LayerNorm's eps; mlp_act: the MLP's activation, timm's name; qk_norm: a LayerNorm over
+# each head's q and k).
 FAMILY_DEFAULTS = dict(class_token=True, reg_tokens=0, layer_scale=0.0, qkv_bias=True,
                        no_embed_class=False, global_pool="token", fc_norm=False, pre_norm=False,
-                       ln_eps=1e-6, mlp_act="gelu")
+                       ln_eps=1e-6, mlp_act="gelu", qk_norm=False)
 FAMILY_FIELDS = tuple(FAMILY_DEFAULTS)
 GLOBAL_POOLS = ("token", "avg")
-MLP_ACTS = ("gelu", "quick_gelu")  # exact GELU; CLIP's x * sigmoid(1.702 x)
+# exact GELU; CLIP's x * sigmoid(1.702 x); DINOv2-g's SwiGLU, fc1 packing gate and value rows
+MLP_ACTS = ("gelu", "quick_gelu", "swiglu_packed")
 REFERENCE_ATTN_SCALE = 64 ** -0.5  # the NViT reference's scale in every block, whatever the QK width
 
 
@@ -72,6 +74,7 @@ class Dims:
     pre_norm: bool | None = None
     ln_eps: float | None = None
     mlp_act: str | None = None
+    qk_norm: bool | None = None
 
     def __post_init__(self) -> None:
         for name in BLOCK_LISTS:
@@ -319,6 +322,7 @@ _SCALAR_TYPES = {
     "pre_norm": (lambda v: isinstance(v, bool), "true or false"),
     "ln_eps": (_is_number, "a number"),
     "mlp_act": (lambda v: isinstance(v, str), "a string"),
+    "qk_norm": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

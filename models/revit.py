@@ -105,6 +105,29 @@ class StreamNorm(nn.LayerNorm):
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
+class HeadNorm(nn.LayerNorm):
+    """timm's qk-norm: a LayerNorm over each head's QK dims, its weight shared by the heads.
+
+    Under a QK gate (heads, qk_dim) the statistics are taken over each head's live dims and
+    the gate scales weight and bias (pruned dims give 0), so the gated model computes what
+    its compact version does, as `StreamNorm` does for the stream.
+    """
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, heads, qk_dim)."""
+        if gate is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return self.gated(x, gate)
+
+    @torch.jit.unused
+    def gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        live = (gate.detach() != 0).to(x.dtype)
+        n = live.sum(-1, keepdim=True).clamp_min(1.0)
+        centred = (x - (x * live).sum(-1, keepdim=True) / n) * live
+        var = (centred * centred).sum(-1, keepdim=True) / n
+        return centred * torch.rsqrt(var + self.eps) * (self.weight * gate) + self.bias * gate
+
+
 class Skip(nn.Module):
     """The identity in the place of a StreamNorm or LayerScale a model does not have (no
     LayerScale, fc_norm instead of the final norm, a norm cut by prune_intermediate_layers)."""
@@ -187,12 +210,15 @@ class Attention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
                  attn_scale: float, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 num_tokens: int | None = None, qkv_bias: bool = True) -> None:
+                 num_tokens: int | None = None, qkv_bias: bool = True, qk_norm: bool = False,
+                 ln_eps: float = LN_EPS) -> None:
         super().__init__()
         self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
         self.scale = attn_scale  # kept when QK width is pruned: it is part of the function
         self.qkv = nn.Linear(embed_dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
         self.token_scale = nn.Parameter(torch.ones(num_tokens, 1)) if num_tokens else None
+        self.q_norm = HeadNorm(qk_dim, eps=ln_eps) if qk_norm else None  # timm's qk-norm
+        self.k_norm = HeadNorm(qk_dim, eps=ln_eps) if qk_norm else None
         self.proj = nn.Linear(num_heads * v_dim, embed_dim)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
@@ -229,6 +255,8 @@ class Attention(nn.Module):
         q = q.view(B, N, H, self.qk_dim)
         k = k.view(B, N, H, self.qk_dim)
         v = v.view(B, N, H, self.v_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q, self.qk_gate), self.k_norm(k, self.qk_gate)
         x = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                       self.attn_drop if self.training else 0.0, self.scale, self.pad_widths)
         x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
@@ -239,16 +267,23 @@ class Attention(nn.Module):
 
 
 def mlp_activation(name: str) -> nn.Module:
-    """The MLP's activation by its Dims name: timm's modules, so the numbers are timm's (both
-    are 0 at 0, so a gate on fc1's output removes a neuron)."""
+    """The MLP's activation by its Dims name: timm's modules, so the numbers are timm's (each
+    is 0 at 0, so a gate on fc1's output removes a neuron)."""
     from timm.layers import QuickGELU
+    if name == "swiglu_packed":
+        return nn.SiLU()
     return QuickGELU() if name == "quick_gelu" else nn.GELU()
 
 
 class Mlp(nn.Module):
+    """fc1, activation, fc2; "swiglu_packed" (DINOv2-g, timm's SwiGLUPacked): fc1 holds the
+    gate rows then the value rows of the `hidden` units, and a unit's output is
+    SiLU(gate) * value. The unit's gate scales both of its rows (SiLU(0) * 0 = 0)."""
+
     def __init__(self, embed_dim: int, hidden: int, drop: float = 0.0, act: str = "gelu") -> None:
         super().__init__()
-        self.fc1 = nn.Linear(embed_dim, hidden)
+        self.packed = act == "swiglu_packed"
+        self.fc1 = nn.Linear(embed_dim, hidden * (2 if self.packed else 1))
         self.act = mlp_activation(act)
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, embed_dim)
@@ -260,9 +295,14 @@ class Mlp(nn.Module):
         if self.gate is None:
             x = self.fc1(x)
         else:
-            weight, bias = scaled(self.fc1.weight, self.fc1.bias, self.gate)
+            rows = self.gate.repeat(2) if self.packed else self.gate
+            weight, bias = scaled(self.fc1.weight, self.fc1.bias, rows)
             x = F.linear(x, weight, bias)
-        x = self.drop1(self.act(x))
+        if self.packed:
+            gate, value = x.chunk(2, dim=-1)
+            x = self.drop1(self.act(gate) * value)
+        else:
+            x = self.drop1(self.act(x))
         if emb is None:
             return self.drop2(self.fc2(x))
         weight, bias = scaled(self.fc2.weight, self.fc2.bias, emb)
@@ -273,11 +313,12 @@ class Block(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int, mlp_dim: int,
                  attn_scale: float, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, num_tokens: int | None = None, qkv_bias: bool = True,
-                 layer_scale: float = 0.0, ln_eps: float = LN_EPS, mlp_act: str = "gelu") -> None:
+                 layer_scale: float = 0.0, ln_eps: float = LN_EPS, mlp_act: str = "gelu",
+                 qk_norm: bool = False) -> None:
         super().__init__()
         self.norm1 = StreamNorm(embed_dim, eps=ln_eps)
         self.attn = Attention(embed_dim, num_heads, qk_dim, v_dim, attn_scale, attn_drop, drop,
-                              num_tokens, qkv_bias)
+                              num_tokens, qkv_bias, qk_norm, ln_eps)
         self.ls1 = LayerScale(embed_dim, layer_scale) if layer_scale else Skip()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = StreamNorm(embed_dim, eps=ln_eps)
@@ -343,7 +384,7 @@ class ReViT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(E, **dims.block(i), drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i],
                   num_tokens=tokens, qkv_bias=dims.qkv_bias, layer_scale=dims.layer_scale,
-                  ln_eps=eps, mlp_act=dims.mlp_act)
+                  ln_eps=eps, mlp_act=dims.mlp_act, qk_norm=dims.qk_norm)
             for i in range(dims.depth))
         self.norm = Skip() if dims.fc_norm else StreamNorm(E, eps=eps)
         self.fc_norm = StreamNorm(E, eps=eps) if dims.fc_norm else None

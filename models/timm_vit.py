@@ -38,7 +38,11 @@ FAMILIES = {
     "ViT, no qkv bias, LayerScale, avg pool": "vit_medium_patch16_gap_256",
     "CLIP (pre-norm)": "vit_base_patch16_clip_224",
     "CLIP, QuickGELU": "vit_base_patch16_clip_quickgelu_224",
+    "ViT, qk-norm": "vit_base_patch16_224",
+    "DINOv2-g (packed SwiGLU)": "vit_giant_patch14_dinov2",
 }
+# families that are a name built with timm kwargs (--model-kwargs): no timm name has them
+FAMILY_KWARGS = {"ViT, qk-norm": {"qk_norm": True}}
 POOLS = {"token": "token", "avg": "avg"}
 
 
@@ -96,16 +100,25 @@ def unsupported_features(model: nn.Module) -> list[str]:
             continue
         a, mlp = blk.attn, blk.mlp
         norms += [blk.norm1, blk.norm2]
-        if not _is_identity(getattr(a, "q_norm", None)) or not _is_identity(getattr(a, "k_norm", None)):
-            found.append("qk-norm")
+        if _is_identity(getattr(a, "q_norm", None)) != _is_identity(getattr(a, "k_norm", None)):
+            found.append("a norm on q or on k alone")
+        elif not _is_identity(getattr(a, "q_norm", None)):
+            norms += [a.q_norm, a.k_norm]
         if not _is_identity(getattr(a, "norm", None)):
             found.append("a norm on the attention output (scale_attn_norm)")
         if getattr(a, "gate", None) is not None:
             found.append("gated attention")
         if a.proj.bias is None:
             found.append("no attention output (proj) bias")
+        if type(mlp).__name__ == "GluMlp":
+            if not (type(mlp.act) is nn.SiLU and not mlp.gate_last and _is_identity(mlp.norm)
+                    and mlp.fc1.bias is not None and mlp.fc2.bias is not None):
+                found.append("a gated MLP other than SwiGLUPacked (SiLU, gate first, no norm, "
+                             "biases)")
+            continue
         if "Glu" in type(mlp).__name__:
-            found.append("SwiGLU MLP")
+            found.append(f"SwiGLU MLP {type(mlp).__name__} (only timm's SwiGLUPacked in a "
+                         f"VisionTransformer)")
             continue
         if type(mlp).__name__ != "Mlp":
             found.append(f"MLP class {type(mlp).__name__}")
@@ -125,8 +138,10 @@ def unsupported_features(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def mlp_act_name(act: nn.Module) -> str | None:
-    """Dims' name of a timm MLP activation (None: one we do not cover)."""
+def mlp_act_name(act: nn.Module, mlp: nn.Module | None = None) -> str | None:
+    """Dims' name of a timm MLP's activation (None: one we do not cover)."""
+    if mlp is not None and type(mlp).__name__ == "GluMlp":
+        return "swiglu_packed"
     from timm.layers import QuickGELU
     from timm.layers.activations import GELU  # what timm builds for act_layer="gelu"
     if (type(act) is nn.GELU and act.approximate == "none") or type(act) is GELU:
@@ -163,7 +178,7 @@ def timm_vit_dims(model: nn.Module, name: str | None = None) -> Dims:
         d = out // (3 * H)
         heads.append(H)
         head_dims.append(d)
-        mlps.append(blk.mlp.fc1.out_features)
+        mlps.append(blk.mlp.fc1.out_features // (2 if type(blk.mlp).__name__ == "GluMlp" else 1))
         scales.append(_attn_scale(a, d))
     blk = model.blocks[0]
     layer_scale = 0.0 if _is_identity(blk.ls1) else float(getattr(blk.ls1, "init_values", 1e-5))
@@ -176,7 +191,8 @@ def timm_vit_dims(model: nn.Module, name: str | None = None) -> Dims:
                 no_embed_class=bool(model.no_embed_class), global_pool=model.global_pool,
                 fc_norm=not _is_identity(model.fc_norm),
                 pre_norm=not _is_identity(getattr(model, "norm_pre", None)),
-                ln_eps=float(blk.norm1.eps), mlp_act=mlp_act_name(blk.mlp.act))
+                ln_eps=float(blk.norm1.eps), mlp_act=mlp_act_name(blk.mlp.act, blk.mlp),
+                qk_norm=not _is_identity(getattr(blk.attn, "q_norm", None)))
 
 
 def timm_vit_to_nvit(model: nn.Module) -> tuple[Dims, dict[str, torch.Tensor]]:
@@ -203,6 +219,7 @@ def nvit_to_timm_vit(model: ReViT) -> nn.Module:
     """A timm VisionTransformer (VisionTransformerDistilled for a distilled model) with the
     weights of a uniform ReViT with QK width = V width, whatever its family fields."""
     from timm.models.deit import VisionTransformerDistilled
+    from timm.layers import SwiGLUPacked
     from timm.models.vision_transformer import VisionTransformer
     d = model.dims
     if not d.is_uniform or d.qk_dim[0] != d.v_dim[0]:
@@ -215,14 +232,16 @@ def nvit_to_timm_vit(model: ReViT) -> nn.Module:
     cls = VisionTransformerDistilled if d.distilled else VisionTransformer
     vit = cls(img_size=d.img_size, patch_size=d.patch_size, in_chans=d.in_chans,
               num_classes=d.num_classes, global_pool=d.global_pool, embed_dim=d.embed_dim,
-              depth=d.depth, num_heads=H, mlp_ratio=M / d.embed_dim, qkv_bias=d.qkv_bias,
+              depth=d.depth, num_heads=H, qkv_bias=d.qkv_bias,
+              mlp_ratio=M * (2 if d.mlp_act == "swiglu_packed" else 1) / d.embed_dim,
+              **({"mlp_layer": SwiGLUPacked} if d.mlp_act == "swiglu_packed" else {}),
               class_token=d.class_token, reg_tokens=d.reg_tokens,
               init_values=d.layer_scale or None, no_embed_class=d.no_embed_class,
-              fc_norm=d.fc_norm, pre_norm=d.pre_norm,
+              fc_norm=d.fc_norm, pre_norm=d.pre_norm, qk_norm=d.qk_norm,
               norm_layer=functools.partial(nn.LayerNorm, eps=d.ln_eps),
-              act_layer=nn.GELU if d.mlp_act == "gelu" else d.mlp_act)
+              act_layer={"gelu": nn.GELU, "swiglu_packed": nn.SiLU}.get(d.mlp_act, d.mlp_act))
     for blk in vit.blocks:  # head width need not be embed / heads
-        if blk.attn.head_dim != hd or blk.mlp.fc1.out_features != M:
+        if blk.attn.head_dim != hd or blk.mlp.fc2.in_features != M:
             raise ValueError("timm built other widths than the ReViT has")
     vit.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, strict=True)
     return vit.train(model.training)

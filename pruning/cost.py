@@ -69,6 +69,11 @@ class CostModel:
             self.block(E, *(getattr(dims, n)[i] for n in BLOCK_LISTS)) for i in range(dims.depth))
 
 
+def fc1_rows(dims: Dims) -> int:
+    """fc1's rows per MLP unit: 2 for a SwiGLU (gate and value), else 1."""
+    return 2 if dims.family("mlp_act") == "swiglu_packed" else 1
+
+
 def _need_frame(dims: Dims, what: str) -> None:
     if not dims.complete:
         raise ValueError(f"{what} needs dims with the frame filled (use Dims.with_frame)")
@@ -92,12 +97,13 @@ class MacsCost(CostModel):
     def __init__(self, dims: Dims) -> None:
         _need_frame(dims, "MacsCost")
         self.num_tokens = dims.num_tokens
+        self.fc1_rows = fc1_rows(dims)
 
     def block(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
               mlp_dim: int) -> float:
         N, E, H = self.num_tokens, embed_dim, num_heads
         qk, v = H * qk_dim, H * v_dim
-        linear = N * E * (2 * qk + v) + N * v * E + 2 * N * E * mlp_dim
+        linear = N * E * (2 * qk + v) + N * v * E + (self.fc1_rows + 1) * N * E * mlp_dim
         attention = N * N * (qk + v)
         return float(linear + attention)
 
@@ -117,6 +123,8 @@ class ParamsCost(CostModel):
         _need_frame(dims, "ParamsCost")
         self.qkv_bias = dims.family("qkv_bias")
         self.layer_scale = bool(dims.family("layer_scale"))
+        self.qk_norm = bool(dims.family("qk_norm"))
+        self.fc1_rows = fc1_rows(dims)
         self.token_scales = dims.num_tokens if dims.token_scale else 0  # one per token, unpruned
 
     def block(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
@@ -124,9 +132,10 @@ class ParamsCost(CostModel):
         E, qk, v, M = embed_dim, num_heads * qk_dim, num_heads * v_dim, mlp_dim
         norms = 2 * 2 * E
         attention = E * (2 * qk + v) + self.qkv_bias * (2 * qk + v) + (v * E + E)
-        mlp = (E * M + M) + (M * E + E)
+        mlp = self.fc1_rows * (E * M + M) + (M * E + E)
         gammas = 2 * E * self.layer_scale
-        return float(norms + attention + mlp + gammas + self.token_scales)
+        qk_norms = 2 * 2 * qk_dim * self.qk_norm  # q_norm and k_norm, shared by the heads
+        return float(norms + attention + mlp + gammas + qk_norms + self.token_scales)
 
     def stem(self, dims: Dims, embed_dim: int) -> float:
         _need_frame(dims, "ParamsCost")

@@ -19,6 +19,8 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from errors import UserError
+
 from .units import BLOCK_KINDS, gate_shape, num_streams
 
 QKV_UNITS = ("shared", "per_head")
@@ -119,6 +121,10 @@ class Gates:
             raise ValueError(f"embedding saliency must be one of {EMB_SALIENCY}, got {emb_saliency!r}")
         device = next(model.parameters()).device
         d = model.dims
+        if qkv_units == "per_head" and getattr(d, "qk_norm", False):
+            raise UserError("per-head QK units cannot be compacted with qk-norm (its weight is "
+                            "shared by the heads, so a block keeps the same QK dims in every "
+                            "head): prune with shared QK/V units", field="qkv_units")
 
         def ones(*shape: int) -> torch.Tensor:
             return torch.ones(*shape, dtype=dtype, device=device, requires_grad=True)

@@ -148,12 +148,13 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
                                               "mlp_dims"))
     attention, mlp, stem = [], [], []
     act = model_dims.family("mlp_act") if model_dims is not None else "gelu"
+    qk_norm = bool(model_dims is not None and model_dims.family("qk_norm"))
     for E in Es:
         t0 = time.perf_counter()
         x = torch.randn(B, N, E, device=device)
         tokens = N if token_scale else None
         attention.append([[[timer(Sublayer(E, Attention(E, h, q, v, 1.0 / math.sqrt(q),
-                                                        num_tokens=tokens)), x)
+                                                        num_tokens=tokens, qk_norm=qk_norm)), x)
                             for v in Vs] for q in Qs] for h in Hs])
         mlp.append([timer(Sublayer(E, Mlp(E, m, act=act)), x) for m in Ms])
         if model_dims is not None:
@@ -165,8 +166,8 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
     meta = {
         **table_meta(timer, device, B, amp_dtype, runtime, warmup, repeats), "num_tokens": N,
         "model": model, "token_scale": bool(token_scale),
-        "timed": {"attention": "LayerNorm + Attention (q, k, v, token scale if set, SDPA, "
-                               "proj) + residual add",
+        "timed": {"attention": "LayerNorm + Attention (q, k, v, token scale if set, "
+                               + ("qk-norm, " if qk_norm else "") + "SDPA, proj) + residual add",
                   "mlp": f"LayerNorm + Mlp (fc1, {act}, fc2) + residual add",
                   "stem": "patch embedding, tokens + pos_embed (+ norm_pre), final LayerNorm, "
                           "head(s)"},

@@ -38,7 +38,8 @@ class Slice:
     #             for block slices, the name in a block
     axis: int
     role: str  # "produce" (output rows of the unit), "consume" (input columns) or "own"
-    segment: str | None = None  # "q", "k", "v": those head-major rows/columns; "h": per head
+    segment: str | None = None  # "q", "k", "v": those head-major rows/columns; "h": per head;
+    #                             "d": one position per QK dim, shared by the heads (qk-norm)
     gated: bool = False  # the kind's gate multiplies this slice's contribution
     repeats: int = 1  # the axis holds this many copies of the unit axis, one after another
     where: str | None = None  # model slices: "first" or "last" stream only; None: every one
@@ -68,9 +69,16 @@ def _own(param: str, axis: int) -> Slice:
 
 
 _QKV = ("attn.qkv.weight", "attn.qkv.bias")
-_MLP = UnitKind("mlp", "mlp_dim", False,
-                block_slices=(_p("mlp.fc1.weight", 0), _p("mlp.fc1.bias", 0),
-                              _c("mlp.fc2.weight", 1)))
+def _mlp_kind(fc1_copies: int = 1) -> UnitKind:
+    """MLP neurons; a packed SwiGLU's fc1 holds each unit's gate row and value row (two
+    copies of the unit axis), removed together and both scaled by the unit's gate."""
+    return UnitKind("mlp", "mlp_dim", False,
+                    block_slices=(_p("mlp.fc1.weight", 0, repeats=fc1_copies),
+                                  _p("mlp.fc1.bias", 0, repeats=fc1_copies),
+                                  _c("mlp.fc2.weight", 1)))
+
+
+_MLP = _mlp_kind()
 UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
     UnitKind("emb", "embed_dim", False,
              block_slices=(_p("norm1.weight", 0), _p("norm1.bias", 0), _c("attn.qkv.weight", 1),
@@ -88,13 +96,16 @@ UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
              block_slices=tuple(_p(n, 0, s) for s in "qkv" for n in _QKV)
              + (_c("attn.proj.weight", 1, "v"),)),
     # the QK gate multiplies q only; removing a QK dim removes its k row as well
+    # qk-norm: the gate scales both norms' weight and bias too (statistics over live dims)
     UnitKind("qk", "qk_dim", True,
              block_slices=tuple(_p(n, 0, "q") for n in _QKV)
-             + tuple(_p(n, 0, "k", gated=False) for n in _QKV)),
+             + tuple(_p(n, 0, "k", gated=False) for n in _QKV)
+             + tuple(_p(f"attn.{n}_norm.{w}", 0, "d") for n in "qk" for w in ("weight", "bias"))),
     UnitKind("v", "v_dim", True,
              block_slices=tuple(_p(n, 0, "v") for n in _QKV) + (_c("attn.proj.weight", 1, "v"),)),
     _MLP,
 )}
+SWIGLU_PACKED_KINDS = {**UNIT_KINDS, "mlp": _mlp_kind(2)}
 KINDS = tuple(UNIT_KINDS)
 BLOCK_KINDS = KINDS[1:]
 # parameters no unit owns: classifier biases (class axis), per-token scales (token axis)
@@ -153,7 +164,9 @@ SWIN_UNPRUNED = (re.compile(r"head\.fc\.bias"),
 def unit_kinds(model: torch.nn.Module) -> dict[str, UnitKind]:
     """The unit map of this model's family."""
     d = model.dims
-    return SWIN_KINDS[d.version] if isinstance(d, SwinDims) else UNIT_KINDS
+    if isinstance(d, SwinDims):
+        return SWIN_KINDS[d.version]
+    return SWIGLU_PACKED_KINDS if d.family("mlp_act") == "swiglu_packed" else UNIT_KINDS
 
 
 def _unpruned(model: torch.nn.Module) -> tuple:
@@ -218,6 +231,8 @@ def segment(model: torch.nn.Module, name: str, s: Slice) -> tuple[int, int, int]
     H, qk, v = attn.num_heads, attn.qk_dim, attn.v_dim
     if s.segment == "h":
         return 0, H, 1
+    if s.segment == "d":
+        return 0, 1, qk
     width = v if s.segment == "v" else qk
     offset = {"q": 0, "k": H * qk, "v": 2 * H * qk}[s.segment] if ".attn.qkv." in name else 0
     return offset, H, width
@@ -233,8 +248,19 @@ def check_covered(model: torch.nn.Module) -> None:
                              f"say which unit kinds own it, or list it as unpruned")
 
 
-def _rows_of(kind: str, gate: torch.Tensor, width: int) -> torch.Tensor:
+def shared_by_heads(gate: torch.Tensor) -> torch.Tensor:
+    """A (heads, width) gate's one value per dim, for a parameter the heads share (qk-norm);
+    only defined when every head has the same values (QK units shared by the heads)."""
+    if not bool((gate == gate[:1]).all()):
+        raise ValueError("a qk-norm weight is shared by the heads, so its block's QK units must "
+                         "be too (QK/V units 'shared', not 'per_head')")
+    return gate[0]
+
+
+def _rows_of(kind: str, gate: torch.Tensor, width: int, seg: str | None = None) -> torch.Tensor:
     """A gate's values expanded to the rows of a segment (head-major)."""
+    if seg == "d":
+        return shared_by_heads(gate)
     if kind == "head":
         return gate.repeat_interleave(width)
     if UNIT_KINDS[kind].per_head:
@@ -254,6 +280,8 @@ def indices(model: torch.nn.Module, name: str, s: Slice, kind: str, units: list)
     offset, H, width = segment(model, name, s)
     if kind == "head":
         rows = [h * width + d for h in units for d in range(width)]
+    elif s.segment == "d":
+        rows = sorted({d for _, d in units})
     elif UNIT_KINDS[kind].per_head:
         rows = [h * width + d for h, d in units]
     else:
@@ -337,6 +365,8 @@ def _required(new_dims, kind: str, s: Slice, layer: int) -> int:
         return getattr(new_dims, UNIT_KINDS[kind].width)[layer] * s.repeats
     if s.segment == "h":
         return heads
+    if s.segment == "d":
+        return new_dims.qk_dim[layer]
     return heads * (new_dims.v_dim[layer] if s.segment == "v" else new_dims.qk_dim[layer])
 
 
@@ -353,7 +383,7 @@ def _segment_selection(model: torch.nn.Module, name: str, entries: list, gate_of
         g = gate_of(kind, layer)
         if g is None:
             continue
-        rows = _rows_of(kind, g.detach().to(device=ref.device, dtype=ref.dtype), width)
+        rows = _rows_of(kind, g.detach().to(device=ref.device, dtype=ref.dtype), width, s.segment)
         live &= rows != 0
         if s.gated:
             factor = factor * rows

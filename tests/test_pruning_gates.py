@@ -184,8 +184,9 @@ def test_gate_saliency_equals_weight_saliency(kind: str) -> None:
 
 
 # ------------------------------------------------------------------ compaction
-def random_masks(dims: Dims, seed: int) -> tuple[dict, dict]:
-    """Masks over all kinds with uniform per-head QK/V counts, and the widths they imply."""
+def random_masks(dims: Dims, seed: int, shared_qk: bool = False) -> tuple[dict, dict]:
+    """Masks over all kinds with uniform per-head QK/V counts, and the widths they imply;
+    `shared_qk`: every head keeps the same QK dims (QK units shared, as qk-norm needs)."""
     gen = torch.Generator().manual_seed(seed)
 
     def pick(n: int, k: int) -> torch.Tensor:
@@ -207,6 +208,8 @@ def random_masks(dims: Dims, seed: int) -> tuple[dict, dict]:
         head = pick(H, n_heads)
         # dead heads get arbitrary dim masks: they must not count
         qk = torch.stack([pick(Q, n_qk) if head[h] else pick(Q, between(0, Q)) for h in range(H)])
+        if shared_qk:
+            qk = qk[head.nonzero()[0]].expand(H, -1).clone()
         v = torch.stack([pick(V, n_v) if head[h] else pick(V, between(0, V)) for h in range(H)])
         masks["blocks"].append({"head": head, "qk": qk, "v": v, "mlp": pick(M, n_mlp)})
         for key, val in (("num_heads", n_heads), ("qk_dim", n_qk), ("v_dim", n_v),

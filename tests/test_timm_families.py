@@ -21,6 +21,7 @@ import models
 from errors import UserError
 from helpers import DENSE_DIMS, FAST, PRUNE_FLAGS, assert_user_error, run_here
 from models.timm_vit import FAMILIES as TABLE
+from models.timm_vit import FAMILY_KWARGS
 from models.timm_vit import load_nvit, nvit_to_timm_vit, timm_vit_dims, timm_vit_to_nvit
 from pruning import Gates, compact
 from models.flops import count_macs
@@ -44,23 +45,29 @@ EXPECTED = {
                                                    global_pool="avg"),
     "CLIP (pre-norm)": dict(pre_norm=True, ln_eps=1e-5, mlp_act="gelu"),
     "CLIP, QuickGELU": dict(pre_norm=True, ln_eps=1e-5, mlp_act="quick_gelu"),
+    "ViT, qk-norm": dict(qk_norm=True),
+    "DINOv2-g (packed SwiGLU)": dict(mlp_act="swiglu_packed", layer_scale=1e-5, patch_size=14),
 }
 FAMILIES = {f: (TABLE[f], EXPECTED[f]) for f in TABLE}
 FAMILY_IDS = list(FAMILIES)
+NAME_KWARGS = {TABLE[f]: kw for f, kw in FAMILY_KWARGS.items()}
 
 
 def test_every_family_in_the_table_is_tested():
     assert set(EXPECTED) == set(TABLE)
 
 
-def tiny_timm(name: str, seed: int = 0, img_size: int | None = None) -> torch.nn.Module:
-    """timm's model for `name` with tiny widths (8 per head), 2 blocks, 10 classes."""
+def tiny_timm(name: str, seed: int = 0, img_size: int | None = None, **kwargs) -> torch.nn.Module:
+    """timm's model for `name` (with timm `kwargs`) with tiny widths (8 per head), 2 blocks,
+    10 classes; a family that is a name with timm kwargs gets them."""
+    kwargs = {**NAME_KWARGS.get(name, {}), **kwargs}
     with torch.device("meta"):
         heads = timm.create_model(name).blocks[0].attn.num_heads
     patch = 14 if "patch14" in name else 8
     torch.manual_seed(seed)
     vit = timm.create_model(name, img_size=img_size or (3 * patch if patch == 14 else 32),
-                            patch_size=patch, embed_dim=8 * heads, depth=2, num_classes=10)
+                            patch_size=patch, embed_dim=8 * heads, depth=2, num_classes=10,
+                            **kwargs)
     with torch.no_grad():
         for p in vit.parameters():
             p.normal_(0, 0.1)
@@ -116,7 +123,8 @@ def test_timm_api_matches_timm_on_families(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["DeiT III", "DINOv2 with registers", "ViT, avg pool",
-                                    "ViT, no qkv bias, LayerScale, avg pool", "CLIP, QuickGELU"])
+                                    "ViT, no qkv bias, LayerScale, avg pool", "CLIP, QuickGELU",
+                                    "ViT, qk-norm", "DINOv2-g (packed SwiGLU)"])
 def test_nvit_to_timm_round_trip(family, tmp_path):
     name, _ = FAMILIES[family]
     vit = tiny_timm(name)
@@ -146,7 +154,8 @@ def test_position_embedding_resampled_as_timm(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["DINOv2 with registers", "ViT, registers, avg pool + fc_norm",
                                     "ViT, no qkv bias, LayerScale, avg pool", "CLIP (pre-norm)",
-                                    "CLIP, QuickGELU"])
+                                    "CLIP, QuickGELU", "ViT, qk-norm",
+                                    "DINOv2-g (packed SwiGLU)"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_masked_model_equals_compact_model(family, seed, tmp_path):
     """Random masks over all five kinds: the compact model computes what the gated one does;
@@ -154,7 +163,7 @@ def test_masked_model_equals_compact_model(family, seed, tmp_path):
     name, _ = FAMILIES[family]
     model = ours_from_file(name, tiny_timm(name, seed=seed), tmp_path)
     gates = Gates.attach(model)
-    masks, widths = random_masks(model.dims, seed)
+    masks, widths = random_masks(model.dims, seed, shared_qk=model.dims.qk_norm)
     gates.load_masks(masks)
     small = compact(model).eval()
     x = torch.randn(3, 3, model.dims.img_size, model.dims.img_size)
@@ -218,10 +227,10 @@ def test_cost_models_count_the_extra_tokens_and_parameters(family, tmp_path):
 
 
 REFUSED = {
-    "qk-norm": dict(qk_norm=True),
-    "SwiGLU MLP": "swiglu",
+    "a gated MLP other than SwiGLUPacked": "swiglu",
     "parallel blocks": "parallel",
     "attention pooling": dict(global_pool="map"),
+    "a norm on q or on k alone": "q_norm_only",
     "a patch-embedding bias with pre-norm": "pre_norm_bias",
     "MLP activation": dict(act_layer="gelu_tanh"),
     "rotary position embeddings": "rope",
@@ -237,8 +246,11 @@ def test_unsupported_timm_features_are_refused_by_name(feature):
         from timm.models.eva import Eva
         vit = Eva(**frame, use_rot_pos_emb=True)
     elif spec == "swiglu":
-        from timm.layers import SwiGLUPacked
-        vit = VisionTransformer(**frame, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU)
+        from timm.layers import GluMlp
+        vit = VisionTransformer(**frame, mlp_layer=GluMlp, act_layer=torch.nn.Sigmoid)
+    elif spec == "q_norm_only":
+        vit = VisionTransformer(**frame, qk_norm=True)
+        vit.blocks[0].attn.k_norm = torch.nn.Identity()
     elif spec == "pre_norm_bias":
         from timm.layers import PatchEmbed
         vit = VisionTransformer(**frame, pre_norm=True)
@@ -255,9 +267,9 @@ def test_unsupported_timm_features_are_refused_by_name(feature):
 
 def test_unsupported_timm_name_is_one_line_from_the_scripts(tmp_path):
     args = [a for a in FAST if a not in ("--model", "deit_tiny_distilled_patch16_224")]
-    proc = run_here("revit_scratch.py", *args, "--model", "vit_giant_patch14_dinov2",
+    proc = run_here("revit_scratch.py", *args, "--model", "vit_small_patch16_18x2_224",
                     "--epochs", "1", "--output_dir", tmp_path / "out")
-    assert_user_error(proc, "vit_giant_patch14_dinov2", "SwiGLU MLP", "--model")
+    assert_user_error(proc, "vit_small_patch16_18x2_224", "parallel blocks", "--model")
 
 
 def test_distillation_without_a_distillation_token_is_refused(tmp_path):

@@ -58,19 +58,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 def families() -> list[dict]:
     """The supported families (models/timm_vit.py's table) with what each name's model has."""
     from models import name_dims
-    from models.timm_vit import FAMILIES
+    from models.timm_vit import FAMILIES, FAMILY_KWARGS
     rows = []
     for family, name in FAMILIES.items():
-        d = name_dims(name)
+        kwargs = FAMILY_KWARGS.get(family, {})
+        d = name_dims(name, **kwargs)
+
         tokens = [t for t, on in (("cls", d.class_token), ("dist", d.distilled)) if on]
         if d.reg_tokens:
             tokens.append(f"{d.reg_tokens} reg")
-        rows.append({"family": family, "name": name, "tokens": " + ".join(tokens) or "none",
+        rows.append({"family": family, "name": name,
+                     "model_kwargs": " ".join(f"{k}={v}" for k, v in kwargs.items()),
+                     "tokens": " + ".join(tokens) or "none",
                      "layer_scale": d.layer_scale, "qkv_bias": d.qkv_bias,
                      "pos_embed": "patches" if d.no_embed_class else "all tokens",
                      "pool": d.global_pool + (" + fc_norm" if d.fc_norm else ""),
                      "patch": d.patch_size, "img": d.img_size,
-                     "norms": ("norm_pre, " if d.pre_norm else "") + f"eps {d.ln_eps:g}",
+                     "norms": ("norm_pre, " if d.pre_norm else "") + ("qk-norm, " if d.qk_norm
+                                                                       else "")
+                     + f"eps {d.ln_eps:g}",
                      "act": d.mlp_act})
     return rows
 
@@ -86,6 +92,8 @@ def format_families(rows: list[dict]) -> str:
             return f"{v:g}" if v else "no"
         if k == "qkv_bias":
             return "yes" if v else "no"
+        if k == "name" and r["model_kwargs"]:
+            return f"{v} --model-kwargs {r['model_kwargs']}"
         return str(v)
     width = {k: max(len(h), *(len(cell(r, k)) for r in rows)) for k, h in cols}
     lines = ["  ".join(h.ljust(width[k]) for k, h in cols)]

@@ -1,0 +1,107 @@
+"""The foundation encoders' structures (issue 34): what each new unit-map entry means, checked
+by hand on tiny models. Loading bitwise, masked == compact and exact costs of every family
+are in test_timm_families.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from errors import UserError
+from pruning import Gates, compact
+
+FRAME = dict(img_size=32, patch_size=8, num_classes=10)
+
+
+def qk_norm_vit(seed: int = 0) -> models.ReViT:
+    torch.manual_seed(seed)
+    # qk_norm: timm's kwarg (--model-kwargs qk_norm=True), read as the dims' family field
+    m = models.build_model("vit_base_patch16_224", qk_norm=True,
+                           dims=models.Dims.uniform(32, 2, 4, 64), **FRAME)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m.eval()
+
+
+def test_qk_norm_statistics_over_the_live_dims():
+    """A removed QK dim: each head's q and k are normalised over the dims left, so the
+    masked block equals its compact version (and the LayerNorm of the kept dims by hand)."""
+    m = qk_norm_vit()
+    a = m.blocks[0].attn
+    gates = Gates.attach(m)
+    gates.remove("qk", 0, [2, 5])  # shared units: dims 2 and 5 of every head
+    x = torch.randn(2, 17, 4, 8)
+    keep = [d for d in range(8) if d not in (2, 5)]
+    by_hand = F.layer_norm(x[..., keep], (6,), a.q_norm.weight[keep], a.q_norm.bias[keep],
+                           a.q_norm.eps)
+    got = a.q_norm(x, a.qk_gate)
+    torch.testing.assert_close(got[..., keep], by_hand, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[..., [2, 5]], torch.zeros(2, 17, 4, 2))
+    small = compact(m).eval()
+    assert small.blocks[0].attn.q_norm.weight.shape == (6,)
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+
+
+def test_qk_norm_saliency_sums_the_norms_weights():
+    """The shared QK unit's gate gradient is sum(theta * dL/dtheta) over its Q rows and both
+    norms' weight and bias at that dim (what the unit map lists as gated)."""
+    m = qk_norm_vit(1).train()
+    gates = Gates.attach(m)
+    x = torch.randn(4, 3, 32, 32)
+    m(x).pow(2).sum().backward()
+    a = m.blocks[1].attn
+    H, d = a.num_heads, a.qk_dim
+    q_rows = a.qkv.weight[:H * d].view(H, d, -1), a.qkv.bias[:H * d].view(H, d)
+    q_grads = a.qkv.weight.grad[:H * d].view(H, d, -1), a.qkv.bias.grad[:H * d].view(H, d)
+    want = (q_rows[0] * q_grads[0]).sum((0, 2)) + (q_rows[1] * q_grads[1]).sum(0)
+    for norm in (a.q_norm, a.k_norm):
+        want = want + norm.weight * norm.weight.grad + norm.bias * norm.bias.grad
+    got = (gates.blocks[1]["qk"] * gates.blocks[1]["qk"].grad).sum(0)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_qk_norm_refuses_per_head_units():
+    with pytest.raises(UserError, match="per-head QK units") as e:
+        Gates.attach(qk_norm_vit(), qkv_units="per_head")
+    assert e.value.field == "qkv_units"
+
+
+def swiglu_vit(seed: int = 0) -> models.ReViT:
+    torch.manual_seed(seed)
+    m = models.build_model("vit_giant_patch14_dinov2", dims=models.Dims.uniform(32, 2, 4, 48),
+                           img_size=28, num_classes=10)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m.eval()
+
+
+def test_swiglu_unit_is_a_gate_row_and_its_value_row():
+    m = swiglu_vit()
+    fc1 = m.blocks[0].mlp.fc1
+    assert m.dims.mlp_act == "swiglu_packed" and fc1.out_features == 96
+    gates = Gates.attach(m)
+    gates.remove("mlp", 0, [3, 40])
+    small = compact(m).eval()
+    keep = [u for u in range(48) if u not in (3, 40)]
+    rows = keep + [48 + u for u in keep]
+    assert torch.equal(small.blocks[0].mlp.fc1.weight, fc1.weight[rows])
+    assert torch.equal(small.blocks[0].mlp.fc2.weight, m.blocks[0].mlp.fc2.weight[:, keep])
+    img = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+
+
+def test_swiglu_saliency_sums_both_rows():
+    m = swiglu_vit(1).train()
+    gates = Gates.attach(m)
+    m(torch.randn(3, 3, 28, 28)).pow(2).sum().backward()
+    fc1 = m.blocks[1].mlp.fc1
+    per_row = (fc1.weight * fc1.weight.grad).sum(1) + fc1.bias * fc1.bias.grad
+    want = per_row[:48] + per_row[48:]
+    got = gates.blocks[1]["mlp"] * gates.blocks[1]["mlp"].grad
+    torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6)
