@@ -49,11 +49,13 @@ def prune_step_line(record: dict, loop: PruningLoop, cost: str) -> str:
 
 
 def loss_parts(record: dict) -> str:
-    """The loss's weighted terms: the label-free run's pooled and token distances, else
-    the KL and DeiT terms."""
+    """The loss's weighted terms, when it has two: the label-free run's pooled and token
+    distances, or the KL and DeiT terms."""
     if "loss_pooled" in record:
         return f" (pooled {record['loss_pooled']:.4g}, tokens {record['loss_tokens']:.4g})"
-    return (f" (kl {record.get('loss_kl', 0.0):.4g}, deit {record.get('loss_deit', 0.0):.4g})")
+    if "loss_kl" in record or "loss_deit" in record:
+        return f" (kl {record.get('loss_kl', 0.0):.4g}, deit {record.get('loss_deit', 0.0):.4g})"
+    return ""  # one term: the loss itself
 
 
 def score_key(stats: dict) -> str:

@@ -214,3 +214,22 @@ def test_label_free_refusals(folder, tmp_path):
                                "hard", "--teacher-path", folder / "dense.pth"),
                       "--distillation-type hard")
     assert not (tmp_path / "o").exists()
+
+
+def test_digits_folder_writes_both_layouts(tmp_path):
+    from tools import digits_folder
+    assert digits_folder.main([str(tmp_path / "flat")]) == 0
+    train, classes = build_dataset(True, images_args(tmp_path / "flat"))
+    val, _ = build_dataset(False, images_args(tmp_path / "flat"))
+    assert classes == 0 and len(train) + len(val) == 1797
+    assert digits_folder.main([str(tmp_path / "cls"), "--with-classes"]) == 0
+    folder = Namespace(**{**vars(images_args(tmp_path / "cls")), "data_set": "FOLDER"})
+    digits_val, n = build_dataset(False, folder)
+    assert n == 10 and len(digits_val) == 359
+    # DIGITS' own val split, image for image
+    ref, _ = build_dataset(False, Namespace(**{**vars(folder), "data_set": "DIGITS"}))
+    path, label = digits_val.samples[7]
+    j = list(ref.indices).index(int(path.rsplit("/", 1)[1].removesuffix(".png")))
+    assert torch.equal(digits_val[7][0], ref[j][0]) and label == ref[j][1]
+    assert digits_folder.main([str(tmp_path / "cls")]) == 2  # not empty: refused
+    assert not (tmp_path / "cls.partial").exists()
