@@ -104,8 +104,8 @@ def test_nvit_to_timm_vit_round_trip() -> None:
 
 def test_timm_vit_to_nvit_refuses_unsupported() -> None:
     vit = timm_vit.VisionTransformer(img_size=32, patch_size=8, num_classes=10, embed_dim=32,
-                                     depth=1, num_heads=2, qk_norm=True)
-    with pytest.raises(ValueError, match="qk-norm"):
+                                     depth=1, num_heads=2, act_layer="gelu_tanh")
+    with pytest.raises(ValueError, match="MLP activation"):
         timm_vit_to_nvit(vit)
 
 
