@@ -509,6 +509,10 @@ def add_pruning_args(p: argparse.ArgumentParser, pace: int, emb_saliency: tuple,
     g.add_argument("--qk-v-units", default=qkv_units[0], choices=qkv_units,
                    help="a QK/V unit is one index shared by every head of a block (the reference) "
                         "or one (head, index) pair")
+    g.add_argument("--unit-scales", default="config", choices=["config", "auto"],
+                   help="the per-kind scales of the saliency: --pruning_config's (the "
+                        "reference's 12, 12, 2, 2, 1 by default), or derived from the model and "
+                        "--cost (docs/pruning.md, 'Unit scales')")
     g.add_argument("--emb-saliency", default=emb_saliency[0], choices=emb_saliency,
                    help="an embedding channel's score sums every weight it removes (full) or, as the "
                         "reference, leaves out tokens, position embedding and classifier columns")

@@ -131,13 +131,28 @@ def load_dense_model(args, nb_classes: int):
     return models.build_model(args.model, pretrained=True, **frame)
 
 
+def unit_scales(args, config: pruning.PruningConfig, cost, model) -> dict[str, float]:
+    """--unit-scales: the pruning config's, or derived from the model and its cost."""
+    if args.unit_scales == "config":
+        return config.scales
+    try:
+        scales = pruning.auto_scales(cost, model.dims, config.criterion, config.group_sizes,
+                                     QKV_UNIT_FLAGS[args.qk_v_units])
+    except ValueError as e:
+        raise UserError(f"--unit-scales auto: {e}") from None
+    print("unit scales (auto, from the model's " + args.cost + "): "
+          + ", ".join(f"{k} {v:.3g}" for k, v in scales.items()))
+    return scales
+
+
 def attach_pruner(model, cost, config: pruning.PruningConfig, budget: int | None,
                   target: float, args):
     """Gates on the model, the saliency and the global pruner the flags describe, aiming at
     `target` (the first of several)."""
     gates = pruning.Gates.attach(model, qkv_units=QKV_UNIT_FLAGS[args.qk_v_units],
                          emb_saliency=args.emb_saliency)
-    saliency = pruning.Saliency(gates, config.criterion, config.scales, config.momentum, args.seed)
+    saliency = pruning.Saliency(gates, config.criterion, unit_scales(args, config, cost, model),
+                                config.momentum, args.seed)
     try:
         pruner = pruning.GlobalPruner(gates, saliency, cost, target, args.prune_per_iter,
                               config.group_sizes, args.latency_regularization, budget,
@@ -154,7 +169,7 @@ def run_settings(args, config: pruning.PruningConfig) -> dict:
             "input_size",
             "kl_loss_coeff", "original_loss_coeff", "kl_tau", "qk_v_units", "emb_saliency",
             "pruning_lr", "student_eval", "token_scale", "base_loss_head", "distill_target",
-            "distill_loss", "distill_tokens")
+            "distill_loss", "distill_tokens", "unit_scales")
     settings = {k: getattr(args, k) for k in keys}
     targets = flags.cost_targets(args.latency_target)  # one: a number, as states always held
     settings["latency_target"] = targets[0] if len(targets) == 1 else list(targets)
@@ -164,7 +179,8 @@ def run_settings(args, config: pruning.PruningConfig) -> dict:
 
 # run settings added since pruning states were first written, with the value older runs had
 SETTINGS_BEFORE_THEY_EXISTED = {"grad_accum_steps": 1, "distill_target": "logits",
-                                "distill_loss": "cosine", "distill_tokens": "pooled"}
+                                "distill_loss": "cosine", "distill_tokens": "pooled",
+                                "unit_scales": "config"}
 
 
 def check_resumable(ckpt: dict, source: str, original, settings: dict) -> None:

@@ -1,6 +1,7 @@
 """Global structural pruning of ReViT: the unit map, gates, saliency, cost models, the global
 pruner, the pruning loop, compaction, and timing in the deploy runtime; `import pruning` gives the public interface."""
 from .compact import compact, compacted_dims, feature_channels
+from .scales import auto_scales
 from .config import PruningConfig, parse_config
 from .cost import (CostModel, LatencyTable, MacsCost, ParamsCost, build_cost_model,
                    precision_name)
@@ -15,5 +16,5 @@ from .units import KINDS, UNIT_KINDS, clear_pruned_state
 __all__ = ["CRITERIA", "DEFAULT_GROUP_SIZES", "DEFAULT_PACE", "DEFAULT_SCALES", "EMB_SALIENCY",
            "KINDS", "QKV_UNITS", "RUNTIMES", "UNIT_KINDS", "CostModel", "Gates", "GlobalPruner",
            "LatencyTable", "MacsCost", "ParamsCost", "PruningConfig", "PruningLoop", "Saliency",
-           "build_cost_model", "clear_pruned_state", "compact", "compacted_dims", "feature_channels",
+           "auto_scales", "build_cost_model", "clear_pruned_state", "compact", "compacted_dims", "feature_channels",
            "deploy_dtype", "measure_table", "parse_config", "precision_name", "report_lines", "speed_report"]

@@ -323,3 +323,17 @@ def test_deploy_quick(tmp_path):
         manifest["quality_quick_dense_digits.pth"]["top1"], abs=1e-4)
     assert top1["fp32 ONNX Runtime"]["agreement"] == 100.0
     assert len(top1) == 5 and all(50 < r["top1"] <= 100 for r in top1.values())
+
+
+@pytest.mark.slow
+def test_unit_scales_quick(tmp_path):
+    """Study 14 drives the shipped scripts: a backbone pruned label-free with each set of
+    unit scales, finetuned and judged by k-NN; one row per scales, the paired column filled."""
+    study_here("bench_unit_scales.py", "--quick", "--families", "clip", "--seeds", "0",
+               "--out", str(tmp_path), "--work-dir", str(tmp_path / "work"))
+    data = json.loads((tmp_path / "unit_scales_quick.json").read_text())
+    assert [r["scales"] for r in data["rows"]] == ["reference", "ones", "auto"]
+    assert all(0 < r["macs_ratio"] <= 0.5 and 0 <= r["score"] <= 100 for r in data["rows"])
+    log = (tmp_path / "work" / "quick" / "prune_vit_base_patch16_clip_quickgelu_224_auto_s0.log")
+    assert "unit scales (auto, from the model's macs)" in log.read_text()
+    assert "(1 seed)" in (tmp_path / "unit_scales_quick.md").read_text()

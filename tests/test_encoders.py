@@ -105,3 +105,42 @@ def test_swiglu_saliency_sums_both_rows():
     want = per_row[:48] + per_row[48:]
     got = gates.blocks[1]["mlp"] * gates.blocks[1]["mlp"].grad
     torch.testing.assert_close(got, want.detach(), rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ --unit-scales auto
+def test_auto_scales_are_the_cost_a_unit_saves_by_hand():
+    """MACs of a uniform ViT: one MLP unit saves 2NE, a head N(E(2q + v) + vE) + N^2(q + v),
+    a shared QK dim H(2NE + N^2), a shared V dim H(2NE + N^2), an embedding channel every
+    block's share plus the stem's; the hessian's scale is the square root of the ratio."""
+    from pruning.cost import MacsCost
+    from pruning.scales import auto_scales, unit_savings
+    d = models.Dims.uniform(32, 2, 4, 64, in_chans=3, distilled=False, **FRAME)
+    N, E, H, q, v = d.num_tokens, 32, 4, 8, 8
+    ones = {k: 1 for k in ("emb", "head", "qk", "v", "mlp")}
+    saved = unit_savings(MacsCost(d), d, ones)
+    per_block_emb = N * (2 * H * q + H * v) + N * H * v + 2 * N * 64
+    stem_emb = d.num_patches * 3 * 64 + 10
+    assert saved == pytest.approx({
+        "mlp": 2 * N * E, "head": N * E * (2 * q + v) + N * v * E + N * N * (q + v),
+        "qk": H * (2 * N * E + N * N), "v": H * (2 * N * E + N * N),
+        "emb": 2 * per_block_emb + stem_emb})
+    scales = auto_scales(MacsCost(d), d, "hessian", ones)
+    assert scales["mlp"] == 1 and scales["head"] == pytest.approx(
+        (saved["head"] / saved["mlp"]) ** 0.5)
+    taylor = auto_scales(MacsCost(d), d, "taylor", ones)
+    assert taylor["head"] == pytest.approx(saved["head"] / saved["mlp"])
+    per_head = unit_savings(MacsCost(d), d, ones, qkv_units="per_head")
+    assert per_head["qk"] == pytest.approx(saved["qk"] / H)
+    with pytest.raises(ValueError, match="does not use them"):
+        auto_scales(MacsCost(d), d, "magnitude", ones)
+
+
+def test_auto_scales_of_deit_b_are_near_the_reference():
+    """What the derivation gives for the model the reference's scales were set on."""
+    from pruning import PruningConfig
+    from pruning.cost import MacsCost
+    from pruning.scales import auto_scales
+    d = models.name_dims("deit_base_patch16_224")
+    s = auto_scales(MacsCost(d), d, "hessian", PruningConfig().group_sizes)
+    assert s["head"] == pytest.approx(12.0, rel=0.01)  # the reference: 12
+    assert 8 < s["emb"] < 9 and 3.5 < s["qk"] == s["v"] < 4  # the reference: 12 and 2

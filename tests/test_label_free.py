@@ -3,6 +3,7 @@ both scripts with --distill-target features on a backbone."""
 from __future__ import annotations
 
 import json
+import re
 from argparse import Namespace
 
 import numpy as np
@@ -169,11 +170,13 @@ PRUNE = ["--pruning", "--cost", "macs", "--interval_prune", "2", "--prune_per_it
 def test_prune_and_finetune_without_labels(folder, tmp_path):
     out = tmp_path / "p"
     proc = run("nvit_prune.py", *FAST, *IMAGES, "--data-path", folder / "imgs", *PRUNE,
-               *LABEL_FREE, "--distill-tokens", "all", "--drop-path", "0.1",
+               *LABEL_FREE, "--distill-tokens", "all", "--drop-path", "0.1", "--unit-scales", "auto",
                "--pretrained-path", folder / "dense.pth", "--epochs", "12",
                "--latency_target", "0.5", "--output_dir", out)
     assert "before pruning: feature cosine 1.0000" in proc.stdout, proc.stdout[-3000:]
     assert "(pooled " in proc.stdout and "tokens " in proc.stdout
+    assert re.search(r"unit scales \(auto, from the model's macs\): emb [\d.]+, head [\d.]+, "
+                     r"qk [\d.]+, v [\d.]+, mlp 1\n", proc.stdout)
     ckpt = torch.load(out / "pruned_checkpoint.pth", map_location="cpu", weights_only=True)
     assert ckpt["cost_ratio"] <= 0.5
     assert ckpt["feature_cos_dense"] == pytest.approx(1.0, abs=1e-6)
