@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from argparse import Namespace
 
 import numpy as np
@@ -15,7 +17,8 @@ import models
 import pruning
 from datasets import IMAGES_VAL_EVERY, build_dataset
 from errors import UserError
-from helpers import DENSE_DIMS, FAST, assert_user_error, run, run_here, write_dense_model
+from helpers import (DENSE_DIMS, FAST, ROOT, assert_user_error, env, free_port,
+                     kill_at_first_state, run, run_here, write_dense_model)
 from losses import FeatureDistillLoss, feature_distance
 
 
@@ -236,3 +239,58 @@ def test_digits_folder_writes_both_layouts(tmp_path):
     assert torch.equal(digits_val[7][0], ref[j][0]) and label == ref[j][1]
     assert digits_folder.main([str(tmp_path / "cls")]) == 2  # not empty: refused
     assert not (tmp_path / "cls.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def clip_dense(tmp_path_factory):
+    """A CLIP-style model with qk-norm (pre-norm, QuickGELU, LayerNorm eps 1e-5), 10 classes."""
+    path = tmp_path_factory.mktemp("clip") / "clip.pth"
+    torch.manual_seed(0)
+    m = models.build_model(CLIP, qk_norm=True, dims=models.Dims(**DENSE_DIMS), img_size=32,
+                           patch_size=8, num_classes=10)
+    torch.save({"model": m.state_dict(), "dims": m.dims.to_dict()}, path)
+    return path
+
+
+CLIP = "vit_base_patch16_clip_quickgelu_224"
+CLIP_FAST = [a if a != "deit_tiny_distilled_patch16_224" else CLIP for a in FAST]
+
+
+@pytest.mark.slow
+def test_label_free_resume_after_kill_is_bitwise(folder, clip_dense, tmp_path):
+    common = [*CLIP_FAST, *IMAGES, "--data-path", folder / "imgs", *PRUNE, *LABEL_FREE,
+              "--distill-tokens", "all", "--unit-scales", "auto", "--pretrained-path",
+              clip_dense, "--epochs", "3", "--num_workers", "1", "--latency_target", "0.6",
+              "--pruning_exit", "--speed-report-pairs", "0"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run("nvit_prune.py", *common, "--output_dir", full)
+    kill_at_first_state("nvit_prune.py", *common, output_dir=part)
+    run("nvit_prune.py", *common, "--output_dir", part, "--resume")
+    a = torch.load(full / "pruning_state.pth", weights_only=True)
+    b = torch.load(part / "pruning_state.pth", weights_only=True)
+    assert a["pruner"] == b["pruner"] and a["feature_cos_dense"] == b["feature_cos_dense"]
+    for x, y in zip(a["masks"]["blocks"], b["masks"]["blocks"]):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["model"]["blocks.0.attn.q_norm.weight"].shape == (16,)
+    # a resumed run with other label-free settings is refused
+    other = run_here("nvit_prune.py", *common, "--distill-loss", "mse", "--output_dir", part,
+                     "--resume")
+    assert_user_error(other, "other settings", "distill_loss")
+
+
+@pytest.mark.slow
+def test_label_free_torchrun_ranks_agree(folder, clip_dense, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(ROOT / "nvit_prune.py"), *CLIP_FAST, *IMAGES,
+           "--data-path", str(folder / "imgs"), *PRUNE, *LABEL_FREE, "--pretrained-path",
+           str(clip_dense), "--epochs", "2", "--batch-size", "16", "--latency_target", "0.7",
+           "--pruning_exit", "--dist-eval", "--speed-report-pairs", "0", "--output_dir",
+           str(tmp_path / "o")]
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"all 2 processes hold identical masks and weights after \d+ prune steps",
+                     proc.stdout), proc.stdout[-3000:]
+    assert "feature cosine" in proc.stdout

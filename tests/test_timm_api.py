@@ -43,6 +43,12 @@ MODELS = {
     "build_model (DeiT, no distillation)": lambda: models.build_model(
         "deit_tiny_patch16_224", dims=models.Dims(**DIMS), num_classes=10, **FRAME),
     "pruned compact": pruned_compact,
+    # the encoders' structures: pre-norm, QuickGELU and qk-norm in one; packed SwiGLU
+    "CLIP-style with qk-norm": lambda: models.build_model(
+        "vit_base_patch16_clip_quickgelu_224", qk_norm=True, dims=models.Dims(**DIMS),
+        num_classes=10, **FRAME),
+    "DINOv2-g's packed SwiGLU": lambda: models.build_model(
+        "vit_giant_patch14_dinov2", dims=models.Dims(**DIMS), num_classes=10, **FRAME),
 }
 
 
