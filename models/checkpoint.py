@@ -203,6 +203,12 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
     layer_scale = (base.family("layer_scale") or 1e-5) if "blocks.0.ls1.gamma" in sd else 0.0
     fc_norm = "fc_norm.weight" in sd
     global_pool = base.family("global_pool") if "cls_token" in sd else "avg"
+    pool = {}
+    if "attn_pool.latent" in sd:  # SigLIP's attention pool: widths from its tensors
+        global_pool = "map"
+        pool = dict(pool_dim=sd["attn_pool.q.weight"].shape[0],
+                    pool_heads=base.pool_heads or num_heads,
+                    pool_mlp_dim=sd["attn_pool.mlp.fc1.weight"].shape[0])
     if "cls_token" in sd and fc_norm != base.family("fc_norm"):
         # timm puts fc_norm after average pooling by default: the tensors suggest a pooling
         # the name does not have, and they cannot tell which one it was
@@ -220,7 +226,7 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
                         no_embed_class=no_embed_class, global_pool=global_pool,
                         fc_norm=fc_norm, pre_norm="norm_pre.weight" in sd,
                         ln_eps=base.family("ln_eps"), mlp_act=base.family("mlp_act"),
-                        qk_norm="blocks.0.attn.q_norm.weight" in sd)
+                        qk_norm="blocks.0.attn.q_norm.weight" in sd, **pool)
 
 
 def check_fits(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

@@ -42,7 +42,8 @@ FAMILY_DEFAULTS = dict(class_token=True, reg_tokens=0, layer_scale=0.0, qkv_bias
                        no_embed_class=False, global_pool="token", fc_norm=False, pre_norm=False,
                        ln_eps=1e-6, mlp_act="gelu", qk_norm=False)
 FAMILY_FIELDS = tuple(FAMILY_DEFAULTS)
-GLOBAL_POOLS = ("token", "avg")
+GLOBAL_POOLS = ("token", "avg", "map")  # map: SigLIP's attention pooling (pool_* fields)
+POOL_FIELDS = ("pool_dim", "pool_heads", "pool_mlp_dim")
 # exact GELU; CLIP's x * sigmoid(1.702 x); DINOv2-g's SwiGLU, fc1 packing gate and value rows
 MLP_ACTS = ("gelu", "quick_gelu", "swiglu_packed")
 REFERENCE_ATTN_SCALE = 64 ** -0.5  # the NViT reference's scale in every block, whatever the QK width
@@ -75,6 +76,10 @@ class Dims:
     ln_eps: float | None = None
     mlp_act: str | None = None
     qk_norm: bool | None = None
+    # global_pool "map": the attention pool's attention width and heads and its MLP's width
+    pool_dim: int | None = None
+    pool_heads: int | None = None
+    pool_mlp_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in BLOCK_LISTS:
@@ -93,6 +98,11 @@ class Dims:
             self.attn_scale = [float(self.attn_scale)] * self.depth
         else:
             self.attn_scale = [float(s) for s in self.attn_scale]
+        if self.global_pool == "map":  # timm's AttentionPoolLatent as a ViT builds it
+            for name, value in (("pool_dim", self.embed_dim), ("pool_heads", self.num_heads[0]),
+                                ("pool_mlp_dim", self.mlp_dim[0])):
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         self.validate()
 
     # ----------------------------------------------------------------- checks
@@ -138,6 +148,15 @@ class Dims:
         if pool not in GLOBAL_POOLS:
             raise UserError(f"dims: global_pool must be one of {', '.join(GLOBAL_POOLS)}, "
                             f"got {pool!r}")
+        if pool == "map":
+            bad = [f for f in POOL_FIELDS
+                   if not (_is_int(getattr(self, f)) and getattr(self, f) > 0)]
+            if bad:
+                raise UserError(f"dims: global_pool 'map' needs positive integers {', '.join(bad)} "
+                                f"(the attention pool's width, heads and MLP width)")
+            if self.pool_dim % self.pool_heads:
+                raise UserError(f"dims: pool_dim {self.pool_dim} is not divisible by "
+                                f"{self.pool_heads} pool_heads")
         if pool == "token" and not self.family("class_token"):
             raise UserError("dims: global_pool 'token' needs a class token (class_token: true)")
         if self.distilled and (not self.family("class_token") or pool != "token"
@@ -323,6 +342,8 @@ _SCALAR_TYPES = {
     "ln_eps": (_is_number, "a number"),
     "mlp_act": (lambda v: isinstance(v, str), "a string"),
     "qk_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "pool_dim": (_is_int, "an integer"), "pool_heads": (_is_int, "an integer"),
+    "pool_mlp_dim": (_is_int, "an integer"),
 }
 
 

@@ -22,6 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, PatchEmbed, trunc_normal_
 from timm.models._features import feature_take_indices
 
+from errors import UserError
+
 from .dims import Dims
 
 LN_EPS = 1e-6  # DeiT/timm ViT value
@@ -388,6 +390,11 @@ class ReViT(nn.Module):
             for i in range(dims.depth))
         self.norm = Skip() if dims.fc_norm else StreamNorm(E, eps=eps)
         self.fc_norm = StreamNorm(E, eps=eps) if dims.fc_norm else None
+        self.attn_pool = None
+        if dims.global_pool == "map":  # SigLIP's; imported here: it builds on this module
+            from .attention_pool import AttentionPool
+            self.attn_pool = AttentionPool(E, dims.pool_dim, dims.pool_heads, dims.pool_mlp_dim,
+                                           eps, dims.mlp_act)
         self.head = self._classifier(dims.num_classes)
         self.head_dist = self._classifier(dims.num_classes) if self.distilled else None
         self.emb_gate: torch.Tensor | None = None
@@ -408,6 +415,8 @@ class ReViT(nn.Module):
                 trunc_normal_(p, std=0.02)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=1e-6)  # timm's
+        if self.attn_pool is not None:  # timm's: trunc-normal of std latent_dim^-0.5
+            trunc_normal_(self.attn_pool.latent, std=self.attn_pool.latent.shape[-1] ** -0.5)
         heads = {self.head, self.head_dist}
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -455,6 +464,9 @@ class ReViT(nn.Module):
         0: Identity heads, a backbone. global_pool: 'token' or 'avg' (not for a distilled
         model, which pools its two tokens)."""
         if global_pool is not None and global_pool != self.global_pool:
+            if "map" in (global_pool, self.global_pool):  # as timm's reset_classifier
+                raise UserError("reset_classifier cannot add or remove an attention pool "
+                                "(global_pool 'map')", field="global_pool")
             self.dims.with_frame(global_pool=global_pool).validate()  # raises what is wrong
             self.global_pool = global_pool
         device = self.pos_embed.device
@@ -598,7 +610,9 @@ class ReViT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         if self.head_dist is None:
-            if self.global_pool == "avg":
+            if self.attn_pool is not None:
+                x = self.attn_pool(x[:, self.num_prefix_tokens:], self.emb_frame_gate)
+            elif self.global_pool == "avg":
                 x = x[:, self.num_prefix_tokens:].mean(dim=1)
             else:
                 x = x[:, 0]

@@ -40,10 +40,12 @@ FAMILIES = {
     "CLIP, QuickGELU": "vit_base_patch16_clip_quickgelu_224",
     "ViT, qk-norm": "vit_base_patch16_224",
     "DINOv2-g (packed SwiGLU)": "vit_giant_patch14_dinov2",
+    "SigLIP (attention pooling)": "vit_base_patch16_siglip_224",
+    "SigLIP So400m": "vit_so400m_patch14_siglip_224",
 }
 # families that are a name built with timm kwargs (--model-kwargs): no timm name has them
 FAMILY_KWARGS = {"ViT, qk-norm": {"qk_norm": True}}
-POOLS = {"token": "token", "avg": "avg"}
+POOLS = {"token": "token", "avg": "avg", "map": "map"}
 
 
 def _is_identity(m: nn.Module | None) -> bool:
@@ -77,8 +79,8 @@ def unsupported_features(model: nn.Module) -> list[str]:
         found.append("dynamic_img_size")
     if not _is_identity(getattr(model, "patch_drop", None)):
         found.append("patch dropout")
-    if not _is_identity(getattr(model, "attn_pool", None)):
-        found.append("attention pooling (global_pool='map')")
+    if pool == "map":
+        found += attn_pool_problems(model.attn_pool, model.embed_dim)
     if not _is_identity(getattr(model.patch_embed, "norm", None)):
         found.append("a norm in the patch embedding")
     pre_norm = not _is_identity(getattr(model, "norm_pre", None))
@@ -138,6 +140,24 @@ def unsupported_features(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def attn_pool_problems(pool: nn.Module, embed_dim: int) -> list[str]:
+    """What of a timm AttentionPoolLatent our AttentionPool does not express."""
+    found = []
+    if type(pool).__name__ != "AttentionPoolLatent":
+        return [f"attention pooling {type(pool).__name__}"]
+    if pool.latent_len != 1 or pool.pool != "token":
+        found.append("an attention pool with more than one latent query")
+    if pool.pos_embed is not None:
+        found.append("an attention pool with its own position embedding")
+    if not _is_identity(pool.q_norm) or isinstance(pool.q, nn.Identity):
+        found.append("an attention pool with qk-norm or without its q projection")
+    if pool.latent.shape[-1] != embed_dim or pool.mlp is None or pool.proj.out_features != embed_dim:
+        found.append("an attention pool of other widths than the stream's")
+    elif type(pool.mlp).__name__ != "Mlp" or mlp_act_name(pool.mlp.act) is None:
+        found.append("an attention pool whose MLP is not an exact-GELU or QuickGELU Mlp")
+    return found
+
+
 def mlp_act_name(act: nn.Module, mlp: nn.Module | None = None) -> str | None:
     """Dims' name of a timm MLP's activation (None: one we do not cover)."""
     if mlp is not None and type(mlp).__name__ == "GluMlp":
@@ -192,7 +212,16 @@ def timm_vit_dims(model: nn.Module, name: str | None = None) -> Dims:
                 fc_norm=not _is_identity(model.fc_norm),
                 pre_norm=not _is_identity(getattr(model, "norm_pre", None)),
                 ln_eps=float(blk.norm1.eps), mlp_act=mlp_act_name(blk.mlp.act, blk.mlp),
-                qk_norm=not _is_identity(getattr(blk.attn, "q_norm", None)))
+                qk_norm=not _is_identity(getattr(blk.attn, "q_norm", None)),
+                **_pool_fields(model))
+
+
+def _pool_fields(model: nn.Module) -> dict:
+    pool = getattr(model, "attn_pool", None)
+    if model.global_pool != "map":
+        return {}
+    return dict(pool_dim=pool.q.out_features, pool_heads=int(pool.num_heads),
+                pool_mlp_dim=pool.mlp.fc1.out_features)
 
 
 def timm_vit_to_nvit(model: nn.Module) -> tuple[Dims, dict[str, torch.Tensor]]:
@@ -227,6 +256,8 @@ def nvit_to_timm_vit(model: ReViT) -> nn.Module:
     if d.token_scale:
         raise ValueError("timm's VisionTransformer has no per-token scale (the NViT reference's)")
     H, hd, M = d.num_heads[0], d.qk_dim[0], d.mlp_dim[0]
+    if d.global_pool == "map" and (d.pool_dim, d.pool_heads, d.pool_mlp_dim) != (d.embed_dim, H, M):
+        raise ValueError("timm's attention pool has the model's width, heads and MLP width")
     if abs(d.attn_scale[0] - hd ** -0.5) > 1e-12:
         raise ValueError("timm's attention scale is 1/sqrt(head dim); this model uses another")
     cls = VisionTransformerDistilled if d.distilled else VisionTransformer

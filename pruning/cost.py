@@ -111,7 +111,16 @@ class MacsCost(CostModel):
         _need_frame(dims, "MacsCost")
         patch = dims.num_patches * embed_dim * dims.in_chans * dims.patch_size ** 2
         heads = dims.num_classifier_heads * embed_dim * dims.num_classes
-        return float(patch + heads)
+        return float(patch + heads + self.attn_pool(dims, embed_dim))
+
+    @staticmethod
+    def attn_pool(dims: Dims, E: int) -> int:
+        """SigLIP's pool: q of the latent, kv of every patch, one query's attention, the
+        output projection and the MLP of one vector."""
+        if dims.global_pool != "map":
+            return 0
+        P, Np = dims.pool_dim, dims.num_patches
+        return E * P + Np * E * 2 * P + 2 * Np * P + P * E + 2 * E * dims.pool_mlp_dim
 
 
 class ParamsCost(CostModel):
@@ -144,7 +153,15 @@ class ParamsCost(CostModel):
         tokens = (dims.num_prefix_tokens + dims.pos_embed_tokens) * E  # tokens, pos_embed
         norm = 2 * E * (2 if pre_norm else 1)  # the final norm or fc_norm, CLIP's norm_pre
         heads = dims.num_classifier_heads * (E * dims.num_classes + dims.num_classes)
-        return float(patch + tokens + norm + heads)
+        return float(patch + tokens + norm + heads + self.attn_pool(dims, E))
+
+    @staticmethod
+    def attn_pool(dims: Dims, E: int) -> int:
+        """SigLIP's pool: latent, q, kv, proj, its norm and MLP."""
+        if dims.global_pool != "map":
+            return 0
+        P, M = dims.pool_dim, dims.pool_mlp_dim
+        return E + (E * P + P) + (E * 2 * P + 2 * P) + (P * E + E) + 2 * E + (E * M + M) + (M * E + E)
 
 
 # ------------------------------------------------------------------------- latency

@@ -90,7 +90,13 @@ UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
                            _p("pos_embed", 2), _p("norm_pre.weight", 0), _p("norm_pre.bias", 0),
                            _p("norm.weight", 0), _p("norm.bias", 0),
                            _p("fc_norm.weight", 0), _p("fc_norm.bias", 0),
-                           _c("head.weight", 1), _c("head_dist.weight", 1))),
+                           _c("head.weight", 1), _c("head_dist.weight", 1),
+                           # SigLIP's attention pool: reads and writes the stream
+                           _p("attn_pool.latent", 2), _c("attn_pool.q.weight", 1),
+                           _c("attn_pool.kv.weight", 1), _p("attn_pool.proj.weight", 0),
+                           _p("attn_pool.proj.bias", 0), _p("attn_pool.norm.weight", 0),
+                           _p("attn_pool.norm.bias", 0), _c("attn_pool.mlp.fc1.weight", 1),
+                           _p("attn_pool.mlp.fc2.weight", 0), _p("attn_pool.mlp.fc2.bias", 0))),
     # the head gate multiplies the head's q, k and v
     UnitKind("head", "num_heads", False,
              block_slices=tuple(_p(n, 0, s) for s in "qkv" for n in _QKV)
@@ -109,7 +115,9 @@ SWIGLU_PACKED_KINDS = {**UNIT_KINDS, "mlp": _mlp_kind(2)}
 KINDS = tuple(UNIT_KINDS)
 BLOCK_KINDS = KINDS[1:]
 # parameters no unit owns: classifier biases (class axis), per-token scales (token axis)
-UNPRUNED = (re.compile(r"head(_dist)?\.bias"), re.compile(r"blocks\.\d+\.attn\.token_scale"))
+# the attention pool's attention width and its MLP's hidden units (not units of this version)
+UNPRUNED = (re.compile(r"head(_dist)?\.bias"), re.compile(r"blocks\.\d+\.attn\.token_scale"),
+            re.compile(r"attn_pool\.(q|kv|mlp\.fc1)\.bias"))
 
 
 def _swin_kinds(version: int) -> dict[str, UnitKind]:

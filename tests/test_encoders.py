@@ -144,3 +144,39 @@ def test_auto_scales_of_deit_b_are_near_the_reference():
     s = auto_scales(MacsCost(d), d, "hessian", PruningConfig().group_sizes)
     assert s["head"] == pytest.approx(12.0, rel=0.01)  # the reference: 12
     assert 8 < s["emb"] < 9 and 3.5 < s["qk"] == s["v"] < 4  # the reference: 12 and 2
+
+
+# ------------------------------------------------------------------ SigLIP's attention pool
+def test_attention_pool_is_pruned_along_the_embedding():
+    """Removed stream channels leave the latent, q's and kv's input columns, the output
+    projection's rows, the pool's norm (statistics over live channels) and its MLP's outer
+    sides; the pool's attention width and MLP width stay."""
+    torch.manual_seed(0)
+    m = models.build_model("vit_base_patch16_siglip_224", dims=models.Dims.uniform(32, 2, 4, 64),
+                           **FRAME)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    m.eval()
+    assert (m.dims.global_pool, m.dims.pool_dim, m.dims.pool_heads, m.dims.pool_mlp_dim) == \
+        ("map", 32, 4, 64)
+    gates = Gates.attach(m)
+    gates.remove("emb", 0, [3, 10])
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = m.forward_head(m.forward_features(img), pre_logits=True)
+    assert torch.equal(pooled[:, [3, 10]], torch.zeros(2, 2))
+    small = compact(m).eval()
+    keep = [c for c in range(32) if c not in (3, 10)]
+    pool, old = small.attn_pool, m.attn_pool
+    assert torch.equal(pool.latent, old.latent[..., keep])
+    assert torch.equal(pool.q.weight, old.q.weight[:, keep])
+    assert torch.equal(pool.kv.weight, old.kv.weight[:, keep])
+    assert torch.equal(pool.proj.weight, old.proj.weight[keep])
+    assert torch.equal(pool.mlp.fc1.weight, old.mlp.fc1.weight[:, keep])
+    assert torch.equal(pool.mlp.fc2.weight, old.mlp.fc2.weight[keep])
+    assert (small.dims.pool_dim, small.dims.pool_mlp_dim) == (32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="attention pool"):
+        small.reset_classifier(0, global_pool="avg")

@@ -49,6 +49,8 @@ MODELS = {
         num_classes=10, **FRAME),
     "DINOv2-g's packed SwiGLU": lambda: models.build_model(
         "vit_giant_patch14_dinov2", dims=models.Dims(**DIMS), num_classes=10, **FRAME),
+    "SigLIP's attention pool": lambda: models.build_model(
+        "vit_base_patch16_siglip_224", dims=models.Dims(**DIMS), num_classes=10, **FRAME),
 }
 
 

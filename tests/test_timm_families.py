@@ -47,6 +47,8 @@ EXPECTED = {
     "CLIP, QuickGELU": dict(pre_norm=True, ln_eps=1e-5, mlp_act="quick_gelu"),
     "ViT, qk-norm": dict(qk_norm=True),
     "DINOv2-g (packed SwiGLU)": dict(mlp_act="swiglu_packed", layer_scale=1e-5, patch_size=14),
+    "SigLIP (attention pooling)": dict(global_pool="map", class_token=False),
+    "SigLIP So400m": dict(global_pool="map", class_token=False, patch_size=14),
 }
 FAMILIES = {f: (TABLE[f], EXPECTED[f]) for f in TABLE}
 FAMILY_IDS = list(FAMILIES)
@@ -124,7 +126,8 @@ def test_timm_api_matches_timm_on_families(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["DeiT III", "DINOv2 with registers", "ViT, avg pool",
                                     "ViT, no qkv bias, LayerScale, avg pool", "CLIP, QuickGELU",
-                                    "ViT, qk-norm", "DINOv2-g (packed SwiGLU)"])
+                                    "ViT, qk-norm", "DINOv2-g (packed SwiGLU)",
+                                    "SigLIP (attention pooling)"])
 def test_nvit_to_timm_round_trip(family, tmp_path):
     name, _ = FAMILIES[family]
     vit = tiny_timm(name)
@@ -155,7 +158,8 @@ def test_position_embedding_resampled_as_timm(family, tmp_path):
 @pytest.mark.parametrize("family", ["DINOv2 with registers", "ViT, registers, avg pool + fc_norm",
                                     "ViT, no qkv bias, LayerScale, avg pool", "CLIP (pre-norm)",
                                     "CLIP, QuickGELU", "ViT, qk-norm",
-                                    "DINOv2-g (packed SwiGLU)"])
+                                    "DINOv2-g (packed SwiGLU)", "SigLIP (attention pooling)",
+                                    "SigLIP So400m"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_masked_model_equals_compact_model(family, seed, tmp_path):
     """Random masks over all five kinds: the compact model computes what the gated one does;
@@ -229,7 +233,7 @@ def test_cost_models_count_the_extra_tokens_and_parameters(family, tmp_path):
 REFUSED = {
     "a gated MLP other than SwiGLUPacked": "swiglu",
     "parallel blocks": "parallel",
-    "attention pooling": dict(global_pool="map"),
+    "an attention pool with more than one latent query": "map_latents",
     "a norm on q or on k alone": "q_norm_only",
     "a patch-embedding bias with pre-norm": "pre_norm_bias",
     "MLP activation": dict(act_layer="gelu_tanh"),
@@ -248,6 +252,9 @@ def test_unsupported_timm_features_are_refused_by_name(feature):
     elif spec == "swiglu":
         from timm.layers import GluMlp
         vit = VisionTransformer(**frame, mlp_layer=GluMlp, act_layer=torch.nn.Sigmoid)
+    elif spec == "map_latents":
+        vit = VisionTransformer(**frame, global_pool="map")
+        vit.attn_pool.latent_len = 2
     elif spec == "q_norm_only":
         vit = VisionTransformer(**frame, qk_norm=True)
         vit.blocks[0].attn.k_norm = torch.nn.Identity()
@@ -369,7 +376,7 @@ def test_model_info_lists_the_families(capsys):
 @pytest.mark.parametrize("fields, words", [
     (dict(reg_tokens=-1), "reg_tokens must be an integer >= 0"),
     (dict(layer_scale=-0.1), "layer_scale"),
-    (dict(global_pool="map"), "global_pool must be one of token, avg"),
+    (dict(global_pool="max"), "global_pool must be one of token, avg, map"),
     (dict(class_token=False), "global_pool 'token' needs a class token"),
     (dict(distilled=True, global_pool="avg"), "a distilled model pools"),
     (dict(distilled=True, fc_norm=True), "a distilled model pools"),
