@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work-dir", default=str(ROOT / "benchmarks" / "work" / "unit_scales"))
     args = p.parse_args(argv)
     name = common.apply_study_args(args, STUDY, set_threads=False)
+    if args.threads:  # the scripts this study runs take theirs from the environment
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     recipe = {**FULL, "dims": DIMS, **(QUICK if args.quick else {})}
     seeds = [int(s) for s in args.seeds.split(",")]
     families = [f for f in args.families.split(",") if f]
