@@ -160,9 +160,15 @@ def main(args) -> None:
     amp_dtype = amp_dtype_for(device, args.amp, args.amp_dtype)
 
     mixup_fn = builders.build_mixup(args, nb_classes)
-    criterion = builders.build_criterion(args, nb_classes, mixup_fn, device,
-                                         kl_tau=args.distillation_tau, per_head=True,
-                                         student=model, channels=feature_channels(args))
+
+    def make_criterion() -> torch.nn.Module:
+        return builders.build_criterion(args, nb_classes, mixup_fn, device,
+                                        kl_tau=args.distillation_tau, per_head=True,
+                                        student=model, channels=feature_channels(args))
+
+    # a label-free run is scored against its full model, --eval included; any other run
+    # builds its losses (and fetches a teacher) only to train
+    criterion = make_criterion() if builders.label_free(args) else None
 
     def score(m: torch.nn.Module, on: torch.device) -> dict:
         if builders.label_free(args):
@@ -176,6 +182,8 @@ def main(args) -> None:
               + (f"  loss {stats['loss']:.4f}" if "acc1" in stats else ""))
         return
 
+    if criterion is None:
+        criterion = make_criterion()
     model_without_ddp = model
     # DDP broadcasts rank 0's weights, so the EMA is made after it
     model = builders.distributed_model(args, model, device)

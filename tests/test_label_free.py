@@ -294,3 +294,13 @@ def test_label_free_torchrun_ranks_agree(folder, clip_dense, tmp_path):
     assert re.search(r"all 2 processes hold identical masks and weights after \d+ prune steps",
                      proc.stdout), proc.stdout[-3000:]
     assert "feature cosine" in proc.stdout
+
+
+def test_eval_builds_no_teacher(folder):
+    """--eval scores the checkpoint; the losses (and DeiT's teacher, which cannot be fetched
+    here) are built only for a label-free run, whose score needs its full model."""
+    proc = run_here("revit_scratch.py", *FAST, "--eval", "--finetune", folder / "dense.pth",
+                    "--distillation-type", "hard", "--kl_loss_coeff", "1000",
+                    "--pretrained-path", folder / "dense.pth")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Accuracy of the network on the 359 test images: top-1" in proc.stdout
