@@ -154,3 +154,18 @@ def kill_at_first_state(script: str, *args, output_dir: Path) -> dict:
     killed = torch.load(state, map_location="cpu", weights_only=True)
     assert not killed["done"], "the run finished before it could be killed"
     return killed
+
+
+def assert_same_pruning_state(full: Path, part: Path) -> tuple[dict, dict]:
+    """Two runs' pruning_state.pth (an uninterrupted one, a killed and resumed one) hold the
+    same pruner, masks and weights, bitwise; both states, loaded."""
+    import torch
+    a = torch.load(full / "pruning_state.pth", map_location="cpu", weights_only=True)
+    b = torch.load(part / "pruning_state.pth", map_location="cpu", weights_only=True)
+    assert a["pruner"] == b["pruner"]
+    assert all(torch.equal(x, y) for x, y in zip(a["masks"]["emb"], b["masks"]["emb"]))
+    for x, y in zip(a["masks"]["blocks"], b["masks"]["blocks"]):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    return a, b

@@ -15,7 +15,7 @@ import models
 from models.flops import count_macs
 from helpers import DENSE_DIMS as DENSE
 from helpers import FAST, PRUNE_FLAGS, TRAIN, ROOT, assert_user_error, env, run, run_here
-from helpers import free_port, kill_at_first_state, write_dense_model
+from helpers import assert_same_pruning_state, free_port, kill_at_first_state, write_dense_model
 
 pytestmark = pytest.mark.slow
 
@@ -147,13 +147,7 @@ def test_resume_after_kill_reaches_same_masks(tmp_path, dense):
     changed = run("nvit_prune.py", *common, "--prune_per_iter", "8", "--output_dir", part,
                   "--resume", check=False)
     assert_user_error(changed, "other settings", "prune_per_iter")
-    a = torch.load(full / "pruning_state.pth", weights_only=True)
-    b = torch.load(part / "pruning_state.pth", weights_only=True)
-    assert a["pruner"] == b["pruner"]
-    for x, y in zip(a["masks"]["blocks"], b["masks"]["blocks"]):
-        assert all(torch.equal(x[k], y[k]) for k in x)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_pruning_state(full, part)
 
     # Ctrl-C: the step finishes, the state is saved (whatever --save-every says), exit 130,
     # and --resume still replays the uninterrupted run

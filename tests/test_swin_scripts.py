@@ -14,8 +14,8 @@ import torch
 import yaml
 
 import models
-from helpers import (FAST, PRUNE_FLAGS, ROOT, assert_user_error, env, free_port,
-                     kill_at_first_state, run, run_here)
+from helpers import (FAST, PRUNE_FLAGS, ROOT, assert_same_pruning_state, assert_user_error,
+                     env, free_port, kill_at_first_state, run, run_here)
 from models.flops import count_macs
 
 pytestmark = pytest.mark.slow
@@ -172,14 +172,7 @@ def test_resume_after_kill_is_bitwise(tmp_path, dense):
     run("nvit_prune.py", *common, "--output_dir", full)
     kill_at_first_state("nvit_prune.py", *common, output_dir=part)
     run("nvit_prune.py", *common, "--output_dir", part, "--resume")
-    a = torch.load(full / "pruning_state.pth", weights_only=True)
-    b = torch.load(part / "pruning_state.pth", weights_only=True)
-    assert a["pruner"] == b["pruner"]
-    assert all(torch.equal(x, y) for x, y in zip(a["masks"]["emb"], b["masks"]["emb"]))
-    for x, y in zip(a["masks"]["blocks"], b["masks"]["blocks"]):
-        assert all(torch.equal(x[k], y[k]) for k in x)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_pruning_state(full, part)
 
 
 def test_torchrun_ranks_agree(tmp_path, dense):
