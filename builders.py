@@ -17,9 +17,8 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 import models
 import utils
-from datasets import build_dataset
+from datasets import LABEL_FREE_SETS, build_dataset
 from errors import UserError
-from datasets import LABEL_FREE_SETS
 from losses import DistillationLoss, FeatureDistillLoss, FullModelKLLoss
 from models.hub import download_problem
 from samplers import RASampler, SeededDataset, SeededSampler, ShardSampler
@@ -190,10 +189,11 @@ def build_mixup(args, nb_classes: int):
     active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
     if not active:
         return None
+    # a label-free run (no classes) mixes the images alike for student and full model; the
+    # mixed targets are not read
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=args.smoothing, num_classes=max(nb_classes, 1))
-    # a label-free run mixes the images alike for student and full model; its targets unused
 
 
 def build_base_criterion(args, mixup_fn) -> torch.nn.Module:

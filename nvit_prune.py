@@ -116,7 +116,8 @@ def check_args(args) -> None:
 def check_label_free(args, config: pruning.PruningConfig) -> None:
     """A gradient saliency of the feature distance needs a student that differs from the
     full model before the first prune step: its drop path or dropout."""
-    if builders.label_free(args) and pruning.saliency.CRITERIA_BY_NAME[config.criterion].needs_gradients \
+    needs_gradients = pruning.saliency.CRITERIA_BY_NAME[config.criterion].needs_gradients
+    if builders.label_free(args) and needs_gradients \
             and not (args.drop_path > 0 or args.drop > 0 or args.attn_drop > 0):
         raise UserError(f"--distill-target features with the {config.criterion} saliency needs "
                         f"--drop-path (default 0.1), --drop or --attn-drop > 0: until the first "
