@@ -19,6 +19,7 @@ from timm.utils import ParseKwargs
 
 from atomic import write_text_atomic
 from datasets import INAT_CATEGORIES
+from errors import UserError
 from losses import BASE_LOSS_HEADS, DISTILL_TARGETS, DISTILL_TOKENS, FEATURE_DISTANCES
 from pruning import RUNTIMES
 
@@ -202,6 +203,18 @@ def user_message(e: Exception) -> str:
     """A user error as the scripts print it: the flag that sets the field at fault first."""
     flag = FLAG_OF_FIELD.get(getattr(e, "field", None) or "")
     return f"{flag}: {e}" if flag else str(e)
+
+
+def tool_call(work, io: str = "read") -> tuple[int, object]:
+    """(exit code, result) of a tool's work: a user error or a file it cannot `io` is one
+    line on stderr and code 2, never a traceback (the tools' mains return the code)."""
+    try:
+        return 0, work()
+    except UserError as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: cannot {io} {e.filename}: {e.strerror}", file=sys.stderr)
+    return 2, None
 
 
 def ranged(kind: type, low: float | None = None, high: float | None = None,

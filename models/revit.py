@@ -41,6 +41,16 @@ def scaled(weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor
     return weight * rows.view(shape), None if bias is None else bias * rows
 
 
+def normalized_live(x: torch.Tensor, live: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm's (x - mean) / sqrt(var + eps) over the last axis's live positions only
+    (`live` 1 or 0, broadcast against x), 0 at the others, in shapes that do not depend on
+    which positions are live."""
+    n = live.sum(-1, keepdim=True).clamp_min(1.0)
+    centred = (x - (x * live).sum(-1, keepdim=True) / n) * live
+    var = (centred * centred).sum(-1, keepdim=True) / n
+    return centred * torch.rsqrt(var + eps)
+
+
 class StreamNorm(nn.LayerNorm):
     """LayerNorm of the residual stream that can ignore pruned embedding channels.
 
@@ -99,11 +109,7 @@ class StreamNorm(nn.LayerNorm):
         torch.compile: a prune step then changes no shape and recompiles nothing (the exact
         live-channel gather above has a data-dependent width). Equal up to rounding."""
         live = (gate.detach() != 0).float()
-        xf = x.float()
-        n = live.sum().clamp_min(1.0)
-        centred = (xf - (xf * live).sum(-1, keepdim=True) / n) * live
-        var = (centred * centred).sum(-1, keepdim=True) / n
-        y = centred * torch.rsqrt(var + self.eps) * weight.float() + bias.float()
+        y = normalized_live(x.float(), live, self.eps) * weight.float() + bias.float()
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
@@ -124,10 +130,7 @@ class HeadNorm(nn.LayerNorm):
     @torch.jit.unused
     def gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         live = (gate.detach() != 0).to(x.dtype)
-        n = live.sum(-1, keepdim=True).clamp_min(1.0)
-        centred = (x - (x * live).sum(-1, keepdim=True) / n) * live
-        var = (centred * centred).sum(-1, keepdim=True) / n
-        return centred * torch.rsqrt(var + self.eps) * (self.weight * gate) + self.bias * gate
+        return normalized_live(x, live, self.eps) * (self.weight * gate) + self.bias * gate
 
 
 class Skip(nn.Module):

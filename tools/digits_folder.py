@@ -19,7 +19,7 @@ from pathlib import Path
 
 from datasets import DigitsDataset
 from errors import UserError
-from utils import user_message
+from flags import tool_call
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,14 +54,9 @@ def write(output: Path, with_classes: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        n = write(Path(args.output), args.with_classes)
-    except UserError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+    code, n = tool_call(lambda: write(Path(args.output), args.with_classes), io="write")
+    if code:
+        return code
     print(f"wrote {n} images to {args.output}")
     return 0
 

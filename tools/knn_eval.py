@@ -29,7 +29,7 @@ import probes
 from datasets import build_dataset
 from engine import amp_dtype_for, extract_features
 from errors import UserError
-from flags import COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, ranged, user_message
+from flags import COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, ranged, tool_call
 from models import build_model, read_checkpoint
 from utils import resolve_device
 
@@ -134,14 +134,9 @@ def report_lines(r: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except UserError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+    code, report = tool_call(lambda: run(args))
+    if code:
+        return code
     print(json.dumps(report, indent=1) if args.json else "\n".join(report_lines(report)))
     return 0
 

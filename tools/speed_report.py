@@ -41,7 +41,7 @@ from datasets import build_dataset
 from engine import amp_dtype_for, evaluate
 from errors import UserError
 from flags import (COUNT, POSITIVE_INT, Parser, add_amp_dtype_arg, add_runtime_arg, ranged,
-                   user_message)
+                   tool_call)
 from models import ReViT, build_model, dims_from_dict, model_class, read_checkpoint
 from pruning import runtimes
 from pruning.cost import build_cost_model
@@ -154,14 +154,9 @@ def top1_side_by_side(args, ckpt: dict, dense: ReViT, compact: ReViT, device,
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except UserError as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+    code, report = tool_call(lambda: run(args))
+    if code:
+        return code
     print(json.dumps(report, indent=1) if args.json else "\n".join(report_lines(report)))
     return 0
 
