@@ -167,6 +167,11 @@ def has_split_qkv(sd: dict) -> bool:
     return any(".attn.q." in k for k in sd)
 
 
+# family fields the tensors cannot tell: the model name's (the rotary table has no weights)
+NAME_ONLY_FIELDS = ("layout", "rope_temperature", "rope_grid_indexing", "rope_ref_grid",
+                    "rope_half")
+
+
 def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> Dims:
     """Dims of a timm ViT/DeiT state dict. Widths, depth, image and patch size and which
     tokens, LayerScale, biases and norms it has are read from the tensors; what shapes
@@ -178,7 +183,8 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
         w = sd["patch_embed.proj.weight"]
         qkv_out = sd["blocks.0.attn.qkv.weight"].shape[0] // 3
         mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
-        tokens = sd["pos_embed"].shape[1]
+        # a RoPE ViT has no position embedding: its grid is the name's
+        tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
     except (KeyError, ValueError) as e:
         raise UserError(f"{source} is not a ViT/DeiT state dict (missing {e})") from None
     num_heads = base.num_heads[0]
@@ -189,18 +195,26 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
     prefix = ("cls_token" in sd) + distilled + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
     def patches(no_embed: bool) -> int:  # the grid the position embedding covers
         return tokens - (0 if no_embed else prefix)
-    readings = [no_embed for no_embed in (base.family("no_embed_class"),
-                                          not base.family("no_embed_class"))
-                if patches(no_embed) > 0 and math.isqrt(patches(no_embed)) ** 2 == patches(no_embed)]
-    if not readings:
-        raise UserError(f"{source}: position embedding of {tokens} tokens is not a square grid "
-                        f"(with or without its {prefix} prefix tokens)")
-    no_embed_class = readings[0]
-    side = math.isqrt(tokens - (0 if no_embed_class else prefix))
+    if tokens is None and base.family("abs_pos_embed"):
+        raise UserError(f"{source} is not a ViT/DeiT state dict (missing 'pos_embed')")
+    if tokens is None:  # any grid: the rotary table is computed, not learned
+        no_embed_class, side = base.family("no_embed_class"), base.img_size // w.shape[-1]
+    else:
+        readings = [no_embed for no_embed in (base.family("no_embed_class"),
+                                              not base.family("no_embed_class"))
+                    if patches(no_embed) > 0
+                    and math.isqrt(patches(no_embed)) ** 2 == patches(no_embed)]
+        if not readings:
+            raise UserError(f"{source}: position embedding of {tokens} tokens is not a square "
+                            f"grid (with or without its {prefix} prefix tokens)")
+        no_embed_class = readings[0]
+        side = math.isqrt(tokens - (0 if no_embed_class else prefix))
     if qkv_out % num_heads:
         raise UserError(f"{source}: QKV width {qkv_out} is not divisible by {num_heads} heads "
                         f"(does the model name match the checkpoint?)", field="name")
-    layer_scale = (base.family("layer_scale") or 1e-5) if "blocks.0.ls1.gamma" in sd else 0.0
+    gammas = "blocks.0.ls1.gamma" in sd or "blocks.0.gamma_1" in sd  # timm's ViT, Eva
+    layer_scale = (base.family("layer_scale") or 1e-5) if gammas else 0.0
+    eva_bias = "blocks.0.attn.q_bias" in sd  # Eva's attention: Q and V biases, no K bias
     fc_norm = "fc_norm.weight" in sd
     global_pool = base.family("global_pool") if "cls_token" in sd else "avg"
     pool = {}
@@ -222,7 +236,13 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
                         num_classes=num_classes, distilled=distilled,
                         class_token="cls_token" in sd,
                         reg_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
-                        layer_scale=layer_scale, qkv_bias="blocks.0.attn.qkv.bias" in sd,
+                        layer_scale=layer_scale,
+                        qkv_bias="blocks.0.attn.qkv.bias" in sd or eva_bias,
+                        k_bias=not eva_bias and base.family("k_bias"),
+                        abs_pos_embed=tokens is not None,
+                        **{f: base.family(f) for f in NAME_ONLY_FIELDS},
+                        # timm's rotary table is as wide as a head
+                        rope_dim=qkv_out // num_heads if base.family("rope_dim") else 0,
                         no_embed_class=no_embed_class, global_pool=global_pool,
                         fc_norm=fc_norm, pre_norm="norm_pre.weight" in sd,
                         ln_eps=base.family("ln_eps"), mlp_act=base.family("mlp_act"),

@@ -37,15 +37,24 @@ INITS = ("trunc_normal", "torch_default")
 # applies to the pooled features instead of the token stream; pre_norm: CLIP's LayerNorm
 # `norm_pre` before the blocks, and no patch-embedding bias as timm then builds it; ln_eps:
 # every LayerNorm's eps; mlp_act: the MLP's activation, timm's name; qk_norm: a LayerNorm over
-# each head's q and k).
+# each head's q and k). timm's Eva class (EVA-02, the RoPE ViTs): layout "eva" names LayerScale
+# `gamma_1`/`gamma_2` as its blocks do; k_bias false: with qkv_bias, K has no bias (Eva's
+# attention keeps `q_bias` and `v_bias`); abs_pos_embed false: no learned position embedding;
+# rope_dim > 0: rotary position embedding (timm's RotaryEmbeddingCat, axial, over a table
+# rope_dim wide per head) with its temperature, grid indexing ("ij"/"xy"), reference grid
+# side (0: none) and pair layout (rope_half: (i, i + d/2), else interleaved (2i, 2i + 1)).
 FAMILY_DEFAULTS = dict(class_token=True, reg_tokens=0, layer_scale=0.0, qkv_bias=True,
                        no_embed_class=False, global_pool="token", fc_norm=False, pre_norm=False,
-                       ln_eps=1e-6, mlp_act="gelu", qk_norm=False)
+                       ln_eps=1e-6, mlp_act="gelu", qk_norm=False, layout="vit", k_bias=True,
+                       abs_pos_embed=True, rope_dim=0, rope_temperature=10000.0,
+                       rope_grid_indexing="ij", rope_ref_grid=0, rope_half=False)
 FAMILY_FIELDS = tuple(FAMILY_DEFAULTS)
 GLOBAL_POOLS = ("token", "avg", "map")  # map: SigLIP's attention pooling (pool_* fields)
 POOL_FIELDS = ("pool_dim", "pool_heads", "pool_mlp_dim")
 # exact GELU; CLIP's x * sigmoid(1.702 x); DINOv2-g's SwiGLU, fc1 packing gate and value rows
 MLP_ACTS = ("gelu", "quick_gelu", "swiglu_packed")
+LAYOUTS = ("vit", "eva")  # whose parameter names: timm's VisionTransformer or Eva
+ROPE_GRID_INDEXINGS = ("ij", "xy")
 REFERENCE_ATTN_SCALE = 64 ** -0.5  # the NViT reference's scale in every block, whatever the QK width
 
 
@@ -80,6 +89,17 @@ class Dims:
     pool_dim: int | None = None
     pool_heads: int | None = None
     pool_mlp_dim: int | None = None
+    layout: str | None = None
+    k_bias: bool | None = None
+    abs_pos_embed: bool | None = None
+    rope_dim: int | None = None
+    rope_temperature: float | None = None
+    rope_grid_indexing: str | None = None
+    rope_ref_grid: int | None = None
+    rope_half: bool | None = None
+    # per block, the dims of the rotary table (of rope_dim) its QK dims rotate by, in order
+    # (what a pruned block kept); None: every block rotates by the whole table
+    rope_dims: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         for name in BLOCK_LISTS:
@@ -157,6 +177,9 @@ class Dims:
             if self.pool_dim % self.pool_heads:
                 raise UserError(f"dims: pool_dim {self.pool_dim} is not divisible by "
                                 f"{self.pool_heads} pool_heads")
+        if self.family("layout") not in LAYOUTS:
+            raise UserError(f"dims: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        self._validate_rope()
         if pool == "token" and not self.family("class_token"):
             raise UserError("dims: global_pool 'token' needs a class token (class_token: true)")
         if self.distilled and (not self.family("class_token") or pool != "token"
@@ -167,6 +190,42 @@ class Dims:
             if self.img_size % self.patch_size:
                 raise UserError(
                     f"dims: image size {self.img_size} is not divisible by patch size {self.patch_size}")
+
+    def _validate_rope(self) -> None:
+        rope = self.family("rope_dim")
+        if not (_is_int(rope) and rope >= 0 and rope % 4 == 0):
+            raise UserError(f"dims: rope_dim (the rotary table's width per head, 0: none) must be "
+                            f"a multiple of 4 (two axes of pairs), got {rope!r}")
+        if self.family("rope_grid_indexing") not in ROPE_GRID_INDEXINGS:
+            raise UserError(f"dims: rope_grid_indexing must be one of "
+                            f"{', '.join(ROPE_GRID_INDEXINGS)}, got {self.rope_grid_indexing!r}")
+        if self.rope_dims is None:
+            return
+        if not rope or len(self.rope_dims) != self.depth:
+            raise UserError(f"dims: rope_dims needs rope_dim > 0 and one list per block "
+                            f"({self.depth})")
+        for i, kept in enumerate(self.rope_dims):
+            if list(kept) != sorted(set(kept)) or any(not 0 <= d < rope for d in kept):
+                raise UserError(f"dims: rope_dims of block {i} must be distinct table dims "
+                                f"below {rope}, ascending")
+
+    def rope_index(self, block: int) -> list[int] | None:
+        """The rotary table dims block `block` rotates its QK dims by (None: the whole table,
+        as it is); refuses a block whose QK width does not fit them, or whose pairs are split."""
+        rope = self.family("rope_dim")
+        if not rope:
+            return None
+        kept = None if self.rope_dims is None else list(self.rope_dims[block])
+        width = rope if kept is None else len(kept)
+        if self.qk_dim[block] != width:
+            raise UserError(f"dims: block {block} has QK width {self.qk_dim[block]} but rotates "
+                            f"by {width} rotary dims (rope_dim / rope_dims)", field="dims")
+        if kept is None or kept == list(range(rope)):
+            return None
+        partner = {d: rope_partner(d, rope, self.family("rope_half")) for d in kept}
+        if any(p not in partner for p in partner.values()):
+            raise UserError(f"dims: rope_dims of block {block} splits a rotary pair", field="dims")
+        return kept
 
     # ------------------------------------------------------------ properties
     @property
@@ -235,7 +294,8 @@ class Dims:
     # ----------------------------------------------------------- derivations
     def truncated(self, depth: int) -> "Dims":
         """The first `depth` blocks (a backbone cut after an intermediate layer)."""
-        return replace(self, depth=depth, attn_scale=self.attn_scale[:depth],
+        rope_dims = None if self.rope_dims is None else self.rope_dims[:depth]
+        return replace(self, depth=depth, attn_scale=self.attn_scale[:depth], rope_dims=rope_dims,
                        **{n: getattr(self, n)[:depth] for n in BLOCK_LISTS})
 
     def with_frame(self, **frame) -> "Dims":
@@ -316,6 +376,14 @@ class Dims:
         return data
 
 
+def rope_partner(d: int, width: int, half: bool) -> int:
+    """The other dim of d's rotary pair in a head `width` wide: (i, i + width/2) in the half
+    layout, (2i, 2i + 1) interleaved (timm's rotate_half false)."""
+    if half:
+        return d + width // 2 if d < width // 2 else d - width // 2
+    return d ^ 1
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -344,6 +412,15 @@ _SCALAR_TYPES = {
     "qk_norm": (lambda v: isinstance(v, bool), "true or false"),
     "pool_dim": (_is_int, "an integer"), "pool_heads": (_is_int, "an integer"),
     "pool_mlp_dim": (_is_int, "an integer"),
+    "layout": (lambda v: isinstance(v, str), "a string"),
+    "k_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "abs_pos_embed": (lambda v: isinstance(v, bool), "true or false"),
+    "rope_dim": (_is_int, "an integer"), "rope_temperature": (_is_number, "a number"),
+    "rope_grid_indexing": (lambda v: isinstance(v, str), "a string"),
+    "rope_ref_grid": (_is_int, "an integer"),
+    "rope_half": (lambda v: isinstance(v, bool), "true or false"),
+    "rope_dims": (lambda v: isinstance(v, list) and all(
+        isinstance(b, list) and all(_is_int(d) for d in b) for b in v), "a list of integer lists"),
 }
 
 

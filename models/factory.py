@@ -200,8 +200,11 @@ def build_model(name: str, dims: Dims | SwinDims | None = None,
     if dims is None:
         dims = base
     else:  # a spec by hand or by the ReViT rule: what it leaves open is the name's
+        open_rope = dims.rope_dim is None
         dims = dims.with_frame(**{f: getattr(base, f) for f in (*FRAME_FIELDS, *FAMILY_FIELDS)
                                   if getattr(dims, f) is None})
+        if open_rope and dims.rope_dim and len(set(dims.qk_dim)) == 1:
+            dims = replace(dims, rope_dim=dims.qk_dim[0])  # timm's table: as wide as a head
     dims = dims.with_frame(**frame)
     if token_scale and not dims.token_scale:
         dims = replace(dims, token_scale=True)
@@ -222,6 +225,8 @@ def build_model(name: str, dims: Dims | SwinDims | None = None,
 def _check_frame(ck_dims, frame: dict, source: str) -> None:
     """Without `adapt`, the frame asked for must be the checkpoint's."""
     for key, value in frame.items():
+        if key == "img_size" and isinstance(ck_dims, Dims) and not ck_dims.family("abs_pos_embed"):
+            continue  # no weight depends on the grid (a RoPE ViT's table is computed)
         if value is not None and getattr(ck_dims, key) != value:
             hint = ("; it is a backbone without a classifier (as timm's DINOv2): "
                     "finetune it with a classifier on the data first, then prune that"

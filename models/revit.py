@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from timm.layers import DropPath, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, PatchEmbed, RotaryEmbeddingCat, apply_rot_embed_cat, trunc_normal_
 from timm.models._features import feature_take_indices
 
 from errors import UserError
@@ -216,11 +216,26 @@ class Attention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
                  attn_scale: float, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  num_tokens: int | None = None, qkv_bias: bool = True, qk_norm: bool = False,
-                 ln_eps: float = LN_EPS) -> None:
+                 ln_eps: float = LN_EPS, k_bias: bool = True, rope_index: list[int] | None = None,
+                 rope_width: int = 0, rope_half: bool = False, num_prefix_tokens: int = 0) -> None:
         super().__init__()
         self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
         self.scale = attn_scale  # kept when QK width is pruned: it is part of the function
-        self.qkv = nn.Linear(embed_dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias)
+        # timm's Eva attention has no K bias: its Q and V biases are parameters of their own
+        separate = qkv_bias and not k_bias
+        self.qkv = nn.Linear(embed_dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias and k_bias)
+        self.q_bias = nn.Parameter(torch.zeros(num_heads * qk_dim)) if separate else None
+        self.v_bias = nn.Parameter(torch.zeros(num_heads * v_dim)) if separate else None
+        # rotary position embedding on the patch tokens' q and k (timm's Eva): the columns of
+        # the model's (sin | cos) table this block's QK dims rotate by, None: all of them
+        self.rotary = rope_width > 0
+        self.rope_half = rope_half
+        self.num_prefix_tokens = num_prefix_tokens
+        index = None
+        if rope_index is not None:
+            kept = torch.tensor(rope_index, dtype=torch.long)
+            index = torch.cat([kept, kept + rope_width])
+        self.register_buffer("rope_index", index, persistent=False)
         self.token_scale = nn.Parameter(torch.ones(num_tokens, 1)) if num_tokens else None
         self.q_norm = HeadNorm(qk_dim, eps=ln_eps) if qk_norm else None  # timm's qk-norm
         self.k_norm = HeadNorm(qk_dim, eps=ln_eps) if qk_norm else None
@@ -244,15 +259,35 @@ class Attention(nn.Module):
         return torch.cat([(head * self.qk_gate).flatten(),
                           head.expand(-1, self.qk_dim).flatten(), (head * self.v_gate).flatten()])
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        """emb: the embedding gate, scaling the output channels."""
+    def qkv_bias(self) -> torch.Tensor | None:
+        """The bias of `qkv`'s rows: its own, or Eva's Q and V biases around a zero K bias."""
+        if self.q_bias is None or self.v_bias is None:
+            return self.qkv.bias
+        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+
+    def eva_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Eva's projection as timm computes it: one F.linear with the Q, zero K and V biases;
+        an int8 `qkv` (torch's dynamic quantization, no weight tensor) adds them after."""
+        bias = self.qkv_bias()
+        weight = self.qkv.weight
+        if isinstance(weight, torch.Tensor):
+            return F.linear(x, weight, bias)
+        assert bias is not None
+        return self.qkv(x) + bias
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
+                rope: torch.Tensor | None = None) -> torch.Tensor:
+        """emb: the embedding gate, scaling the output channels; rope: the model's rotary
+        (sin | cos) table over the patch tokens."""
         B, N, _ = x.shape
         H = self.num_heads
-        if self.head_gate is None:
+        if self.head_gate is not None:
+            weight, bias = scaled(self.qkv.weight, self.qkv_bias(), self.qkv_gate_rows())
+            qkv = F.linear(x, weight, bias)
+        elif self.q_bias is None:
             qkv = self.qkv(x)
         else:
-            weight, bias = scaled(self.qkv.weight, self.qkv.bias, self.qkv_gate_rows())
-            qkv = F.linear(x, weight, bias)
+            qkv = self.eva_qkv(x)
         if self.token_scale is not None:  # in qkv's dtype: the fp32 scale would promote a
             qkv = qkv * self.token_scale.to(qkv.dtype)  # 16-bit qkv to fp32 under autocast,
             # and SDPA (which casts back) would then miss flash for unequal QK/V widths
@@ -262,13 +297,28 @@ class Attention(nn.Module):
         v = v.view(B, N, H, self.v_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q, self.qk_gate), self.k_norm(k, self.qk_gate)
-        x = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                      self.attn_drop if self.training else 0.0, self.scale, self.pad_widths)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:
+            q, k = self.rotated(q, rope).type_as(v), self.rotated(k, rope).type_as(v)
+        x = attention(q, k, v, self.attn_drop if self.training else 0.0, self.scale,
+                      self.pad_widths)
         x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
         if emb is None:
             return self.proj_drop(self.proj(x))
         weight, bias = scaled(self.proj.weight, self.proj.bias, emb)
         return self.proj_drop(F.linear(x, weight, bias))
+
+
+    def rotated(self, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """t (B, H, N, d) with its patch tokens rotated as timm's Eva does (prefix tokens as
+        they are), by this block's columns of the table. A gated QK pair is a multiple of its
+        unrotated values, so it rotates to 0 when pruned: the compact block, which keeps its
+        pairs' columns, computes the same."""
+        if self.rope_index is not None:
+            rope = rope.index_select(-1, self.rope_index)
+        n = self.num_prefix_tokens
+        return torch.cat([t[:, :, :n, :],
+                          apply_rot_embed_cat(t[:, :, n:, :], rope, half=self.rope_half)], dim=2)
 
 
 def mlp_activation(name: str) -> nn.Module:
@@ -319,21 +369,48 @@ class Block(nn.Module):
                  attn_scale: float, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, num_tokens: int | None = None, qkv_bias: bool = True,
                  layer_scale: float = 0.0, ln_eps: float = LN_EPS, mlp_act: str = "gelu",
-                 qk_norm: bool = False) -> None:
+                 qk_norm: bool = False, eva_names: bool = False, **rope) -> None:
+        """rope: the Attention's k_bias and rotary arguments; eva_names: LayerScale's gammas
+        are the block's `gamma_1` and `gamma_2`, as in timm's Eva blocks."""
         super().__init__()
         self.norm1 = StreamNorm(embed_dim, eps=ln_eps)
         self.attn = Attention(embed_dim, num_heads, qk_dim, v_dim, attn_scale, attn_drop, drop,
-                              num_tokens, qkv_bias, qk_norm, ln_eps)
-        self.ls1 = LayerScale(embed_dim, layer_scale) if layer_scale else Skip()
+                              num_tokens, qkv_bias, qk_norm, ln_eps, **rope)
+        own = bool(layer_scale) and not eva_names
+        self.ls1 = LayerScale(embed_dim, layer_scale) if own else Skip()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = StreamNorm(embed_dim, eps=ln_eps)
         self.mlp = Mlp(embed_dim, mlp_dim, drop, mlp_act)
-        self.ls2 = LayerScale(embed_dim, layer_scale) if layer_scale else Skip()
+        self.ls2 = LayerScale(embed_dim, layer_scale) if own else Skip()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        eva = bool(layer_scale) and eva_names
+        self.layer_scale = layer_scale
+        self.gamma_1 = nn.Parameter(torch.full((embed_dim,), float(layer_scale))) if eva else None
+        self.gamma_2 = nn.Parameter(torch.full((embed_dim,), float(layer_scale))) if eva else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x, emb), emb), emb))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x, emb), emb), emb))
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
+                rope: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.ls1(self.attn(self.norm1(x, emb), emb, rope), emb)
+        if self.gamma_1 is not None:
+            y = y * (self.gamma_1 if emb is None else self.gamma_1 * emb)
+        x = x + self.drop_path1(y)
+        y = self.ls2(self.mlp(self.norm2(x, emb), emb), emb)
+        if self.gamma_2 is not None:
+            y = y * (self.gamma_2 if emb is None else self.gamma_2 * emb)
+        return x + self.drop_path2(y)
+
+
+def rotary_table(dims: Dims) -> nn.Module | None:
+    """timm's axial rotary embedding (Eva's RotaryEmbeddingCat, by token index) over the patch
+    grid, for a model with rope_dim > 0: its table is timm's to the bit, in buffers only."""
+    if not dims.rope_dim:
+        return None
+    grid = dims.img_size // dims.patch_size
+    ref = dims.rope_ref_grid
+    return RotaryEmbeddingCat(dim=dims.rope_dim, temperature=dims.rope_temperature,
+                              in_pixels=False, feat_shape=[grid, grid],
+                              ref_feat_shape=[ref, ref] if ref else None,
+                              grid_indexing=dims.rope_grid_indexing, rotate_half=dims.rope_half)
 
 
 def pretrained_cfg(dims: Dims) -> dict:
@@ -380,7 +457,9 @@ class ReViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, E)) if dims.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, E)) if self.distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, dims.reg_tokens, E)) if dims.reg_tokens else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, dims.pos_embed_tokens, E))
+        self.pos_embed = (nn.Parameter(torch.zeros(1, dims.pos_embed_tokens, E))
+                          if dims.abs_pos_embed else None)
+        self.rope = rotary_table(dims)
         self.pos_drop = nn.Dropout(drop_rate)
         eps = dims.ln_eps
         self.norm_pre = StreamNorm(E, eps=eps) if dims.pre_norm else Skip()
@@ -389,7 +468,10 @@ class ReViT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(E, **dims.block(i), drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i],
                   num_tokens=tokens, qkv_bias=dims.qkv_bias, layer_scale=dims.layer_scale,
-                  ln_eps=eps, mlp_act=dims.mlp_act, qk_norm=dims.qk_norm)
+                  ln_eps=eps, mlp_act=dims.mlp_act, qk_norm=dims.qk_norm,
+                  eva_names=dims.layout == "eva", k_bias=dims.k_bias,
+                  rope_index=dims.rope_index(i), rope_width=dims.rope_dim,
+                  rope_half=dims.rope_half, num_prefix_tokens=dims.num_prefix_tokens)
             for i in range(dims.depth))
         self.norm = Skip() if dims.fc_norm else StreamNorm(E, eps=eps)
         self.fc_norm = StreamNorm(E, eps=eps) if dims.fc_norm else None
@@ -438,6 +520,12 @@ class ReViT(nn.Module):
                 nn.init.ones_(m.token_scale)
             elif isinstance(m, LayerScale):
                 nn.init.constant_(m.gamma, m.init_value)
+            elif isinstance(m, Attention) and m.q_bias is not None and m.v_bias is not None:
+                nn.init.zeros_(m.q_bias)  # timm's Eva
+                nn.init.zeros_(m.v_bias)
+            elif isinstance(m, Block) and m.gamma_1 is not None and m.gamma_2 is not None:
+                nn.init.constant_(m.gamma_1, m.layer_scale)
+                nn.init.constant_(m.gamma_2, m.layer_scale)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -472,7 +560,7 @@ class ReViT(nn.Module):
                                 "(global_pool 'map')", field="global_pool")
             self.dims.with_frame(global_pool=global_pool).validate()  # raises what is wrong
             self.global_pool = global_pool
-        device = self.pos_embed.device
+        device = self.patch_embed.proj.weight.device
         self.num_classes = num_classes
         self.dims = self.dims.with_frame(num_classes=num_classes, global_pool=self.global_pool)
         self.head = self._classifier(num_classes).to(device)
@@ -536,13 +624,15 @@ class ReViT(nn.Module):
             tokens.append(self.framed(self.dist_token).expand(B, -1, -1))
         if self.reg_token is not None:
             tokens.append(self.framed(self.reg_token).expand(B, -1, -1))
-        pos = self.framed(self.pos_embed)
-        if self.no_embed_class:  # DeiT III, DINOv2 with registers: patches only
-            tokens.append(x + pos)
+        if self.pos_embed is None:  # a RoPE ViT: positions only in the rotary embedding
+            tokens.append(x)
+            x = self.pos_drop(torch.cat(tokens, dim=1))
+        elif self.no_embed_class:  # DeiT III, DINOv2 with registers: patches only
+            tokens.append(x + self.framed(self.pos_embed))
             x = self.pos_drop(torch.cat(tokens, dim=1))
         else:
             tokens.append(x)
-            x = self.pos_drop(torch.cat(tokens, dim=1) + pos)
+            x = self.pos_drop(torch.cat(tokens, dim=1) + self.framed(self.pos_embed))
         return self.norm_pre(x, self.emb_frame_gate)  # CLIP's; else the identity
 
     def framed(self, t: torch.Tensor) -> torch.Tensor:
@@ -552,21 +642,29 @@ class ReViT(nn.Module):
             return t
         return t * frame
 
+    def rotary(self) -> torch.Tensor | None:
+        """The rotary (sin | cos) table over the patch grid (timm's), or None."""
+        if self.rope is None:
+            return None
+        return self.rope.get_embed()
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(x)
+        rope = self.rotary()
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             for blk in self.blocks:
-                x = self._run_block(blk, x, self.emb_gate)
+                x = self._run_block(blk, x, self.emb_gate, rope)
         else:
             for blk in self.blocks:
-                x = blk(x, self.emb_gate)
+                x = blk(x, self.emb_gate, rope)
         return self.norm(x, self.emb_frame_gate)
 
     @torch.jit.unused
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, emb: torch.Tensor | None):
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, emb: torch.Tensor | None,
+                   rope: torch.Tensor | None = None):
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(blk, x, emb, use_reentrant=False)
-        return blk(x, emb)
+            return checkpoint(blk, x, emb, rope, use_reentrant=False)
+        return blk(x, emb, rope)
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False,
@@ -582,11 +680,12 @@ class ReViT(nn.Module):
         emb, frame = self.emb_gate, self.emb_frame_gate
         grid = (height // self.dims.patch_size, width // self.dims.patch_size)
         x = self.embed_tokens(x)
+        rope = self.rotary()
         n_prefix = self.num_prefix_tokens
         intermediates = []
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         for i, blk in enumerate(blocks):
-            x = self._run_block(blk, x, emb)
+            x = self._run_block(blk, x, emb, rope)
             if i in take:
                 y = self.norm(x, frame) if norm else x
                 prefix, patches = y[:, :n_prefix], y[:, n_prefix:]

@@ -22,7 +22,7 @@ from errors import UserError
 from .dims import Dims
 from .revit import ReViT
 
-TIMM_CLASSES = ("VisionTransformer", "VisionTransformerDistilled")
+TIMM_CLASSES = ("VisionTransformer", "VisionTransformerDistilled", "Eva")
 # The supported timm ViT families, one example name each; tests/test_timm_families.py builds
 # a tiny model of each through timm's constructor and compares our logits with timm's.
 FAMILIES = {
@@ -42,6 +42,9 @@ FAMILIES = {
     "DINOv2-g (packed SwiGLU)": "vit_giant_patch14_dinov2",
     "SigLIP (attention pooling)": "vit_base_patch16_siglip_224",
     "SigLIP So400m": "vit_so400m_patch14_siglip_224",
+    "EVA-02 (rotary, packed SwiGLU)": "eva02_tiny_patch14_224",
+    "RoPE ViT": "vit_small_patch16_rope_224",
+    "RoPE ViT, registers, avg pool": "vit_base_patch16_rope_reg1_gap_256",
 }
 # families that are a name built with timm kwargs (--model-kwargs): no timm name has them
 FAMILY_KWARGS = {"ViT, qk-norm": {"qk_norm": True}}
@@ -60,21 +63,18 @@ def unsupported_features(model: nn.Module) -> list[str]:
     """The features of a timm ViT that our ReViT cannot express, named as users know them."""
     cls = type(model).__name__
     if cls not in TIMM_CLASSES:
-        found = []
-        if getattr(model, "rope", None) is not None or "rope" in cls.lower():
-            found.append("rotary position embeddings (rope)")
-        blocks = getattr(model, "blocks", None)
-        if blocks is not None and len(blocks) and "Glu" in type(getattr(blocks[0], "mlp", None)).__name__:
-            found.append("SwiGLU MLP")
-        return found + [f"model class {cls} (only timm's VisionTransformer and DeiT's "
-                        f"VisionTransformerDistilled)"]
+        return [f"model class {cls} (only timm's VisionTransformer, DeiT's "
+                f"VisionTransformerDistilled and Eva)"]
     found = []
+    eva = cls == "Eva"
+    if eva:
+        found += eva_problems(model)
     pool = getattr(model, "global_pool", "token")
     if pool not in POOLS:
         found.append("attention pooling (global_pool='map')" if pool == "map"
                      else f"global_pool={pool!r}")
-    if getattr(model, "pos_embed", None) is None:
-        found.append("no learned position embedding")
+    if getattr(model, "pos_embed", None) is None and getattr(model, "rope", None) is None:
+        found.append("no position embedding")
     if getattr(model, "dynamic_img_size", False):
         found.append("dynamic_img_size")
     if not _is_identity(getattr(model, "patch_drop", None)):
@@ -97,11 +97,14 @@ def unsupported_features(model: nn.Module) -> list[str]:
         norms.append(model.norm_pre)
     for i, blk in enumerate(model.blocks):
         kind = type(blk).__name__
-        if kind != "Block":
-            found.append("parallel blocks" if "Parallel" in kind else f"block class {kind}")
+        if kind != ("EvaBlock" if eva else "Block"):
+            found.append("parallel blocks" if "Parallel" in kind else
+                         "post-norm blocks" if "PostNorm" in kind else f"block class {kind}")
             continue
         a, mlp = blk.attn, blk.mlp
         norms += [blk.norm1, blk.norm2]
+        if eva:
+            found += eva_attention_problems(a, blk, model)
         if _is_identity(getattr(a, "q_norm", None)) != _is_identity(getattr(a, "k_norm", None)):
             found.append("a norm on q or on k alone")
         elif not _is_identity(getattr(a, "q_norm", None)):
@@ -112,15 +115,17 @@ def unsupported_features(model: nn.Module) -> list[str]:
             found.append("gated attention")
         if a.proj.bias is None:
             found.append("no attention output (proj) bias")
+        if eva and a.qkv is None:
+            continue  # refused above
         if type(mlp).__name__ == "GluMlp":
             if not (type(mlp.act) is nn.SiLU and not mlp.gate_last and _is_identity(mlp.norm)
                     and mlp.fc1.bias is not None and mlp.fc2.bias is not None):
                 found.append("a gated MLP other than SwiGLUPacked (SiLU, gate first, no norm, "
                              "biases)")
             continue
-        if "Glu" in type(mlp).__name__:
-            found.append(f"SwiGLU MLP {type(mlp).__name__} (only timm's SwiGLUPacked in a "
-                         f"VisionTransformer)")
+        if "glu" in type(mlp).__name__.lower():
+            found.append(f"a SwiGLU MLP with separate gate and value layers (timm's "
+                         f"{type(mlp).__name__}; only the packed GluMlp / SwiGLUPacked)")
             continue
         if type(mlp).__name__ != "Mlp":
             found.append(f"MLP class {type(mlp).__name__}")
@@ -138,6 +143,49 @@ def unsupported_features(model: nn.Module) -> list[str]:
     elif len({n.eps for n in norms}) > 1:
         found.append(f"LayerNorms with different eps ({sorted({n.eps for n in norms})})")
     return list(dict.fromkeys(found))
+
+
+def eva_problems(model: nn.Module) -> list[str]:
+    """What of a timm Eva (EVA-02, the RoPE ViTs) as a whole ReViT does not express."""
+    found = []
+    rope = model.rope
+    if getattr(model, "rope_mixed", False):
+        found.append("learned mixed rotary frequencies (rope_type 'mixed')")
+    elif rope is not None and type(rope).__name__ != "RotaryEmbeddingCat":
+        found.append(f"rotary embedding {type(rope).__name__} (only axial RotaryEmbeddingCat, "
+                     f"rope_type 'cat')")
+    elif rope is not None:
+        grids = [rope.feat_shape] + ([rope.ref_feat_shape] if rope.ref_feat_shape else [])
+        if rope.in_pixels or rope.grid_type != "index" or rope.grid_offset:
+            found.append("rotary frequencies over pixels or an offset grid (in_pixels, "
+                         "rope_grid_offset)")
+        if rope.aug_active:
+            found.append("rotary coordinate augmentation (rope_shift/jitter/rescale_coords)")
+        if rope.feat_shape is None or any(g[0] != g[1] for g in grids):
+            found.append("a rotary grid that is not fixed and square (dynamic_img_size)")
+    if model.global_pool == "map":
+        found.append("attention pooling in an Eva model")
+    return found
+
+
+def eva_attention_problems(a: nn.Module, blk: nn.Module, model: nn.Module) -> list[str]:
+    """What of one timm Eva block's attention and LayerScale ReViT does not express."""
+    found = []
+    if a.qkv is None:
+        found.append("separate q, k and v projections (qkv_fused=False)")
+    if getattr(a, "num_kv_groups", 1) != 1:
+        found.append("grouped-query attention (num_kv_heads)")
+    if (blk.gamma_1 is None) != (blk.gamma_2 is None):
+        found.append("LayerScale on one branch only (attn_only_layer_scale)")
+    rope = model.rope
+    if type(rope).__name__ == "RotaryEmbeddingCat":  # others are refused as a whole
+        if a.head_dim != rope.dim:
+            found.append(f"a rotary table {rope.dim} wide on heads {a.head_dim} wide")
+        if bool(getattr(a, "rotate_half", False)) != bool(rope.rotate_half):
+            found.append("a rotation layout other than the table's")
+    if a.num_prefix_tokens != model.num_prefix_tokens:
+        found.append("rotary embedding over some prefix tokens")
+    return found
 
 
 def attn_pool_problems(pool: nn.Module, embed_dim: int) -> list[str]:
@@ -201,19 +249,47 @@ def timm_vit_dims(model: nn.Module, name: str | None = None) -> Dims:
         mlps.append(blk.mlp.fc1.out_features // (2 if type(blk.mlp).__name__ == "GluMlp" else 1))
         scales.append(_attn_scale(a, d))
     blk = model.blocks[0]
-    layer_scale = 0.0 if _is_identity(blk.ls1) else float(getattr(blk.ls1, "init_values", 1e-5))
+    eva = type(model).__name__ == "Eva"
+    if eva:
+        layer_scale = 0.0 if blk.gamma_1 is None else float(blk.init_values or 1e-5)
+        reg_tokens = 0 if model.reg_token is None else int(model.reg_token.shape[1])
+    else:
+        layer_scale = 0.0 if _is_identity(blk.ls1) else float(getattr(blk.ls1, "init_values", 1e-5))
+        reg_tokens = int(model.num_reg_tokens)
     return Dims(pe.proj.out_channels, heads, head_dims, list(head_dims), mlps, attn_scale=scales,
                 img_size=_size(pe.img_size), patch_size=_size(pe.patch_size),
                 in_chans=pe.proj.in_channels, num_classes=model.num_classes,
                 distilled=getattr(model, "dist_token", None) is not None,
-                class_token=model.cls_token is not None, reg_tokens=int(model.num_reg_tokens),
-                layer_scale=layer_scale, qkv_bias=blk.attn.qkv.bias is not None,
+                class_token=model.cls_token is not None, reg_tokens=reg_tokens,
+                layer_scale=layer_scale, **_bias_fields(blk.attn), **_eva_fields(model),
                 no_embed_class=bool(model.no_embed_class), global_pool=model.global_pool,
                 fc_norm=not _is_identity(model.fc_norm),
                 pre_norm=not _is_identity(getattr(model, "norm_pre", None)),
                 ln_eps=float(blk.norm1.eps), mlp_act=mlp_act_name(blk.mlp.act, blk.mlp),
                 qk_norm=not _is_identity(getattr(blk.attn, "q_norm", None)),
                 **_pool_fields(model))
+
+
+def _bias_fields(attn: nn.Module) -> dict:
+    """qkv_bias and k_bias: Eva's attention holds Q and V biases and no K bias."""
+    if getattr(attn, "q_bias", None) is not None:
+        return dict(qkv_bias=True, k_bias=False)
+    if type(attn).__name__ == "EvaAttention":
+        return dict(qkv_bias=False, k_bias=False)
+    return dict(qkv_bias=attn.qkv.bias is not None)
+
+
+def _eva_fields(model: nn.Module) -> dict:
+    """The layout, position embedding and rotary fields of a timm Eva (none for a ViT)."""
+    if type(model).__name__ != "Eva":
+        return {}
+    out = dict(layout="eva", abs_pos_embed=model.pos_embed is not None)
+    rope = model.rope
+    if rope is not None:
+        out.update(rope_dim=int(rope.dim), rope_temperature=float(rope.temperature),
+                   rope_grid_indexing=rope.grid_indexing, rope_half=bool(rope.rotate_half),
+                   rope_ref_grid=int(rope.ref_feat_shape[0]) if rope.ref_feat_shape else 0)
+    return out
 
 
 def _pool_fields(model: nn.Module) -> dict:
@@ -260,19 +336,46 @@ def nvit_to_timm_vit(model: ReViT) -> nn.Module:
         raise ValueError("timm's attention pool has the model's width, heads and MLP width")
     if abs(d.attn_scale[0] - hd ** -0.5) > 1e-12:
         raise ValueError("timm's attention scale is 1/sqrt(head dim); this model uses another")
-    cls = VisionTransformerDistilled if d.distilled else VisionTransformer
-    vit = cls(img_size=d.img_size, patch_size=d.patch_size, in_chans=d.in_chans,
-              num_classes=d.num_classes, global_pool=d.global_pool, embed_dim=d.embed_dim,
-              depth=d.depth, num_heads=H, qkv_bias=d.qkv_bias,
-              mlp_ratio=M * (2 if d.mlp_act == "swiglu_packed" else 1) / d.embed_dim,
-              **({"mlp_layer": SwiGLUPacked} if d.mlp_act == "swiglu_packed" else {}),
-              class_token=d.class_token, reg_tokens=d.reg_tokens,
-              init_values=d.layer_scale or None, no_embed_class=d.no_embed_class,
-              fc_norm=d.fc_norm, pre_norm=d.pre_norm, qk_norm=d.qk_norm,
-              norm_layer=functools.partial(nn.LayerNorm, eps=d.ln_eps),
-              act_layer={"gelu": nn.GELU, "swiglu_packed": nn.SiLU}.get(d.mlp_act, d.mlp_act))
+    if d.layout == "eva":
+        vit = _timm_eva(d, H, hd, M)
+    else:
+        cls = VisionTransformerDistilled if d.distilled else VisionTransformer
+        vit = cls(img_size=d.img_size, patch_size=d.patch_size, in_chans=d.in_chans,
+                  num_classes=d.num_classes, global_pool=d.global_pool, embed_dim=d.embed_dim,
+                  depth=d.depth, num_heads=H, qkv_bias=d.qkv_bias,
+                  mlp_ratio=M * (2 if d.mlp_act == "swiglu_packed" else 1) / d.embed_dim,
+                  **({"mlp_layer": SwiGLUPacked} if d.mlp_act == "swiglu_packed" else {}),
+                  class_token=d.class_token, reg_tokens=d.reg_tokens,
+                  init_values=d.layer_scale or None, no_embed_class=d.no_embed_class,
+                  fc_norm=d.fc_norm, pre_norm=d.pre_norm, qk_norm=d.qk_norm,
+                  norm_layer=functools.partial(nn.LayerNorm, eps=d.ln_eps),
+                  act_layer={"gelu": nn.GELU, "swiglu_packed": nn.SiLU}.get(d.mlp_act, d.mlp_act))
     for blk in vit.blocks:  # head width need not be embed / heads
         if blk.attn.head_dim != hd or blk.mlp.fc2.in_features != M:
             raise ValueError("timm built other widths than the ReViT has")
     vit.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, strict=True)
     return vit.train(model.training)
+
+
+def _timm_eva(d: Dims, H: int, hd: int, M: int) -> nn.Module:
+    """timm's Eva with a uniform eva-layout ReViT's structure (its rotary table as wide as a
+    head, as timm builds it)."""
+    from timm.models.eva import Eva
+    if d.embed_dim != H * hd or (d.rope_dim and (d.rope_dim != hd or d.rope_dims is not None)):
+        raise ValueError("timm's Eva has heads embed / heads wide, rotated by the whole table")
+    if d.distilled or d.global_pool == "map" or d.mlp_act == "quick_gelu":
+        raise ValueError("timm's Eva has no distillation token, attention pool or QuickGELU here")
+    ref = d.rope_ref_grid
+    return Eva(img_size=d.img_size, patch_size=d.patch_size, in_chans=d.in_chans,
+               num_classes=d.num_classes, global_pool=d.global_pool, embed_dim=d.embed_dim,
+               depth=d.depth, num_heads=H, qkv_bias=d.qkv_bias,
+               attn_type="eva" if not d.k_bias else "rope", qk_norm=d.qk_norm,
+               mlp_ratio=M / d.embed_dim, swiglu_mlp=d.mlp_act == "swiglu_packed",
+               init_values=d.layer_scale or None, class_token=d.class_token,
+               num_reg_tokens=d.reg_tokens, no_embed_class=d.no_embed_class,
+               use_abs_pos_emb=d.abs_pos_embed, use_rot_pos_emb=bool(d.rope_dim),
+               rope_temperature=d.rope_temperature, rope_grid_indexing=d.rope_grid_indexing,
+               rope_rotate_half=d.rope_half, ref_feat_shape=(ref, ref) if ref else None,
+               use_pre_transformer_norm=d.pre_norm, use_fc_norm=d.fc_norm,
+               use_post_transformer_norm=not d.fc_norm,
+               norm_layer=functools.partial(nn.LayerNorm, eps=d.ln_eps))

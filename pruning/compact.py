@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import copy
 import functools
+from dataclasses import replace
 
 import torch
 
 from .gates import live_widths, widths_to_dims
-from .units import block_names, compact_state
+from models.dims import rope_partner
+
+from .units import block_names, compact_state, qk_pair
 
 # dropout and drop-path modules (or rates) kept as they were, per block and model-wide
 _BLOCK_REGULARISERS = ("attn.attn_drop", "attn.proj_drop", "mlp.drop1", "mlp.drop2",
@@ -33,7 +36,29 @@ def compacted_dims(model: torch.nn.Module):
     A width pruned to 0 becomes one zero-weight placeholder unit (models need >= 1).
     """
     g = model.current_gates()
-    return widths_to_dims(live_widths(g["emb"], g["blocks"], model.dims), model.dims)
+    dims = widths_to_dims(live_widths(g["emb"], g["blocks"], model.dims), model.dims)
+    return replace(dims, rope_dims=kept_rope_dims(model, g["blocks"])) if qk_pair(dims) else dims
+
+
+def kept_rope_dims(model: torch.nn.Module, blocks: list | None) -> list[list[int]]:
+    """Per block, the rotary table dims its live QK pairs rotate by (a QK width pruned to
+    nothing keeps one zero placeholder pair, the table's first)."""
+    d = model.dims
+    out = []
+    for i in range(d.depth):
+        table = d.rope_index(i) or list(range(d.rope_dim))
+        g = None if blocks is None else blocks[i]
+        qk = None if g is None or g.get("qk") is None else g["qk"].detach().cpu()
+        if qk is None:
+            out.append(table)
+            continue
+        head = g.get("head")
+        live = torch.ones(qk.shape[0], dtype=torch.bool) if head is None else head.detach().cpu() != 0
+        dims = [] if not bool(live.any()) else torch.nonzero(qk[live][0] != 0).flatten().tolist()
+        if not dims:
+            dims = sorted({0, rope_partner(0, len(table), d.rope_half)})
+        out.append([table[j] for j in dims])
+    return out
 
 
 def _copy_attr(new: torch.nn.Module, old: torch.nn.Module, path: str) -> None:

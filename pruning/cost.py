@@ -131,6 +131,7 @@ class ParamsCost(CostModel):
     def __init__(self, dims: Dims) -> None:
         _need_frame(dims, "ParamsCost")
         self.qkv_bias = dims.family("qkv_bias")
+        self.k_bias = dims.family("k_bias")  # Eva's attention: Q and V biases only
         self.layer_scale = bool(dims.family("layer_scale"))
         self.qk_norm = bool(dims.family("qk_norm"))
         self.fc1_rows = fc1_rows(dims)
@@ -140,7 +141,8 @@ class ParamsCost(CostModel):
               mlp_dim: int) -> float:
         E, qk, v, M = embed_dim, num_heads * qk_dim, num_heads * v_dim, mlp_dim
         norms = 2 * 2 * E
-        attention = E * (2 * qk + v) + self.qkv_bias * (2 * qk + v) + (v * E + E)
+        biases = self.qkv_bias * (qk * (1 + self.k_bias) + v)
+        attention = E * (2 * qk + v) + biases + (v * E + E)
         mlp = self.fc1_rows * (E * M + M) + (M * E + E)
         gammas = 2 * E * self.layer_scale
         qk_norms = 2 * 2 * qk_dim * self.qk_norm  # q_norm and k_norm, shared by the heads
@@ -150,7 +152,8 @@ class ParamsCost(CostModel):
         _need_frame(dims, "ParamsCost")
         E, pre_norm = embed_dim, dims.family("pre_norm")
         patch = E * dims.in_chans * dims.patch_size ** 2 + (0 if pre_norm else E)  # bias
-        tokens = (dims.num_prefix_tokens + dims.pos_embed_tokens) * E  # tokens, pos_embed
+        positions = dims.pos_embed_tokens if dims.family("abs_pos_embed") else 0  # RoPE: none
+        tokens = (dims.num_prefix_tokens + positions) * E  # tokens, pos_embed
         norm = 2 * E * (2 if pre_norm else 1)  # the final norm or fc_norm, CLIP's norm_pre
         heads = dims.num_classifier_heads * (E * dims.num_classes + dims.num_classes)
         return float(patch + tokens + norm + heads + self.attn_pool(dims, E))

@@ -10,18 +10,21 @@ removes the element.
 A pruning *unit* of the QK and V kinds is, by default, one index shared by every head of
 a block ("shared", the NViT reference: removing QK index d removes it from all heads); with
 "per_head" it is one (head, index) pair. The unit tensors are therefore (qk_dim,) or
-(heads, qk_dim); all other kinds are their gates' shape. `Gates.to_units` reduces per-gate
+(heads, qk_dim); a rotary model's QK unit is a pair of dims (`units.qk_pair`), halving that
+last axis; all other kinds are their gates' shape. `Gates.to_units` reduces per-gate
 values to units, `Gates.unit_live` tells which units are alive, `Gates.remove` zeroes units.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
 from errors import UserError
 
-from .units import BLOCK_KINDS, gate_shape, num_streams
+from .units import BLOCK_KINDS, gate_shape, num_streams, pair_dims, per_pair, qk_pair
 
 QKV_UNITS = ("shared", "per_head")
 EMB_SALIENCY = ("full", "reference")  # what the embedding gate's gradient sums, see attach
@@ -83,9 +86,12 @@ def widths_to_dims(widths: dict, dims):
     """A buildable dims spec from live widths: frame and attention scales kept from `dims`.
 
     A model cannot hold a zero width, so a width that was pruned to 0 becomes a single
-    placeholder unit whose producing weights are zero (compaction then keeps the function).
+    placeholder unit whose producing weights are zero (compaction then keeps the function):
+    one dim, or a rotary model's one QK pair.
     """
-    clamp = {k: (max(1, v) if isinstance(v, int) else [max(1, x) for x in v])
+    least = {"qk_dim": 2 if qk_pair(dims) else 1}
+    clamp = {k: (max(least.get(k, 1), v) if isinstance(v, int)
+                 else [max(least.get(k, 1), x) for x in v])
              for k, v in widths.items()}
     return replace(dims, **clamp, attn_scale=list(dims.attn_scale))
 
@@ -105,6 +111,7 @@ class Gates:
         self.blocks = blocks
         self.dims = dims
         self.qkv_units = qkv_units
+        self.qk_pair = qk_pair(dims)  # a rotary model's QK unit: a pair of dims
 
     @classmethod
     def attach(cls, model, dtype: torch.dtype = torch.float32, qkv_units: str = "shared",
@@ -125,6 +132,10 @@ class Gates:
             raise UserError("per-head QK units cannot be compacted with qk-norm (its weight is "
                             "shared by the heads, so a block keeps the same QK dims in every "
                             "head): prune with shared QK/V units", field="qkv_units")
+        if qkv_units == "per_head" and qk_pair(d):
+            raise UserError("per-head QK units cannot be compacted with rotary embeddings (a "
+                            "compact block rotates every head by the same frequencies): prune "
+                            "with shared QK/V units", field="qkv_units")
 
         def ones(*shape: int) -> torch.Tensor:
             return torch.ones(*shape, dtype=dtype, device=device, requires_grad=True)
@@ -173,7 +184,9 @@ class Gates:
     def to_units(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-gate values (`tensors()` order and shapes) -> per-unit values, summed over the
         heads for shared QK/V units."""
-        return [v.sum(0) if self.shares_heads(k) else v for v, k in zip(values, self.kinds())]
+        out = [v.sum(0) if self.shares_heads(k) else v for v, k in zip(values, self.kinds())]
+        return [per_pair(v, self.qk_pair, operator.add) if k == "qk" and self.qk_pair else v
+                for v, k in zip(out, self.kinds())]
 
     def unit_live(self) -> list[torch.Tensor]:
         """Which units are alive, per gate tensor in unit shape; a removed head's QK/V dims
@@ -187,11 +200,16 @@ class Gates:
                     live = live.any(0)  # removal zeroes the index in every head
                 elif kind in ("qk", "v"):
                     live = live & head[:, None]
+                if kind == "qk" and self.qk_pair:
+                    live = per_pair(live, self.qk_pair, operator.or_)
                 out.append(live)
         return out
 
     def gate_units(self, kind: str, index: int, units: list) -> list:
         """Unit indices -> indices into the gate tensor ((head, dim) pairs for QK/V)."""
+        if kind == "qk" and self.qk_pair:
+            width = self.blocks[index]["qk"].shape[1]
+            units = [d for u in units for d in pair_dims(int(u), width, self.qk_pair)]
         if self.shares_heads(kind):
             heads = self.blocks[index]["head"].shape[0]
             return [(h, int(d)) for d in units for h in range(heads)]

@@ -30,22 +30,26 @@ from .runtimes import ONNX_RUNTIMES, check_runtime, describe, prepare
 
 
 class Sublayer(nn.Module):
-    """x + body(norm(x)): one sublayer of a block as the model runs it."""
+    """x + body(norm(x)): one sublayer of a block as the model runs it; `rope`: the rotary
+    table an attention body rotates its patch tokens' q and k by."""
 
-    def __init__(self, embed_dim: int, body: nn.Module) -> None:
+    def __init__(self, embed_dim: int, body: nn.Module, rope: torch.Tensor | None = None) -> None:
         super().__init__()
         self.norm = StreamNorm(embed_dim, eps=LN_EPS)
         self.body = body
+        self.register_buffer("rope", rope, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(self.norm(x))
+        if self.rope is None:
+            return x + self.body(self.norm(x))
+        return x + self.body(self.norm(x), None, self.rope)
 
 
 def stem_of(dims: Dims, embed_dim: int) -> nn.Module:
     """What ReViT runs outside its blocks (patch embedding, tokens, position embedding, final
     norm, head(s)) at one embedding width: the model itself with its blocks removed."""
-    one = replace(dims, embed_dim=embed_dim, depth=1, num_heads=[1], qk_dim=[1], v_dim=[1],
-                  mlp_dim=[1], attn_scale=[1.0])
+    one = replace(dims, embed_dim=embed_dim, depth=1, num_heads=[1], v_dim=[1], mlp_dim=[1],
+                  qk_dim=[dims.family("rope_dim") or 1], rope_dims=None, attn_scale=[1.0])
     model = ReViT(one)
     model.blocks = nn.ModuleList()
     return model
@@ -149,12 +153,25 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
     attention, mlp, stem = [], [], []
     act = model_dims.family("mlp_act") if model_dims is not None else "gelu"
     qk_norm = bool(model_dims is not None and model_dims.family("qk_norm"))
+    rotary = bool(model_dims is not None and model_dims.family("rope_dim"))
+    k_bias = model_dims is None or model_dims.family("k_bias")
+    prefix = model_dims.num_prefix_tokens if rotary else 0
+
+    def attention_at(E: int, h: int, q: int, v: int) -> nn.Module:
+        """The sublayer as the model runs it (a rotary model rotates q and k: a table of
+        the sublayer's own QK width, its values irrelevant to the time)."""
+        tokens = N if token_scale else None
+        body = Attention(E, h, q, v, 1.0 / math.sqrt(q), num_tokens=tokens, qk_norm=qk_norm,
+                         k_bias=k_bias, rope_width=q if rotary else 0,
+                         rope_half=rotary and model_dims.family("rope_half"),
+                         num_prefix_tokens=prefix)
+        rope = torch.randn(N - prefix, 2 * q, device=device) if rotary else None
+        return Sublayer(E, body, rope)
+
     for E in Es:
         t0 = time.perf_counter()
         x = torch.randn(B, N, E, device=device)
-        tokens = N if token_scale else None
-        attention.append([[[timer(Sublayer(E, Attention(E, h, q, v, 1.0 / math.sqrt(q),
-                                                        num_tokens=tokens, qk_norm=qk_norm)), x)
+        attention.append([[[timer(attention_at(E, h, q, v), x)
                             for v in Vs] for q in Qs] for h in Hs])
         mlp.append([timer(Sublayer(E, Mlp(E, m, act=act)), x) for m in Ms])
         if model_dims is not None:
@@ -167,7 +184,9 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         **table_meta(timer, device, B, amp_dtype, runtime, warmup, repeats), "num_tokens": N,
         "model": model, "token_scale": bool(token_scale),
         "timed": {"attention": "LayerNorm + Attention (q, k, v, token scale if set, "
-                               + ("qk-norm, " if qk_norm else "") + "SDPA, proj) + residual add",
+                               + ("qk-norm, " if qk_norm else "")
+                               + ("rotary embedding, " if rotary else "")
+                               + "SDPA, proj) + residual add",
                   "mlp": f"LayerNorm + Mlp (fc1, {act}, fc2) + residual add",
                   "stem": "patch embedding, tokens + pos_embed (+ norm_pre), final LayerNorm, "
                           "head(s)"},

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from .cost import CostModel
 from .gates import Gates, stream_widths, widths_to_dims
 from .saliency import Saliency
-from .units import BLOCK_KINDS, KINDS, UNIT_KINDS
+from .units import BLOCK_KINDS, KINDS, UNIT_KINDS, unit_width
 
 DEFAULT_GROUP_SIZES = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16}
 DEFAULT_PACE = 16  # the reference's --group_size: prune_per_iter // 16 groups per step
@@ -123,7 +123,7 @@ class GlobalPruner:
         g, d = self.group_sizes, self.original
         w = {"embed_dim": d.embed_value([min(g["emb"], e) for e in d.streams])}
         for kind, key in _WIDTH.items():
-            w[key] = [min(g[kind], x) for x in getattr(d, key)]
+            w[key] = [min(g[kind] * unit_width(d, kind), x) for x in getattr(d, key)]
         return self.cost.total(widths_to_dims(w, self.original)) / self.original_cost
 
     def state_dict(self) -> dict:
@@ -147,10 +147,11 @@ class GlobalPruner:
             return (cost.total(dims_now) - cost.total(fewer_dims)) * scale
         now = [streams[self.original.stream_of(index)]] + [w[_WIDTH[k]][index] for k in BLOCK_KINDS]
         i = 1 + BLOCK_KINDS.index(kind)
-        if now[i] <= self.group_sizes[kind]:
+        step = unit_width(self.original, kind)  # a rotary QK unit is two dims
+        if now[i] <= self.group_sizes[kind] * step:
             return 0.0
         fewer = list(now)
-        fewer[i] -= 1
+        fewer[i] -= step
         return (cost.block_at(index, *now) - cost.block_at(index, *fewer)) * scale
 
     def _layer_groups(self, kind: str, block: int, score: torch.Tensor,

@@ -14,7 +14,7 @@ it saves", which is what a cost target needs, whatever the model's proportions.
 from __future__ import annotations
 
 from .gates import widths_to_dims
-from .units import BLOCK_KINDS, KINDS, UNIT_KINDS
+from .units import BLOCK_KINDS, KINDS, UNIT_KINDS, unit_width
 
 SCORE_POWERS = {"hessian": 2, "taylor": 1}  # the criteria whose scores the scales divide
 
@@ -39,7 +39,8 @@ def unit_savings(cost, dims, group_sizes: dict[str, int], qkv_units: str = "shar
         else:
             layers = list(enumerate(getattr(dims, UNIT_KINDS[kind].width)))
         for layer, width in layers:
-            n = min(int(group_sizes.get(kind, 1)), width - 1)
+            step = unit_width(dims, kind)  # a rotary QK unit is two dims
+            n = min(int(group_sizes.get(kind, 1)), width // step - 1)
             if n < 1:
                 continue
             widths = _dense_widths(dims)
@@ -48,7 +49,7 @@ def unit_savings(cost, dims, group_sizes: dict[str, int], qkv_units: str = "shar
                 streams[layer] -= n
                 widths["embed_dim"] = dims.embed_value(streams)
             else:
-                widths[UNIT_KINDS[kind].width][layer] -= n
+                widths[UNIT_KINDS[kind].width][layer] -= n * step
             saved = (total - cost.total(widths_to_dims(widths, dims))) / n
             if kind in ("qk", "v") and qkv_units == "per_head":
                 saved /= dims.num_heads[layer]

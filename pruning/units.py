@@ -69,6 +69,8 @@ def _own(param: str, axis: int) -> Slice:
 
 
 _QKV = ("attn.qkv.weight", "attn.qkv.bias")
+# timm's Eva attention: Q and V biases of their own, no K bias (segments as in qkv's rows)
+_Q_BIAS, _V_BIAS = _p("attn.q_bias", 0, "q"), _p("attn.v_bias", 0, "v")
 def _mlp_kind(fc1_copies: int = 1) -> UnitKind:
     """MLP neurons; a packed SwiGLU's fc1 holds each unit's gate row and value row (two
     copies of the unit axis), removed together and both scaled by the unit's gate."""
@@ -84,7 +86,8 @@ UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
              block_slices=(_p("norm1.weight", 0), _p("norm1.bias", 0), _c("attn.qkv.weight", 1),
                            _p("attn.proj.weight", 0), _p("attn.proj.bias", 0), _p("ls1.gamma", 0),
                            _p("norm2.weight", 0), _p("norm2.bias", 0), _c("mlp.fc1.weight", 1),
-                           _p("mlp.fc2.weight", 0), _p("mlp.fc2.bias", 0), _p("ls2.gamma", 0)),
+                           _p("mlp.fc2.weight", 0), _p("mlp.fc2.bias", 0), _p("ls2.gamma", 0),
+                           _p("gamma_1", 0), _p("gamma_2", 0)),  # Eva's LayerScale names
              model_slices=(_p("patch_embed.proj.weight", 0), _p("patch_embed.proj.bias", 0),
                            _p("cls_token", 2), _p("dist_token", 2), _p("reg_token", 2),
                            _p("pos_embed", 2), _p("norm_pre.weight", 0), _p("norm_pre.bias", 0),
@@ -100,15 +103,17 @@ UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
     # the head gate multiplies the head's q, k and v
     UnitKind("head", "num_heads", False,
              block_slices=tuple(_p(n, 0, s) for s in "qkv" for n in _QKV)
-             + (_c("attn.proj.weight", 1, "v"),)),
+             + (_Q_BIAS, _V_BIAS, _c("attn.proj.weight", 1, "v"))),
     # the QK gate multiplies q only; removing a QK dim removes its k row as well
     # qk-norm: the gate scales both norms' weight and bias too (statistics over live dims)
+    # rotary: a unit is a rotary pair of dims (`qk_pair`), the gate the same on both
     UnitKind("qk", "qk_dim", True,
-             block_slices=tuple(_p(n, 0, "q") for n in _QKV)
+             block_slices=tuple(_p(n, 0, "q") for n in _QKV) + (_Q_BIAS,)
              + tuple(_p(n, 0, "k", gated=False) for n in _QKV)
              + tuple(_p(f"attn.{n}_norm.{w}", 0, "d") for n in "qk" for w in ("weight", "bias"))),
     UnitKind("v", "v_dim", True,
-             block_slices=tuple(_p(n, 0, "v") for n in _QKV) + (_c("attn.proj.weight", 1, "v"),)),
+             block_slices=tuple(_p(n, 0, "v") for n in _QKV)
+             + (_V_BIAS, _c("attn.proj.weight", 1, "v"))),
     _MLP,
 )}
 SWIGLU_PACKED_KINDS = {**UNIT_KINDS, "mlp": _mlp_kind(2)}
@@ -167,6 +172,34 @@ def _swin_kinds(version: int) -> dict[str, UnitKind]:
 SWIN_KINDS = {1: _swin_kinds(1), 2: _swin_kinds(2)}
 SWIN_UNPRUNED = (re.compile(r"head\.fc\.bias"),
                  re.compile(r"layers\.\d+\.blocks\.\d+\.attn\.cpb_mlp\.0\.(weight|bias)"))
+
+
+def qk_pair(dims) -> str | None:
+    """How a QK unit pairs dims: None (a unit is one dim), or a rotary model's pair layout,
+    "half" ((i, i + d/2)) or "interleaved" ((2i, 2i + 1)): both dims of a pair rotate into
+    each other, so they are kept or removed together and the compact block keeps the pair's
+    frequencies (Dims.rope_dims)."""
+    if not getattr(dims, "rope_dim", None):
+        return None
+    return "half" if dims.family("rope_half") else "interleaved"
+
+
+def unit_width(dims, kind: str) -> int:
+    """Dims of its width one unit of this kind is: 2 for a rotary pair, else 1."""
+    return 2 if kind == "qk" and qk_pair(dims) else 1
+
+
+def pair_dims(unit: int, width: int, layout: str) -> tuple[int, int]:
+    """The two dims of QK pair `unit` in a head of `width` dims."""
+    return (unit, unit + width // 2) if layout == "half" else (2 * unit, 2 * unit + 1)
+
+
+def per_pair(values: torch.Tensor, layout: str, combine) -> torch.Tensor:
+    """Per-dim values along the last axis -> one per pair, `combine`d (add, or)."""
+    if layout == "half":
+        n = values.shape[-1] // 2
+        return combine(values[..., :n], values[..., n:])
+    return combine(values[..., 0::2], values[..., 1::2])
 
 
 def unit_kinds(model: torch.nn.Module) -> dict[str, UnitKind]:

@@ -180,3 +180,75 @@ def test_attention_pool_is_pruned_along_the_embedding():
         torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="attention pool"):
         small.reset_classifier(0, global_pool="avg")
+
+
+# ------------------------------------------------------------------ rotary (EVA-02, RoPE ViT)
+def rope_vit(seed: int = 0, **timm_kwargs) -> models.ReViT:
+    """An EVA-02-style model (Eva's names, Q and V biases, rotary, packed SwiGLU): heads of 8
+    dims, 4 rotary pairs each."""
+    torch.manual_seed(seed)
+    m = models.build_model("eva02_tiny_patch14_224", dims=models.Dims.uniform(32, 2, 4, 48),
+                           img_size=28, num_classes=10, **timm_kwargs)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m.eval()
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_rotary_qk_unit_is_a_pair(half):
+    """A QK unit is a rotary pair ((2i, 2i + 1) interleaved, (i, i + d/2) in the half
+    layout): removing one zeroes both dims in every head, the compact block keeps the other
+    pairs' rows and frequencies, and computes what the masked one does."""
+    m = rope_vit(rope_rotate_half=True) if half else rope_vit()
+    assert m.dims.rope_dim == 8 and m.dims.rope_half == half and not m.dims.k_bias
+    gates = Gates.attach(m)
+    assert gates.to_units([g.detach() for g in gates.tensors()])[2].shape == (4,)  # block 0 qk
+    gates.remove("qk", 0, [1])
+    gone = [1, 5] if half else [2, 3]
+    assert not gates.blocks[0]["qk"][:, gone].any() and gates.blocks[0]["qk"].sum() == 4 * 6
+    small = compact(m).eval()
+    keep = [d for d in range(8) if d not in gone]
+    assert small.dims.qk_dim == [6, 8] and small.dims.rope_dims == [keep, list(range(8))]
+    a, b = m.blocks[0].attn, small.blocks[0].attn
+    rows = [h * 8 + d for h in range(4) for d in keep]
+    assert torch.equal(b.qkv.weight[:24], a.qkv.weight[rows])  # Q rows
+    assert torch.equal(b.qkv.weight[24:48], a.qkv.weight[[32 + r for r in rows]])  # K rows
+    assert torch.equal(b.q_bias, a.q_bias[rows]) and torch.equal(b.v_bias, a.v_bias)
+    img = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+
+
+def test_rotary_unit_saliency_sums_both_dims():
+    """The pair's score is sum(theta * dL/dtheta) over both dims' Q rows and Q biases."""
+    m = rope_vit(1).train()
+    gates = Gates.attach(m)
+    m(torch.randn(3, 3, 28, 28)).pow(2).sum().backward()
+    a = m.blocks[1].attn
+    per_dim = ((a.qkv.weight[:32] * a.qkv.weight.grad[:32]).sum(1)
+               + a.q_bias * a.q_bias.grad).view(4, 8).sum(0)
+    got = gates.to_units([g.detach() * g.grad for g in gates.tensors()])[6]  # block 1 qk
+    torch.testing.assert_close(got, (per_dim[0::2] + per_dim[1::2]).detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_rotary_cost_of_a_unit_is_two_dims():
+    """The pruner's cost drop for one QK unit is the block's cost at two dims fewer; a group
+    counts units, so 4 pairs are a head's last group."""
+    from pruning import GlobalPruner
+    from pruning.cost import MacsCost
+    m = rope_vit()
+    gates = Gates.attach(m)
+    cost = MacsCost(m.dims)
+    w = gates.widths()
+    pruner = GlobalPruner(gates, None, cost, 0.5, 16, group_sizes={"qk": 2})
+    drop = pruner._unit_drop("qk", 0, w, m.dims)
+    assert drop == (cost.block_at(0, 32, 4, 8, 8, 48) - cost.block_at(0, 32, 4, 6, 8, 48)) * 1e-9
+    pruner = GlobalPruner(gates, None, cost, 0.5, 16, group_sizes={"qk": 4})
+    assert pruner._unit_drop("qk", 0, w, m.dims) == 0.0
+
+
+def test_rotary_refuses_per_head_units():
+    with pytest.raises(UserError, match="rotary") as e:
+        Gates.attach(rope_vit(), qkv_units="per_head")
+    assert e.value.field == "qkv_units"

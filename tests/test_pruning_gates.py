@@ -186,7 +186,11 @@ def test_gate_saliency_equals_weight_saliency(kind: str) -> None:
 # ------------------------------------------------------------------ compaction
 def random_masks(dims: Dims, seed: int, shared_qk: bool = False) -> tuple[dict, dict]:
     """Masks over all kinds with uniform per-head QK/V counts, and the widths they imply;
-    `shared_qk`: every head keeps the same QK dims (QK units shared, as qk-norm needs)."""
+    `shared_qk`: every head keeps the same QK dims (QK units shared, as qk-norm needs); a
+    rotary model's QK dims are kept in pairs, shared by the heads."""
+    from pruning.units import pair_dims, qk_pair
+    layout = qk_pair(dims)
+    shared_qk = shared_qk or layout is not None
     gen = torch.Generator().manual_seed(seed)
 
     def pick(n: int, k: int) -> torch.Tensor:
@@ -208,6 +212,11 @@ def random_masks(dims: Dims, seed: int, shared_qk: bool = False) -> tuple[dict, 
         head = pick(H, n_heads)
         # dead heads get arbitrary dim masks: they must not count
         qk = torch.stack([pick(Q, n_qk) if head[h] else pick(Q, between(0, Q)) for h in range(H)])
+        if layout is not None:  # whole rotary pairs
+            n_qk = 2 * between(1, Q // 2)
+            pairs = torch.nonzero(pick(Q // 2, n_qk // 2)).flatten().tolist()
+            qk[:] = False
+            qk[:, [d for u in pairs for d in pair_dims(u, Q, layout)]] = True
         if shared_qk:
             qk = qk[head.nonzero()[0]].expand(H, -1).clone()
         v = torch.stack([pick(V, n_v) if head[h] else pick(V, between(0, V)) for h in range(H)])

@@ -51,6 +51,14 @@ MODELS = {
         "vit_giant_patch14_dinov2", dims=models.Dims(**DIMS), num_classes=10, **FRAME),
     "SigLIP's attention pool": lambda: models.build_model(
         "vit_base_patch16_siglip_224", dims=models.Dims(**DIMS), num_classes=10, **FRAME),
+    # timm's Eva: rotary (a table as wide as the heads), Q and V biases; with and without
+    # the learned position embedding, LayerScale named gamma_1/gamma_2
+    "EVA-02's rotary and packed SwiGLU": lambda: models.build_model(
+        "eva02_tiny_patch14_224", dims=models.Dims(**{**DIMS, "qk_dim": [8, 8, 8]}),
+        num_classes=10, **FRAME),
+    "RoPE ViT": lambda: models.build_model(
+        "vit_small_patch16_rope_224", dims=models.Dims(**{**DIMS, "qk_dim": [16, 16, 16]}),
+        num_classes=10, **FRAME),
 }
 
 

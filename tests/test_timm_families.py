@@ -49,6 +49,15 @@ EXPECTED = {
     "DINOv2-g (packed SwiGLU)": dict(mlp_act="swiglu_packed", layer_scale=1e-5, patch_size=14),
     "SigLIP (attention pooling)": dict(global_pool="map", class_token=False),
     "SigLIP So400m": dict(global_pool="map", class_token=False, patch_size=14),
+    "EVA-02 (rotary, packed SwiGLU)": dict(layout="eva", k_bias=False, rope_dim=8,
+                                           rope_ref_grid=16, mlp_act="swiglu_packed",
+                                           global_pool="avg", fc_norm=True, patch_size=14),
+    "RoPE ViT": dict(layout="eva", abs_pos_embed=False, rope_dim=8, rope_temperature=100.0,
+                     rope_grid_indexing="xy", layer_scale=1e-5),
+    "RoPE ViT, registers, avg pool": dict(layout="eva", class_token=False, reg_tokens=1,
+                                          k_bias=False, abs_pos_embed=False, rope_dim=8,
+                                          rope_ref_grid=16, layer_scale=1e-5,
+                                          global_pool="avg", fc_norm=True),
 }
 FAMILIES = {f: (TABLE[f], EXPECTED[f]) for f in TABLE}
 FAMILY_IDS = list(FAMILIES)
@@ -77,8 +86,12 @@ def tiny_timm(name: str, seed: int = 0, img_size: int | None = None, **kwargs) -
 
 
 def ours_from_file(name: str, vit: torch.nn.Module, tmp_path, **kw) -> models.ReViT:
+    """Our model from timm's state dict of `vit` (a RoPE ViT's image size is not in its
+    weights: given as timm's)."""
     path = tmp_path / "timm.pth"
     torch.save(vit.state_dict(), path)
+    if getattr(vit, "pos_embed", None) is None:
+        kw = {"img_size": vit.patch_embed.img_size[0], **kw}
     return models.build_model(name, checkpoint=path, **kw).eval()
 
 
@@ -105,7 +118,8 @@ def test_timm_state_dict_reproduces_timm_logits(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["DINOv2 with registers", "ViT, registers, avg pool + fc_norm",
-                                    "DeiT III", "CLIP, QuickGELU"])
+                                    "DeiT III", "CLIP, QuickGELU", "EVA-02 (rotary, packed SwiGLU)",
+                                    "RoPE ViT, registers, avg pool"])
 def test_timm_api_matches_timm_on_families(family, tmp_path):
     """Pre-logits and forward_intermediates (prefix tokens included) equal timm's."""
     name, _ = FAMILIES[family]
@@ -127,7 +141,8 @@ def test_timm_api_matches_timm_on_families(family, tmp_path):
 @pytest.mark.parametrize("family", ["DeiT III", "DINOv2 with registers", "ViT, avg pool",
                                     "ViT, no qkv bias, LayerScale, avg pool", "CLIP, QuickGELU",
                                     "ViT, qk-norm", "DINOv2-g (packed SwiGLU)",
-                                    "SigLIP (attention pooling)"])
+                                    "SigLIP (attention pooling)", "EVA-02 (rotary, packed SwiGLU)",
+                                    "RoPE ViT", "RoPE ViT, registers, avg pool"])
 def test_nvit_to_timm_round_trip(family, tmp_path):
     name, _ = FAMILIES[family]
     vit = tiny_timm(name)
@@ -159,7 +174,8 @@ def test_position_embedding_resampled_as_timm(family, tmp_path):
                                     "ViT, no qkv bias, LayerScale, avg pool", "CLIP (pre-norm)",
                                     "CLIP, QuickGELU", "ViT, qk-norm",
                                     "DINOv2-g (packed SwiGLU)", "SigLIP (attention pooling)",
-                                    "SigLIP So400m"])
+                                    "SigLIP So400m", "EVA-02 (rotary, packed SwiGLU)",
+                                    "RoPE ViT", "RoPE ViT, registers, avg pool"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_masked_model_equals_compact_model(family, seed, tmp_path):
     """Random masks over all five kinds: the compact model computes what the gated one does;
@@ -180,7 +196,17 @@ def test_masked_model_equals_compact_model(family, seed, tmp_path):
     if small.reg_token is not None:
         assert small.reg_token.shape == (1, model.dims.reg_tokens, widths["embed_dim"])
     if model.dims.layer_scale:
-        assert small.blocks[0].ls1.gamma.shape == (widths["embed_dim"],)
+        gamma = small.blocks[0].gamma_1 if model.dims.layout == "eva" else small.blocks[0].ls1.gamma
+        assert gamma.shape == (widths["embed_dim"],)
+    if model.dims.rope_dim:  # each block rotates by its kept pairs' frequencies
+        table = model.rope.get_embed()
+        for i, blk in enumerate(small.blocks):
+            kept = torch.nonzero(masks["blocks"][i]["qk"][masks["blocks"][i]["head"]][0]).flatten()
+            assert small.dims.rope_dims[i] == kept.tolist()
+            cols = torch.cat([kept, kept + model.dims.rope_dim])
+            index = blk.attn.rope_index  # None: the whole table
+            assert torch.equal(table if index is None else table.index_select(-1, index),
+                               table[:, cols])
 
 
 def test_soft_gates_fold_into_layer_scale_models(tmp_path):
@@ -237,7 +263,12 @@ REFUSED = {
     "a norm on q or on k alone": "q_norm_only",
     "a patch-embedding bias with pre-norm": "pre_norm_bias",
     "MLP activation": dict(act_layer="gelu_tanh"),
-    "rotary position embeddings": "rope",
+    "learned mixed rotary frequencies": dict(eva=True, rope_type="mixed"),
+    "separate q, k and v projections": dict(eva=True, qkv_fused=False),
+    "a SwiGLU MLP with separate gate and value layers": dict(eva=True, swiglu_mlp=True,
+                                                            scale_mlp=True),
+    "rotary frequencies over pixels": dict(eva=True, rope_grid_offset=0.5),
+    "post-norm blocks": dict(eva=True, use_post_norm=True),
 }
 
 
@@ -246,9 +277,10 @@ def test_unsupported_timm_features_are_refused_by_name(feature):
     from timm.models.vision_transformer import VisionTransformer
     spec = REFUSED[feature]
     frame = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=10)
-    if spec == "rope":
+    if isinstance(spec, dict) and spec.get("eva"):
         from timm.models.eva import Eva
-        vit = Eva(**frame, use_rot_pos_emb=True)
+        kw = {k: v for k, v in spec.items() if k != "eva"}
+        vit = Eva(**frame, use_rot_pos_emb=not kw.get("use_post_norm"), **kw)
     elif spec == "swiglu":
         from timm.layers import GluMlp
         vit = VisionTransformer(**frame, mlp_layer=GluMlp, act_layer=torch.nn.Sigmoid)

@@ -70,8 +70,11 @@ def families() -> list[dict]:
         rows.append({"family": family, "name": name,
                      "model_kwargs": " ".join(f"{k}={v}" for k, v in kwargs.items()),
                      "tokens": " + ".join(tokens) or "none",
-                     "layer_scale": d.layer_scale, "qkv_bias": d.qkv_bias,
-                     "pos_embed": "patches" if d.no_embed_class else "all tokens",
+                     "layer_scale": d.layer_scale,
+                     "qkv_bias": "q, v" if d.qkv_bias and not d.family("k_bias") else d.qkv_bias,
+                     "pos_embed": ("rotary only" if not d.family("abs_pos_embed") else
+                                   ("patches" if d.no_embed_class else "all tokens")
+                                   + (" + rotary" if d.family("rope_dim") else "")),
                      "pool": d.global_pool + (" + fc_norm" if d.fc_norm else ""),
                      "patch": d.patch_size, "img": d.img_size,
                      "norms": ("norm_pre, " if d.pre_norm else "") + ("qk-norm, " if d.qk_norm
@@ -90,7 +93,7 @@ def format_families(rows: list[dict]) -> str:
         v = r[k]
         if k == "layer_scale":
             return f"{v:g}" if v else "no"
-        if k == "qkv_bias":
+        if k == "qkv_bias" and isinstance(v, bool):
             return "yes" if v else "no"
         if k == "name" and r["model_kwargs"]:
             return f"{v} --model-kwargs {r['model_kwargs']}"
