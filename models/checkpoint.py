@@ -146,8 +146,9 @@ def state_dict_of(ckpt: dict, source: str, ema: bool = False) -> dict[str, torch
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def is_fused_qkv(sd: dict) -> bool:
-    return any(k.endswith("attn.qkv.weight") for k in sd)
+def is_timm_vit_state(sd: dict) -> bool:
+    """A timm ViT's state dict: fused qkv, or (timm's qkv_fused=False) its q_proj."""
+    return any(k.endswith(("attn.qkv.weight", "attn.q_proj.weight")) for k in sd)
 
 
 def fuse_split_qkv(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,8 +182,11 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
         embed = sd["patch_embed.proj.weight"].shape[0]
         depth = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k)))
         w = sd["patch_embed.proj.weight"]
-        qkv_out = sd["blocks.0.attn.qkv.weight"].shape[0] // 3
-        mlp = sd["blocks.0.mlp.fc1.weight"].shape[0]
+        fused = "blocks.0.attn.qkv.weight" in sd  # else timm's q_proj, k_proj, v_proj
+        qkv_out = (sd["blocks.0.attn.qkv.weight"].shape[0] // 3 if fused
+                   else sd["blocks.0.attn.q_proj.weight"].shape[0])
+        split_glu = "blocks.0.mlp.fc1_g.weight" in sd  # timm's SwiGLU: gate, value layers
+        mlp = sd["blocks.0.mlp.fc1_g.weight" if split_glu else "blocks.0.mlp.fc1.weight"].shape[0]
         # a RoPE ViT has no position embedding: its grid is the name's
         tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
     except (KeyError, ValueError) as e:
@@ -215,6 +219,11 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
     gammas = "blocks.0.ls1.gamma" in sd or "blocks.0.gamma_1" in sd  # timm's ViT, Eva
     layer_scale = (base.family("layer_scale") or 1e-5) if gammas else 0.0
     eva_bias = "blocks.0.attn.q_bias" in sd  # Eva's attention: Q and V biases, no K bias
+    if fused:
+        qkv_bias, k_bias = "blocks.0.attn.qkv.bias" in sd or eva_bias, not eva_bias
+    else:
+        qkv_bias = "blocks.0.attn.q_proj.bias" in sd
+        k_bias = "blocks.0.attn.k_proj.bias" in sd or not qkv_bias
     fc_norm = "fc_norm.weight" in sd
     global_pool = base.family("global_pool") if "cls_token" in sd else "avg"
     pool = {}
@@ -237,15 +246,17 @@ def infer_uniform_dims(sd: dict[str, torch.Tensor], base: Dims, source: str) -> 
                         class_token="cls_token" in sd,
                         reg_tokens=sd["reg_token"].shape[1] if "reg_token" in sd else 0,
                         layer_scale=layer_scale,
-                        qkv_bias="blocks.0.attn.qkv.bias" in sd or eva_bias,
-                        k_bias=not eva_bias and base.family("k_bias"),
+                        qkv_bias=qkv_bias, k_bias=k_bias, qkv_fused=fused,
+                        mlp_norm="blocks.0.mlp.norm.weight" in sd,
+                        attn_norm="blocks.0.attn.norm.weight" in sd,
                         abs_pos_embed=tokens is not None,
                         **{f: base.family(f) for f in NAME_ONLY_FIELDS},
                         # timm's rotary table is as wide as a head
                         rope_dim=qkv_out // num_heads if base.family("rope_dim") else 0,
                         no_embed_class=no_embed_class, global_pool=global_pool,
                         fc_norm=fc_norm, pre_norm="norm_pre.weight" in sd,
-                        ln_eps=base.family("ln_eps"), mlp_act=base.family("mlp_act"),
+                        ln_eps=base.family("ln_eps"),
+                        mlp_act="swiglu" if split_glu else base.family("mlp_act"),
                         qk_norm="blocks.0.attn.q_norm.weight" in sd, **pool)
 
 

@@ -37,7 +37,11 @@ INITS = ("trunc_normal", "torch_default")
 # applies to the pooled features instead of the token stream; pre_norm: CLIP's LayerNorm
 # `norm_pre` before the blocks, and no patch-embedding bias as timm then builds it; ln_eps:
 # every LayerNorm's eps; mlp_act: the MLP's activation, timm's name; qk_norm: a LayerNorm over
-# each head's q and k). timm's Eva class (EVA-02, the RoPE ViTs): layout "eva" names LayerScale
+# each head's q and k; mlp_norm: a LayerNorm over the MLP's hidden units, timm's scale_mlp;
+# attn_norm: a LayerNorm over the attention's output (all heads' V dims) before its
+# projection, timm's scale_attn_inner / scale_attn_norm;
+# qkv_fused false: q, k and v are separate projections `q_proj`, `k_proj`, `v_proj`, as timm
+# builds them with qkv_fused=False). timm's Eva class (EVA-02, the RoPE ViTs): layout "eva" names LayerScale
 # `gamma_1`/`gamma_2` as its blocks do; k_bias false: with qkv_bias, K has no bias (Eva's
 # attention keeps `q_bias` and `v_bias`); abs_pos_embed false: no learned position embedding;
 # rope_dim > 0: rotary position embedding (timm's RotaryEmbeddingCat, axial, over a table
@@ -45,14 +49,16 @@ INITS = ("trunc_normal", "torch_default")
 # side (0: none) and pair layout (rope_half: (i, i + d/2), else interleaved (2i, 2i + 1)).
 FAMILY_DEFAULTS = dict(class_token=True, reg_tokens=0, layer_scale=0.0, qkv_bias=True,
                        no_embed_class=False, global_pool="token", fc_norm=False, pre_norm=False,
-                       ln_eps=1e-6, mlp_act="gelu", qk_norm=False, layout="vit", k_bias=True,
+                       ln_eps=1e-6, mlp_act="gelu", qk_norm=False, mlp_norm=False, attn_norm=False,
+                       qkv_fused=True, layout="vit", k_bias=True,
                        abs_pos_embed=True, rope_dim=0, rope_temperature=10000.0,
                        rope_grid_indexing="ij", rope_ref_grid=0, rope_half=False)
 FAMILY_FIELDS = tuple(FAMILY_DEFAULTS)
 GLOBAL_POOLS = ("token", "avg", "map")  # map: SigLIP's attention pooling (pool_* fields)
 POOL_FIELDS = ("pool_dim", "pool_heads", "pool_mlp_dim")
 # exact GELU; CLIP's x * sigmoid(1.702 x); DINOv2-g's SwiGLU, fc1 packing gate and value rows
-MLP_ACTS = ("gelu", "quick_gelu", "swiglu_packed")
+# "swiglu": timm's SwiGLU, the gate and value rows in layers of their own (fc1_g, fc1_x)
+MLP_ACTS = ("gelu", "quick_gelu", "swiglu_packed", "swiglu")
 LAYOUTS = ("vit", "eva")  # whose parameter names: timm's VisionTransformer or Eva
 ROPE_GRID_INDEXINGS = ("ij", "xy")
 REFERENCE_ATTN_SCALE = 64 ** -0.5  # the NViT reference's scale in every block, whatever the QK width
@@ -85,6 +91,9 @@ class Dims:
     ln_eps: float | None = None
     mlp_act: str | None = None
     qk_norm: bool | None = None
+    mlp_norm: bool | None = None
+    attn_norm: bool | None = None
+    qkv_fused: bool | None = None
     # global_pool "map": the attention pool's attention width and heads and its MLP's width
     pool_dim: int | None = None
     pool_heads: int | None = None
@@ -410,6 +419,9 @@ _SCALAR_TYPES = {
     "ln_eps": (_is_number, "a number"),
     "mlp_act": (lambda v: isinstance(v, str), "a string"),
     "qk_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "mlp_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "attn_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "qkv_fused": (lambda v: isinstance(v, bool), "true or false"),
     "pool_dim": (_is_int, "an integer"), "pool_heads": (_is_int, "an integer"),
     "pool_mlp_dim": (_is_int, "an integer"),
     "layout": (lambda v: isinstance(v, str), "a string"),

@@ -17,7 +17,7 @@ from timm.layers import resample_abs_pos_embed
 from errors import UserError
 
 from .checkpoint import (check_fits, fuse_split_qkv, has_split_qkv, infer_uniform_dims,
-                         is_fused_qkv, peek_checkpoint, read_checkpoint, state_dict_of)
+                         is_timm_vit_state, peek_checkpoint, read_checkpoint, state_dict_of)
 from .dims import FAMILY_FIELDS, FRAME_FIELDS, Dims
 from .hub import download_problem
 from .nvit_reference import from_reference, is_reference_layout
@@ -353,7 +353,7 @@ def _checkpoint_dims(ckpt: dict, base: Dims, source: str, ema: bool = False
         if has_split_qkv(state):  # written before q, k and v were one tensor
             state = fuse_split_qkv(state)
         return ck_dims, state
-    if is_fused_qkv(state):
+    if is_timm_vit_state(state):
         return infer_uniform_dims(state, base, source), state
     raise UserError(f"{source} is neither a timm/DeiT state dict nor an nvit checkpoint "
                     f"(no fused qkv and no dims)")

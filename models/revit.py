@@ -113,16 +113,15 @@ class StreamNorm(nn.LayerNorm):
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
-class HeadNorm(nn.LayerNorm):
-    """timm's qk-norm: a LayerNorm over each head's QK dims, its weight shared by the heads.
-
-    Under a QK gate (heads, qk_dim) the statistics are taken over each head's live dims and
-    the gate scales weight and bias (pruned dims give 0), so the gated model computes what
-    its compact version does, as `StreamNorm` does for the stream.
-    """
+class LiveNorm(nn.LayerNorm):
+    """A LayerNorm inside a block whose positions are pruning units: timm's qk-norm (over each
+    head's QK dims, its weight shared by the heads) and scale_attn_inner (over all heads' V
+    outputs). Under a gate (broadcast against x's last axis) the statistics are taken over the
+    live positions and the gate scales weight and bias (pruned positions give 0), so the gated
+    model computes what its compact version does, as `StreamNorm` does for the stream; shapes
+    do not depend on the gate's values (no host sync, nothing cached against a gate)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, heads, qk_dim)."""
         if gate is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return self.gated(x, gate)
@@ -217,15 +216,23 @@ class Attention(nn.Module):
                  attn_scale: float, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  num_tokens: int | None = None, qkv_bias: bool = True, qk_norm: bool = False,
                  ln_eps: float = LN_EPS, k_bias: bool = True, rope_index: list[int] | None = None,
-                 rope_width: int = 0, rope_half: bool = False, num_prefix_tokens: int = 0) -> None:
+                 rope_width: int = 0, rope_half: bool = False, num_prefix_tokens: int = 0,
+                 qkv_fused: bool = True, out_norm: bool = False) -> None:
         super().__init__()
         self.num_heads, self.qk_dim, self.v_dim = num_heads, qk_dim, v_dim
         self.scale = attn_scale  # kept when QK width is pruned: it is part of the function
-        # timm's Eva attention has no K bias: its Q and V biases are parameters of their own
-        separate = qkv_bias and not k_bias
-        self.qkv = nn.Linear(embed_dim, num_heads * (2 * qk_dim + v_dim), bias=qkv_bias and k_bias)
-        self.q_bias = nn.Parameter(torch.zeros(num_heads * qk_dim)) if separate else None
-        self.v_bias = nn.Parameter(torch.zeros(num_heads * v_dim)) if separate else None
+        qk, v = num_heads * qk_dim, num_heads * v_dim
+        if qkv_fused:  # timm's Eva attention has no K bias: Q and V biases of their own
+            self.qkv = nn.Linear(embed_dim, 2 * qk + v, bias=qkv_bias and k_bias)
+            self.q_proj = self.k_proj = self.v_proj = None
+        else:  # timm's qkv_fused=False (EVA-02 B/L): three projections
+            self.qkv = None
+            self.q_proj = nn.Linear(embed_dim, qk, bias=qkv_bias)
+            self.k_proj = nn.Linear(embed_dim, qk, bias=qkv_bias and k_bias)
+            self.v_proj = nn.Linear(embed_dim, v, bias=qkv_bias)
+        own = qkv_fused and qkv_bias and not k_bias
+        self.q_bias = nn.Parameter(torch.zeros(qk)) if own else None
+        self.v_bias = nn.Parameter(torch.zeros(v)) if own else None
         # rotary position embedding on the patch tokens' q and k (timm's Eva): the columns of
         # the model's (sin | cos) table this block's QK dims rotate by, None: all of them
         self.rotary = rope_width > 0
@@ -237,9 +244,12 @@ class Attention(nn.Module):
             index = torch.cat([kept, kept + rope_width])
         self.register_buffer("rope_index", index, persistent=False)
         self.token_scale = nn.Parameter(torch.ones(num_tokens, 1)) if num_tokens else None
-        self.q_norm = HeadNorm(qk_dim, eps=ln_eps) if qk_norm else None  # timm's qk-norm
-        self.k_norm = HeadNorm(qk_dim, eps=ln_eps) if qk_norm else None
-        self.proj = nn.Linear(num_heads * v_dim, embed_dim)
+        self.q_norm = LiveNorm(qk_dim, eps=ln_eps) if qk_norm else None  # timm's qk-norm
+        self.k_norm = LiveNorm(qk_dim, eps=ln_eps) if qk_norm else None
+        # timm's scale_attn_inner: a LayerNorm over every head's V output before proj, its
+        # statistics over the live (head, V dim) positions under the gates
+        self.norm = LiveNorm(v, eps=ln_eps) if out_norm else Skip()
+        self.proj = nn.Linear(v, embed_dim)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
         self.head_gate: torch.Tensor | None = None  # (H,)
@@ -259,31 +269,37 @@ class Attention(nn.Module):
         return torch.cat([(head * self.qk_gate).flatten(),
                           head.expand(-1, self.qk_dim).flatten(), (head * self.v_gate).flatten()])
 
+    def v_rows(self) -> torch.Tensor | None:
+        """Per V output position (head-major): head gate x V gate (None without gates)."""
+        if self.head_gate is None or self.v_gate is None:
+            return None
+        return (self.head_gate[:, None] * self.v_gate).flatten()
+
     def qkv_bias(self) -> torch.Tensor | None:
         """The bias of `qkv`'s rows: its own, or Eva's Q and V biases around a zero K bias."""
-        if self.q_bias is None or self.v_bias is None:
-            return self.qkv.bias
-        return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        if self.q_bias is not None and self.v_bias is not None:
+            return torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        if self.qkv is None:
+            return None
+        return self.qkv.bias
 
-    def eva_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """Eva's projection as timm computes it: one F.linear with the Q, zero K and V biases;
-        an int8 `qkv` (torch's dynamic quantization, no weight tensor) adds them after."""
-        bias = self.qkv_bias()
-        weight = self.qkv.weight
-        if isinstance(weight, torch.Tensor):
-            return F.linear(x, weight, bias)
-        assert bias is not None
-        return self.qkv(x) + bias
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
-                rope: torch.Tensor | None = None) -> torch.Tensor:
-        """emb: the embedding gate, scaling the output channels; rope: the model's rotary
-        (sin | cos) table over the patch tokens."""
-        B, N, _ = x.shape
-        H = self.num_heads
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v (B, N, heads x width), their rows scaled by the gates."""
+        if self.q_proj is not None and self.k_proj is not None and self.v_proj is not None:
+            if self.head_gate is None:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            else:
+                rq, rk, rv = self.qkv_gate_rows().split(self.qkv_split)
+                q = linear_rows(x, self.q_proj.weight, self.q_proj.bias, rq)
+                k = linear_rows(x, self.k_proj.weight, self.k_proj.bias, rk)
+                v = linear_rows(x, self.v_proj.weight, self.v_proj.bias, rv)
+            if self.token_scale is not None:
+                scale = self.token_scale.to(q.dtype)
+                q, k, v = q * scale, k * scale, v * scale
+            return q, k, v
+        assert self.qkv is not None
         if self.head_gate is not None:
-            weight, bias = scaled(self.qkv.weight, self.qkv_bias(), self.qkv_gate_rows())
-            qkv = F.linear(x, weight, bias)
+            qkv = linear_rows(x, self.qkv.weight, self.qkv_bias(), self.qkv_gate_rows())
         elif self.q_bias is None:
             qkv = self.qkv(x)
         else:
@@ -292,6 +308,25 @@ class Attention(nn.Module):
             qkv = qkv * self.token_scale.to(qkv.dtype)  # 16-bit qkv to fp32 under autocast,
             # and SDPA (which casts back) would then miss flash for unequal QK/V widths
         q, k, v = qkv.split(self.qkv_split, dim=-1)
+        return q, k, v
+
+    def eva_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Eva's projection as timm computes it: one F.linear with the Q, zero K and V biases;
+        an int8 `qkv` (torch's dynamic quantization, no weight tensor) adds them after."""
+        bias = self.qkv_bias()
+        assert self.qkv is not None and bias is not None
+        weight = self.qkv.weight
+        if isinstance(weight, torch.Tensor):
+            return F.linear(x, weight, bias)
+        return self.qkv(x) + bias
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
+                rope: torch.Tensor | None = None) -> torch.Tensor:
+        """emb: the embedding gate, scaling the output channels; rope: the model's rotary
+        (sin | cos) table over the patch tokens."""
+        B, N, _ = x.shape
+        H = self.num_heads
+        q, k, v = self.project(x)
         q = q.view(B, N, H, self.qk_dim)
         k = k.view(B, N, H, self.qk_dim)
         v = v.view(B, N, H, self.v_dim)
@@ -303,11 +338,11 @@ class Attention(nn.Module):
         x = attention(q, k, v, self.attn_drop if self.training else 0.0, self.scale,
                       self.pad_widths)
         x = x.transpose(1, 2).reshape(B, N, H * self.v_dim)
+        x = self.norm(x, self.v_rows())
         if emb is None:
             return self.proj_drop(self.proj(x))
         weight, bias = scaled(self.proj.weight, self.proj.bias, emb)
         return self.proj_drop(F.linear(x, weight, bias))
-
 
     def rotated(self, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         """t (B, H, N, d) with its patch tokens rotated as timm's Eva does (prefix tokens as
@@ -325,39 +360,67 @@ def mlp_activation(name: str) -> nn.Module:
     """The MLP's activation by its Dims name: timm's modules, so the numbers are timm's (each
     is 0 at 0, so a gate on fc1's output removes a neuron)."""
     from timm.layers import QuickGELU
-    if name == "swiglu_packed":
+    if name in ("swiglu_packed", "swiglu"):
         return nn.SiLU()
     return QuickGELU() if name == "quick_gelu" else nn.GELU()
 
 
-class Mlp(nn.Module):
-    """fc1, activation, fc2; "swiglu_packed" (DINOv2-g, timm's SwiGLUPacked): fc1 holds the
-    gate rows then the value rows of the `hidden` units, and a unit's output is
-    SiLU(gate) * value. The unit's gate scales both of its rows (SiLU(0) * 0 = 0)."""
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                rows: torch.Tensor) -> torch.Tensor:
+    """A linear layer with its output rows scaled by `rows` (see `scaled`)."""
+    weight, bias = scaled(weight, bias, rows)
+    return F.linear(x, weight, bias)
 
-    def __init__(self, embed_dim: int, hidden: int, drop: float = 0.0, act: str = "gelu") -> None:
+
+class Mlp(nn.Module):
+    """fc1, activation, fc2; "swiglu_packed" (DINOv2-g, EVA-02-Ti, timm's SwiGLUPacked): fc1
+    holds the gate rows then the value rows of the `hidden` units, and a unit's output is
+    SiLU(gate) * value; "swiglu" (EVA-02 B/L, timm's SwiGLU): the same with the gate rows in
+    `fc1_g` and the value rows in `fc1_x`. The unit's gate scales both of its rows (SiLU(0) * 0
+    = 0). `norm` (timm's scale_mlp): a LayerNorm over the hidden units before fc2, its
+    statistics over the live ones under a gate, as the stream's (`StreamNorm`)."""
+
+    def __init__(self, embed_dim: int, hidden: int, drop: float = 0.0, act: str = "gelu",
+                 norm: bool = False, ln_eps: float = LN_EPS) -> None:
         super().__init__()
         self.packed = act == "swiglu_packed"
-        self.fc1 = nn.Linear(embed_dim, hidden * (2 if self.packed else 1))
+        self.split = act == "swiglu"
+        if self.split:
+            self.fc1_g = nn.Linear(embed_dim, hidden)
+            self.fc1_x = nn.Linear(embed_dim, hidden)
+            self.fc1 = None
+        else:
+            self.fc1 = nn.Linear(embed_dim, hidden * (2 if self.packed else 1))
+            self.fc1_g = self.fc1_x = None
         self.act = mlp_activation(act)
         self.drop1 = nn.Dropout(drop)
+        self.norm = StreamNorm(hidden, eps=ln_eps) if norm else Skip()
         self.fc2 = nn.Linear(hidden, embed_dim)
         self.drop2 = nn.Dropout(drop)
         self.gate: torch.Tensor | None = None  # (hidden,), on fc1's output (GELU(0) = 0)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        """emb: the embedding gate, scaling the output channels."""
-        if self.gate is None:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The activated hidden units, each scaled by its gate."""
+        gate = self.gate
+        if self.fc1_g is not None and self.fc1_x is not None:
+            if gate is None:
+                return self.act(self.fc1_g(x)) * self.fc1_x(x)
+            return (self.act(linear_rows(x, self.fc1_g.weight, self.fc1_g.bias, gate))
+                    * linear_rows(x, self.fc1_x.weight, self.fc1_x.bias, gate))
+        assert self.fc1 is not None
+        if gate is None:
             x = self.fc1(x)
         else:
-            rows = self.gate.repeat(2) if self.packed else self.gate
-            weight, bias = scaled(self.fc1.weight, self.fc1.bias, rows)
-            x = F.linear(x, weight, bias)
+            x = linear_rows(x, self.fc1.weight, self.fc1.bias,
+                            gate.repeat(2) if self.packed else gate)
         if self.packed:
-            gate, value = x.chunk(2, dim=-1)
-            x = self.drop1(self.act(gate) * value)
-        else:
-            x = self.drop1(self.act(x))
+            gate_rows, value = x.chunk(2, dim=-1)
+            return self.act(gate_rows) * value
+        return self.act(x)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """emb: the embedding gate, scaling the output channels."""
+        x = self.norm(self.drop1(self.hidden(x)), self.gate)
         if emb is None:
             return self.drop2(self.fc2(x))
         weight, bias = scaled(self.fc2.weight, self.fc2.bias, emb)
@@ -369,18 +432,19 @@ class Block(nn.Module):
                  attn_scale: float, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, num_tokens: int | None = None, qkv_bias: bool = True,
                  layer_scale: float = 0.0, ln_eps: float = LN_EPS, mlp_act: str = "gelu",
-                 qk_norm: bool = False, eva_names: bool = False, **rope) -> None:
-        """rope: the Attention's k_bias and rotary arguments; eva_names: LayerScale's gammas
-        are the block's `gamma_1` and `gamma_2`, as in timm's Eva blocks."""
+                 qk_norm: bool = False, eva_names: bool = False, mlp_norm: bool = False,
+                 **attn) -> None:
+        """attn: the Attention's k_bias, qkv_fused, out_norm and rotary arguments; eva_names:
+        LayerScale's gammas are the block's `gamma_1` and `gamma_2`, as in timm's Eva blocks."""
         super().__init__()
         self.norm1 = StreamNorm(embed_dim, eps=ln_eps)
         self.attn = Attention(embed_dim, num_heads, qk_dim, v_dim, attn_scale, attn_drop, drop,
-                              num_tokens, qkv_bias, qk_norm, ln_eps, **rope)
+                              num_tokens, qkv_bias, qk_norm, ln_eps, **attn)
         own = bool(layer_scale) and not eva_names
         self.ls1 = LayerScale(embed_dim, layer_scale) if own else Skip()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = StreamNorm(embed_dim, eps=ln_eps)
-        self.mlp = Mlp(embed_dim, mlp_dim, drop, mlp_act)
+        self.mlp = Mlp(embed_dim, mlp_dim, drop, mlp_act, mlp_norm, ln_eps)
         self.ls2 = LayerScale(embed_dim, layer_scale) if own else Skip()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         eva = bool(layer_scale) and eva_names
@@ -469,7 +533,8 @@ class ReViT(nn.Module):
             Block(E, **dims.block(i), drop=drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i],
                   num_tokens=tokens, qkv_bias=dims.qkv_bias, layer_scale=dims.layer_scale,
                   ln_eps=eps, mlp_act=dims.mlp_act, qk_norm=dims.qk_norm,
-                  eva_names=dims.layout == "eva", k_bias=dims.k_bias,
+                  eva_names=dims.layout == "eva", mlp_norm=dims.mlp_norm,
+                  qkv_fused=dims.qkv_fused, out_norm=dims.attn_norm, k_bias=dims.k_bias,
                   rope_index=dims.rope_index(i), rope_width=dims.rope_dim,
                   rope_half=dims.rope_half, num_prefix_tokens=dims.num_prefix_tokens)
             for i in range(dims.depth))

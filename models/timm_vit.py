@@ -43,6 +43,8 @@ FAMILIES = {
     "SigLIP (attention pooling)": "vit_base_patch16_siglip_224",
     "SigLIP So400m": "vit_so400m_patch14_siglip_224",
     "EVA-02 (rotary, packed SwiGLU)": "eva02_tiny_patch14_224",
+    "EVA-02 B/L (SwiGLU with inner norm, separate q/k/v)": "eva02_base_patch14_224",
+    "EVA-02 CLIP": "eva02_base_patch16_clip_224",
     "RoPE ViT": "vit_small_patch16_rope_224",
     "RoPE ViT, registers, avg pool": "vit_base_patch16_rope_reg1_gap_256",
 }
@@ -110,39 +112,47 @@ def unsupported_features(model: nn.Module) -> list[str]:
         elif not _is_identity(getattr(a, "q_norm", None)):
             norms += [a.q_norm, a.k_norm]
         if not _is_identity(getattr(a, "norm", None)):
-            found.append("a norm on the attention output (scale_attn_norm)")
+            norms.append(a.norm)  # scale_attn_norm / scale_attn_inner
         if getattr(a, "gate", None) is not None:
             found.append("gated attention")
         if a.proj.bias is None:
             found.append("no attention output (proj) bias")
-        if eva and a.qkv is None:
-            continue  # refused above
-        if type(mlp).__name__ == "GluMlp":
-            if not (type(mlp.act) is nn.SiLU and not mlp.gate_last and _is_identity(mlp.norm)
-                    and mlp.fc1.bias is not None and mlp.fc2.bias is not None):
-                found.append("a gated MLP other than SwiGLUPacked (SiLU, gate first, no norm, "
-                             "biases)")
-            continue
-        if "glu" in type(mlp).__name__.lower():
-            found.append(f"a SwiGLU MLP with separate gate and value layers (timm's "
-                         f"{type(mlp).__name__}; only the packed GluMlp / SwiGLUPacked)")
-            continue
-        if type(mlp).__name__ != "Mlp":
-            found.append(f"MLP class {type(mlp).__name__}")
-            continue
+        found += mlp_problems(mlp)
         if not _is_identity(getattr(mlp, "norm", None)):
-            found.append("a norm inside the MLP (scale_mlp_norm)")
-        if mlp_act_name(mlp.act) is None:
-            found.append(f"MLP activation {type(mlp.act).__name__} (only exact GELU and "
-                         f"QuickGELU)")
-        if mlp.fc1.bias is None or mlp.fc2.bias is None:
-            found.append("no MLP bias")
+            norms.append(mlp.norm)
     if not all(isinstance(n, nn.LayerNorm) for n in norms):
         found.append("a norm that is not a LayerNorm (" + ", ".join(sorted(
             {type(n).__name__ for n in norms if not isinstance(n, nn.LayerNorm)})) + ")")
     elif len({n.eps for n in norms}) > 1:
         found.append(f"LayerNorms with different eps ({sorted({n.eps for n in norms})})")
     return list(dict.fromkeys(found))
+
+
+def mlp_problems(mlp: nn.Module) -> list[str]:
+    """What of a timm block's MLP ReViT's Mlp does not express: it takes timm's Mlp (exact
+    GELU or QuickGELU), the packed SwiGLU (GluMlp: SiLU, gate rows first) and SwiGLU (gate and
+    value layers of their own), each with biases and with or without a norm over the hidden
+    units (timm's scale_mlp)."""
+    kind = type(mlp).__name__
+    found = []
+    if kind == "GluMlp":
+        if type(mlp.act) is not nn.SiLU or mlp.gate_last:
+            found.append("a gated MLP other than SwiGLUPacked (SiLU, gate first)")
+        layers = (mlp.fc1, mlp.fc2)
+    elif kind == "SwiGLU":
+        if type(mlp.act) is not nn.SiLU:
+            found.append(f"a SwiGLU MLP with activation {type(mlp.act).__name__} (only SiLU)")
+        layers = (mlp.fc1_g, mlp.fc1_x, mlp.fc2)
+    elif kind == "Mlp":
+        if mlp_act_name(mlp.act) is None:
+            found.append(f"MLP activation {type(mlp.act).__name__} (only exact GELU and "
+                         f"QuickGELU)")
+        layers = (mlp.fc1, mlp.fc2)
+    else:
+        return [f"MLP class {kind}"]
+    if any(layer.bias is None for layer in layers):
+        found.append("no MLP bias")
+    return found
 
 
 def eva_problems(model: nn.Module) -> list[str]:
@@ -171,8 +181,6 @@ def eva_problems(model: nn.Module) -> list[str]:
 def eva_attention_problems(a: nn.Module, blk: nn.Module, model: nn.Module) -> list[str]:
     """What of one timm Eva block's attention and LayerScale ReViT does not express."""
     found = []
-    if a.qkv is None:
-        found.append("separate q, k and v projections (qkv_fused=False)")
     if getattr(a, "num_kv_groups", 1) != 1:
         found.append("grouped-query attention (num_kv_heads)")
     if (blk.gamma_1 is None) != (blk.gamma_2 is None):
@@ -208,8 +216,8 @@ def attn_pool_problems(pool: nn.Module, embed_dim: int) -> list[str]:
 
 def mlp_act_name(act: nn.Module, mlp: nn.Module | None = None) -> str | None:
     """Dims' name of a timm MLP's activation (None: one we do not cover)."""
-    if mlp is not None and type(mlp).__name__ == "GluMlp":
-        return "swiglu_packed"
+    if mlp is not None and type(mlp).__name__ in ("GluMlp", "SwiGLU"):
+        return "swiglu_packed" if type(mlp).__name__ == "GluMlp" else "swiglu"
     from timm.layers import QuickGELU
     from timm.layers.activations import GELU  # what timm builds for act_layer="gelu"
     if (type(act) is nn.GELU and act.approximate == "none") or type(act) is GELU:
@@ -239,14 +247,16 @@ def timm_vit_dims(model: nn.Module, name: str | None = None) -> Dims:
     for i, blk in enumerate(model.blocks):
         a = blk.attn
         H = int(a.num_heads)
-        out = a.qkv.out_features
+        out = a.qkv.out_features if a.qkv is not None else 3 * a.q_proj.out_features
         if out % (3 * H):
             raise UserError(f"{what}: block {i} qkv width {out} is not 3 x {H} heads x head "
                             f"dim (was attn.num_heads updated after pruning?)", field="name")
         d = out // (3 * H)
         heads.append(H)
         head_dims.append(d)
-        mlps.append(blk.mlp.fc1.out_features // (2 if type(blk.mlp).__name__ == "GluMlp" else 1))
+        mlp = blk.mlp
+        mlps.append(mlp.fc1_g.out_features if type(mlp).__name__ == "SwiGLU" else
+                    mlp.fc1.out_features // (2 if type(mlp).__name__ == "GluMlp" else 1))
         scales.append(_attn_scale(a, d))
     blk = model.blocks[0]
     eva = type(model).__name__ == "Eva"
@@ -267,6 +277,9 @@ def timm_vit_dims(model: nn.Module, name: str | None = None) -> Dims:
                 pre_norm=not _is_identity(getattr(model, "norm_pre", None)),
                 ln_eps=float(blk.norm1.eps), mlp_act=mlp_act_name(blk.mlp.act, blk.mlp),
                 qk_norm=not _is_identity(getattr(blk.attn, "q_norm", None)),
+                mlp_norm=not _is_identity(getattr(blk.mlp, "norm", None)),
+                attn_norm=not _is_identity(getattr(blk.attn, "norm", None)),
+                qkv_fused=blk.attn.qkv is not None,
                 **_pool_fields(model))
 
 
@@ -274,6 +287,9 @@ def _bias_fields(attn: nn.Module) -> dict:
     """qkv_bias and k_bias: Eva's attention holds Q and V biases and no K bias."""
     if getattr(attn, "q_bias", None) is not None:
         return dict(qkv_bias=True, k_bias=False)
+    if attn.qkv is None:  # separate projections
+        return dict(qkv_bias=attn.q_proj.bias is not None, k_bias=attn.k_proj.bias is not None
+                    or attn.q_proj.bias is None)
     if type(attn).__name__ == "EvaAttention":
         return dict(qkv_bias=False, k_bias=False)
     return dict(qkv_bias=attn.qkv.bias is not None)
@@ -324,7 +340,7 @@ def nvit_to_timm_vit(model: ReViT) -> nn.Module:
     """A timm VisionTransformer (VisionTransformerDistilled for a distilled model) with the
     weights of a uniform ReViT with QK width = V width, whatever its family fields."""
     from timm.models.deit import VisionTransformerDistilled
-    from timm.layers import SwiGLUPacked
+    from timm.layers import SwiGLU, SwiGLUPacked
     from timm.models.vision_transformer import VisionTransformer
     d = model.dims
     if not d.is_uniform or d.qk_dim[0] != d.v_dim[0]:
@@ -340,16 +356,21 @@ def nvit_to_timm_vit(model: ReViT) -> nn.Module:
         vit = _timm_eva(d, H, hd, M)
     else:
         cls = VisionTransformerDistilled if d.distilled else VisionTransformer
+        if not d.qkv_fused or not d.k_bias:
+            raise ValueError("timm's VisionTransformer has one qkv with a bias on every row")
+        layer = {"swiglu_packed": SwiGLUPacked, "swiglu": SwiGLU}.get(d.mlp_act)
         vit = cls(img_size=d.img_size, patch_size=d.patch_size, in_chans=d.in_chans,
                   num_classes=d.num_classes, global_pool=d.global_pool, embed_dim=d.embed_dim,
-                  depth=d.depth, num_heads=H, qkv_bias=d.qkv_bias,
+                  depth=d.depth, num_heads=H, qkv_bias=d.qkv_bias, scale_mlp_norm=d.mlp_norm,
+                  scale_attn_norm=d.attn_norm,
                   mlp_ratio=M * (2 if d.mlp_act == "swiglu_packed" else 1) / d.embed_dim,
-                  **({"mlp_layer": SwiGLUPacked} if d.mlp_act == "swiglu_packed" else {}),
+                  **({"mlp_layer": layer} if layer is not None else {}),
                   class_token=d.class_token, reg_tokens=d.reg_tokens,
                   init_values=d.layer_scale or None, no_embed_class=d.no_embed_class,
                   fc_norm=d.fc_norm, pre_norm=d.pre_norm, qk_norm=d.qk_norm,
                   norm_layer=functools.partial(nn.LayerNorm, eps=d.ln_eps),
-                  act_layer={"gelu": nn.GELU, "swiglu_packed": nn.SiLU}.get(d.mlp_act, d.mlp_act))
+                  act_layer={"gelu": nn.GELU, "swiglu_packed": nn.SiLU,
+                             "swiglu": nn.SiLU}.get(d.mlp_act, d.mlp_act))
     for blk in vit.blocks:  # head width need not be embed / heads
         if blk.attn.head_dim != hd or blk.mlp.fc2.in_features != M:
             raise ValueError("timm built other widths than the ReViT has")
@@ -363,14 +384,18 @@ def _timm_eva(d: Dims, H: int, hd: int, M: int) -> nn.Module:
     from timm.models.eva import Eva
     if d.embed_dim != H * hd or (d.rope_dim and (d.rope_dim != hd or d.rope_dims is not None)):
         raise ValueError("timm's Eva has heads embed / heads wide, rotated by the whole table")
-    if d.distilled or d.global_pool == "map" or d.mlp_act == "quick_gelu":
-        raise ValueError("timm's Eva has no distillation token, attention pool or QuickGELU here")
+    if (d.distilled or d.global_pool == "map" or d.mlp_act == "quick_gelu"
+            or (d.mlp_act == "swiglu_packed" and d.mlp_norm)):
+        raise ValueError("timm's Eva has no distillation token, attention pool, QuickGELU or "
+                         "packed SwiGLU with a norm here")
     ref = d.rope_ref_grid
     return Eva(img_size=d.img_size, patch_size=d.patch_size, in_chans=d.in_chans,
                num_classes=d.num_classes, global_pool=d.global_pool, embed_dim=d.embed_dim,
-               depth=d.depth, num_heads=H, qkv_bias=d.qkv_bias,
+               depth=d.depth, num_heads=H, qkv_bias=d.qkv_bias, qkv_fused=d.qkv_fused,
                attn_type="eva" if not d.k_bias else "rope", qk_norm=d.qk_norm,
-               mlp_ratio=M / d.embed_dim, swiglu_mlp=d.mlp_act == "swiglu_packed",
+               mlp_ratio=M / d.embed_dim, swiglu_mlp=d.mlp_act.startswith("swiglu"),
+               scale_mlp=d.mlp_norm, swiglu_align_to=int(d.mlp_act == "swiglu"),
+               scale_attn_inner=d.attn_norm,
                init_values=d.layer_scale or None, class_token=d.class_token,
                num_reg_tokens=d.reg_tokens, no_embed_class=d.no_embed_class,
                use_abs_pos_emb=d.abs_pos_embed, use_rot_pos_emb=bool(d.rope_dim),

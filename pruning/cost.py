@@ -70,8 +70,8 @@ class CostModel:
 
 
 def fc1_rows(dims: Dims) -> int:
-    """fc1's rows per MLP unit: 2 for a SwiGLU (gate and value), else 1."""
-    return 2 if dims.family("mlp_act") == "swiglu_packed" else 1
+    """First-layer rows per MLP unit: 2 for a SwiGLU (gate and value), else 1."""
+    return 2 if dims.family("mlp_act") in ("swiglu_packed", "swiglu") else 1
 
 
 def _need_frame(dims: Dims, what: str) -> None:
@@ -135,6 +135,8 @@ class ParamsCost(CostModel):
         self.layer_scale = bool(dims.family("layer_scale"))
         self.qk_norm = bool(dims.family("qk_norm"))
         self.fc1_rows = fc1_rows(dims)
+        self.mlp_norm = bool(dims.family("mlp_norm"))  # a LayerNorm over the hidden units
+        self.attn_norm = bool(dims.family("attn_norm"))  # a LayerNorm over the V outputs
         self.token_scales = dims.num_tokens if dims.token_scale else 0  # one per token, unpruned
 
     def block(self, embed_dim: int, num_heads: int, qk_dim: int, v_dim: int,
@@ -142,8 +144,8 @@ class ParamsCost(CostModel):
         E, qk, v, M = embed_dim, num_heads * qk_dim, num_heads * v_dim, mlp_dim
         norms = 2 * 2 * E
         biases = self.qkv_bias * (qk * (1 + self.k_bias) + v)
-        attention = E * (2 * qk + v) + biases + (v * E + E)
-        mlp = self.fc1_rows * (E * M + M) + (M * E + E)
+        attention = E * (2 * qk + v) + biases + (v * E + E) + 2 * v * self.attn_norm
+        mlp = self.fc1_rows * (E * M + M) + (M * E + E) + 2 * M * self.mlp_norm
         gammas = 2 * E * self.layer_scale
         qk_norms = 2 * 2 * qk_dim * self.qk_norm  # q_norm and k_norm, shared by the heads
         return float(norms + attention + mlp + gammas + qk_norms + self.token_scales)

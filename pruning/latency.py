@@ -154,6 +154,9 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
     act = model_dims.family("mlp_act") if model_dims is not None else "gelu"
     qk_norm = bool(model_dims is not None and model_dims.family("qk_norm"))
     rotary = bool(model_dims is not None and model_dims.family("rope_dim"))
+    mlp_norm = bool(model_dims is not None and model_dims.family("mlp_norm"))
+    attn_norm = bool(model_dims is not None and model_dims.family("attn_norm"))
+    fused = model_dims is None or model_dims.family("qkv_fused")
     k_bias = model_dims is None or model_dims.family("k_bias")
     prefix = model_dims.num_prefix_tokens if rotary else 0
 
@@ -164,7 +167,7 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         body = Attention(E, h, q, v, 1.0 / math.sqrt(q), num_tokens=tokens, qk_norm=qk_norm,
                          k_bias=k_bias, rope_width=q if rotary else 0,
                          rope_half=rotary and model_dims.family("rope_half"),
-                         num_prefix_tokens=prefix)
+                         num_prefix_tokens=prefix, qkv_fused=fused, out_norm=attn_norm)
         rope = torch.randn(N - prefix, 2 * q, device=device) if rotary else None
         return Sublayer(E, body, rope)
 
@@ -173,7 +176,7 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         x = torch.randn(B, N, E, device=device)
         attention.append([[[timer(attention_at(E, h, q, v), x)
                             for v in Vs] for q in Qs] for h in Hs])
-        mlp.append([timer(Sublayer(E, Mlp(E, m, act=act)), x) for m in Ms])
+        mlp.append([timer(Sublayer(E, Mlp(E, m, act=act, norm=mlp_norm)), x) for m in Ms])
         if model_dims is not None:
             img = torch.randn(B, model_dims.in_chans, model_dims.img_size, model_dims.img_size,
                               device=device)
@@ -186,8 +189,10 @@ def measure_table(grid: dict[str, list[int]], device: torch.device, batch_size: 
         "timed": {"attention": "LayerNorm + Attention (q, k, v, token scale if set, "
                                + ("qk-norm, " if qk_norm else "")
                                + ("rotary embedding, " if rotary else "")
-                               + "SDPA, proj) + residual add",
-                  "mlp": f"LayerNorm + Mlp (fc1, {act}, fc2) + residual add",
+                               + "SDPA, " + ("norm, " if attn_norm else "")
+                               + "proj) + residual add",
+                  "mlp": f"LayerNorm + Mlp (fc1, {act}, " + ("norm, " if mlp_norm else "")
+                         + "fc2) + residual add",
                   "stem": "patch embedding, tokens + pos_embed (+ norm_pre), final LayerNorm, "
                           "head(s)"},
     }

@@ -68,26 +68,40 @@ def _own(param: str, axis: int) -> Slice:
     return Slice(param, axis, "own", "h")
 
 
-_QKV = ("attn.qkv.weight", "attn.qkv.bias")
-# timm's Eva attention: Q and V biases of their own, no K bias (segments as in qkv's rows)
-_Q_BIAS, _V_BIAS = _p("attn.q_bias", 0, "q"), _p("attn.v_bias", 0, "v")
+# The parameters holding each head-major segment's rows: the fused `qkv` (and its bias),
+# timm's Eva Q and V biases (no K bias), separate projections (qkv_fused false), and the
+# norm over the attention output (V positions; statistics over the live ones)
+_ROWS = {"q": ("attn.qkv.weight", "attn.qkv.bias", "attn.q_bias", "attn.q_proj.weight",
+               "attn.q_proj.bias"),
+         "k": ("attn.qkv.weight", "attn.qkv.bias", "attn.k_proj.weight", "attn.k_proj.bias"),
+         "v": ("attn.qkv.weight", "attn.qkv.bias", "attn.v_bias", "attn.v_proj.weight",
+               "attn.v_proj.bias",
+               "attn.norm.weight", "attn.norm.bias")}  # scale_attn_inner: over V outputs
+_READERS = ("attn.qkv.weight", "attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight",
+            "mlp.fc1.weight", "mlp.fc1_g.weight", "mlp.fc1_x.weight")  # input columns: emb
+
+
 def _mlp_kind(fc1_copies: int = 1) -> UnitKind:
     """MLP neurons; a packed SwiGLU's fc1 holds each unit's gate row and value row (two
-    copies of the unit axis), removed together and both scaled by the unit's gate."""
+    copies of the unit axis), a split one's fc1_g and fc1_x a row each: removed together and
+    both scaled by the unit's gate; an MLP norm's (scale_mlp) weight and bias at the unit too."""
     return UnitKind("mlp", "mlp_dim", False,
                     block_slices=(_p("mlp.fc1.weight", 0, repeats=fc1_copies),
                                   _p("mlp.fc1.bias", 0, repeats=fc1_copies),
+                                  *(_p(f"mlp.{n}.{w}", 0) for n in ("fc1_g", "fc1_x", "norm")
+                                    for w in ("weight", "bias")),
                                   _c("mlp.fc2.weight", 1)))
 
 
 _MLP = _mlp_kind()
 UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
     UnitKind("emb", "embed_dim", False,
-             block_slices=(_p("norm1.weight", 0), _p("norm1.bias", 0), _c("attn.qkv.weight", 1),
+             block_slices=(_p("norm1.weight", 0), _p("norm1.bias", 0),
                            _p("attn.proj.weight", 0), _p("attn.proj.bias", 0), _p("ls1.gamma", 0),
-                           _p("norm2.weight", 0), _p("norm2.bias", 0), _c("mlp.fc1.weight", 1),
+                           _p("norm2.weight", 0), _p("norm2.bias", 0),
                            _p("mlp.fc2.weight", 0), _p("mlp.fc2.bias", 0), _p("ls2.gamma", 0),
-                           _p("gamma_1", 0), _p("gamma_2", 0)),  # Eva's LayerScale names
+                           _p("gamma_1", 0), _p("gamma_2", 0),  # Eva's LayerScale names
+                           *(_c(n, 1) for n in _READERS)),
              model_slices=(_p("patch_embed.proj.weight", 0), _p("patch_embed.proj.bias", 0),
                            _p("cls_token", 2), _p("dist_token", 2), _p("reg_token", 2),
                            _p("pos_embed", 2), _p("norm_pre.weight", 0), _p("norm_pre.bias", 0),
@@ -102,18 +116,18 @@ UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
                            _p("attn_pool.mlp.fc2.weight", 0), _p("attn_pool.mlp.fc2.bias", 0))),
     # the head gate multiplies the head's q, k and v
     UnitKind("head", "num_heads", False,
-             block_slices=tuple(_p(n, 0, s) for s in "qkv" for n in _QKV)
-             + (_Q_BIAS, _V_BIAS, _c("attn.proj.weight", 1, "v"))),
+             block_slices=tuple(_p(n, 0, s) for s in "qkv" for n in _ROWS[s])
+             + (_c("attn.proj.weight", 1, "v"),)),
     # the QK gate multiplies q only; removing a QK dim removes its k row as well
     # qk-norm: the gate scales both norms' weight and bias too (statistics over live dims)
     # rotary: a unit is a rotary pair of dims (`qk_pair`), the gate the same on both
     UnitKind("qk", "qk_dim", True,
-             block_slices=tuple(_p(n, 0, "q") for n in _QKV) + (_Q_BIAS,)
-             + tuple(_p(n, 0, "k", gated=False) for n in _QKV)
+             block_slices=tuple(_p(n, 0, "q") for n in _ROWS["q"])
+             + tuple(_p(n, 0, "k", gated=False) for n in _ROWS["k"])
              + tuple(_p(f"attn.{n}_norm.{w}", 0, "d") for n in "qk" for w in ("weight", "bias"))),
     UnitKind("v", "v_dim", True,
-             block_slices=tuple(_p(n, 0, "v") for n in _QKV)
-             + (_V_BIAS, _c("attn.proj.weight", 1, "v"))),
+             block_slices=tuple(_p(n, 0, "v") for n in _ROWS["v"])
+             + (_c("attn.proj.weight", 1, "v"),)),
     _MLP,
 )}
 SWIGLU_PACKED_KINDS = {**UNIT_KINDS, "mlp": _mlp_kind(2)}

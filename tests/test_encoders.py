@@ -252,3 +252,69 @@ def test_rotary_refuses_per_head_units():
     with pytest.raises(UserError, match="rotary") as e:
         Gates.attach(rope_vit(), qkv_units="per_head")
     assert e.value.field == "qkv_units"
+
+
+# ------------------------------------------- EVA-02 B/L and CLIP: SwiGLU, norms, q/k/v layers
+def eva_clip_vit(seed: int = 0) -> models.ReViT:
+    """EVA-02 CLIP's structure: separate q, k and v projections, a norm over the attention
+    output, SwiGLU with gate and value layers of their own and a norm over its hidden units."""
+    torch.manual_seed(seed)
+    m = models.build_model("eva02_base_patch16_clip_224", dims=models.Dims.uniform(32, 2, 4, 24),
+                           **FRAME)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m.eval()
+
+
+def test_split_swiglu_unit_and_its_norm():
+    """An MLP unit is its fc1_g row, its fc1_x row and its position of the MLP norm; the norm
+    takes its statistics over the live units (the LayerNorm of the kept ones, by hand)."""
+    m = eva_clip_vit()
+    d = m.dims
+    assert (d.mlp_act, d.mlp_norm, d.attn_norm, d.qkv_fused) == ("swiglu", True, True, False)
+    mlp = m.blocks[0].mlp
+    gates = Gates.attach(m)
+    gates.remove("mlp", 0, [3, 20])
+    keep = [u for u in range(24) if u not in (3, 20)]
+    h = torch.randn(2, 5, 24)
+    by_hand = F.layer_norm(h[..., keep], (22,), mlp.norm.weight[keep], mlp.norm.bias[keep],
+                           mlp.norm.eps)
+    got = mlp.norm(h, mlp.gate)
+    torch.testing.assert_close(got[..., keep], by_hand, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[..., [3, 20]], torch.zeros(2, 5, 2))
+    small = compact(m).eval()
+    for name in ("fc1_g", "fc1_x"):
+        assert torch.equal(getattr(small.blocks[0].mlp, name).weight,
+                           getattr(mlp, name).weight[keep])
+    assert torch.equal(small.blocks[0].mlp.norm.bias, mlp.norm.bias[keep])
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+
+
+def test_separate_projections_and_the_attention_output_norm():
+    """A head removes its rows of q_proj, k_proj and v_proj and its V positions of the norm
+    over the attention output; a V dim its v_proj row and norm position in every head. The
+    norm's statistics are over the live (head, V dim) positions."""
+    m = eva_clip_vit(1)
+    a = m.blocks[1].attn
+    gates = Gates.attach(m)
+    gates.remove("head", 1, [2])
+    gates.remove("v", 1, [0, 5])
+    small = compact(m).eval()
+    b = small.blocks[1].attn
+    heads, vdims, qk = [0, 1, 3], [1, 2, 3, 4, 6, 7], list(range(8))
+    v_rows = [h * 8 + d for h in heads for d in vdims]
+    assert torch.equal(b.v_proj.weight, a.v_proj.weight[v_rows])
+    assert torch.equal(b.q_proj.weight, a.q_proj.weight[[h * 8 + d for h in heads for d in qk]])
+    assert torch.equal(b.k_proj.weight, a.k_proj.weight[[h * 8 + d for h in heads for d in qk]])
+    assert torch.equal(b.norm.weight, a.norm.weight[v_rows])
+    out = torch.randn(2, 5, 32)
+    got = a.norm(out, a.v_rows())
+    by_hand = F.layer_norm(out[..., v_rows], (18,), a.norm.weight[v_rows], a.norm.bias[v_rows],
+                           a.norm.eps)
+    torch.testing.assert_close(got[..., v_rows], by_hand, rtol=1e-5, atol=1e-6)
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)

@@ -56,6 +56,9 @@ MODELS = {
     "EVA-02's rotary and packed SwiGLU": lambda: models.build_model(
         "eva02_tiny_patch14_224", dims=models.Dims(**{**DIMS, "qk_dim": [8, 8, 8]}),
         num_classes=10, **FRAME),
+    "EVA-02 CLIP's q/k/v layers, norms and SwiGLU": lambda: models.build_model(
+        "eva02_base_patch16_clip_224", dims=models.Dims(**{**DIMS, "qk_dim": [8, 8, 8]}),
+        num_classes=10, **FRAME),
     "RoPE ViT": lambda: models.build_model(
         "vit_small_patch16_rope_224", dims=models.Dims(**{**DIMS, "qk_dim": [16, 16, 16]}),
         num_classes=10, **FRAME),
