@@ -188,16 +188,33 @@ def check_resumable(ckpt: dict, source: str, original, settings: dict) -> None:
     if "pruner" not in ckpt:
         raise UserError(f"--resume {source} is not a pruning state file "
                         f"({checkpoints.PRUNING_STATE_FILE})")
-    if ckpt["original_dims"] != original.to_dict():
+    if not same_model(ckpt["original_dims"], original):
         raise UserError(f"--resume {source} belongs to a run on another model")
     if has_split_qkv(ckpt["model"]):
         raise UserError(f"--resume {source} was written by an nvit before q, k and v became one "
                         f"projection and cannot be continued exactly; start the run again")
     saved = {**SETTINGS_BEFORE_THEY_EXISTED, **ckpt["settings"]}
+    if isinstance(saved.get("config"), dict):  # unit kinds added since (SigLIP's pool MLP)
+        config = saved["config"]  # had the defaults' group size and scale
+        saved["config"] = {**config, **{key: {**default, **config[key]} for key, default in (
+            ("group_sizes", pruning.DEFAULT_GROUP_SIZES), ("scales", pruning.DEFAULT_SCALES))
+            if isinstance(config.get(key), dict)}}
     changed = [k for k, v in settings.items() if saved.get(k) != v]
     if changed:
         raise UserError(f"--resume {source} was made with other settings ({', '.join(changed)}); "
                         f"resume with the same flags, or start a new --output_dir")
+
+
+def same_model(saved: dict, original) -> bool:
+    """Whether a state's original dims are this run's model: a field the state lacks (added
+    to the dims since it was written) has the value that older models had."""
+    try:
+        then = models.dims_from_dict(saved)
+    except UserError:
+        return False
+    def normal(d):
+        return d.with_family_defaults() if isinstance(d, models.Dims) else d
+    return normal(then) == normal(original)
 
 
 def not_reached_reason(loop: pruning.PruningLoop) -> str:

@@ -31,8 +31,9 @@ def widths_of(dims) -> dict:
 
 
 def width_summary(widths: dict) -> str:
+    pool = f"  pool mlp {widths['pool_mlp_dim']}" if "pool_mlp_dim" in widths else ""
     return (f"emb {widths['embed_dim']}  heads {sum(widths['num_heads'])}  "
-            f"qk {widths['qk_dim']}  v {widths['v_dim']}  mlp {sum(widths['mlp_dim'])}")
+            f"qk {widths['qk_dim']}  v {widths['v_dim']}  mlp {sum(widths['mlp_dim'])}{pool}")
 
 
 def prune_step_line(record: dict, loop: PruningLoop, cost: str) -> str:

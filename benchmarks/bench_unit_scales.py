@@ -2,17 +2,18 @@
 
     python -m benchmarks.bench_unit_scales [--quick] [--seeds 0,1,2] [--work-dir DIR]
 
-Three families (--families deit,clip,swiglu) of the same small width on DIGITS (32 px, patch 8, six blocks of 96 channels,
+Four families (--families deit,clip,swiglu,rotary) of the same small width on DIGITS (32 px, patch 8, six blocks of 96 channels,
 four heads of 24, MLP 384), each trained with labels once (the README's recipe), then pruned
 by the shipped scripts, run as a user runs them, toward 50% and 25% of its MACs (one run,
 two targets) with three sets of unit scales, and each pruned model finetuned the same way:
 
   DeiT (`deit_small_patch16_224`): a classifier, the reference's objective (KL + label loss),
       judged by top-1 after finetuning;
-  CLIP-style (`vit_base_patch16_clip_quickgelu_224`: pre-norm, QuickGELU) and SwiGLU
-      (`vit_giant_patch14_dinov2`'s structure: packed SwiGLU, LayerScale): backbones pruned
-      and finetuned label-free (1 - cos of the pooled features) on the images alone, judged
-      by the k-NN top-1 of their frozen features (tools.knn_eval).
+  CLIP-style (`vit_base_patch16_clip_quickgelu_224`: pre-norm, QuickGELU), SwiGLU
+      (`vit_giant_patch14_dinov2`'s structure: packed SwiGLU, LayerScale) and SwiGLU + rotary
+      (`eva02_tiny_patch14_224`'s: rotary pairs as QK units, Q and V biases, avg pool):
+      backbones pruned and finetuned label-free (1 - cos of the pooled features) on the
+      images alone, judged by the k-NN top-1 of their frozen features (tools.knn_eval).
 
 Scales: "reference" (12, 12, 2, 2, 1, configs/nvit_reference.json), "ones"
 (configs/nvit_unit_scales.json), "auto" (--unit-scales auto: derived from the model's MACs).
@@ -48,6 +49,7 @@ FAMILIES = {  # key: (what the report calls it, timm name, label-free)
     "deit": ("DeiT", "deit_small_patch16_224", False),
     "clip": ("CLIP-style (pre-norm, QuickGELU)", "vit_base_patch16_clip_quickgelu_224", True),
     "swiglu": ("SwiGLU (DINOv2-g structure)", "vit_giant_patch14_dinov2", True),
+    "rotary": ("SwiGLU + rotary (EVA-02 structure)", "eva02_tiny_patch14_224", True),
 }
 SCALES = {"reference": [], "ones": ["--pruning_config", "configs/nvit_unit_scales.json"],
           "auto": ["--unit-scales", "auto"]}

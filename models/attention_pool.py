@@ -9,9 +9,9 @@ timm's weights load as they are and the logits are timm's.
 Its sides that face the residual stream follow the stream's embedding gate, as a block's do:
 the latent (the query's input, as wide as the stream) and the output projection and the MLP's
 second layer produce stream channels, q, kv and the MLP's first layer read them, and its norm
-takes its statistics over the live channels. Its attention width (`pool_dim`: q, k and v per
-head) is not a prunable unit and keeps its width; its MLP's hidden units are a unit kind of
-their own in the unit map's design; this version keeps them (`units.UNPRUNED`).
+takes its statistics over the live channels. Its MLP's hidden units are a unit kind of their
+own ("pool_mlp", gated as a block's MLP). Its attention width (`pool_dim`: q, k and v per
+head) is not a prunable unit and keeps its width (`units.UNPRUNED`).
 """
 from __future__ import annotations
 

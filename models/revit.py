@@ -638,7 +638,7 @@ class ReViT(nn.Module):
 
     # ---------------------------------------------------------------- gates
     def set_gates(self, embs: list | None, blocks: list[dict] | None,
-                  frames: list | None = None) -> None:
+                  frames: list | None = None, model: dict | None = None) -> None:
         """Attach gates (or remove them with `None, None`).
 
         `embs` holds the one embedding gate (E,) of the residual stream; `blocks[i]` holds
@@ -646,7 +646,8 @@ class ReViT(nn.Module):
         gates are set or none; the embedding gate is independent. `frames` (default `embs`)
         holds the embedding gate used where the stream meets the class/distillation tokens,
         the position embedding and the final norm (the classifier columns); the same values,
-        detached, leave those weights out of the embedding score.
+        detached, leave those weights out of the embedding score. `model` holds the
+        model-level kinds' gates: "pool_mlp" (M,) on SigLIP's pool MLP's neurons.
         """
         self.emb_gate = None if embs is None else embs[0]
         self.emb_frame_gate = self.emb_gate if frames is None else frames[0]
@@ -656,14 +657,19 @@ class ReViT(nn.Module):
             blk.attn.qk_gate = g.get("qk")
             blk.attn.v_gate = g.get("v")
             blk.mlp.gate = g.get("mlp")
+        if self.attn_pool is not None:
+            self.attn_pool.mlp.gate = (model or {}).get("pool_mlp")
 
     def current_gates(self) -> dict:
-        """The gates set: {"emb": [per stream] or None, "blocks": [{kind: ...}] or None}."""
+        """The gates set: {"emb": [per stream] or None, "blocks": [{kind: ...}] or None,
+        "model": {kind: ...}}."""
         blocks = [{"head": b.attn.head_gate, "qk": b.attn.qk_gate, "v": b.attn.v_gate,
                    "mlp": b.mlp.gate} for b in self.blocks]
         if all(v is None for g in blocks for v in g.values()):
             blocks = None
-        return {"emb": None if self.emb_gate is None else [self.emb_gate], "blocks": blocks}
+        pool = self.attn_pool.mlp.gate if self.attn_pool is not None else None
+        return {"emb": None if self.emb_gate is None else [self.emb_gate], "blocks": blocks,
+                "model": {} if pool is None else {"pool_mlp": pool}}
 
     # -------------------------------------------------------------- forward
     def embed_patches(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:

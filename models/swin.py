@@ -430,10 +430,13 @@ class ReSwin(nn.Module):
 
     # ---------------------------------------------------------------- gates
     def set_gates(self, embs: list | None, blocks: list[dict] | None,
-                  frames: list | None = None) -> None:
+                  frames: list | None = None, model: dict | None = None) -> None:
         """Attach gates (or remove them with `None, None`): `embs[s]` (C_s,) per stage,
         `blocks[i]` the head, qk, v and mlp gates of block i (all stages in order);
-        `frames[s]` (default `embs[s]`) is what the final norm sees."""
+        `frames[s]` (default `embs[s]`) is what the final norm sees; `model`: a Swin has no
+        model-level kinds."""
+        if model:
+            raise ValueError(f"a Swin has no model-level unit kinds, got {sorted(model)}")
         self.emb_gates = embs
         self.emb_frame_gates = embs if frames is None else frames
         blks = [b for stage in self.layers for b in stage.blocks]

@@ -27,7 +27,8 @@ _MODEL_REGULARISERS = ("pos_drop", "head.drop")
 
 def has_gates(model: torch.nn.Module) -> bool:
     g = model.current_gates()
-    return g["emb"] is not None or g["blocks"] is not None
+    return (g["emb"] is not None or g["blocks"] is not None
+            or any(v is not None for v in g.get("model", {}).values()))
 
 
 def compacted_dims(model: torch.nn.Module):
@@ -36,7 +37,8 @@ def compacted_dims(model: torch.nn.Module):
     A width pruned to 0 becomes one zero-weight placeholder unit (models need >= 1).
     """
     g = model.current_gates()
-    dims = widths_to_dims(live_widths(g["emb"], g["blocks"], model.dims), model.dims)
+    dims = widths_to_dims(live_widths(g["emb"], g["blocks"], model.dims, g.get("model")),
+                          model.dims)
     return replace(dims, rope_dims=kept_rope_dims(model, g["blocks"])) if qk_pair(dims) else dims
 
 

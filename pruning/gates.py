@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from errors import UserError
 
-from .units import BLOCK_KINDS, gate_shape, num_streams, pair_dims, per_pair, qk_pair
+from .units import (BLOCK_KINDS, MODEL_KINDS, UNIT_KINDS, gate_shape, model_kinds, num_streams,
+                    pair_dims, per_pair, qk_pair)
 
 QKV_UNITS = ("shared", "per_head")
 EMB_SALIENCY = ("full", "reference")  # what the embedding gate's gradient sums, see attach
@@ -51,8 +52,10 @@ def head_widths(head: torch.Tensor, qk: torch.Tensor, v: torch.Tensor) -> tuple[
     return n_heads, widths[0], widths[1]
 
 
-def live_widths(embs: list | None, blocks: list[dict] | None, dims) -> dict:
-    """Widths of the compact model as dims field names; a missing gate counts as all ones."""
+def live_widths(embs: list | None, blocks: list[dict] | None, dims,
+                model: dict | None = None) -> dict:
+    """Widths of the compact model as dims field names; a missing gate counts as all ones
+    (`model`: the model-level kinds' gates, e.g. SigLIP's pool MLP)."""
     streams = [w if embs is None or embs[s] is None else int((embs[s] != 0).sum())
                for s, w in enumerate(dims.streams)]
     out = {"embed_dim": dims.embed_value(streams),
@@ -73,6 +76,9 @@ def live_widths(embs: list | None, blocks: list[dict] | None, dims) -> dict:
         out["qk_dim"].append(qk_w)
         out["v_dim"].append(v_w)
         out["mlp_dim"].append(dims.mlp_dim[i] if mlp is None else int((mlp != 0).sum()))
+    for kind, gate in (model or {}).items():
+        if gate is not None:
+            out[UNIT_KINDS[kind].width] = int((gate != 0).sum())
     return out
 
 
@@ -104,11 +110,12 @@ class Gates:
     """
 
     def __init__(self, embs: list[torch.Tensor], blocks: list[dict], dims,
-                 qkv_units: str = "shared") -> None:
+                 qkv_units: str = "shared", model: dict | None = None) -> None:
         if qkv_units not in QKV_UNITS:
             raise ValueError(f"QK/V units must be one of {QKV_UNITS}, got {qkv_units!r}")
         self.embs = list(embs)
         self.blocks = blocks
+        self.model = dict(model or {})  # model-level kind -> its one gate (SigLIP's pool MLP)
         self.dims = dims
         self.qkv_units = qkv_units
         self.qk_pair = qk_pair(dims)  # a rotary model's QK unit: a pair of dims
@@ -142,10 +149,11 @@ class Gates:
 
         blocks = [{k: ones(*gate_shape(k, d, i)) for k in BLOCK_KINDS} for i in range(d.depth)]
         embs = [ones(*gate_shape("emb", d, s)) for s in range(num_streams(d))]
-        gates = cls(embs, blocks, d, qkv_units)
+        gates = cls(embs, blocks, d, qkv_units,
+                    {k: ones(*gate_shape(k, d, 0)) for k in model_kinds(d)})
         # "reference": detached views sharing storage, so the values follow every removal
         frames = [e.detach() for e in embs] if emb_saliency == "reference" else None
-        model.set_gates(gates.embs, gates.blocks, frames)
+        model.set_gates(gates.embs, gates.blocks, frames, gates.model)
         return gates
 
     @staticmethod
@@ -155,13 +163,15 @@ class Gates:
     # ------------------------------------------------------------- iteration
     def tensors(self) -> list[torch.Tensor]:
         """Every gate in a fixed order (the streams' embedding gates, then per block head,
-        qk, v, mlp)."""
-        return self.embs + [g[k] for g in self.blocks for k in BLOCK_KINDS]
+        qk, v, mlp, then the model-level kinds')."""
+        return (self.embs + [g[k] for g in self.blocks for k in BLOCK_KINDS]
+                + [self.model[k] for k in MODEL_KINDS if k in self.model])
 
     def layers(self) -> list[tuple[str, int]]:
         """(kind, index) of each tensor in `tensors()` order."""
         return ([("emb", s) for s in range(len(self.embs))]
-                + [(k, i) for i in range(len(self.blocks)) for k in BLOCK_KINDS])
+                + [(k, i) for i in range(len(self.blocks)) for k in BLOCK_KINDS]
+                + [(k, 0) for k in MODEL_KINDS if k in self.model])
 
     def kinds(self) -> list[str]:
         """The kind of each tensor in `tensors()` order."""
@@ -171,9 +181,19 @@ class Gates:
         """A flat list in `tensors()` order -> {"emb": [per stream], "blocks": [{kind: ...}]}."""
         it = iter(flat)
         embs = [next(it) for _ in self.embs]
-        return {"emb": embs, "blocks": [{k: next(it) for k in BLOCK_KINDS} for _ in self.blocks]}
+        blocks = [{k: next(it) for k in BLOCK_KINDS} for _ in self.blocks]
+        return {"emb": embs, "blocks": blocks,
+                "model": {k: next(it) for k in MODEL_KINDS if k in self.model}}
+
+    @staticmethod
+    def flatten(nested: dict) -> list:
+        """The inverse of `nest`: a nested dict in `tensors()` order."""
+        return ([*nested["emb"]] + [b[k] for b in nested["blocks"] for k in BLOCK_KINDS]
+                + [nested.get("model", {})[k] for k in MODEL_KINDS if k in nested.get("model", {})])
 
     def gate(self, kind: str, index: int) -> torch.Tensor:
+        if kind in MODEL_KINDS:
+            return self.model[kind]
         return self.embs[index] if kind == "emb" else self.blocks[index][kind]
 
     # ----------------------------------------------------------------- units
@@ -203,7 +223,7 @@ class Gates:
                 if kind == "qk" and self.qk_pair:
                     live = per_pair(live, self.qk_pair, operator.or_)
                 out.append(live)
-        return out
+        return out + [self.model[k].detach() != 0 for k in MODEL_KINDS if k in self.model]
 
     def gate_units(self, kind: str, index: int, units: list) -> list:
         """Unit indices -> indices into the gate tensor ((head, dim) pairs for QK/V)."""
@@ -277,13 +297,15 @@ class Gates:
     @torch.no_grad()
     def load_masks(self, masks: dict) -> None:
         """Set gate values to 1 (alive) or 0 (removed) in place, keeping the gate tensors.
-        A ViT's masks saved before streams were lists hold one tensor under "emb"."""
+        A ViT's masks saved before streams were lists hold one tensor under "emb"; masks
+        saved before model-level kinds existed have no "model" (those gates stay alive)."""
         embs = masks["emb"] if isinstance(masks["emb"], (list, tuple)) else [masks["emb"]]
         if len(masks["blocks"]) != len(self.blocks) or len(embs) != len(self.embs):
             raise ValueError(f"masks have {len(embs)} streams and {len(masks['blocks'])} blocks, "
                              f"gates {len(self.embs)} and {len(self.blocks)}")
         pairs = list(zip(self.embs, embs)) + [(g[k], m[k]) for g, m in zip(self.blocks, masks["blocks"])
                                                for k in BLOCK_KINDS]
+        pairs += [(self.model[k], m) for k, m in masks.get("model", {}).items()]
         for gate, mask in pairs:
             if tuple(mask.shape) != tuple(gate.shape):
                 raise ValueError(f"mask shape {tuple(mask.shape)} != gate shape {tuple(gate.shape)}")
@@ -293,14 +315,15 @@ class Gates:
     # ---------------------------------------------------------------- widths
     def widths(self) -> dict:
         """Widths a compact model would have, keyed like dims fields (0 if fully pruned)."""
-        return live_widths(self.embs, self.blocks, self.dims)
+        return live_widths(self.embs, self.blocks, self.dims, self.model)
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
         """Masks on the CPU: all that a resumed run needs to restore its gates."""
         m = self.masks()
         return {"emb": [e.cpu().clone() for e in m["emb"]],
-                "blocks": [{k: v.cpu().clone() for k, v in b.items()} for b in m["blocks"]]}
+                "blocks": [{k: v.cpu().clone() for k, v in b.items()} for b in m["blocks"]],
+                "model": {k: v.cpu().clone() for k, v in m["model"].items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.load_masks(state)

@@ -3,7 +3,7 @@
 It follows the NViT reference's pruning engine (`pruning_engine_general.py`, method 23):
 
 - A *layer* is the embedding of one residual stream (a ViT has one, a Swin one per stage),
-  or one kind (head, QK, V, MLP) in one block. Each unit's
+  one kind (head, QK, V, MLP) in one block, or a model-level kind (SigLIP's pool MLP). Each unit's
   value is its saliency (0 once removed) minus `lambda * drop`, where `drop` is how much
   the ranking cost falls when the layer loses one unit at the current widths (0 once the
   layer is down to one group). A layer's units, sorted, are cut into groups of the kind's
@@ -35,9 +35,9 @@ import torch.distributed as dist
 from .cost import CostModel
 from .gates import Gates, stream_widths, widths_to_dims
 from .saliency import Saliency
-from .units import BLOCK_KINDS, KINDS, UNIT_KINDS, unit_width
+from .units import BLOCK_KINDS, KINDS, MODEL_KINDS, UNIT_KINDS, unit_width, width_of
 
-DEFAULT_GROUP_SIZES = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16}
+DEFAULT_GROUP_SIZES = {"emb": 16, "head": 2, "qk": 8, "v": 8, "mlp": 16, "pool_mlp": 16}
 DEFAULT_PACE = 16  # the reference's --group_size: prune_per_iter // 16 groups per step
 # lambda multiplies the cost drop in these units: seconds for latency (tables hold ms; the
 # reference applied its lambda, 5e-4 in the paper, to seconds), GMACs, millions of parameters
@@ -124,6 +124,8 @@ class GlobalPruner:
         w = {"embed_dim": d.embed_value([min(g["emb"], e) for e in d.streams])}
         for kind, key in _WIDTH.items():
             w[key] = [min(g[kind] * unit_width(d, kind), x) for x in getattr(d, key)]
+        for kind in self.gates.model:
+            w[UNIT_KINDS[kind].width] = min(g[kind], width_of(d, kind, 0))
         return self.cost.total(widths_to_dims(w, self.original)) / self.original_cost
 
     def state_dict(self) -> dict:
@@ -144,6 +146,12 @@ class GlobalPruner:
             fewer[index] -= 1
             fewer_dims = widths_to_dims(dict(w, embed_dim=self.original.embed_value(fewer)),
                                         self.original)
+            return (cost.total(dims_now) - cost.total(fewer_dims)) * scale
+        if kind in MODEL_KINDS:  # a model-level layer: its width is a scalar field
+            field = UNIT_KINDS[kind].width
+            if w[field] <= self.group_sizes[kind]:
+                return 0.0
+            fewer_dims = widths_to_dims(dict(w, **{field: w[field] - 1}), self.original)
             return (cost.total(dims_now) - cost.total(fewer_dims)) * scale
         now = [streams[self.original.stream_of(index)]] + [w[_WIDTH[k]][index] for k in BLOCK_KINDS]
         i = 1 + BLOCK_KINDS.index(kind)
@@ -198,6 +206,9 @@ class GlobalPruner:
             for k in BLOCK_KINDS:
                 out.append(self._layer_groups(k, i, scores["blocks"][i][k], live["blocks"][i][k],
                                               self._unit_drop(k, i, w, dims_now)))
+        for k in live["model"]:
+            out.append(self._layer_groups(k, 0, scores["model"][k], live["model"][k],
+                                          self._unit_drop(k, 0, w, dims_now)))
         return out
 
     def candidates(self, scores: dict) -> list[Group]:

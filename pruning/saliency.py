@@ -15,9 +15,10 @@ import torch
 
 
 from .gates import Gates
-from .units import BLOCK_KINDS, KINDS, squared_magnitudes
+from .units import KINDS, squared_magnitudes
 
-DEFAULT_SCALES = {"emb": 12.0, "head": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0}
+# the reference's; SigLIP's pool MLP neurons (not in the reference) as the blocks' MLP's
+DEFAULT_SCALES = {"emb": 12.0, "head": 12.0, "qk": 2.0, "v": 2.0, "mlp": 1.0, "pool_mlp": 1.0}
 
 
 class Criterion:
@@ -64,7 +65,7 @@ class Magnitude(Criterion):
         if model is None:
             raise ValueError("Saliency.step: the magnitude criterion needs the model")
         sq = squared_magnitudes(model)
-        raw = saliency.gates.to_units([*sq["emb"]] + [b[k] for b in sq["blocks"] for k in BLOCK_KINDS])
+        raw = saliency.gates.to_units(saliency.gates.flatten(sq))
         out = []
         for r, a in zip(raw, alive):
             r = torch.where(a, r.sqrt().to(a.device), torch.zeros_like(r, device=a.device))

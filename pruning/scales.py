@@ -14,14 +14,15 @@ it saves", which is what a cost target needs, whatever the model's proportions.
 from __future__ import annotations
 
 from .gates import widths_to_dims
-from .units import BLOCK_KINDS, KINDS, UNIT_KINDS, unit_width
+from .units import BLOCK_KINDS, MODEL_KINDS, UNIT_KINDS, model_kinds, unit_width, width_of
 
 SCORE_POWERS = {"hessian": 2, "taylor": 1}  # the criteria whose scores the scales divide
 
 
 def _dense_widths(dims) -> dict:
     return {"embed_dim": dims.embed_value(list(dims.streams)),
-            **{UNIT_KINDS[k].width: list(getattr(dims, UNIT_KINDS[k].width)) for k in BLOCK_KINDS}}
+            **{UNIT_KINDS[k].width: list(getattr(dims, UNIT_KINDS[k].width)) for k in BLOCK_KINDS},
+            **{UNIT_KINDS[k].width: width_of(dims, k, 0) for k in model_kinds(dims)}}
 
 
 def unit_savings(cost, dims, group_sizes: dict[str, int], qkv_units: str = "shared"
@@ -32,10 +33,12 @@ def unit_savings(cost, dims, group_sizes: dict[str, int], qkv_units: str = "shar
     is one head's dim: a shared one's saving over the block's heads."""
     total = cost.total(dims)
     out = {}
-    for kind in KINDS:
+    for kind in ("emb", *BLOCK_KINDS, *model_kinds(dims)):
         savings = []
         if kind == "emb":
             layers = [(s, w) for s, w in enumerate(dims.streams)]
+        elif kind in MODEL_KINDS:
+            layers = [(0, width_of(dims, kind, 0))]
         else:
             layers = list(enumerate(getattr(dims, UNIT_KINDS[kind].width)))
         for layer, width in layers:
@@ -48,6 +51,8 @@ def unit_savings(cost, dims, group_sizes: dict[str, int], qkv_units: str = "shar
                 streams = list(dims.streams)
                 streams[layer] -= n
                 widths["embed_dim"] = dims.embed_value(streams)
+            elif kind in MODEL_KINDS:
+                widths[UNIT_KINDS[kind].width] = width - n
             else:
                 widths[UNIT_KINDS[kind].width][layer] -= n * step
             saved = (total - cost.total(widths_to_dims(widths, dims))) / n
@@ -66,6 +71,9 @@ def auto_scales(cost, dims, criterion: str, group_sizes: dict[str, int],
         raise ValueError(f"unit scales divide the {' and '.join(SCORE_POWERS)} criteria's "
                          f"scores; the {criterion} criterion does not use them")
     saved = unit_savings(cost, dims, group_sizes, qkv_units)
+    for kind in model_kinds(dims):  # a latency table does not time the pool MLP's widths:
+        if saved[kind] <= 0:  # its neurons then take the blocks' MLP neurons' scale
+            saved[kind] = saved["mlp"]
     flat = [k for k, v in saved.items() if v <= 0]
     if flat:
         raise ValueError(f"the {cost.name} cost saves nothing when a unit of {', '.join(flat)} "

@@ -130,13 +130,20 @@ UNIT_KINDS: dict[str, UnitKind] = {k.name: k for k in (
              + (_c("attn.proj.weight", 1, "v"),)),
     _MLP,
 )}
+BLOCK_KINDS = tuple(UNIT_KINDS)[1:]
+# Kinds of a model-level layer (one gate tensor per model, present when the model has the
+# part): SigLIP's attention pool's MLP neurons, its fc1 rows and fc2 columns.
+UNIT_KINDS["pool_mlp"] = UnitKind(
+    "pool_mlp", "pool_mlp_dim", False, block_slices=(),
+    model_slices=(_p("attn_pool.mlp.fc1.weight", 0), _p("attn_pool.mlp.fc1.bias", 0),
+                  _c("attn_pool.mlp.fc2.weight", 1)))
+MODEL_KINDS = ("pool_mlp",)
 SWIGLU_PACKED_KINDS = {**UNIT_KINDS, "mlp": _mlp_kind(2)}
 KINDS = tuple(UNIT_KINDS)
-BLOCK_KINDS = KINDS[1:]
-# parameters no unit owns: classifier biases (class axis), per-token scales (token axis)
-# the attention pool's attention width and its MLP's hidden units (not units of this version)
+# parameters no unit owns: classifier biases (class axis), per-token scales (token axis),
+# the attention pool's q and kv biases (its attention width is not a unit of this version)
 UNPRUNED = (re.compile(r"head(_dist)?\.bias"), re.compile(r"blocks\.\d+\.attn\.token_scale"),
-            re.compile(r"attn_pool\.(q|kv|mlp\.fc1)\.bias"))
+            re.compile(r"attn_pool\.(q|kv)\.bias"))
 
 
 def _swin_kinds(version: int) -> dict[str, UnitKind]:
@@ -216,6 +223,19 @@ def per_pair(values: torch.Tensor, layout: str, combine) -> torch.Tensor:
     return combine(values[..., 0::2], values[..., 1::2])
 
 
+def model_kinds(dims) -> tuple[str, ...]:
+    """The model-level kinds this model has (SigLIP's pool MLP with global_pool "map")."""
+    if isinstance(dims, SwinDims) or dims.family("global_pool") != "map":
+        return ()
+    return MODEL_KINDS
+
+
+def width_of(dims, kind: str, layer: int) -> int:
+    """A layer's width in units' dims: a block list's entry, or a model-level scalar."""
+    value = getattr(dims, UNIT_KINDS[kind].width)
+    return value[layer] if isinstance(value, list) else value
+
+
 def unit_kinds(model: torch.nn.Module) -> dict[str, UnitKind]:
     """The unit map of this model's family."""
     d = model.dims
@@ -246,7 +266,7 @@ def gate_shape(kind: str, dims, layer: int) -> tuple[int, ...]:
     if kind == "emb":
         return (dims.streams[layer],)
     k = UNIT_KINDS[kind]
-    width = getattr(dims, k.width)[layer]
+    width = width_of(dims, kind, layer)
     return (dims.num_heads[layer], width) if k.per_head else (width,)
 
 
@@ -272,6 +292,8 @@ def slices(model: torch.nn.Module, kind: str, layer: int | None):
             out += [(f"{names[i]}.{sl.param}", sl, s) for i in blocks for sl in k.block_slices
                     if f"{names[i]}.{sl.param}" in params]
         return out
+    if kind in MODEL_KINDS:
+        return [(sl.param, sl, 0) for sl in k.model_slices if sl.param in params]
     blocks = range(d.depth) if layer is None else [layer]
     return [(f"{names[i]}.{sl.param}", sl, i) for i in blocks for sl in k.block_slices
             if f"{names[i]}.{sl.param}" in params]
@@ -346,10 +368,12 @@ def indices(model: torch.nn.Module, name: str, s: Slice, kind: str, units: list)
 
 # --------------------------------------------------------------------- derived quantities
 def nest_layers(model: torch.nn.Module, layer) -> dict:
-    """{"emb": [layer("emb", s) per stream], "blocks": [{kind: layer(kind, i)}]}."""
+    """{"emb": [layer("emb", s) per stream], "blocks": [{kind: layer(kind, i)}],
+    "model": {kind: layer(kind, 0)}}."""
     d = model.dims
     return {"emb": [layer("emb", s) for s in range(num_streams(d))],
-            "blocks": [{k: layer(k, i) for k in BLOCK_KINDS} for i in range(d.depth)]}
+            "blocks": [{k: layer(k, i) for k in BLOCK_KINDS} for i in range(d.depth)],
+            "model": {k: layer(k, 0) for k in model_kinds(d)}}
 
 
 @torch.no_grad()
@@ -415,9 +439,9 @@ def _required(new_dims, kind: str, s: Slice, layer: int) -> int:
     """Positions a slice's segment has in the compact model (all copies)."""
     if kind == "emb":
         return new_dims.streams[layer] * s.repeats
-    heads = new_dims.num_heads[layer]
     if s.segment is None:
-        return getattr(new_dims, UNIT_KINDS[kind].width)[layer] * s.repeats
+        return width_of(new_dims, kind, layer) * s.repeats
+    heads = new_dims.num_heads[layer]
     if s.segment == "h":
         return heads
     if s.segment == "d":
@@ -457,13 +481,15 @@ def compact_state(model: torch.nn.Module, gates: dict, new_dims) -> dict:
     zero placeholder positions (as many as `new_dims` holds) on every slice it touches.
 
     gates: {"emb": [tensor or None per stream] or None, "blocks": [{kind: tensor or None}]
-    or None}.
+    or None, "model": {kind: tensor} (optional)}.
     """
     check_covered(model)
 
     def gate_of(kind: str, layer: int) -> torch.Tensor | None:
         if kind == "emb":
             return None if gates["emb"] is None else gates["emb"][layer]
+        if kind in MODEL_KINDS:
+            return (gates.get("model") or {}).get(kind)
         return None if gates["blocks"] is None else gates["blocks"][layer].get(kind)
 
     touching = _touching(model)

@@ -147,17 +147,21 @@ def test_auto_scales_of_deit_b_are_near_the_reference():
 
 
 # ------------------------------------------------------------------ SigLIP's attention pool
-def test_attention_pool_is_pruned_along_the_embedding():
-    """Removed stream channels leave the latent, q's and kv's input columns, the output
-    projection's rows, the pool's norm (statistics over live channels) and its MLP's outer
-    sides; the pool's attention width and MLP width stay."""
-    torch.manual_seed(0)
+def siglip_vit(seed: int = 0) -> models.ReViT:
+    torch.manual_seed(seed)
     m = models.build_model("vit_base_patch16_siglip_224", dims=models.Dims.uniform(32, 2, 4, 64),
                            **FRAME)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
-    m.eval()
+    return m.eval()
+
+
+def test_attention_pool_is_pruned_along_the_embedding():
+    """Removed stream channels leave the latent, q's and kv's input columns, the output
+    projection's rows, the pool's norm (statistics over live channels) and its MLP's outer
+    sides; the pool's attention width and MLP width stay."""
+    m = siglip_vit()
     assert (m.dims.global_pool, m.dims.pool_dim, m.dims.pool_heads, m.dims.pool_mlp_dim) == \
         ("map", 32, 4, 64)
     gates = Gates.attach(m)
@@ -180,6 +184,45 @@ def test_attention_pool_is_pruned_along_the_embedding():
         torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
     with pytest.raises(UserError, match="attention pool"):
         small.reset_classifier(0, global_pool="avg")
+
+
+def test_attention_pool_mlp_neurons_are_a_kind_of_their_own():
+    """The pool's MLP neurons are one model-level layer ("pool_mlp"): a unit is its fc1 row
+    and fc2 column, its gate's gradient is theta * dL/dtheta over its fc1 row and bias, the
+    pruner ranks it with the others and the compact model keeps the rest."""
+    from pruning import GlobalPruner, Saliency
+    from pruning.cost import MacsCost
+    m = siglip_vit(1).train()
+    gates = Gates.attach(m)
+    assert gates.layers()[-1] == ("pool_mlp", 0) and gates.model["pool_mlp"].shape == (64,)
+    m(torch.randn(3, 3, 32, 32)).pow(2).sum().backward()
+    fc1 = m.attn_pool.mlp.fc1
+    want = (fc1.weight * fc1.weight.grad).sum(1) + fc1.bias * fc1.bias.grad
+    g = gates.model["pool_mlp"]
+    torch.testing.assert_close(g * g.grad, want.detach(), rtol=1e-4, atol=1e-7)
+    # the pruner removes pool neurons like any layer's units (a group of 16 at a step)
+    sal = Saliency(gates, "hessian")
+    sal.accumulate()
+    scores = sal.step()
+    assert scores["model"]["pool_mlp"].shape == (64,)
+    pruner = GlobalPruner(gates, sal, MacsCost(m.dims), 0.5, 64)
+    layer = [grp for layer in pruner.layers(scores) for grp in layer if grp.kind == "pool_mlp"]
+    assert len(layer) == 4 and layer[0].cost_drop > 0
+    gates.remove("pool_mlp", 0, [5, 9, 60])
+    keep = [u for u in range(64) if u not in (5, 9, 60)]
+    assert gates.widths()["pool_mlp_dim"] == 61
+    small = compact(m.eval()).eval()
+    assert small.dims.pool_mlp_dim == 61
+    assert torch.equal(small.attn_pool.mlp.fc1.weight, fc1.weight[keep])
+    assert torch.equal(small.attn_pool.mlp.fc2.weight, m.attn_pool.mlp.fc2.weight[:, keep])
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+    # resume: the masks hold the pool's layer too
+    state = gates.state_dict()
+    fresh = Gates.attach(siglip_vit(1))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.model["pool_mlp"], gates.model["pool_mlp"].detach())
 
 
 # ------------------------------------------------------------------ rotary (EVA-02, RoPE ViT)

@@ -340,9 +340,10 @@ def test_shipped_pruning_configs_are_accepted(path):
     import argparse
 
     import nvit_prune
+    import pruning
     config = nvit_prune.pruning_config(argparse.Namespace(pruning_config=str(path)))
     assert config.criterion in ("hessian", "taylor", "magnitude", "random")
-    assert set(config.scales) == {"emb", "head", "qk", "v", "mlp"}
+    assert set(config.scales) == set(pruning.KINDS)
 
 
 # ------------------------------------------------- the reference's phases, in process
@@ -434,3 +435,34 @@ def test_reference_pruning_config_is_read(tmp_path, dense):
         proc = run_here("nvit_prune.py", *args[:-1], tmp_path / "bad.json", "--output_dir",
                         tmp_path / "b")
         assert_user_error(proc, "--pruning_config", *words)
+
+
+DIMS_SPEC = {"embed_dim": 32, "num_heads": [2, 2], "qk_dim": [8, 8], "v_dim": [8, 8],
+             "mlp_dim": [64, 64]}
+
+
+def test_a_state_from_before_the_new_fields_still_resumes():
+    """A pruning state written before the dims grew (no Eva, rotary, norm or projection
+    fields) and before the pool MLP's unit kind (no "pool_mlp" in its config) is the same
+    model with the same settings; another model or setting is still refused."""
+    import nvit_prune
+    import pruning
+    from errors import UserError
+    original = models.build_model("deit_tiny_patch16_224", dims=models.Dims(**DIMS_SPEC),
+                                  img_size=32, patch_size=8, num_classes=10).dims
+    config = pruning.PruningConfig().as_dict()
+    settings = {"config": config, "seed": 0}
+    added = ("mlp_norm", "attn_norm", "qkv_fused", "layout", "k_bias", "abs_pos_embed",
+             "rope_dim", "rope_temperature", "rope_grid_indexing", "rope_ref_grid", "rope_half",
+             "rope_dims")
+    old_dims = {k: v for k, v in original.to_dict().items() if k not in added}
+    old_config = {**config, **{key: {k: v for k, v in config[key].items() if k != "pool_mlp"}
+                               for key in ("group_sizes", "scales")}}
+    state = {"pruner": {}, "model": {}, "original_dims": old_dims,
+             "settings": {"config": old_config, "seed": 0}}
+    nvit_prune.check_resumable(state, "old.pth", original, settings)
+    with pytest.raises(UserError, match="another model"):
+        nvit_prune.check_resumable({**state, "original_dims": {**old_dims, "embed_dim": 48}},
+                                   "old.pth", original, settings)
+    with pytest.raises(UserError, match="other settings"):
+        nvit_prune.check_resumable(state, "old.pth", original, {**settings, "seed": 1})

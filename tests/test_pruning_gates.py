@@ -165,7 +165,7 @@ def test_shared_qk_v_scores_are_the_reference_formula() -> None:
             torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-15)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "pool_mlp"])  # no pool here
 def test_gate_saliency_equals_weight_saliency(kind: str) -> None:
     plain, gates = gated_and_plain_grads()
 
@@ -224,6 +224,9 @@ def random_masks(dims: Dims, seed: int, shared_qk: bool = False) -> tuple[dict, 
         for key, val in (("num_heads", n_heads), ("qk_dim", n_qk), ("v_dim", n_v),
                          ("mlp_dim", n_mlp)):
             widths[key].append(val)
+    if dims.family("global_pool") == "map":  # SigLIP's pool MLP: a model-level layer
+        widths["pool_mlp_dim"] = between(1, dims.pool_mlp_dim)
+        masks["model"] = {"pool_mlp": pick(dims.pool_mlp_dim, widths["pool_mlp_dim"])}
     return masks, widths
 
 
