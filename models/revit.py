@@ -235,7 +235,6 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(v)) if own else None
         # rotary position embedding on the patch tokens' q and k (timm's Eva): the columns of
         # the model's (sin | cos) table this block's QK dims rotate by, None: all of them
-        self.rotary = rope_width > 0
         self.rope_half = rope_half
         self.num_prefix_tokens = num_prefix_tokens
         index = None
@@ -493,7 +492,10 @@ class ReViT(nn.Module):
     """DeiT with per-block dims; cls (+ dist) token, two heads as DeiT when distilled; and
     the timm ViT family around them (dims' family fields): no class token, register tokens,
     LayerScale, no qkv bias, a position embedding without the prefix tokens, average
-    pooling with fc_norm. Parameter names are timm's, so timm's weights load as they are.
+    pooling with fc_norm, and the encoders' structures (pre-norm, QuickGELU, SwiGLU, qk-norm,
+    attention pooling; timm's Eva: its names, rotary embedding, separate projections, norms
+    inside the blocks). Parameter names are timm's (VisionTransformer's or Eva's, `layout`),
+    so timm's weights load as they are.
 
     In training a distilled model returns (cls_logits, dist_logits); in eval their mean,
     unless `return_pair` is set (a student trained in eval mode, as the NViT reference

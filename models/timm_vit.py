@@ -1,8 +1,9 @@
-"""Reading timm's VisionTransformer modules as our Dims, and converting between the two.
+"""Reading timm's VisionTransformer (and Eva) modules as our Dims, and converting between them.
 
 `timm_vit_dims` is the one place that knows how a timm ViT's structure maps onto our dims
 (widths per block and the family fields: class and distillation tokens, registers,
-LayerScale, qkv bias, position embedding, pooling, fc_norm) and which timm features we do
+LayerScale, qkv bias, position embedding, pooling, fc_norm, the encoders' MLPs and norms,
+Eva's names and rotary embedding) and which timm features we do
 not cover; it refuses those in one line that names them. `models.build_model` reads a timm
 model name through it, and tools that work on timm modules (Torch-Pruning, which prunes them
 in place and may leave per-block heads and widths) convert their result with

@@ -166,6 +166,9 @@ def assert_same_pruning_state(full: Path, part: Path) -> tuple[dict, dict]:
     assert all(torch.equal(x, y) for x, y in zip(a["masks"]["emb"], b["masks"]["emb"]))
     for x, y in zip(a["masks"]["blocks"], b["masks"]["blocks"]):
         assert all(torch.equal(x[k], y[k]) for k in x)
+    pools = a["masks"].get("model", {}), b["masks"].get("model", {})  # model-level kinds
+    assert pools[0].keys() == pools[1].keys()
+    assert all(torch.equal(pools[0][k], pools[1][k]) for k in pools[0])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     return a, b

@@ -14,6 +14,13 @@ from pruning import Gates, compact
 FRAME = dict(img_size=32, patch_size=8, num_classes=10)
 
 
+def assert_same_function(small: torch.nn.Module, gated: torch.nn.Module, size: int) -> None:
+    """The compact model computes what the gated one does, on random images."""
+    img = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(small(img), gated(img), rtol=0, atol=1e-5)
+
+
 def qk_norm_vit(seed: int = 0) -> models.ReViT:
     torch.manual_seed(seed)
     # qk_norm: timm's kwarg (--model-kwargs qk_norm=True), read as the dims' family field
@@ -41,9 +48,7 @@ def test_qk_norm_statistics_over_the_live_dims():
     assert torch.equal(got[..., [2, 5]], torch.zeros(2, 17, 4, 2))
     small = compact(m).eval()
     assert small.blocks[0].attn.q_norm.weight.shape == (6,)
-    img = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+    assert_same_function(small, m, 32)
 
 
 def test_qk_norm_saliency_sums_the_norms_weights():
@@ -91,9 +96,7 @@ def test_swiglu_unit_is_a_gate_row_and_its_value_row():
     rows = keep + [48 + u for u in keep]
     assert torch.equal(small.blocks[0].mlp.fc1.weight, fc1.weight[rows])
     assert torch.equal(small.blocks[0].mlp.fc2.weight, m.blocks[0].mlp.fc2.weight[:, keep])
-    img = torch.randn(2, 3, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+    assert_same_function(small, m, 28)
 
 
 def test_swiglu_saliency_sums_both_rows():
@@ -215,9 +218,7 @@ def test_attention_pool_mlp_neurons_are_a_kind_of_their_own():
     assert small.dims.pool_mlp_dim == 61
     assert torch.equal(small.attn_pool.mlp.fc1.weight, fc1.weight[keep])
     assert torch.equal(small.attn_pool.mlp.fc2.weight, m.attn_pool.mlp.fc2.weight[:, keep])
-    img = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+    assert_same_function(small, m, 32)
     # resume: the masks hold the pool's layer too
     state = gates.state_dict()
     fresh = Gates.attach(siglip_vit(1))
@@ -258,9 +259,7 @@ def test_rotary_qk_unit_is_a_pair(half):
     assert torch.equal(b.qkv.weight[:24], a.qkv.weight[rows])  # Q rows
     assert torch.equal(b.qkv.weight[24:48], a.qkv.weight[[32 + r for r in rows]])  # K rows
     assert torch.equal(b.q_bias, a.q_bias[rows]) and torch.equal(b.v_bias, a.v_bias)
-    img = torch.randn(2, 3, 28, 28)
-    with torch.no_grad():
-        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+    assert_same_function(small, m, 28)
 
 
 def test_rotary_unit_saliency_sums_both_dims():
@@ -331,9 +330,7 @@ def test_split_swiglu_unit_and_its_norm():
         assert torch.equal(getattr(small.blocks[0].mlp, name).weight,
                            getattr(mlp, name).weight[keep])
     assert torch.equal(small.blocks[0].mlp.norm.bias, mlp.norm.bias[keep])
-    img = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+    assert_same_function(small, m, 32)
 
 
 def test_separate_projections_and_the_attention_output_norm():
@@ -358,6 +355,4 @@ def test_separate_projections_and_the_attention_output_norm():
     by_hand = F.layer_norm(out[..., v_rows], (18,), a.norm.weight[v_rows], a.norm.bias[v_rows],
                            a.norm.eps)
     torch.testing.assert_close(got[..., v_rows], by_hand, rtol=1e-5, atol=1e-6)
-    img = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(small(img), m(img), rtol=0, atol=1e-5)
+    assert_same_function(small, m, 32)

@@ -244,10 +244,12 @@ def test_digits_folder_writes_both_layouts(tmp_path):
 
 
 # the encoder structures the slow runs use: CLIP-style with qk-norm (pre-norm, QuickGELU,
-# LayerNorm eps 1e-5); EVA-02-style (Eva's names and Q/V biases, rotary, packed SwiGLU)
-# (whose MLP is larger: a higher MACs target for the same three epochs)
+# LayerNorm eps 1e-5); EVA-02-style (Eva's names and Q/V biases, rotary, packed SwiGLU;
+# its MLP is larger: a higher MACs target for the same three epochs); SigLIP-style (the
+# attention pool, whose MLP neurons are a model-level layer of the gates and masks)
 ENCODERS = {"CLIP": ("vit_base_patch16_clip_quickgelu_224", {"qk_norm": True}, "0.6"),
-            "EVA-02": ("eva02_tiny_patch14_224", {}, "0.75")}
+            "EVA-02": ("eva02_tiny_patch14_224", {}, "0.75"),
+            "SigLIP": ("vit_base_patch16_siglip_224", {}, "0.65")}
 
 
 @pytest.fixture(scope="module", params=list(ENCODERS))
@@ -279,6 +281,8 @@ def test_label_free_resume_after_kill_is_bitwise(folder, encoder, tmp_path):
     weights = a["model"]
     if "blocks.0.attn.q_norm.weight" in weights:  # CLIP-style with qk-norm
         assert weights["blocks.0.attn.q_norm.weight"].shape == (16,)
+    elif "attn_pool.latent" in weights:  # SigLIP: the pool's layer is in the saved masks
+        assert a["masks"]["model"]["pool_mlp"].shape == (128,)
     else:  # EVA-02: Eva's Q and V biases, no K bias
         assert "blocks.0.attn.q_bias" in weights and "blocks.0.attn.qkv.bias" not in weights
     # a resumed run with other label-free settings is refused
