@@ -69,6 +69,30 @@ def test_hub_folder_round_trips_through_timm(tmp_path):
     assert torch.equal(logits(models.build_model("vit_small_patch16_224", checkpoint=out), x), want)
 
 
+def test_a_pruned_rotary_model_travels_as_a_hub_folder(tmp_path):
+    """A compact EVA-02-style model (Eva's names, rotary pairs pruned: per-block rope_dims)
+    written as a hub folder loads through timm with the same logits, rotating by the same
+    kept frequencies."""
+    from pruning import Gates, compact as compact_of
+    torch.manual_seed(0)
+    dense = models.build_model("eva02_tiny_patch14_224", dims=Dims.uniform(32, 2, 4, 48),
+                               img_size=32, patch_size=8, num_classes=10).eval()
+    gates = Gates.attach(dense)
+    gates.remove("qk", 0, [1, 3])
+    gates.remove("emb", 0, [2, 9])
+    small = compact_of(dense).eval()
+    assert small.dims.rope_dims == [[0, 1, 4, 5], list(range(8))]
+    path = tmp_path / "pruned_checkpoint.pth"
+    checkpoints.save_model_file(path, small, Namespace(model="eva02_tiny_patch14_224"),
+                                original_dims=dense.dims.to_dict())
+    out = tmp_path / "hub"
+    assert export_tool.main([str(path), "--format", "hf", "--output-dir", str(out)]) == 0
+    x = torch.randn(2, 3, 32, 32)
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert loaded.dims == small.dims
+    assert torch.equal(logits(loaded, x), logits(small, x))
+
+
 def test_hf_hub_name_loads_a_pushed_folder(tmp_path, monkeypatch):
     """'hf-hub:ORG/NAME' reads the same files from the hub: here from the folder, through
     huggingface_hub's download function replaced (no network)."""
