@@ -41,12 +41,13 @@ INITS = ("trunc_normal", "torch_default")
 # attn_norm: a LayerNorm over the attention's output (all heads' V dims) before its
 # projection, timm's scale_attn_inner / scale_attn_norm;
 # qkv_fused false: q, k and v are separate projections `q_proj`, `k_proj`, `v_proj`, as timm
-# builds them with qkv_fused=False). timm's Eva class (EVA-02, the RoPE ViTs): layout "eva" names LayerScale
-# `gamma_1`/`gamma_2` as its blocks do; k_bias false: with qkv_bias, K has no bias (Eva's
-# attention keeps `q_bias` and `v_bias`); abs_pos_embed false: no learned position embedding;
-# rope_dim > 0: rotary position embedding (timm's RotaryEmbeddingCat, axial, over a table
-# rope_dim wide per head) with its temperature, grid indexing ("ij"/"xy"), reference grid
-# side (0: none) and pair layout (rope_half: (i, i + d/2), else interleaved (2i, 2i + 1)).
+# builds them with qkv_fused=False). timm's Eva class (EVA-02, the RoPE ViTs): layout "eva"
+# names LayerScale `gamma_1`/`gamma_2` as its blocks do; k_bias false: with qkv_bias, K has
+# no bias (Eva's attention keeps `q_bias` and `v_bias`); abs_pos_embed false: no learned
+# position embedding; rope_dim > 0: rotary position embedding (timm's RotaryEmbeddingCat,
+# axial, over a table rope_dim wide per head) with its temperature, grid indexing ("ij" or
+# "xy"), reference grid side (0: none) and pair layout (rope_half: (i, i + d/2), else
+# interleaved (2i, 2i + 1)).
 FAMILY_DEFAULTS = dict(class_token=True, reg_tokens=0, layer_scale=0.0, qkv_bias=True,
                        no_embed_class=False, global_pool="token", fc_norm=False, pre_norm=False,
                        ln_eps=1e-6, mlp_act="gelu", qk_norm=False, mlp_norm=False, attn_norm=False,

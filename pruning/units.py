@@ -13,7 +13,8 @@ refuses a model parameter that the map neither covers nor lists in its family's 
 (a new parameter cannot be skipped silently).
 
 A *layer* is one gate tensor: the embedding of one residual stream (a ViT has one; a Swin
-one per stage), or one kind in one block. Embedding slices are the blocks' of that stream
+one per stage), one kind in one block, or a model-level kind (`MODEL_KINDS`: SigLIP's pool
+MLP, one layer per model). Embedding slices are the blocks' of that stream
 plus model-level ones: `where` "first" / "last" keeps a slice to the first or last stream
 (the patch embedding; the final norm and classifier), and a name may hold `{s}` (this
 stream's stage) or `{n}` (the next stage, where a Swin's patch merging reads the stream
