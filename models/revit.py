@@ -383,8 +383,7 @@ class Mlp(nn.Module):
                  norm: bool = False, ln_eps: float = LN_EPS) -> None:
         super().__init__()
         self.packed = act == "swiglu_packed"
-        self.split = act == "swiglu"
-        if self.split:
+        if act == "swiglu":
             self.fc1_g = nn.Linear(embed_dim, hidden)
             self.fc1_x = nn.Linear(embed_dim, hidden)
             self.fc1 = None

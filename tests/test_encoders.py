@@ -21,15 +21,21 @@ def assert_same_function(small: torch.nn.Module, gated: torch.nn.Module, size: i
         torch.testing.assert_close(small(img), gated(img), rtol=0, atol=1e-5)
 
 
-def qk_norm_vit(seed: int = 0) -> models.ReViT:
+def perturbed(name: str, mlp_dim: int, seed: int, **kwargs) -> models.ReViT:
+    """A tiny model of timm's `name` (32 channels, 2 blocks, 4 heads), weights drawn large
+    enough that a wrong slice shows in the logits; kwargs: build_model's (frame, timm's)."""
     torch.manual_seed(seed)
-    # qk_norm: timm's kwarg (--model-kwargs qk_norm=True), read as the dims' family field
-    m = models.build_model("vit_base_patch16_224", qk_norm=True,
-                           dims=models.Dims.uniform(32, 2, 4, 64), **FRAME)
+    m = models.build_model(name, dims=models.Dims.uniform(32, 2, 4, mlp_dim),
+                           **{**FRAME, **kwargs})
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.3)
     return m.eval()
+
+
+def qk_norm_vit(seed: int = 0) -> models.ReViT:
+    # qk_norm: timm's kwarg (--model-kwargs qk_norm=True), read as the dims' family field
+    return perturbed("vit_base_patch16_224", 64, seed, qk_norm=True)
 
 
 def test_qk_norm_statistics_over_the_live_dims():
@@ -76,13 +82,7 @@ def test_qk_norm_refuses_per_head_units():
 
 
 def swiglu_vit(seed: int = 0) -> models.ReViT:
-    torch.manual_seed(seed)
-    m = models.build_model("vit_giant_patch14_dinov2", dims=models.Dims.uniform(32, 2, 4, 48),
-                           img_size=28, num_classes=10)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m.eval()
+    return perturbed("vit_giant_patch14_dinov2", 48, seed, img_size=28, patch_size=14)
 
 
 def test_swiglu_unit_is_a_gate_row_and_its_value_row():
@@ -151,13 +151,7 @@ def test_auto_scales_of_deit_b_are_near_the_reference():
 
 # ------------------------------------------------------------------ SigLIP's attention pool
 def siglip_vit(seed: int = 0) -> models.ReViT:
-    torch.manual_seed(seed)
-    m = models.build_model("vit_base_patch16_siglip_224", dims=models.Dims.uniform(32, 2, 4, 64),
-                           **FRAME)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m.eval()
+    return perturbed("vit_base_patch16_siglip_224", 64, seed)
 
 
 def test_attention_pool_is_pruned_along_the_embedding():
@@ -230,13 +224,8 @@ def test_attention_pool_mlp_neurons_are_a_kind_of_their_own():
 def rope_vit(seed: int = 0, **timm_kwargs) -> models.ReViT:
     """An EVA-02-style model (Eva's names, Q and V biases, rotary, packed SwiGLU): heads of 8
     dims, 4 rotary pairs each."""
-    torch.manual_seed(seed)
-    m = models.build_model("eva02_tiny_patch14_224", dims=models.Dims.uniform(32, 2, 4, 48),
-                           img_size=28, num_classes=10, **timm_kwargs)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m.eval()
+    return perturbed("eva02_tiny_patch14_224", 48, seed, img_size=28, patch_size=14,
+                     **timm_kwargs)
 
 
 @pytest.mark.parametrize("half", [False, True])
@@ -300,13 +289,7 @@ def test_rotary_refuses_per_head_units():
 def eva_clip_vit(seed: int = 0) -> models.ReViT:
     """EVA-02 CLIP's structure: separate q, k and v projections, a norm over the attention
     output, SwiGLU with gate and value layers of their own and a norm over its hidden units."""
-    torch.manual_seed(seed)
-    m = models.build_model("eva02_base_patch16_clip_224", dims=models.Dims.uniform(32, 2, 4, 24),
-                           **FRAME)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m.eval()
+    return perturbed("eva02_base_patch16_clip_224", 24, seed)
 
 
 def test_split_swiglu_unit_and_its_norm():
